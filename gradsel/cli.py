@@ -1,0 +1,199 @@
+"""The `gradsel` command line: parses options and calls the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gradsel import __version__, console
+from gradsel.errors import GradselError
+
+app = typer.Typer(
+    name="gradsel",
+    help="Gradient-aligned data selection for LLM reinforcement learning (GradAlign, offline).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Regime(str, Enum):
+    clean = "clean"
+    noisy = "noisy"
+    imbalance = "imbalance"
+    low_utility = "low-utility"
+
+
+class EngineName(str, Enum):
+    auto = "auto"
+    vllm = "vllm"
+    hf = "hf"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"gradsel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug detail on stderr.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """Gradient-aligned data selection for LLM reinforcement learning.
+
+    Progress and logs go to stderr; only data goes to stdout, so commands can feed a pipe.
+    """
+    if quiet and verbose:
+        raise GradselError("--quiet and --verbose contradict each other", "pass at most one of them")
+    console.set_verbosity(quiet=quiet, verbose=verbose)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Directory for pool.parquet and val.parquet.")],
+    regime: Annotated[Regime, typer.Option(help="Which of the paper's data regimes to build.")] = Regime.noisy,
+    size: Annotated[int, typer.Option(min=1, help="Pool size.")] = 400,
+    val_size: Annotated[int, typer.Option(min=1, help="Validation-set size (always clean).")] = 40,
+    seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
+) -> None:
+    """Write a bundled arithmetic pool and validation set (verl Parquet) for one regime."""
+    from gradsel.tasks import write_regime
+
+    pool, val = write_regime(out, regime.value, size=size, val_size=val_size, seed=seed)
+    console.info(f"wrote {pool} ({size} problems) and {val} ({val_size} problems), regime {regime.value}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Working directory for the demo's files.")] = Path("gradsel-demo"),
+    model: Annotated[str, typer.Option(help="Model alias or local directory.")] = "tiny-arith",
+    size: Annotated[int, typer.Option(min=1, help="Pool size.")] = 200,
+    n: Annotated[int, typer.Option(min=1, help="Rollouts per problem.")] = 8,
+    engine: Annotated[EngineName, typer.Option(help="Generation engine; auto picks vLLM when installed.")] = EngineName.auto,
+    seed: Annotated[int, typer.Option(help="Data and sampling seed.")] = 0,
+) -> None:
+    """Run the pipeline on the bundled tiny model and a noisy arithmetic pool."""
+    from gradsel.demo import run_demo
+
+    console.protect_stdout()
+    run_demo(out, model=model, size=size, n=n, engine=engine.value, seed=seed)
+
+
+class Split(str, Enum):
+    train = "train"
+    val = "val"
+
+
+class HashMode(str, Enum):
+    sha256 = "sha256"
+    fast = "fast"
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory (HF format), a PEFT adapter directory, or 'tiny-arith'.")]
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store directory; created when missing.")]
+HashOpt = Annotated[HashMode, typer.Option("--hash", help="sha256 of every weight byte, or fast: sizes plus first and last MiB.")]
+
+
+@app.command()
+def snapshot(
+    model: ModelOpt,
+    store: StoreOpt,
+    copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store (hardlinks where possible).")] = False,
+    hash_mode: HashOpt = HashMode.sha256,
+) -> None:
+    """Record a checkpoint's identity (path, config, content hash) in a store."""
+    from gradsel.snapshot import snapshot_into_store
+    from gradsel.store import open_store
+
+    console.protect_stdout()
+    snap = snapshot_into_store(open_store(store), model, mode=hash_mode.value, copy=copy)
+    _emit_json({"store": str(store), "path": snap.path, "content_hash": snap.content_hash})
+
+
+@app.command()
+def rollout(
+    model: ModelOpt,
+    problems: Annotated[Path, typer.Option("--problems", "-p", help="verl Parquet, or JSONL (verl rows or OpenRLHF input/label).")],
+    store: StoreOpt,
+    n: Annotated[int, typer.Option("--n", "-k", min=1, help="Rollouts per problem.")] = 8,
+    split: Annotated[Split, typer.Option(help="train for candidates, val for the trusted validation set.")] = Split.train,
+    engine: Annotated[EngineName, typer.Option(help="auto = vLLM when installed, else transformers.")] = EngineName.auto,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Response length limit in tokens.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Sampling seed (per problem: sha256(seed/id)).")] = 0,
+    reward: Annotated[Optional[str], typer.Option(help="int, exact, math, random, or a verl plugin module:function. Default: by reward_model.style, then data_source.")] = None,
+    prompt_key: Annotated[Optional[str], typer.Option(help="Column holding the prompt (default prompt, then input).")] = None,
+    answer_key: Annotated[Optional[str], typer.Option(help="Column holding the answer; dots reach into structs (default reward_model.ground_truth, then label).")] = None,
+    hash_mode: HashOpt = HashMode.sha256,
+    copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
+    shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard.")] = 64,
+) -> None:
+    """Sample k responses per problem and reward them, into the store (resumable)."""
+    from gradsel.problems import read_problems
+    from gradsel.rollout import SamplingConfig, run_rollout_stage, table_pass_rates
+    from gradsel.snapshot import snapshot_into_store
+    from gradsel.store import open_store
+
+    console.protect_stdout()
+    problem_set = read_problems(problems, prompt_key=prompt_key, answer_key=answer_key)
+    st = open_store(store)
+    snap = snapshot_into_store(st, model, mode=hash_mode.value, copy=copy)
+    cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    table = run_rollout_stage(st, split.value, problem_set, model_path=Path(snap.path),
+                              model_hash=snap.content_hash, cfg=cfg, engine=engine.value,
+                              reward=reward, shard_size=shard_size)
+    rates = list(table_pass_rates(table).values())
+    _emit_json({"store": str(store), "split": split.value, "problems": len(rates),
+                "rollouts": table.num_rows, "mean_reward": round(sum(rates) / len(rates), 4),
+                "nonzero_advantage_share": round(sum(0 < r < 1 for r in rates) / len(rates), 4)})
+
+
+def _emit_json(obj) -> None:
+    """Data goes to stdout, one JSON object, so it can be piped."""
+    import json
+
+    print(json.dumps(obj), file=console.data_out(), flush=True)
+
+
+def main() -> None:
+    """Entry point: user mistakes become `error:` + `hint:` on stderr and exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except GradselError as exc:
+        _fail(exc.message, exc.hint)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.stderr.print("aborted")
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors: bad option, missing value, no such command
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "gradsel"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _fail(message, f"run `{command} --help`")
+    except KeyboardInterrupt:
+        console.stderr.print("interrupted; finished shards are kept, rerun the same command to resume")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, hint: str) -> None:
+    text = f"error: {message}"
+    if hint:
+        text += f"\nhint: {hint}"
+    console.stderr.print(text, markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

