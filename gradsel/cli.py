@@ -158,6 +158,57 @@ def rollout(
                 "nonzero_advantage_share": round(sum(0 < r < 1 for r in rates) / len(rates), 4)})
 
 
+class Feature(str, Enum):
+    projected = "projected"
+    head = "head"
+    exact = "exact"
+
+
+@app.command()
+def score(
+    model: ModelOpt,
+    pool: Annotated[Path, typer.Option(help="Candidate problems (verl Parquet or JSONL).")],
+    val: Annotated[Path, typer.Option(help="Trusted validation problems (verl Parquet or JSONL).")],
+    store: StoreOpt,
+    n: Annotated[int, typer.Option("--n", "-k", min=2, help="Rollouts per candidate problem.")] = 8,
+    n_val: Annotated[Optional[int], typer.Option(min=2, help="Rollouts per validation problem (default --n).")] = None,
+    engine: Annotated[EngineName, typer.Option(help="auto = vLLM when installed, else transformers.")] = EngineName.auto,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Response length limit in tokens.")] = 1024,
+    reward: Annotated[Optional[str], typer.Option(help="int, exact, math, random, or module:function.")] = None,
+    prompt_key: Annotated[Optional[str], typer.Option(help="Prompt column override.")] = None,
+    answer_key: Annotated[Optional[str], typer.Option(help="Answer column override (dots reach into structs).")] = None,
+    sketch: Annotated[str, typer.Option(help="Two-sided sketch per module, KOUTxKIN.")] = "16x16",
+    modules: Annotated[Optional[str], typer.Option(help="Regex over module names (default: every Linear in the decoder blocks).")] = None,
+    feature: Annotated[Feature, typer.Option(help="projected (hooks), head (output layer, forward only) or exact (full gradients, small models).")] = Feature.projected,
+    adv: Annotated[str, typer.Option(help="grpo or drgrpo (no std).")] = "grpo",
+    loss_agg: Annotated[str, typer.Option(help="verl's loss_agg_mode: seq-mean-token-mean, token-mean or seq-mean-token-sum.")] = "seq-mean-token-mean",
+    val_agg: Annotated[str, typer.Option(help="batch (normalised summed gradient) or mean-normalized.")] = "batch",
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 on a GPU.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_tokens_per_batch: Annotated[int, typer.Option(min=16, help="Token budget of one packed forward/backward pass.")] = 8192,
+    seed: Annotated[int, typer.Option(help="Sampling and projection seed.")] = 0,
+    hash_mode: HashOpt = HashMode.sha256,
+    copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
+) -> None:
+    """Roll out pool and validation set, compute projected GRPO gradients, score alignment."""
+    from gradsel.pipeline import RolloutOptions, run_score
+    from gradsel.score import ScoreConfig, parse_sketch
+
+    console.protect_stdout()
+    ro = RolloutOptions(n=n, n_val=n_val, engine=engine.value, temperature=temperature, top_p=top_p,
+                        max_tokens=max_tokens, seed=seed, reward=reward, prompt_key=prompt_key,
+                        answer_key=answer_key, hash_mode=hash_mode.value, copy=copy)
+    sc = ScoreConfig(feature=feature.value, sketch=parse_sketch(sketch), modules=modules, adv=adv,
+                     loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,
+                     max_tokens_per_batch=max_tokens_per_batch, seed=seed)
+    result = run_score(store, model=model, pool=pool, val=val, ro=ro, sc=sc)
+    train = [r for r in result.scores.to_pylist() if r["split"] == "train"]
+    _emit_json({"store": str(store), "feature": feature.value, "dim": result.spec.dim,
+                "candidates": len(train), "nonzero_advantage": sum(not r["zero_advantage"] for r in train)})
+
+
 def _emit_json(obj) -> None:
     """Data goes to stdout, one JSON object, so it can be piped."""
     import json

@@ -40,9 +40,10 @@ def warn(message: str) -> None:
 
 
 def progress() -> Progress:
-    """A progress bar on stderr; silent under --quiet."""
+    """A progress bar on stderr; silent under --quiet. Tasks carry a free-text `rate` field."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
         console=stderr, disable=_verbosity == 0, transient=False,
     )
 

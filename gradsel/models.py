@@ -48,6 +48,9 @@ def load_causal_lm(model: str | Path, *, dtype: str = "float32", device: str = "
     """Load a causal LM in eval mode; a PEFT adapter directory is merged onto its base model."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # gradsel draws its own progress on stderr
 
     path = resolve_model_path(model)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

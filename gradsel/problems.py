@@ -167,22 +167,39 @@ def read_problems(path: str | Path, *, prompt_key: str | None = None,
     rows = _read_jsonl_rows(path) if fmt == "jsonl" else _read_parquet_rows(path)
     if not rows:
         raise _file_error(path, "holds no problems", "the file must contain at least one row")
-    problems, seen = [], {}
+    _check_columns(path, rows[0], prompt_key, answer_key)
+    problems, seen, bad = [], {}, {}
+    label = "line" if fmt == "jsonl" else "row"
     for i, row in enumerate(rows):
-        line = i + 1
         try:
             p = problem_from_row(row, i, prompt_key=prompt_key, answer_key=answer_key)
         except ValueError as exc:
-            label = "line" if fmt == "jsonl" else "row"
-            raise _file_error(path, f"{label} {line}: {exc}",
-                              "fix the row, or point --prompt-key/--answer-key at the right columns") from exc
+            bad.setdefault(str(exc), []).append(i + 1)
+            continue
         if p.problem_id in seen:
-            raise _file_error(path, f"duplicate problem id {p.problem_id!r} (rows {seen[p.problem_id] + 1} and {line})",
+            raise _file_error(path, f"duplicate problem id {p.problem_id!r} ({label}s {seen[p.problem_id] + 1} and {i + 1})",
                               "make extra_info.index unique, or drop it to use content hashes")
         seen[p.problem_id] = i
         problems.append(p)
+    if bad:
+        message, lines = next(iter(bad.items()))
+        shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
+        raise _file_error(path, f"{label}{'s' if len(lines) > 1 else ''} {shown}: {message}",
+                          "fix those rows, or point --prompt-key/--answer-key at the right columns")
     return ProblemSet(path=path.resolve(), format=fmt, problems=problems,
                       content_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _check_columns(path: Path, first_row: dict, prompt_key: str | None, answer_key: str | None) -> None:
+    """Name a missing column up front, with the columns that are there."""
+    found = ", ".join(sorted(first_row)) or "none"
+    prompt_keys = [prompt_key] if prompt_key else ["prompt", "input"]
+    if not any(k in first_row for k in prompt_keys):
+        raise _file_error(path, f"missing prompt column {' or '.join(map(repr, prompt_keys))} (columns found: {found})",
+                          "name the prompt column with --prompt-key")
+    if answer_key and _lookup(first_row, answer_key) is None and answer_key.split(".")[0] not in first_row:
+        raise _file_error(path, f"missing answer column {answer_key!r} (columns found: {found})",
+                          "name the answer column with --answer-key; dots reach into structs")
 
 
 def write_verl_parquet(rows: list[dict], path: Path) -> None:

@@ -57,6 +57,8 @@ REGISTRY: dict[str, RewardFn] = {
     "random": random_reward,
     "math": math_reward,
 }
+# verl's generic styles: the reward is then chosen by data_source, as verl's default_compute_score does.
+RULE_STYLES = ("", "rule")
 # data_source prefixes routed to a reward when the style names none of the registry's keys.
 DATA_SOURCE_ROUTES = (("arith", "int"), ("math", "math"), ("gsm", "math"), ("aime", "math"), ("amc", "math"))
 
@@ -99,6 +101,10 @@ def resolve_reward(problem: Problem, override: str | None = None) -> RewardFn:
         return REGISTRY[override]
     if problem.reward_style in REGISTRY:
         return REGISTRY[problem.reward_style]
+    if problem.reward_style not in RULE_STYLES:
+        raise GradselError(f"unknown reward style {problem.reward_style!r} (problem {problem.problem_id})",
+                           f"styles gradsel knows: {', '.join([*REGISTRY, *RULE_STYLES[1:]])}; "
+                           "or pass --reward NAME or --reward module:function")
     source = problem.data_source.lower()
     for prefix, name in DATA_SOURCE_ROUTES:
         if source.startswith(prefix):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,11 +254,12 @@ def problems_to_table(problems: Sequence[Problem]):
 
 
 def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model_hash: str,
-                      cfg: SamplingConfig, engine: str = "auto", reward: str | None = None,
+                      cfg: SamplingConfig, engine: "str | Engine" = "auto", reward: str | None = None,
                       shard_size: int = 64, dtype: str = "float32"):
     """Roll out every problem of `problem_set` into `store/rollouts/<split>`, resumably.
 
-    Finished shards are skipped; the engine is started only if some shard is missing.
+    Finished shards are skipped; the engine is started only if some shard is missing. `engine`
+    is a name ("auto", "vllm", "hf") or an engine already started (benchmarks reuse one).
     Returns the rollouts table (schema.ROLLOUTS) in problem order.
     """
     from gradsel.fsutil import atomic_write_table
@@ -265,7 +267,10 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     from gradsel.store import (check_stage_key, mark_stage_complete, read_shards, shard_done,
                                stable_key, stage_complete, write_shard)
 
-    engine_name = ("vllm" if vllm_available() else "hf") if engine == "auto" else engine
+    if not isinstance(engine, str):
+        engine_name = engine.name
+    else:
+        engine_name = ("vllm" if vllm_available() else "hf") if engine == "auto" else engine
     key = stable_key({"model": model_hash, "problems": problem_set.content_hash, "n_problems":
                       len(problem_set.problems), "sampling": cfg.__dict__, "engine": engine_name,
                       "reward": reward, "shard_size": shard_size, "dtype": dtype})
@@ -280,18 +285,29 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     todo = [i for i in range(n_shards) if not shard_done(stage, i)]
     if todo and len(todo) < n_shards:
         console.info(f"rollouts/{split}: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
+    for p in problems:  # a bad reward spec fails here, before an engine is started
+        resolve_reward(p, reward)
     if todo:
-        eng = make_engine(engine_name, model_path, dtype=dtype)
+        eng = engine if not isinstance(engine, str) else make_engine(engine_name, model_path, dtype=dtype)
         with console.progress() as bar:
             task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})", total=len(problems),
-                                completed=(n_shards - len(todo)) * shard_size)
+                                completed=(n_shards - len(todo)) * shard_size, rate="")
+            start, done, tokens = time.perf_counter(), 0, 0
             for i in todo:
                 shard = problems[i * shard_size:(i + 1) * shard_size]
                 rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size)
                         for r in batch]
                 write_shard(stage, i, rollouts_to_table(rows))
-                bar.advance(task, len(shard))
+                done += len(shard)
+                tokens += sum(len(r.response_token_ids) for r in rows)
+                elapsed = time.perf_counter() - start
+                bar.update(task, advance=len(shard),
+                           rate=f"{done / elapsed:.1f} problems/s, {tokens / elapsed:.0f} tokens/s")
         del eng
     table = read_shards(stage, n_shards, ROLLOUTS)
     mark_stage_complete(stage, key, problems=len(problems), rollouts=table.num_rows, engine=engine_name)
+    runs = store.read_manifest().get("rollouts", {})
+    runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
+                   "sampling": cfg.__dict__, "engine": engine_name, "reward": reward, "dtype": dtype, "key": key}
+    store.update_manifest(rollouts=runs)
     return table

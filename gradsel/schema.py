@@ -47,3 +47,27 @@ ROLLOUTS = pa.schema([
     ("response_logprobs", pa.list_(pa.float32())),  # null when the engine gives none
     ("reward", pa.float64()),
 ])
+
+# One row per problem and feature spec: what `gradsel select` ranks on.
+SCORES = pa.schema([
+    ("problem_id", pa.string()),
+    ("split", pa.string()),  # "train" (candidates) or "val"
+    ("data_source", pa.string()),
+    ("n_rollouts", pa.int32()),
+    ("pass_rate", pa.float64()),
+    ("reward_mean", pa.float64()),
+    ("reward_std", pa.float64()),
+    ("zero_advantage", pa.bool_()),
+    ("grad_norm", pa.float64()),
+    ("score_cos", pa.float64()),
+    ("score_dot", pa.float64()),
+])
+
+VECTOR_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def vectors_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """Per-problem gradient features: the unit direction as a fixed-size list column
+    (memory-mappable) and the gradient's L2 norm beside it."""
+    return pa.schema([("problem_id", pa.string()), ("vector", pa.list_(VECTOR_DTYPES[dtype], dim)),
+                      ("norm", pa.float64())])

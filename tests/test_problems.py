@@ -64,3 +64,19 @@ def test_bad_parquet_and_wrong_types(tmp_path):
         read_problems(wrong)
     with pytest.raises(GradselError, match="does not exist"):
         read_problems(tmp_path / "missing.parquet")
+
+
+def test_missing_column_is_named_with_the_columns_found(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"question": "1+1=", "label": 2}])
+    with pytest.raises(GradselError) as err:
+        read_problems(path)
+    assert "missing prompt column" in err.value.message and "columns found: label, question" in err.value.message
+    with pytest.raises(GradselError, match="missing answer column 'solution'"):
+        read_problems(path, prompt_key="question", answer_key="solution")
+
+
+def test_empty_prompts_list_every_row(tmp_path):
+    rows = [{"input": f"{i}+1=" if i % 3 else " ", "label": i + 1} for i in range(9)]
+    with pytest.raises(GradselError) as err:
+        read_problems(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert err.value.message.split(": ")[1] == "lines 1, 4, 7"

@@ -54,3 +54,9 @@ def test_plugin_rewards_and_their_failures(tmp_path, monkeypatch):
     with pytest.raises(GradselError, match="unknown reward"):
         resolve_reward(p, "bogus")
     assert not math.isnan(resolve_reward(p, "int")(p, "42", 0, 0))
+
+
+def test_unknown_style_is_refused_but_verl_rule_routes_by_source():
+    with pytest.raises(GradselError, match="unknown reward style 'llm-judge'"):
+        resolve_reward(problem(style="llm-judge"))
+    assert resolve_reward(problem(style="rule"))(problem(), "42", 0, 0) == 1.0

@@ -99,3 +99,22 @@ def test_vllm_rollouts_record_generated_tokens(tmp_path, noisy_data):
     shards = sorted((tmp_path / "s/rollouts/train").glob("shard-*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in shards])
     check_rollout_records(table, pool, n=4)
+
+
+def test_bad_inputs_exit_2_and_keep_finished_work(tmp_path, noisy_data):
+    pool = noisy_data / "pool.parquet"
+    rollout_into(tmp_path / "s", pool)
+    before = sorted(p.name for p in (tmp_path / "s").rglob("*"))
+    common = ["--store", str(tmp_path / "s"), "--n", "4", "--engine", "hf", "--max-tokens", "8", "--seed", "1"]
+    bad_style = tmp_path / "style.jsonl"
+    bad_style.write_text(json.dumps({"prompt": "1+1=", "reward_model": {"style": "judge", "ground_truth": "2"}}) + "\n")
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--problems", str(pool)], "is not a directory"),
+        (["--model", "tiny-arith", "--problems", str(bad_style), "--split", "val"], "unknown reward style"),
+        (["--model", "tiny-arith", "--problems", str(tmp_path / "none.parquet")], "does not exist"),
+    ]
+    for args, needle in cases:
+        proc = run_cli("rollout", *args, *common, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "s").rglob("*") if "val" not in p.parts) == before

@@ -1,0 +1,80 @@
+"""Rollout overhead: gradsel's rollout stage against a bare `vllm.LLM.generate`, side by side.
+
+    .venv/bin/python benchmarks/rollout.py [--size 400] [--n 8] [--repeats 3]
+
+One vLLM engine serves both arms, so engine start-up is excluded from both. The gradsel arm
+does everything `gradsel rollout` does per shard: chat-template encoding, generation, rewards,
+Parquet shards with checksummed markers. The arms alternate and medians are reported. The
+transformers engine runs the same prompts once more for a throughput comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from gradsel.models import resolve_model_path
+from gradsel.problems import read_problems
+from gradsel.rollout import (HFEngine, SamplingConfig, VLLMEngine, encode_prompts, problem_seed,
+                             run_rollout_stage)
+from gradsel.store import open_store
+from gradsel.tasks import write_regime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-arith")
+    ap.add_argument("--size", type=int, default=400)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    from vllm import SamplingParams
+
+    model = resolve_model_path(args.model)
+    work = Path(tempfile.mkdtemp(prefix="gradsel-bench-"))
+    pool, _ = write_regime(work / "data", "clean", size=args.size)
+    problem_set = read_problems(pool)
+    cfg = SamplingConfig(n=args.n, temperature=1.0, max_tokens=8, seed=0)
+    engine = VLLMEngine(model)
+    prompts = [{"prompt_token_ids": ids} for ids in encode_prompts(engine.tokenizer, problem_set.problems)]
+    params = [SamplingParams(n=cfg.n, temperature=1.0, top_p=1.0, max_tokens=cfg.max_tokens,
+                             seed=problem_seed(cfg.seed, p.problem_id), logprobs=0) for p in problem_set.problems]
+    engine.llm.generate(prompts[:16], params[:16], use_tqdm=False)  # warm-up
+
+    bare, ours, tokens = [], [], 0
+    for rep in range(args.repeats):
+        t = time.perf_counter()
+        outs = engine.llm.generate(prompts, params, use_tqdm=False)
+        bare.append(time.perf_counter() - t)
+        tokens = sum(len(o.token_ids) for out in outs for o in out.outputs)
+        store = open_store(work / f"store{rep}")
+        t = time.perf_counter()
+        run_rollout_stage(store, "train", problem_set, model_path=model, model_hash="bench", cfg=cfg,
+                          engine=engine)
+        ours.append(time.perf_counter() - t)
+
+    hf = HFEngine(model)
+    seeds = [problem_seed(cfg.seed, p.problem_id) for p in problem_set.problems]
+    ids = [p["prompt_token_ids"] for p in prompts]
+    t = time.perf_counter()
+    hf_out = hf.generate(ids, seeds, cfg)
+    hf_time = time.perf_counter() - t
+    hf_tokens = sum(len(g.response_token_ids) for gens in hf_out for g in gens)
+
+    b, o = statistics.median(bare), statistics.median(ours)
+    print(f"{args.size} problems x {args.n} samples, {tokens} generated tokens, model {args.model}\n")
+    print("| arm | median s | tokens/s |")
+    print("| --- | ---: | ---: |")
+    print(f"| bare vllm.LLM.generate | {b:.2f} | {tokens / b:.0f} |")
+    print(f"| gradsel rollout stage (vLLM) | {o:.2f} | {tokens / o:.0f} |")
+    print(f"| gradsel hf engine (1 run) | {hf_time:.2f} | {hf_tokens / hf_time:.0f} |")
+    print(f"\noverhead ratio gradsel/bare: {o / b:.3f} (target <= 1.10)")
+    print(f"vLLM/hf throughput ratio: {(tokens / o) / (hf_tokens / hf_time):.2f}")
+
+
+if __name__ == "__main__":
+    main()

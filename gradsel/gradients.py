@@ -1,0 +1,393 @@
+"""Per-problem GRPO policy gradients, randomly projected on two sides from hooks.
+
+For a linear layer y = W x, one token's gradient is the outer product delta_t x_t^T, and a
+problem's gradient is G_p = sum_t delta_t x_t^T over every position of its responses'
+sequences. With seeded random matrices R_out (d_out x k_out) and R_in (d_in x k_in):
+
+    R_out^T G_p R_in = sum_t (R_out^T delta_t)(R_in^T x_t)^T          # (k_out, k_in)
+
+so one forward and one backward pass over a packed batch of many problems gives every problem's
+projected gradient exactly, without ever forming a parameter gradient. The weights stay frozen;
+the embedding output is made to require grad so that autograd still builds the graph.
+
+Every non-padding position is captured, prompt positions included: response tokens attend to
+the prompt, so delta_t at prompt positions is not zero, and leaving them out would not give the
+gradient of W. The loss (advantage times aggregation weight, response tokens only) puts the
+right weight into delta_t; padding positions get delta_t = 0 and are dropped.
+
+Features:
+- `projected`: the above for every selected Linear module (default: all in the decoder blocks);
+- `head`: the output layer only, from the forward pass: delta_t = w_t (softmax - onehot);
+- `exact`: full parameter gradients, one backward pass per problem (the reference algorithm).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from gradsel.errors import GradselError
+
+ADVANTAGES = ("grpo", "drgrpo")
+LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+FEATURES = ("projected", "head", "exact")
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    adv: str = "grpo"
+    loss_agg: str = "seq-mean-token-mean"
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """Everything that defines a feature space; vectors of different specs never mix."""
+
+    feature: str = "projected"
+    seed: int = 0
+    k_out: int = 16
+    k_in: int = 16
+    blocks: int = 1  # independent k_out x k_in sketches per module, averaged (see docs/algorithm.md)
+    modules: tuple[str, ...] = ()  # resolved module names, in order
+    dims: tuple[tuple[int, int], ...] = ()  # (d_out, d_in) per module
+    dtype: str = "float32"
+    kind: str = "rademacher"
+
+    @property
+    def dim(self) -> int:
+        if self.feature == "exact":
+            return sum(o * i for o, i in self.dims)
+        return len(self.modules) * self.block_dim
+
+    @property
+    def block_dim(self) -> int:
+        return self.blocks * self.k_out * self.k_in
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def key(self) -> str:
+        return hashlib.sha256(repr(sorted(self.to_dict().items())).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ProblemRollouts:
+    """One problem's group: the sequences as generated and their rewards."""
+
+    problem_id: str
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    rewards: list[float]
+    advantages: list[float] = field(default_factory=list)
+
+    @property
+    def zero_advantage(self) -> bool:
+        return all(a == 0.0 for a in self.advantages)
+
+
+def group_advantages(rewards: Sequence[float], adv: str = "grpo") -> list[float]:
+    """GRPO: (r - mean) / (unbiased std + eps); Dr.GRPO: r - mean. Equal rewards give exact zeros."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if len(r) < 2 or np.all(r == r[0]):
+        return [0.0] * len(r)
+    centred = r - r.mean()
+    if adv == "drgrpo":
+        return centred.tolist()
+    return (centred / (r.std(ddof=1) + EPS)).tolist()
+
+
+def token_weights(group: ProblemRollouts, loss_agg: str) -> list[float]:
+    """Per-response weight c_i so that L_p = sum_i c_i * sum_t nll_{i,t}."""
+    k = len(group.response_ids)
+    lengths = [max(len(r), 1) for r in group.response_ids]
+    if loss_agg == "seq-mean-token-mean":
+        return [a / (k * n) for a, n in zip(group.advantages, lengths)]
+    if loss_agg == "token-mean":
+        total = sum(lengths)
+        return [a / total for a in group.advantages]
+    if loss_agg == "seq-mean-token-sum":
+        return [a / k for a in group.advantages]
+    raise GradselError(f"unknown loss aggregation {loss_agg!r}", f"choose one of {', '.join(LOSS_AGGS)}")
+
+
+def groups_from_table(table, adv: str) -> list[ProblemRollouts]:
+    """Group a rollouts table (schema.ROLLOUTS) by problem, in first-seen order."""
+    groups: dict[str, ProblemRollouts] = {}
+    cols = table.select(["problem_id", "prompt_token_ids", "response_token_ids", "reward"]).to_pydict()
+    for pid, p, r, rew in zip(cols["problem_id"], cols["prompt_token_ids"], cols["response_token_ids"], cols["reward"]):
+        g = groups.setdefault(pid, ProblemRollouts(pid, [], [], []))
+        g.prompt_ids.append(p)
+        g.response_ids.append(r)
+        g.rewards.append(rew)
+    for g in groups.values():
+        g.advantages = group_advantages(g.rewards, adv)
+    return list(groups.values())
+
+
+# -- module selection ---------------------------------------------------------------------------
+
+def select_modules(model, pattern: str | None = None, *, feature: str = "projected") -> list[tuple[str, object]]:
+    """The Linear modules whose gradients form the feature, in a fixed order.
+
+    Default: every Linear inside the decoder blocks (names with `.layers.<i>.` or `.h.<i>.`).
+    A matching module that is not a torch Linear (GPT-2's Conv1D, say) is refused, never skipped.
+    """
+    import torch
+
+    if feature == "head":
+        head = model.get_output_embeddings()
+        name = next(n for n, m in model.named_modules() if m is head)
+        return [(name, head)]
+    regex = re.compile(pattern) if pattern else re.compile(r"\.(layers|h|blocks)\.\d+\.")
+    chosen, refused = [], []
+    for name, module in model.named_modules():
+        if not name or not regex.search(name) or list(module.children()):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            chosen.append((name, module))
+        elif any(p.dim() == 2 for p in module.parameters(recurse=False)):
+            refused.append(f"{name} ({type(module).__name__})")
+    if refused:
+        raise GradselError(
+            f"unsupported module type for gradient capture: {', '.join(refused[:3])}"
+            + (f" and {len(refused) - 3} more" if len(refused) > 3 else ""),
+            "gradsel captures nn.Linear layers; narrow --modules to Linear layers or convert the model")
+    if not chosen:
+        raise GradselError(f"no Linear module matches {regex.pattern!r}", "check --modules against model.named_modules()")
+    return chosen
+
+
+def projection_matrix(seed: int, name: str, side: str, d: int, k: int, kind: str = "rademacher"):
+    """A seeded (d, k) matrix with entries of variance 1/k, so inner products are preserved in
+    expectation. Generated on the CPU so every device gets the same numbers."""
+    import torch
+
+    digest = hashlib.sha256(f"{seed}/{name}/{side}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    if kind == "gaussian":
+        return torch.randn(d, k, generator=gen) / k**0.5
+    return (torch.randint(0, 2, (d, k), generator=gen).float() * 2 - 1) / k**0.5
+
+
+def module_projections(spec: ProjectorSpec, name: str, d_out: int, d_in: int, device):
+    """(R_in, R_out) of one module: `blocks` independent sketches side by side, the output side
+    scaled by 1/sqrt(blocks) so the concatenated feature's inner product is their average."""
+    r_in = projection_matrix(spec.seed, name, "in", d_in, spec.blocks * spec.k_in, spec.kind)
+    r_out = projection_matrix(spec.seed, name, "out", d_out, spec.blocks * spec.k_out, spec.kind)
+    r_in = r_in * (spec.blocks * spec.k_in) ** 0.5 / spec.k_in ** 0.5
+    r_out = r_out * (spec.blocks * spec.k_out) ** 0.5 / spec.k_out ** 0.5 / spec.blocks ** 0.5
+    return r_in.to(device), r_out.to(device)
+
+
+def block_outer(d_proj, x_proj, blocks: int):
+    """Per-token, per-block outer products: (n, B*k_out), (n, B*k_in) -> (n, B*k_out*k_in)."""
+    n = d_proj.shape[0]
+    return (d_proj.reshape(n, blocks, -1, 1) * x_proj.reshape(n, blocks, 1, -1)).reshape(n, -1)
+
+
+# -- packing ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedSequence:
+    slot: int  # index of the problem in the accumulator
+    ids: list[int]  # prompt + response
+    prompt_len: int
+    weight: float  # c_i: the loss is weight * sum of the response tokens' nll
+
+
+def pack_batches(groups: Sequence[ProblemRollouts], loss_agg: str, max_tokens: int) -> Iterator[list[PackedSequence]]:
+    """Sequences of non-zero-advantage problems, sorted by length, packed under a token budget
+    (padded length x count). Deterministic for the same inputs."""
+    seqs = []
+    for slot, g in enumerate(groups):
+        if g.zero_advantage:
+            continue
+        for p, r, w in zip(g.prompt_ids, g.response_ids, token_weights(g, loss_agg)):
+            if r and w != 0.0:
+                seqs.append(PackedSequence(slot, list(p) + list(r), len(p), w))
+    seqs.sort(key=lambda s: (len(s.ids), s.slot))
+    batch: list[PackedSequence] = []
+    for s in seqs:
+        if batch and len(s.ids) * (len(batch) + 1) > max_tokens:
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+def _batch_tensors(batch: Sequence[PackedSequence], pad_id: int, device):
+    """Right-padded ids, attention mask, per-position loss weights and problem slots.
+
+    weights[b, t] multiplies the nll of predicting token t+1 from position t.
+    slots[b, t] is the problem slot of a real position, -1 for padding.
+    """
+    import torch
+
+    T = max(len(s.ids) for s in batch)
+    B = len(batch)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    weights = torch.zeros((B, T), dtype=torch.float32)
+    slots = torch.full((B, T), -1, dtype=torch.long)
+    for b, s in enumerate(batch):
+        n = len(s.ids)
+        ids[b, :n] = torch.tensor(s.ids)
+        mask[b, :n] = 1
+        weights[b, s.prompt_len - 1:n - 1] = s.weight
+        slots[b, :n] = s.slot
+    return ids.to(device), mask.to(device), weights.to(device), slots.to(device)
+
+
+def _weighted_nll(logits, ids, weights):
+    """sum_t w_t * nll(ids[t+1] | logits[t]), in float32."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (nll * weights[:, :-1]).sum()
+
+
+# -- projected feature from hooks -----------------------------------------------------------------
+
+@contextmanager
+def _capture(model, modules, projections, acc, slots_ref, blocks):
+    """Hooks that project x_t and delta_t of each module and add the outer products into
+    acc[slot, module] (n_slots, n_modules, k_out * k_in). Always removed on exit."""
+    import torch
+
+    handles = []
+
+    def make_hook(m_idx, r_in, r_out):
+        def forward_hook(module, inputs, output):
+            x = inputs[0]
+            slots = slots_ref[0]
+            if x.shape[:2] != slots.shape:
+                raise GradselError(
+                    f"module {modules[m_idx][0]} sees inputs of shape {tuple(x.shape)}, not (batch, seq, d): "
+                    "routed (MoE) experts are not supported yet", "exclude it with --modules")
+            keep = slots.reshape(-1) >= 0
+            x_proj = x.detach().reshape(-1, x.shape[-1])[keep].float() @ r_in  # (n_tok, k_in)
+            slot_ids = slots.reshape(-1)[keep]
+
+            def grad_hook(grad):
+                d_proj = grad.reshape(-1, grad.shape[-1])[keep].float() @ r_out  # (n_tok, k_out)
+                acc[:, m_idx].index_add_(0, slot_ids, block_outer(d_proj, x_proj, blocks))
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    for m_idx, (name, module) in enumerate(modules):
+        r_in, r_out = projections[m_idx]
+        handles.append(module.register_forward_hook(make_hook(m_idx, r_in, r_out)))
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def projected_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
+                       pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None):
+    """(n_problems, spec.dim) float32 array of projected gradients; zero rows for zero advantage."""
+    import torch
+
+    modules = dict(model.named_modules())
+    mods = [(name, modules[name]) for name in spec.modules]
+    projections = [module_projections(spec, name, m.out_features, m.in_features, device) for name, m in mods]
+    acc = torch.zeros((len(groups), len(mods), spec.block_dim), dtype=torch.float32, device=device)
+    slots_ref = [None]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with _capture(model, mods, projections, acc, slots_ref, spec.blocks):
+        for batch in pack_batches(groups, loss_agg, max_tokens):
+            ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
+            slots_ref[0] = slots
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            _weighted_nll(logits, ids, weights).backward()
+            if progress:
+                progress(len(batch), int(mask.sum()))
+    return acc.reshape(len(groups), -1).cpu().numpy()
+
+
+def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
+                  pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None):
+    """Output-layer gradient from the forward pass alone: delta_t = w_t (softmax_t - onehot_t)."""
+    import torch
+
+    (name,) = spec.modules
+    head = dict(model.named_modules())[name]
+    r_in, r_out = module_projections(spec, name, head.out_features, head.in_features, device)
+    acc = torch.zeros((len(groups), spec.block_dim), dtype=torch.float32, device=device)
+    captured = {}
+    handle = head.register_forward_hook(lambda m, i, out: captured.__setitem__("h", i[0]))
+    try:
+        with torch.no_grad():
+            for batch in pack_batches(groups, loss_agg, max_tokens):
+                ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+                probs = torch.softmax(logits, dim=-1)
+                probs.scatter_add_(-1, ids[:, 1:].unsqueeze(-1), -torch.ones_like(ids[:, 1:].unsqueeze(-1), dtype=probs.dtype))
+                delta = probs * weights[:, :-1].unsqueeze(-1)  # d(sum w nll)/d logits
+                keep = (weights[:, :-1] != 0).reshape(-1)
+                h = captured["h"][:, :-1].float().reshape(-1, head.in_features)[keep] @ r_in
+                d = delta.reshape(-1, head.out_features)[keep] @ r_out
+                slot_ids = slots[:, :-1].reshape(-1)[keep]
+                acc.index_add_(0, slot_ids, block_outer(d, h, spec.blocks))
+                if progress:
+                    progress(len(batch), int(mask.sum()))
+    finally:
+        handle.remove()
+    return acc.cpu().numpy()
+
+
+# -- exact feature: the reference algorithm -----------------------------------------------------
+
+def exact_problem_gradient(model, group: ProblemRollouts, params, *, loss_agg: str, pad_id: int,
+                           device: str = "cpu"):
+    """Full gradient of L_p over `params` (flattened, float32), one backward pass per problem."""
+    import torch
+
+    if group.zero_advantage:
+        return torch.zeros(sum(p.numel() for p in params), device=device)
+    model.zero_grad(set_to_none=True)
+    for batch in pack_batches([group], loss_agg, max_tokens=1 << 30):
+        ids, mask, weights, _ = _batch_tensors(batch, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        _weighted_nll(logits, ids, weights).backward()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+
+
+def exact_parameters(model, names: Sequence[str]):
+    """Turn on gradients for the named parameters only, and return them in order."""
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def make_spec(model, *, feature: str, modules: str | None, sketch: tuple[int, int], seed: int,
+              dtype: str, kind: str = "rademacher", blocks: int = 1) -> ProjectorSpec:
+    if feature not in FEATURES:
+        raise GradselError(f"unknown feature {feature!r}", f"choose one of {', '.join(FEATURES)}")
+    if feature == "exact":  # the reference: every parameter, no projection
+        named = list(model.named_parameters())
+        return ProjectorSpec(feature=feature, seed=seed, k_out=0, k_in=0, modules=tuple(n for n, _ in named),
+                             dims=tuple((p.numel(), 1) for _, p in named), dtype=dtype, kind="none")
+    chosen = select_modules(model, modules, feature=feature)
+    return ProjectorSpec(feature=feature, seed=seed, k_out=sketch[0], k_in=sketch[1], blocks=blocks,
+                         modules=tuple(n for n, _ in chosen),
+                         dims=tuple((m.weight.shape[0], m.weight.shape[1]) for _, m in chosen),
+                         dtype=dtype, kind=kind)

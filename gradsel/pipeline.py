@@ -1,0 +1,57 @@
+"""The `score` path end to end: snapshot, rollouts of pool and validation set, gradients, scores.
+
+Each stage is resumable and skipped when it is already complete for the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradsel.problems import read_problems
+from gradsel.rollout import SamplingConfig, run_rollout_stage
+from gradsel.score import ScoreConfig, score_stage
+from gradsel.snapshot import snapshot_into_store
+from gradsel.store import open_store
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    n: int = 8
+    n_val: int | None = None  # rollouts per validation problem; default n
+    engine: str = "auto"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int = 0
+    reward: str | None = None
+    prompt_key: str | None = None
+    answer_key: str | None = None
+    hash_mode: str = "sha256"
+    copy: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    store: Path
+    scores: object  # pyarrow Table, schema.SCORES
+    spec: object  # gradients.ProjectorSpec
+
+
+def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: RolloutOptions,
+              sc: ScoreConfig) -> ScoreResult:
+    sc.validate()
+    pool_set = read_problems(pool, prompt_key=ro.prompt_key, answer_key=ro.answer_key)
+    val_set = read_problems(val, prompt_key=ro.prompt_key, answer_key=ro.answer_key)
+    store = open_store(store_dir)
+    snap = snapshot_into_store(store, model, mode=ro.hash_mode, copy=ro.copy)
+    tables = {}
+    for split, problem_set, n in (("train", pool_set, ro.n), ("val", val_set, ro.n_val or ro.n)):
+        cfg = SamplingConfig(n=n, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens, seed=ro.seed)
+        tables[split] = run_rollout_stage(store, split, problem_set, model_path=Path(snap.path),
+                                          model_hash=snap.content_hash, cfg=cfg, engine=ro.engine, reward=ro.reward)
+    sources = {p.problem_id: p.data_source for p in pool_set.problems + val_set.problems}
+    scores, spec = score_stage(store, model_path=Path(snap.path), model_hash=snap.content_hash,
+                               train_rollouts=tables["train"], val_rollouts=tables["val"],
+                               data_sources=sources, cfg=sc)
+    return ScoreResult(store_dir, scores, spec)

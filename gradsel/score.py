@@ -1,0 +1,234 @@
+"""The scoring stage: per-problem gradient features, the validation target, and alignment scores.
+
+Store layout under `features/<spec key>/`:
+
+    spec.json                     projector spec + loss config + validation aggregation
+    train/shard-00000.parquet     unit-normalised feature vectors (schema.vectors_schema) + markers
+    val/shard-00000.parquet       the same for every validation problem
+    scores.parquet                schema.SCORES, one row per candidate and validation problem
+    stage.json                    present once complete
+
+Vectors are stored unit-normalised with the norm in `scores.grad_norm`: gradient entries are
+far below float16's normal range, their directions are not. Scores are always computed from
+the stored vectors, so a resumed run gives exactly the scores of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gradsel import console
+from gradsel.errors import GradselError
+from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, ProjectorSpec, exact_parameters, exact_problem_gradient,
+                               groups_from_table, head_features, make_spec, projected_features)
+
+VAL_AGGS = ("batch", "mean-normalized")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    feature: str = "projected"
+    sketch: tuple[int, int] = (16, 16)  # (k_out, k_in) per module
+    modules: str | None = None  # regex over module names; None = every Linear in the decoder blocks
+    adv: str = "grpo"
+    loss_agg: str = "seq-mean-token-mean"
+    val_agg: str = "batch"
+    dtype: str = "float32"
+    device: str = "auto"
+    max_tokens_per_batch: int = 8192
+    seed: int = 0
+    vector_dtype: str = "float16"
+    shard_size: int = 256  # problems per feature shard
+
+    def validate(self) -> None:
+        for value, allowed, flag in ((self.adv, ADVANTAGES, "--adv"), (self.loss_agg, LOSS_AGGS, "--loss-agg"),
+                                     (self.val_agg, VAL_AGGS, "--val-agg")):
+            if value not in allowed:
+                raise GradselError(f"unknown {flag} {value!r}", f"choose one of {', '.join(allowed)}")
+
+
+def parse_sketch(text: str) -> tuple[int, int]:
+    try:
+        k_out, k_in = (int(v) for v in text.lower().split("x"))
+        assert k_out > 0 and k_in > 0
+    except (ValueError, AssertionError) as exc:
+        raise GradselError(f"bad --sketch {text!r}", "write KOUTxKIN, for example 16x16") from exc
+    return k_out, k_in
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GradselError("--device cuda asked for, but torch sees no CUDA device", "use --device cpu")
+    return device
+
+
+def _unit(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    return (vectors / safe[:, None]).astype(np.float32), norms
+
+
+def validation_target(unit_vectors: np.ndarray, norms: np.ndarray, val_agg: str) -> np.ndarray:
+    """The unit validation direction: normalised sum of gradients (`batch`) or normalised mean
+    of the per-problem unit gradients (`mean-normalized`)."""
+    if val_agg == "batch":
+        target = (unit_vectors.astype(np.float64) * norms[:, None]).sum(axis=0)
+    else:
+        target = unit_vectors[norms > 0].astype(np.float64).sum(axis=0)
+    n = np.linalg.norm(target)
+    if n == 0:
+        raise GradselError("every validation problem has zero advantage, so the validation gradient is zero",
+                           "use more rollouts per validation problem (--n-val) or a validation set the model "
+                           "sometimes solves")
+    return target / n
+
+
+def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val_rollouts,
+                data_sources: dict[str, str], cfg: ScoreConfig):
+    """Compute (or resume) features and scores; return the scores table (schema.SCORES)."""
+    import pyarrow as pa
+
+    from gradsel.fsutil import atomic_write_json, atomic_write_table
+    from gradsel.models import load_causal_lm, load_tokenizer
+    from gradsel.schema import SCORES
+    from gradsel.store import check_stage_key, mark_stage_complete, stable_key, stage_complete
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    model = load_causal_lm(model_path, dtype=cfg.dtype, device=device)
+    pad_id = load_tokenizer(model_path).pad_token_id
+    spec = make_spec(model, feature=cfg.feature, modules=cfg.modules, sketch=cfg.sketch, seed=cfg.seed,
+                     dtype=cfg.dtype)
+    train_groups = groups_from_table(train_rollouts, cfg.adv)
+    val_groups = groups_from_table(val_rollouts, cfg.adv)
+    key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": asdict(cfg) | {"device": None},
+                      "train": _table_digest(train_rollouts), "val": _table_digest(val_rollouts)})
+    stage = store.stage_dir("features", spec.key())
+    if stage_complete(stage, key):
+        import pyarrow.parquet as pq
+
+        console.info(f"features/{spec.key()}: complete, reused")
+        return pq.read_table(stage / "scores.parquet"), spec
+    check_stage_key(stage, key, "features")
+    atomic_write_json(stage / "spec.json", {"projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg},
+                                            "val_agg": cfg.val_agg, "vector_dtype": cfg.vector_dtype})
+
+    if cfg.feature == "exact":
+        dots, norms_train, norms_val = _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device)
+        cos = np.where(norms_train > 0, dots / np.where(norms_train > 0, norms_train, 1), 0.0)
+        val_dots = np.zeros(len(val_groups))
+        val_cos = np.zeros(len(val_groups))
+    else:
+        unit_train, norms_train = _feature_split(stage / "train", model, train_groups, spec, cfg, pad_id, device, "train")
+        unit_val, norms_val = _feature_split(stage / "val", model, val_groups, spec, cfg, pad_id, device, "val")
+        target = validation_target(unit_val, norms_val, cfg.val_agg)
+        cos = unit_train.astype(np.float64) @ target
+        dots = cos * norms_train
+        val_cos = unit_val.astype(np.float64) @ target
+        val_dots = val_cos * norms_val
+    rows = _score_rows(train_groups, "train", norms_train, cos, dots, data_sources)
+    rows += _score_rows(val_groups, "val", norms_val, val_cos, val_dots, data_sources)
+    table = pa.Table.from_pylist(rows, schema=SCORES)
+    atomic_write_table(stage / "scores.parquet", table)
+    mark_stage_complete(stage, key, train=len(train_groups), val=len(val_groups))
+    store.update_manifest(projector=spec.to_dict(), loss={"adv": cfg.adv, "loss_agg": cfg.loss_agg},
+                          val_agg=cfg.val_agg, features=f"features/{spec.key()}")
+    return table, spec
+
+
+def _table_digest(table) -> str:
+    from gradsel.store import stable_key
+
+    cols = table.select(["problem_id", "sample", "reward"]).to_pydict()
+    return stable_key([cols, table.column("response_token_ids").to_pylist()])
+
+
+def _feature_split(directory: Path, model, groups, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int,
+                   device: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features of one split, shard by shard (resumable); returns (unit vectors, norms)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gradsel.schema import vectors_schema
+    from gradsel.store import shard_done, write_shard
+
+    directory.mkdir(parents=True, exist_ok=True)
+    schema = vectors_schema(spec.dim, cfg.vector_dtype)
+    n_shards = max(1, (len(groups) + cfg.shard_size - 1) // cfg.shard_size)
+    compute = projected_features if spec.feature == "projected" else head_features
+    todo = [i for i in range(n_shards) if not shard_done(directory, i)]
+    with console.progress() as bar:
+        task = bar.add_task(f"gradients/{label} ({spec.feature}, {spec.k_out}x{spec.k_in})", total=len(groups),
+                            completed=(n_shards - len(todo)) * cfg.shard_size if todo else len(groups), rate="")
+        start, tokens = time.perf_counter(), 0
+
+        def tick(n_seqs: int, n_tokens: int) -> None:
+            nonlocal tokens
+            tokens += n_tokens
+            bar.update(task, rate=f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
+
+        for i in todo:
+            shard = groups[i * cfg.shard_size:(i + 1) * cfg.shard_size]
+            feats = compute(model, shard, spec, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device,
+                            max_tokens=cfg.max_tokens_per_batch, progress=tick)
+            unit, norms = _unit(feats)
+            table = pa.table({"problem_id": [g.problem_id for g in shard],
+                              "vector": pa.FixedSizeListArray.from_arrays(
+                                  pa.array(unit.reshape(-1).astype(np.float16 if cfg.vector_dtype == "float16" else np.float32)),
+                                  spec.dim),
+                              "norm": norms}).cast(schema)
+            write_shard(directory, i, table)
+            bar.advance(task, len(shard))
+    tables = [pq.read_table(directory / f"shard-{i:05d}.parquet", memory_map=True) for i in range(n_shards)]
+    vectors = np.concatenate([t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                              .reshape(t.num_rows, spec.dim) for t in tables]).astype(np.float32)
+    norms = np.concatenate([t.column("norm").to_numpy() for t in tables])
+    return vectors, norms
+
+
+def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
+    """The reference algorithm: full gradients, one backward pass per problem, full-vector dots."""
+    params = exact_parameters(model, spec.modules)
+    val_norms = []
+    target = None
+    with console.progress() as bar:
+        task = bar.add_task("exact gradients", total=len(val_groups) + len(train_groups), rate="")
+        for g in val_groups:
+            grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device).double()
+            n = float(grad.norm())
+            val_norms.append(n)
+            contrib = grad if cfg.val_agg == "batch" else (grad / n if n > 0 else grad)
+            target = contrib if target is None else target + contrib
+            bar.advance(task)
+        if target is None or float(target.norm()) == 0:
+            validation_target(np.zeros((1, 1)), np.zeros(1), cfg.val_agg)  # raises the clear error
+        target = target / target.norm()
+        dots, norms = [], []
+        for g in train_groups:
+            grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device).double()
+            dots.append(float(grad @ target))
+            norms.append(float(grad.norm()))
+            bar.advance(task)
+    model.zero_grad(set_to_none=True)
+    return np.array(dots), np.array(norms), np.array(val_norms)
+
+
+def _score_rows(groups, split: str, norms, cos, dots, data_sources: dict[str, str]) -> list[dict]:
+    rows = []
+    for g, n, c, d in zip(groups, norms, cos, dots):
+        r = np.asarray(g.rewards, dtype=np.float64)
+        rows.append({
+            "problem_id": g.problem_id, "split": split, "data_source": data_sources.get(g.problem_id, ""),
+            "n_rollouts": len(r), "pass_rate": float((r > 0).mean()), "reward_mean": float(r.mean()),
+            "reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0, "zero_advantage": g.zero_advantage,
+            "grad_norm": float(n), "score_cos": float(c) if n > 0 else 0.0, "score_dot": float(d) if n > 0 else 0.0,
+        })
+    return rows
