@@ -180,6 +180,8 @@ def score(
     prompt_key: Annotated[Optional[str], typer.Option(help="Prompt column override.")] = None,
     answer_key: Annotated[Optional[str], typer.Option(help="Answer column override (dots reach into structs).")] = None,
     sketch: Annotated[str, typer.Option(help="Two-sided sketch per module, KOUTxKIN.")] = "16x16",
+    sketch_blocks: Annotated[int, typer.Option(min=1, help="Independent KOUTxKIN sketches per module, averaged (lower variance).")] = 1,
+    alignment: Annotated[str, typer.Option(help="exact: <g_p, g_V> exactly against the full validation gradient, in the same pass; sketch: from the projected vectors.")] = "exact",
     modules: Annotated[Optional[str], typer.Option(help="Regex over module names (default: every Linear in the decoder blocks).")] = None,
     feature: Annotated[Feature, typer.Option(help="projected (hooks), head (output layer, forward only) or exact (full gradients, small models).")] = Feature.projected,
     adv: Annotated[str, typer.Option(help="grpo or drgrpo (no std).")] = "grpo",
@@ -200,7 +202,8 @@ def score(
     ro = RolloutOptions(n=n, n_val=n_val, engine=engine.value, temperature=temperature, top_p=top_p,
                         max_tokens=max_tokens, seed=seed, reward=reward, prompt_key=prompt_key,
                         answer_key=answer_key, hash_mode=hash_mode.value, copy=copy)
-    sc = ScoreConfig(feature=feature.value, sketch=parse_sketch(sketch), modules=modules, adv=adv,
+    sc = ScoreConfig(feature=feature.value, sketch=parse_sketch(sketch), blocks=sketch_blocks,
+                     alignment=alignment, modules=modules, adv=adv,
                      loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,
                      max_tokens_per_batch=max_tokens_per_batch, seed=seed)
     result = run_score(store, model=model, pool=pool, val=val, ro=ro, sc=sc)

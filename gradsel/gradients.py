@@ -72,9 +72,6 @@ class ProjectorSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def key(self) -> str:
-        return hashlib.sha256(repr(sorted(self.to_dict().items())).encode()).hexdigest()[:16]
-
 
 @dataclass
 class ProblemRollouts:
@@ -257,9 +254,11 @@ def _weighted_nll(logits, ids, weights):
 # -- projected feature from hooks -----------------------------------------------------------------
 
 @contextmanager
-def _capture(model, modules, projections, acc, slots_ref, blocks):
+def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, dots=None):
     """Hooks that project x_t and delta_t of each module and add the outer products into
-    acc[slot, module] (n_slots, n_modules, k_out * k_in). Always removed on exit."""
+    acc[slot, module] (n_slots, n_modules, k_out * k_in). With a target gradient per module
+    (d_out, d_in), they also add the exact <delta_t x_t^T, G_V> = delta_t . (G_V x_t) into
+    dots[slot]. Always removed on exit."""
     import torch
 
     handles = []
@@ -273,12 +272,17 @@ def _capture(model, modules, projections, acc, slots_ref, blocks):
                     f"module {modules[m_idx][0]} sees inputs of shape {tuple(x.shape)}, not (batch, seq, d): "
                     "routed (MoE) experts are not supported yet", "exclude it with --modules")
             keep = slots.reshape(-1) >= 0
-            x_proj = x.detach().reshape(-1, x.shape[-1])[keep].float() @ r_in  # (n_tok, k_in)
+            x_kept = x.detach().reshape(-1, x.shape[-1])[keep].float()  # (n_tok, d_in)
+            x_proj = x_kept @ r_in  # (n_tok, B * k_in)
+            # G_V x_t now, while x is at hand: (n_tok, d_out). Costs one more forward matmul.
+            gx = x_kept @ target[m_idx].T if target is not None else None
             slot_ids = slots.reshape(-1)[keep]
 
             def grad_hook(grad):
-                d_proj = grad.reshape(-1, grad.shape[-1])[keep].float() @ r_out  # (n_tok, k_out)
-                acc[:, m_idx].index_add_(0, slot_ids, block_outer(d_proj, x_proj, blocks))
+                d_kept = grad.reshape(-1, grad.shape[-1])[keep].float()  # (n_tok, d_out)
+                acc[:, m_idx].index_add_(0, slot_ids, block_outer(d_kept @ r_out, x_proj, blocks))
+                if gx is not None:
+                    dots.index_add_(0, slot_ids, (d_kept * gx).sum(-1).double())
 
             output.register_hook(grad_hook)
 
@@ -297,18 +301,24 @@ def _capture(model, modules, projections, acc, slots_ref, blocks):
 
 
 def projected_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
-                       pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None):
-    """(n_problems, spec.dim) float32 array of projected gradients; zero rows for zero advantage."""
+                       pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None,
+                       target: list | None = None):
+    """(n_problems, spec.dim) float32 array of projected gradients; zero rows for zero advantage.
+
+    With `target` (one (d_out, d_in) tensor per module, e.g. the validation gradient), also
+    returns the exact inner products <g_p, target> (float64), computed in the same pass.
+    """
     import torch
 
     modules = dict(model.named_modules())
     mods = [(name, modules[name]) for name in spec.modules]
     projections = [module_projections(spec, name, m.out_features, m.in_features, device) for name, m in mods]
     acc = torch.zeros((len(groups), len(mods), spec.block_dim), dtype=torch.float32, device=device)
+    dots = torch.zeros(len(groups), dtype=torch.float64, device=device)
     slots_ref = [None]
     for p in model.parameters():
         p.requires_grad_(False)
-    with _capture(model, mods, projections, acc, slots_ref, spec.blocks):
+    with _capture(model, mods, projections, acc, slots_ref, spec.blocks, target, dots):
         for batch in pack_batches(groups, loss_agg, max_tokens):
             ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
             slots_ref[0] = slots
@@ -316,7 +326,36 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
             _weighted_nll(logits, ids, weights).backward()
             if progress:
                 progress(len(batch), int(mask.sum()))
-    return acc.reshape(len(groups), -1).cpu().numpy()
+    features = acc.reshape(len(groups), -1).cpu().numpy()
+    return (features, dots.cpu().numpy()) if target is not None else features
+
+
+def target_gradient(model, groups: Sequence[ProblemRollouts], module_names: Sequence[str], *, loss_agg: str,
+                    pad_id: int, device: str = "cpu", max_tokens: int = 8192, scales: Sequence[float] | None = None):
+    """The exact gradient of sum_p scale_p * L_p for each named Linear's weight, scaled to unit
+    Frobenius norm over all modules together: the validation direction g_V, kept per module."""
+    from dataclasses import replace
+
+    import torch
+
+    if scales is not None:  # scale_p enters through the advantages, which the loss is linear in
+        groups = [replace(g, advantages=[a * s for a in g.advantages]) for g, s in zip(groups, scales)]
+    params = exact_parameters(model, [f"{n}.weight" for n in module_names])
+    model.zero_grad(set_to_none=True)
+    for batch in pack_batches(groups, loss_agg, max_tokens):
+        ids, mask, weights, _ = _batch_tensors(batch, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        _weighted_nll(logits, ids, weights).backward()
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    if total == 0:
+        raise GradselError("every validation problem has zero advantage, so the validation gradient is zero",
+                           "use more rollouts per validation problem (--n-val) or a validation set the model "
+                           "sometimes solves")
+    return [g / total.float() for g in grads]
 
 
 def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
@@ -382,8 +421,10 @@ def make_spec(model, *, feature: str, modules: str | None, sketch: tuple[int, in
               dtype: str, kind: str = "rademacher", blocks: int = 1) -> ProjectorSpec:
     if feature not in FEATURES:
         raise GradselError(f"unknown feature {feature!r}", f"choose one of {', '.join(FEATURES)}")
-    if feature == "exact":  # the reference: every parameter, no projection
+    if feature == "exact":  # the reference: every parameter (or the --modules Linears), no projection
         named = list(model.named_parameters())
+        if modules:
+            named = [(f"{n}.weight", m.weight) for n, m in select_modules(model, modules)]
         return ProjectorSpec(feature=feature, seed=seed, k_out=0, k_in=0, modules=tuple(n for n, _ in named),
                              dims=tuple((p.numel(), 1) for _, p in named), dtype=dtype, kind="none")
     chosen = select_modules(model, modules, feature=feature)

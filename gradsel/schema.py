@@ -68,6 +68,7 @@ VECTOR_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 def vectors_schema(dim: int, dtype: str = "float16") -> pa.Schema:
     """Per-problem gradient features: the unit direction as a fixed-size list column
-    (memory-mappable) and the gradient's L2 norm beside it."""
+    (memory-mappable), the gradient's L2 norm beside it, and, under exact alignment, the exact
+    inner product with the validation gradient."""
     return pa.schema([("problem_id", pa.string()), ("vector", pa.list_(VECTOR_DTYPES[dtype], dim)),
-                      ("norm", pa.float64())])
+                      ("norm", pa.float64()), ("target_dot", pa.float64())])

@@ -1,6 +1,7 @@
 """The scoring stage: per-problem gradient features, the validation target, and alignment scores.
 
-Store layout under `features/<spec key>/`:
+Store layout under `features/<feature id>/` (a digest of the projector spec and the loss,
+validation and alignment options):
 
     spec.json                     projector spec + loss config + validation aggregation
     train/shard-00000.parquet     unit-normalised feature vectors (schema.vectors_schema) + markers
@@ -24,15 +25,17 @@ import numpy as np
 from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, ProjectorSpec, exact_parameters, exact_problem_gradient,
-                               groups_from_table, head_features, make_spec, projected_features)
+                               groups_from_table, head_features, make_spec, projected_features, target_gradient)
 
 VAL_AGGS = ("batch", "mean-normalized")
+ALIGNMENTS = ("exact", "sketch")
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
     feature: str = "projected"
     sketch: tuple[int, int] = (16, 16)  # (k_out, k_in) per module
+    blocks: int = 1  # independent sketches per module
     modules: str | None = None  # regex over module names; None = every Linear in the decoder blocks
     adv: str = "grpo"
     loss_agg: str = "seq-mean-token-mean"
@@ -43,10 +46,13 @@ class ScoreConfig:
     seed: int = 0
     vector_dtype: str = "float16"
     shard_size: int = 256  # problems per feature shard
+    # exact: <g_p, g_V> computed exactly in the hooked pass against the full validation gradient
+    # (projected feature only); sketch: from the projected vectors alone.
+    alignment: str = "exact"
 
     def validate(self) -> None:
         for value, allowed, flag in ((self.adv, ADVANTAGES, "--adv"), (self.loss_agg, LOSS_AGGS, "--loss-agg"),
-                                     (self.val_agg, VAL_AGGS, "--val-agg")):
+                                     (self.val_agg, VAL_AGGS, "--val-agg"), (self.alignment, ALIGNMENTS, "--alignment")):
             if value not in allowed:
                 raise GradselError(f"unknown {flag} {value!r}", f"choose one of {', '.join(allowed)}")
 
@@ -106,29 +112,44 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
     model = load_causal_lm(model_path, dtype=cfg.dtype, device=device)
     pad_id = load_tokenizer(model_path).pad_token_id
     spec = make_spec(model, feature=cfg.feature, modules=cfg.modules, sketch=cfg.sketch, seed=cfg.seed,
-                     dtype=cfg.dtype)
+                     dtype=cfg.dtype, blocks=cfg.blocks)
     train_groups = groups_from_table(train_rollouts, cfg.adv)
     val_groups = groups_from_table(val_rollouts, cfg.adv)
-    key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": asdict(cfg) | {"device": None},
+    method = asdict(cfg) | {"device": None, "shard_size": None}  # neither changes the numbers
+    key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": method,
                       "train": _table_digest(train_rollouts), "val": _table_digest(val_rollouts)})
-    stage = store.stage_dir("features", spec.key())
+    feature_id = stable_key({"spec": spec.to_dict(), "cfg": method})[:16]
+    stage = store.stage_dir("features", feature_id)
     if stage_complete(stage, key):
         import pyarrow.parquet as pq
 
-        console.info(f"features/{spec.key()}: complete, reused")
+        console.info(f"features/{feature_id}: complete, reused")
         return pq.read_table(stage / "scores.parquet"), spec
     check_stage_key(stage, key, "features")
     atomic_write_json(stage / "spec.json", {"projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg},
-                                            "val_agg": cfg.val_agg, "vector_dtype": cfg.vector_dtype})
+                                            "val_agg": cfg.val_agg, "alignment": cfg.alignment,
+                                            "vector_dtype": cfg.vector_dtype})
 
     if cfg.feature == "exact":
         dots, norms_train, norms_val = _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device)
-        cos = np.where(norms_train > 0, dots / np.where(norms_train > 0, norms_train, 1), 0.0)
+        cos = _safe_div(dots, norms_train)
         val_dots = np.zeros(len(val_groups))
         val_cos = np.zeros(len(val_groups))
+    elif cfg.alignment == "exact" and cfg.feature == "projected":
+        # Vectors from the sketch (for the index); alignment exact against the full g_V.
+        _, norms_val, _ = _feature_split(stage / "val", model, val_groups, spec, cfg, pad_id, device, "val")
+        scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
+        target = target_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=pad_id,
+                                 device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales)
+        _, norms_train, dots = _feature_split(stage / "train", model, train_groups, spec, cfg, pad_id, device,
+                                              "train", target=target)
+        _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=pad_id,
+                                         device=device, max_tokens=cfg.max_tokens_per_batch, target=target)
+        cos = _safe_div(dots, norms_train)
+        val_cos = _safe_div(val_dots, norms_val)
     else:
-        unit_train, norms_train = _feature_split(stage / "train", model, train_groups, spec, cfg, pad_id, device, "train")
-        unit_val, norms_val = _feature_split(stage / "val", model, val_groups, spec, cfg, pad_id, device, "val")
+        unit_train, norms_train, _ = _feature_split(stage / "train", model, train_groups, spec, cfg, pad_id, device, "train")
+        unit_val, norms_val, _ = _feature_split(stage / "val", model, val_groups, spec, cfg, pad_id, device, "val")
         target = validation_target(unit_val, norms_val, cfg.val_agg)
         cos = unit_train.astype(np.float64) @ target
         dots = cos * norms_train
@@ -140,8 +161,12 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
     atomic_write_table(stage / "scores.parquet", table)
     mark_stage_complete(stage, key, train=len(train_groups), val=len(val_groups))
     store.update_manifest(projector=spec.to_dict(), loss={"adv": cfg.adv, "loss_agg": cfg.loss_agg},
-                          val_agg=cfg.val_agg, features=f"features/{spec.key()}")
+                          val_agg=cfg.val_agg, alignment=cfg.alignment, features=f"features/{feature_id}")
     return table, spec
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
 def _table_digest(table) -> str:
@@ -152,8 +177,9 @@ def _table_digest(table) -> str:
 
 
 def _feature_split(directory: Path, model, groups, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int,
-                   device: str, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features of one split, shard by shard (resumable); returns (unit vectors, norms)."""
+                   device: str, label: str, target=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Features of one split, shard by shard (resumable); returns (unit vectors, norms, exact
+    dots with `target` or None)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -177,21 +203,27 @@ def _feature_split(directory: Path, model, groups, spec: ProjectorSpec, cfg: Sco
 
         for i in todo:
             shard = groups[i * cfg.shard_size:(i + 1) * cfg.shard_size]
-            feats = compute(model, shard, spec, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device,
-                            max_tokens=cfg.max_tokens_per_batch, progress=tick)
+            kwargs = {"target": target} if target is not None else {}
+            out = compute(model, shard, spec, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device,
+                          max_tokens=cfg.max_tokens_per_batch, progress=tick, **kwargs)
+            feats, dots = out if target is not None else (out, None)
             unit, norms = _unit(feats)
             table = pa.table({"problem_id": [g.problem_id for g in shard],
                               "vector": pa.FixedSizeListArray.from_arrays(
                                   pa.array(unit.reshape(-1).astype(np.float16 if cfg.vector_dtype == "float16" else np.float32)),
                                   spec.dim),
-                              "norm": norms}).cast(schema)
+                              "norm": norms,
+                              "target_dot": pa.array(dots, pa.float64()) if dots is not None
+                              else pa.nulls(len(shard), pa.float64())}).cast(schema)
             write_shard(directory, i, table)
             bar.advance(task, len(shard))
     tables = [pq.read_table(directory / f"shard-{i:05d}.parquet", memory_map=True) for i in range(n_shards)]
     vectors = np.concatenate([t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
                               .reshape(t.num_rows, spec.dim) for t in tables]).astype(np.float32)
     norms = np.concatenate([t.column("norm").to_numpy() for t in tables])
-    return vectors, norms
+    dots = (np.concatenate([t.column("target_dot").to_numpy(zero_copy_only=False) for t in tables])
+            if target is not None else None)
+    return vectors, norms, dots
 
 
 def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):

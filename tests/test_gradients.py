@@ -93,3 +93,51 @@ def test_advantages():
     a = group_advantages([1, 0, 0, 1])
     assert a[0] == pytest.approx(-a[1]) and a[0] == pytest.approx(0.5 / (np.std([1, 0, 0, 1], ddof=1) + 1e-6))
     assert group_advantages([1, 0], "drgrpo") == [0.5, -0.5]
+
+
+def tiny_config(arch):
+    import transformers
+
+    common = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "gpt2":
+        return transformers.GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[arch]
+    extra = {"head_dim": 8} if arch == "qwen3" else {}
+    return cls(**common, **extra)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_architectures_built_in_code(arch):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    groups = toy_groups(seed=2, n_problems=4, vocab=32)
+    spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=1, dtype="float32")
+    assert len(spec.modules) == 2 * 7
+    feats = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=40)
+    for i, g in enumerate(groups):
+        oracle = exact_projected(model, g, spec)
+        np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * max(np.abs(oracle).max(), 1e-12))
+
+
+def test_unsupported_module_type_is_refused_not_skipped():
+    from transformers import AutoModelForCausalLM
+
+    from gradsel.errors import GradselError
+
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+    with pytest.raises(GradselError, match="unsupported module type.*Conv1D"):
+        make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
+
+
+def test_same_seed_same_vectors_other_seed_other_vectors():
+    model = load_causal_lm("tiny-arith")
+    groups = toy_groups(seed=4)
+    feats = [projected_features(model, groups, make_spec(model, feature="projected", modules=None, sketch=(4, 4),
+                                                         seed=s, dtype="float32"), loss_agg=LOSS_AGG, pad_id=0)
+             for s in (0, 0, 1)]
+    assert np.array_equal(feats[0], feats[1])
+    assert not np.allclose(feats[0], feats[2])
