@@ -81,11 +81,11 @@ def demo(
     engine: Annotated[EngineName, typer.Option(help="Generation engine; auto picks vLLM when installed.")] = EngineName.auto,
     seed: Annotated[int, typer.Option(help="Data and sampling seed.")] = 0,
 ) -> None:
-    """Run the pipeline on the bundled tiny model and a noisy arithmetic pool."""
+    """Run the whole pipeline on the bundled tiny model and a noisy arithmetic pool."""
     from gradsel.demo import run_demo
 
     console.protect_stdout()
-    run_demo(out, model=model, size=size, n=n, engine=engine.value, seed=seed)
+    _emit_json(run_demo(out, model=model, size=size, n=n, engine=engine.value, seed=seed))
 
 
 class Split(str, Enum):
@@ -210,6 +210,54 @@ def score(
     train = [r for r in result.scores.to_pylist() if r["split"] == "train"]
     _emit_json({"store": str(store), "feature": feature.value, "dim": result.spec.dim,
                 "candidates": len(train), "nonzero_advantage": sum(not r["zero_advantage"] for r in train)})
+
+
+@app.command("select")
+def select_cmd(
+    store: Annotated[Path, typer.Option("--store", "-s", help="A scored store.")],
+    top_k: Annotated[Optional[int], typer.Option(help="Select this many problems.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Select this share of the candidates (0-1].")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Emit every eligible problem, ranked (a curriculum order).")] = False,
+    mode: Annotated[str, typer.Option(help="gradalign, dot, accgreedy, band, simacc, learnalign or random.")] = "gradalign",
+    band: Annotated[str, typer.Option(help="Pass-rate band LO,HI for --mode band.")] = "0.0,1.0",
+    min_score: Annotated[Optional[float], typer.Option(help="Drop candidates whose mode score is below this.")] = None,
+    include_zero_advantage: Annotated[bool, typer.Option(help="Keep problems whose rewards are all equal (no GRPO signal).")] = False,
+    balance: Annotated[Optional[str], typer.Option(help="Keep per-group quotas proportional to the pool, e.g. data_source.")] = None,
+    diverse: Annotated[Optional[float], typer.Option(help="MMR trade-off in (0, 1]: lower trades score for gradient diversity.")] = None,
+    target: Annotated[str, typer.Option(help="mean: the validation direction; max: best single validation problem (LESS-style).")] = "mean",
+    fmt: Annotated[str, typer.Option("--format", help="verl (Parquet), jsonl (original rows), openrlhf (input/label) or ids.")] = "verl",
+    out: Annotated[str, typer.Option(help="Output file, or - for stdout.")] = "-",
+    annotate: Annotated[bool, typer.Option(help="Add gradsel_rank, gradsel_score and gradsel_mode columns.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.")] = False,
+    allow_fewer: Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.")] = False,
+    index: Annotated[str, typer.Option(help="FAISS index: auto (flat below 200k vectors, IVF above), flat, ivf, ivfpq.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for random and band.")] = 0,
+) -> None:
+    """Emit the best problems for the next round, unchanged, in the trainer's format."""
+    from gradsel.select import SelectConfig, parse_band, select, write_selection
+    from gradsel.store import existing_store
+
+    console.protect_stdout()
+    cfg = SelectConfig(mode=mode, top_k=top_k, ratio=ratio, all=all_, band=parse_band(band), min_score=min_score,
+                       include_zero_advantage=include_zero_advantage, balance=balance, diverse=diverse,
+                       target=target, seed=seed, allow_fewer=allow_fewer, index=index)
+    st = existing_store(store)
+    if out != "-" and Path(out).exists() and not force:  # fail before any work
+        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+    selection = select(st, cfg)
+    n = write_selection(st, selection, fmt=fmt, out=out, annotate=annotate, force=force)
+    console.info(f"selected {n} of {selection.eligible} eligible problems ({mode}) -> {'stdout' if out == '-' else out}")
+
+
+@app.command()
+def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store directory.")]) -> None:
+    """Show what a store holds: checkpoint, rollouts, spec, pass rates, rounds."""
+    from gradsel.report import store_summary, show_store
+
+    console.protect_stdout()
+    summary = store_summary(store)
+    show_store(summary)
+    _emit_json(summary)
 
 
 def _emit_json(obj) -> None:

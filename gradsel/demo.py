@@ -1,45 +1,75 @@
-"""`gradsel demo`: the pipeline end to end on the bundled tiny model and a noisy pool."""
+"""`gradsel demo`: the whole pipeline on the bundled tiny model and a noisy arithmetic pool.
+
+Half the pool is judged by a coin flip. The demo scores the pool, selects a quarter of it with
+GradAlign and with two baselines, and shows how many coin-flip problems each selection kept.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
 from gradsel import console
-from gradsel.models import resolve_model_path
+from gradsel.pipeline import RolloutOptions, run_score
 from gradsel.problems import read_problems
-from gradsel.rollout import SamplingConfig, run_rollout_stage, table_pass_rates
-from gradsel.snapshot import snapshot_into_store
+from gradsel.score import ScoreConfig
+from gradsel.select import SelectConfig, select, write_selection
 from gradsel.store import open_store
 from gradsel.tasks import write_regime
 
-
-def run_demo(out: Path, *, model: str, size: int, n: int, engine: str, seed: int) -> None:
-    model_path = resolve_model_path(model)
-    pool_path, _ = write_regime(out / "data", "noisy", size=size, seed=seed)
-    console.info(f"noisy pool: {pool_path} ({size} problems, half with a coin-flip judge)")
-    problem_set = read_problems(pool_path)
-    store = open_store(out / "store")
-    snap = snapshot_into_store(store, model_path)
-    cfg = SamplingConfig(n=n, temperature=1.0, max_tokens=8, seed=seed)
-    table = run_rollout_stage(store, "train", problem_set, model_path=Path(snap.path),
-                              model_hash=snap.content_hash, cfg=cfg, engine=engine)
-    show_pass_rates(problem_set.problems, table_pass_rates(table),
-                    title=f"{model}: pass rate at temperature 1.0, k={n}")
+DEMO_MODES = ("gradalign", "accgreedy", "random")
 
 
-def show_pass_rates(problems, rates: dict[str, float], title: str) -> None:
-    by_domain: dict[str, list[float]] = defaultdict(list)
-    for p in problems:
-        key = p.data_source + (" (coin-flip judge)" if p.reward_style == "random" else "")
-        by_domain[key].append(rates[p.problem_id])
-    table = Table(title=title)
-    for col in ("data source", "problems", "mean pass rate", "0 < pass < 1"):
-        table.add_column(col, justify="left" if col == "data source" else "right")
-    for key in sorted(by_domain):
-        vals = by_domain[key]
-        mixed = sum(0 < v < 1 for v in vals) / len(vals)
-        table.add_row(key, str(len(vals)), f"{sum(vals) / len(vals):.2f}", f"{mixed:.0%}")
+def spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def run_demo(out: Path, *, model: str, size: int, n: int, engine: str, seed: int, ratio: float = 0.25) -> dict:
+    pool_path, val_path = write_regime(out / "data", "noisy", size=size, val_size=40, seed=seed)
+    console.info(f"[bold]1. data[/bold]  {pool_path}: {size} problems, half judged by a coin flip; "
+                 f"{val_path}: 40 clean validation problems")
+    ro = RolloutOptions(n=n, engine=engine, max_tokens=8, seed=seed)
+    store_dir = out / "store"
+    console.info(f"[bold]2. score[/bold]  {model}, k={n} rollouts per problem, projected GRPO gradients")
+    projected = run_score(store_dir, model=model, pool=pool_path, val=val_path, ro=ro, sc=ScoreConfig(seed=seed))
+    console.info("[bold]3. check[/bold]  exact full gradients on the same rollouts (the reference algorithm)")
+    exact = run_score(store_dir, model=model, pool=pool_path, val=val_path, ro=ro,
+                      sc=ScoreConfig(seed=seed, feature="exact", modules=r"\.layers\.\d+\."))
+    agreement = _agreement(projected.scores, exact.scores)
+    # Selection reads the store's current feature set: score the projected one last again (cached).
+    run_score(store_dir, model=model, pool=pool_path, val=val_path, ro=ro, sc=ScoreConfig(seed=seed))
+
+    console.info(f"[bold]4. select[/bold]  top {ratio:.0%} of the pool by each mode")
+    truth = {p.problem_id: bool(p.extra_info.get("corrupted")) for p in read_problems(pool_path).problems}
+    store = open_store(store_dir)
+    results = {}
+    for mode in DEMO_MODES:
+        cfg = SelectConfig(mode=mode, ratio=ratio, seed=seed, allow_fewer=True)
+        selection = select(store, cfg)
+        path = out / "selections" / f"{mode}.parquet"
+        write_selection(store, selection, fmt="verl", out=str(path), annotate=False, force=True)
+        share = sum(truth[p] for p in selection.problem_ids) / max(len(selection.problem_ids), 1)
+        results[mode] = {"selected": len(selection.problem_ids), "corrupted_share": share, "file": str(path)}
+    _show(results, agreement, size)
+    return {"modes": results, "projected_vs_exact_spearman": agreement}
+
+
+def _agreement(projected, exact) -> float:
+    p = {r["problem_id"]: r["score_cos"] for r in projected.to_pylist() if r["split"] == "train" and not r["zero_advantage"]}
+    e = {r["problem_id"]: r["score_cos"] for r in exact.to_pylist() if r["split"] == "train" and not r["zero_advantage"]}
+    ids = sorted(p)
+    return spearman([p[i] for i in ids], [e[i] for i in ids]) if len(ids) > 2 else float("nan")
+
+
+def _show(results: dict, agreement: float, size: int) -> None:
+    table = Table(title=f"Which selection kept the coin-flip problems? (pool {size}, half corrupted)")
+    for col in ("mode", "selected", "corrupted share", "output"):
+        table.add_column(col, justify="left" if col in ("mode", "output") else "right")
+    for mode, r in results.items():
+        table.add_row(mode, str(r["selected"]), f"{r['corrupted_share']:.0%}", r["file"])
     console.stderr.print(table)
+    console.info(f"projected vs exact gradient cosine, Spearman over non-zero-advantage problems: {agreement:.3f}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradsel.problems import read_problems
-from gradsel.rollout import SamplingConfig, run_rollout_stage
+from gradsel.rollout import LazyEngine, SamplingConfig, run_rollout_stage
 from gradsel.score import ScoreConfig, score_stage
 from gradsel.snapshot import snapshot_into_store
 from gradsel.store import open_store
@@ -45,11 +45,12 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
     val_set = read_problems(val, prompt_key=ro.prompt_key, answer_key=ro.answer_key)
     store = open_store(store_dir)
     snap = snapshot_into_store(store, model, mode=ro.hash_mode, copy=ro.copy)
+    engine = LazyEngine(ro.engine, Path(snap.path))  # one engine for both splits, started only if needed
     tables = {}
     for split, problem_set, n in (("train", pool_set, ro.n), ("val", val_set, ro.n_val or ro.n)):
         cfg = SamplingConfig(n=n, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens, seed=ro.seed)
         tables[split] = run_rollout_stage(store, split, problem_set, model_path=Path(snap.path),
-                                          model_hash=snap.content_hash, cfg=cfg, engine=ro.engine, reward=ro.reward)
+                                          model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward)
     sources = {p.problem_id: p.data_source for p in pool_set.problems + val_set.problems}
     scores, spec = score_stage(store, model_path=Path(snap.path), model_hash=snap.content_hash,
                                train_rollouts=tables["train"], val_rollouts=tables["val"],

@@ -187,6 +187,28 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+class LazyEngine:
+    """Starts the real engine on first use, so a fully cached run never pays engine start-up
+    and several stages can share one engine."""
+
+    def __init__(self, name: str, model_path: Path, *, dtype: str = "float32") -> None:
+        self.name = ("vllm" if vllm_available() else "hf") if name == "auto" else name
+        self._args = (model_path, dtype)
+        self._engine = None
+
+    def _get(self):
+        if self._engine is None:
+            self._engine = make_engine(self.name, self._args[0], dtype=self._args[1])
+        return self._engine
+
+    @property
+    def tokenizer(self):
+        return self._get().tokenizer
+
+    def generate(self, prompts, seeds, cfg):
+        return self._get().generate(prompts, seeds, cfg)
+
+
 def make_engine(name: str, model_path: Path, *, dtype: str = "float32", max_model_len: int | None = None):
     if name == "auto":
         name = "vllm" if vllm_available() else "hf"
