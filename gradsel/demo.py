@@ -20,7 +20,7 @@ from gradsel.select import SelectConfig, select, write_selection
 from gradsel.store import open_store
 from gradsel.tasks import write_regime
 
-DEMO_MODES = ("gradalign", "accgreedy", "random")
+DEMO_MODES = ("gradalign", "reliable", "accgreedy", "random")
 
 
 def spearman(a, b) -> float:

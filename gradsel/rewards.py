@@ -90,6 +90,36 @@ def _plugin(spec: str) -> RewardFn:
     return call
 
 
+_BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
+
+
+def final_answer(response: str) -> str:
+    """The answer a response commits to, for comparing responses: the last \\boxed{...}, else
+    the last number, else the whitespace-normalised text."""
+    boxed = _BOXED.findall(response)
+    if boxed:
+        return " ".join(boxed[-1].split())
+    numbers = _INT.findall(response.replace(",", ""))
+    if numbers:
+        return numbers[-1]
+    return " ".join(response.split()).lower()
+
+
+def judge_consistency(responses: list[str], rewards: list[float]) -> float:
+    """1 - (pairs with the same final answer but different rewards) / (pairs with the same
+    final answer); 1.0 when no two responses share an answer."""
+    by_answer: dict[str, list[float]] = {}
+    for text, r in zip(responses, rewards):
+        by_answer.setdefault(final_answer(text), []).append(r)
+    same = conflict = 0
+    for rs in by_answer.values():
+        for i in range(len(rs)):
+            for j in range(i + 1, len(rs)):
+                same += 1
+                conflict += rs[i] != rs[j]
+    return 1.0 - conflict / same if same else 1.0
+
+
 def resolve_reward(problem: Problem, override: str | None = None) -> RewardFn:
     """Pick the reward for one problem: --reward, else its style, else its data_source."""
     if override:

@@ -61,6 +61,9 @@ SCORES = pa.schema([
     ("grad_norm", pa.float64()),
     ("score_cos", pa.float64()),
     ("score_dot", pa.float64()),
+    # 1 - share of identical-answer pairs whose rewards disagree (1 when no two answers match):
+    # a deterministic judge never contradicts itself, a response-independent one often does.
+    ("judge_consistency", pa.float64()),
 ])
 
 VECTOR_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}

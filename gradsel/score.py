@@ -24,6 +24,7 @@ import numpy as np
 
 from gradsel import console
 from gradsel.errors import GradselError
+from gradsel.rewards import judge_consistency
 from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, ProjectorSpec, exact_parameters, exact_problem_gradient,
                                groups_from_table, head_features, make_spec, projected_features, target_gradient)
 
@@ -262,5 +263,6 @@ def _score_rows(groups, split: str, norms, cos, dots, data_sources: dict[str, st
             "n_rollouts": len(r), "pass_rate": float((r > 0).mean()), "reward_mean": float(r.mean()),
             "reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0, "zero_advantage": g.zero_advantage,
             "grad_norm": float(n), "score_cos": float(c) if n > 0 else 0.0, "score_dot": float(d) if n > 0 else 0.0,
+            "judge_consistency": judge_consistency(g.texts, g.rewards),
         })
     return rows

