@@ -66,7 +66,7 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int) ->
     torch.manual_seed(0)
     model = build_model(model_name)
     vocab = model.config.vocab_size
-    lengths = (8, 8) if model_name == "tiny" else (64, 192)
+    lengths = (8, 8) if model_name == "tiny" else (32, 96)
     groups = make_groups(n_problems, k, *lengths, vocab)
     n_tokens = sum(len(p) + len(r) for g in groups for p, r in zip(g.prompt_ids, g.response_ids))
     budget = 8192

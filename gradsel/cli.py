@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -193,6 +194,7 @@ def score(
     seed: Annotated[int, typer.Option(help="Sampling and projection seed.")] = 0,
     hash_mode: HashOpt = HashMode.sha256,
     copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
+    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Score only the first M problems of a seeded pool order as round 0; `refresh` takes the next chunks.")] = None,
 ) -> None:
     """Roll out pool and validation set, compute projected GRPO gradients, score alignment."""
     from gradsel.pipeline import RolloutOptions, run_score
@@ -206,7 +208,12 @@ def score(
                      alignment=alignment, modules=modules, adv=adv,
                      loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,
                      max_tokens_per_batch=max_tokens_per_batch, seed=seed)
-    result = run_score(store, model=model, pool=pool, val=val, ro=ro, sc=sc)
+    if chunk_size is not None:
+        from gradsel.rounds import start_rounds
+
+        result = start_rounds(store, model=model, pool=pool, val=val, ro=ro, sc=sc, chunk_size=chunk_size, order_seed=seed)
+    else:
+        result = run_score(store, model=model, pool=pool, val=val, ro=ro, sc=sc)
     train = [r for r in result.scores.to_pylist() if r["split"] == "train"]
     _emit_json({"store": str(store), "feature": feature.value, "dim": result.spec.dim,
                 "candidates": len(train), "nonzero_advantage": sum(not r["zero_advantage"] for r in train)})
@@ -234,6 +241,7 @@ def select_cmd(
     seed: Annotated[int, typer.Option(help="Seed for random and band.")] = 0,
 ) -> None:
     """Emit the best problems for the next round, unchanged, in the trainer's format."""
+    from gradsel.rounds import latest_round_store, record_selection
     from gradsel.select import SelectConfig, parse_band, select, write_selection
     from gradsel.store import existing_store
 
@@ -241,11 +249,12 @@ def select_cmd(
     cfg = SelectConfig(mode=mode, top_k=top_k, ratio=ratio, all=all_, band=parse_band(band), min_score=min_score,
                        include_zero_advantage=include_zero_advantage, balance=balance, diverse=diverse,
                        target=target, seed=seed, allow_fewer=allow_fewer, index=index)
-    st = existing_store(store)
+    st = existing_store(latest_round_store(store))
     if out != "-" and Path(out).exists() and not force:  # fail before any work
         raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
     selection = select(st, cfg)
     n = write_selection(st, selection, fmt=fmt, out=out, annotate=annotate, force=force)
+    record_selection(store, selection.problem_ids)
     console.info(f"selected {n} of {selection.eligible} eligible problems ({mode}) -> {'stdout' if out == '-' else out}")
 
 
@@ -260,10 +269,48 @@ def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store dire
     _emit_json(summary)
 
 
+@app.command()
+def refresh(
+    store: Annotated[Path, typer.Option("--store", "-s", help="A store made by `score --chunk-size`.")],
+    model: ModelOpt,
+    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Problems in the next chunk (default: the store's).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Select this many problems from the new round.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Select this share of the new round's chunk.")] = None,
+    mode: Annotated[str, typer.Option(help="Selection mode (see `gradsel select --help`).")] = "gradalign",
+    fmt: Annotated[str, typer.Option("--format", help="verl, jsonl, openrlhf or ids.")] = "verl",
+    out: Annotated[str, typer.Option(help="Output file, or - for stdout.")] = "-",
+    reuse_unselected: Annotated[bool, typer.Option(help="Offer problems that earlier rounds scored but did not select again.")] = False,
+    force: Annotated[bool, typer.Option(help="Rescore even when the checkpoint is identical to the last round's; overwrite --out.")] = False,
+    allow_fewer: Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for random and band modes.")] = 0,
+) -> None:
+    """Next round: snapshot the new checkpoint, score the next chunk, select, emit."""
+    from gradsel.rounds import record_selection, refresh as refresh_round, round_dir
+    from gradsel.select import SelectConfig, select, write_selection
+    from gradsel.store import Store
+
+    console.protect_stdout()
+    wants_selection = top_k is not None or ratio is not None
+    if wants_selection:
+        SelectConfig(mode=mode, top_k=top_k, ratio=ratio, seed=seed).validate()  # fail before any work
+    if out != "-" and Path(out).exists() and not force:
+        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+    index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected, force=force)
+    summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
+    if wants_selection:
+        st = Store(round_dir(store, index))
+        selection = select(st, SelectConfig(mode=mode, top_k=top_k, ratio=ratio, seed=seed, allow_fewer=allow_fewer))
+        write_selection(st, selection, fmt=fmt, out=out, annotate=False, force=force)
+        record_selection(store, selection.problem_ids)
+        summary["selected"] = len(selection.problem_ids)
+    if out != "-" or not wants_selection:
+        _emit_json(summary)
+    else:
+        console.info(json.dumps(summary))
+
+
 def _emit_json(obj) -> None:
     """Data goes to stdout, one JSON object, so it can be piped."""
-    import json
-
     print(json.dumps(obj), file=console.data_out(), flush=True)
 
 

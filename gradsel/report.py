@@ -12,9 +12,17 @@ from gradsel.store import existing_store
 
 
 def store_summary(path: Path) -> dict:
+    import json
+
     import pyarrow.parquet as pq
 
-    store = existing_store(path)
+    from gradsel.rounds import latest_round_store
+
+    top = json.loads((Path(path) / "manifest.json").read_text()) if (Path(path) / "manifest.json").is_file() else {}
+    rounds = [{"round": r["round"], "checkpoint": r.get("checkpoint", "(incomplete)"), "model": r["model"],
+               "offered": len(r["chunk_ids"]), "selected": len(r.get("selected_ids", []))}
+              for r in top.get("rounds", [])]
+    store = existing_store(latest_round_store(path))
     manifest = store.read_manifest()
     snap = manifest.get("snapshot") or {}
     summary: dict = {
@@ -22,7 +30,7 @@ def store_summary(path: Path) -> dict:
         "checkpoint": {"path": snap.get("source_path"), "content_hash": snap.get("content_hash")},
         "rollouts": {split: {"problems_file": r["problems_file"], "n": r["sampling"]["n"], "engine": r["engine"]}
                      for split, r in (manifest.get("rollouts") or {}).items()},
-        "rounds": manifest.get("rounds", []),
+        "rounds": rounds,
     }
     spec = manifest.get("projector")
     if spec:
@@ -57,5 +65,6 @@ def show_store(summary: dict) -> None:
         bars = " ".join(f"{i / 10:.1f}:{n}" for i, n in enumerate(c["pass_rate_histogram"]))
         table.add_row("pass-rate histogram", bars)
     for r in summary["rounds"]:
-        table.add_row(f"round {r['round']}", str(r))
+        table.add_row(f"round {r['round']}", f"{r['model']} {str(r['checkpoint'])[:19]}: "
+                      f"{r['offered']} offered, {r['selected']} selected")
     console.stderr.print(table)

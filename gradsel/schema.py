@@ -75,3 +75,13 @@ def vectors_schema(dim: int, dtype: str = "float16") -> pa.Schema:
     inner product with the validation gradient."""
     return pa.schema([("problem_id", pa.string()), ("vector", pa.list_(VECTOR_DTYPES[dtype], dim)),
                       ("norm", pa.float64()), ("target_dot", pa.float64())])
+
+# One row per round and offered problem (`refresh`): what each round scored and selected.
+HISTORY = pa.schema([
+    ("round", pa.int32()),
+    ("problem_id", pa.string()),
+    ("checkpoint", pa.string()),  # content hash of the round's snapshot
+    ("score_cos", pa.float64()),
+    ("pass_rate", pa.float64()),
+    ("selected", pa.bool_()),
+])

@@ -1,0 +1,199 @@
+"""Rounds: score the pool chunk by chunk as the policy trains (`score --chunk-size`, `refresh`).
+
+Layout of a store with rounds:
+
+    STORE/
+      manifest.json               run config, pool order, the round lineage
+      history.parquet             schema.HISTORY: round, problem, checkpoint, score, selected
+      rounds/round-000/           a complete store of its own (manifest, rollouts, features)
+        chunk.parquet|jsonl       the chunk's original rows, unchanged
+        selection.json            the ids selected from this round
+      rounds/round-001/ ...
+
+The pool order is fixed once, seeded, when the store is created. Each round takes the next
+`chunk_size` problems that have not been offered yet; with `--reuse-unselected`, problems
+offered but not selected go back to the end of the queue. A selected problem is never offered
+again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+from gradsel import console
+from gradsel.errors import GradselError
+from gradsel.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_table
+from gradsel.pipeline import RolloutOptions, ScoreResult, run_score
+from gradsel.problems import read_problems
+from gradsel.score import ScoreConfig
+from gradsel.store import Store, open_store
+
+
+def round_dir(root: Path, index: int) -> Path:
+    return root / "rounds" / f"round-{index:03d}"
+
+
+def pool_order(problem_ids: list[str], seed: int) -> list[str]:
+    order = sorted(problem_ids)
+    random.Random(f"gradsel-pool-order/{seed}").shuffle(order)
+    return order
+
+
+def write_chunk(pool_path: Path, source_rows: list[int], dest_dir: Path) -> Path:
+    """The chunk's rows exactly as they are in the pool file (same format)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if pool_path.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
+        lines = [ln for ln in pool_path.read_bytes().splitlines() if ln.strip()]
+        dest = dest_dir / "chunk.jsonl"
+        atomic_write_bytes(dest, b"".join(lines[i] + b"\n" for i in source_rows))
+    else:
+        dest = dest_dir / "chunk.parquet"
+        atomic_write_table(dest, pq.read_table(pool_path).take(pa.array(source_rows, pa.int64())))
+    return dest
+
+
+def _next_chunk(manifest: dict, chunk_size: int | None, reuse_unselected: bool) -> list[str]:
+    order = manifest["pool_order"]
+    selected = {pid for r in manifest["rounds"] for pid in r.get("selected_ids", [])}
+    offered = [pid for r in manifest["rounds"] for pid in r["chunk_ids"]]
+    seen = set(offered)
+    queue = [pid for pid in order if pid not in seen]
+    if reuse_unselected:  # offered but never selected: back at the end, oldest first
+        queue += [pid for pid in dict.fromkeys(offered) if pid not in selected]
+    queue = [pid for pid in dict.fromkeys(queue) if pid not in selected]
+    size = chunk_size or manifest["chunk_size"] or len(order)
+    return queue[:size]
+
+
+def _score_round(root: Path, index: int, *, model: str, chunk_ids: list[str], run: dict) -> ScoreResult:
+    pool_path = Path(run["pool"])
+    problems = {p.problem_id: p for p in read_problems(pool_path, prompt_key=run["ro"]["prompt_key"],
+                                                       answer_key=run["ro"]["answer_key"]).problems}
+    directory = round_dir(root, index)
+    directory.mkdir(parents=True, exist_ok=True)
+    chunk = write_chunk(pool_path, [problems[pid].source_row for pid in chunk_ids], directory)
+    ro = RolloutOptions(**run["ro"])
+    sc = ScoreConfig(**{**run["sc"], "sketch": tuple(run["sc"]["sketch"])})
+    return run_score(directory, model=model, pool=chunk, val=Path(run["val"]), ro=ro, sc=sc)
+
+
+def start_rounds(store_dir: Path, *, model: str, pool: Path, val: Path, ro: RolloutOptions, sc: ScoreConfig,
+                 chunk_size: int, order_seed: int = 0) -> ScoreResult:
+    """`score --chunk-size M`: fix the pool order and score round 0 (its first chunk)."""
+    store = open_store(store_dir)
+    manifest = _read_top(store)
+    ids = [p.problem_id for p in read_problems(pool, prompt_key=ro.prompt_key, answer_key=ro.answer_key).problems]
+    if chunk_size > len(ids):
+        raise GradselError(f"--chunk-size {chunk_size} is larger than the pool ({len(ids)} problems)",
+                           "use a smaller chunk, or leave --chunk-size out to score the whole pool at once")
+    if not manifest:
+        manifest = {"format_version": 1, "rounds_store": True, "run": {
+            "pool": str(Path(pool).resolve()), "val": str(Path(val).resolve()), "ro": asdict(ro), "sc": asdict(sc)},
+            "chunk_size": chunk_size, "pool_order": pool_order(ids, order_seed), "rounds": []}
+        atomic_write_json(store.manifest_path, manifest)
+    elif manifest["rounds"]:
+        last = manifest["rounds"][-1]
+        return _resume_round(store_dir, manifest, last["round"], model)
+    chunk_ids = _next_chunk(manifest, chunk_size, False)
+    return _finish_round(store_dir, manifest, 0, model, chunk_ids)
+
+
+def _resume_round(store_dir: Path, manifest: dict, index: int, model: str) -> ScoreResult:
+    entry = manifest["rounds"][index]
+    return _score_round(store_dir, index, model=model, chunk_ids=entry["chunk_ids"], run=manifest["run"])
+
+
+def _finish_round(store_dir: Path, manifest: dict, index: int, model: str, chunk_ids: list[str]) -> ScoreResult:
+    # Record the round before the work, so a killed run resumes the same chunk.
+    entry = {"round": index, "dir": f"rounds/round-{index:03d}", "chunk_ids": chunk_ids, "model": str(model)}
+    manifest["rounds"] = manifest["rounds"][:index] + [entry]
+    atomic_write_json(Path(store_dir) / "manifest.json", manifest)
+    result = _score_round(store_dir, index, model=model, chunk_ids=chunk_ids, run=manifest["run"])
+    sub = Store(round_dir(Path(store_dir), index)).read_manifest()
+    entry["checkpoint"] = sub["snapshot"]["content_hash"]
+    entry["checkpoint_path"] = sub["snapshot"]["source_path"]
+    atomic_write_json(Path(store_dir) / "manifest.json", manifest)
+    return result
+
+
+def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse_unselected: bool = False,
+            force: bool = False) -> tuple[int, ScoreResult]:
+    """Snapshot the new checkpoint, roll out and score the next chunk and the validation set."""
+    from gradsel.snapshot import take_snapshot
+
+    store = Store(Path(store_dir))
+    manifest = _read_top(store)
+    if not manifest or not manifest.get("rounds_store"):
+        raise GradselError(f"{store_dir} is not a store with rounds",
+                           "create one with `gradsel score --chunk-size M ...`")
+    last = manifest["rounds"][-1]
+    if "checkpoint" not in last:  # the last round never finished: resume it
+        console.info(f"round {last['round']} is incomplete; resuming it")
+        return last["round"], _resume_round(store_dir, manifest, last["round"], last["model"])
+    if "selected_ids" not in last:
+        raise GradselError(f"round {last['round']} has no selection yet",
+                           "run `gradsel select --store ...` for it first, or select within refresh")
+    mode = manifest["run"]["ro"]["hash_mode"]
+    new_hash = take_snapshot(model, mode=mode).content_hash
+    if new_hash == last["checkpoint"] and not force:
+        raise GradselError(f"checkpoint {model} is identical to round {last['round']}'s ({new_hash[:19]})",
+                           "pass the new checkpoint after training, or --force to rescore the same one")
+    chunk_ids = _next_chunk(manifest, chunk_size, reuse_unselected)
+    if not chunk_ids:
+        raise GradselError("no problems left to offer: every pool problem was offered in an earlier round",
+                           "pass --reuse-unselected to offer unselected problems again")
+    index = last["round"] + 1
+    return index, _finish_round(store_dir, manifest, index, model, chunk_ids)
+
+
+def record_selection(store_dir: Path, selected_ids: list[str]) -> None:
+    """Remember which problems the latest round selected, in the manifest and the history table."""
+    store = Store(Path(store_dir))
+    manifest = _read_top(store)
+    if not manifest.get("rounds_store") or not manifest["rounds"]:
+        return
+    manifest["rounds"][-1]["selected_ids"] = list(selected_ids)
+    atomic_write_json(store.manifest_path, manifest)
+    write_history(Path(store_dir), manifest)
+
+
+def write_history(root: Path, manifest: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gradsel.schema import HISTORY
+
+    rows = []
+    for entry in manifest["rounds"]:
+        sub = Store(round_dir(root, entry["round"]))
+        features = sub.read_manifest().get("features")
+        if not features:
+            continue
+        selected = set(entry.get("selected_ids", []))
+        for r in pq.read_table(sub.root / features / "scores.parquet").to_pylist():
+            if r["split"] == "train":
+                rows.append({"round": entry["round"], "problem_id": r["problem_id"],
+                             "checkpoint": entry.get("checkpoint", ""), "score_cos": r["score_cos"],
+                             "pass_rate": r["pass_rate"], "selected": r["problem_id"] in selected})
+    atomic_write_table(root / "history.parquet", pa.Table.from_pylist(rows, schema=HISTORY))
+
+
+def latest_round_store(root: Path) -> Path:
+    """Where `select` and `info` look: the latest round of a rounds store, else the store itself."""
+    path = Path(root) / "manifest.json"
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+        if manifest.get("rounds_store") and manifest.get("rounds"):
+            return round_dir(Path(root), manifest["rounds"][-1]["round"])
+    return Path(root)
+
+
+def _read_top(store: Store) -> dict:
+    if not store.manifest_path.is_file():
+        return {}
+    return json.loads(store.manifest_path.read_text())

@@ -1,0 +1,90 @@
+"""Rounds: chunks, refresh, reuse of unselected problems, resume, and the identical-checkpoint refusal."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from gradsel.models import resolve_model_path
+from gradsel.tasks import write_regime
+
+SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    pool, val = write_regime(tmp_path / "data", "clean", size=60, val_size=12, seed=3)
+    ckpt2 = tmp_path / "ckpt2"
+    shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
+    # A "trained" checkpoint: same weights but one byte of a different config field (a new content hash).
+    cfg = json.loads((ckpt2 / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1.1e-5
+    (ckpt2 / "config.json").write_text(json.dumps(cfg))
+    return tmp_path, pool, val, ckpt2
+
+
+def manifest(store):
+    return json.loads((store / "manifest.json").read_text())
+
+
+def test_rounds_take_disjoint_chunks_and_record_history(setup):
+    tmp, pool, val, ckpt2 = setup
+    store = tmp / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
+            "--chunk-size", "20", *SCORE)
+    run_cli("select", "--store", str(store), "--top-k", "5", "--allow-fewer", "--format", "ids", "--out", str(tmp / "r0.txt"))
+    out = json.loads(run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "5",
+                             "--allow-fewer", "--format", "ids", "--out", str(tmp / "r1.txt")).stdout)
+    assert out["round"] == 1 and out["candidates"] == 20
+    rounds = manifest(store)["rounds"]
+    assert [len(r["chunk_ids"]) for r in rounds] == [20, 20]
+    assert not set(rounds[0]["chunk_ids"]) & set(rounds[1]["chunk_ids"])
+    assert rounds[0]["checkpoint"] != rounds[1]["checkpoint"]
+    assert (tmp / "r1.txt").read_text().split() == rounds[1]["selected_ids"]
+    history = pq.read_table(store / "history.parquet").to_pylist()
+    assert len(history) == 40 and sum(h["selected"] for h in history) == len(rounds[0]["selected_ids"]) + len(rounds[1]["selected_ids"])
+    # The chunk file holds the original rows, unchanged.
+    original = {r["extra_info"]["index"]: r for r in pq.read_table(pool).to_pylist()}
+    chunk = pq.read_table(store / "rounds/round-001/chunk.parquet").to_pylist()
+    assert [original[r["extra_info"]["index"]] for r in chunk] == chunk
+    info = json.loads(run_cli("info", "--store", str(store)).stdout)
+    assert len(info["rounds"]) == 2
+
+
+def test_identical_checkpoint_is_refused_and_unselected_can_return(setup):
+    tmp, pool, val, _ = setup
+    store = tmp / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
+            "--chunk-size", "40", *SCORE)
+    run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
+    proc = run_cli("refresh", "--store", str(store), "--model", "tiny-arith", check=False)
+    assert proc.returncode == 2 and "identical to round 0" in proc.stderr
+    run_cli("refresh", "--store", str(store), "--model", "tiny-arith", "--force", "--chunk-size", "40", "--reuse-unselected")
+    rounds = manifest(store)["rounds"]
+    second = rounds[1]["chunk_ids"]
+    assert len(second) == 40
+    assert not set(second) & set(rounds[0]["selected_ids"])  # selected problems never come back
+    assert set(second) & set(rounds[0]["chunk_ids"])  # the 20 fresh ones plus unselected ones from round 0
+
+
+def test_killed_refresh_resumes(setup):
+    tmp, pool, val, ckpt2 = setup
+    store = tmp / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
+            "--chunk-size", "20", *SCORE)
+    run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
+    run_cli("refresh", "--store", str(store), "--model", str(ckpt2))
+    reference = pq.read_table(next((store / "rounds/round-001/features").glob("*/scores.parquet")))
+    # Simulate a kill after the rollouts: the round is recorded without its checkpoint, the
+    # features stage never finished.
+    m = manifest(store)
+    del m["rounds"][1]["checkpoint"]
+    (store / "manifest.json").write_text(json.dumps(m))
+    for d in (store / "rounds/round-001/features").iterdir():
+        shutil.rmtree(d)
+    run_cli("refresh", "--store", str(store), "--model", str(ckpt2))
+    resumed = pq.read_table(next((store / "rounds/round-001/features").glob("*/scores.parquet")))
+    assert resumed.equals(reference)
+    assert len(manifest(store)["rounds"]) == 2
