@@ -57,7 +57,7 @@ def make_groups(n_problems: int, k: int, prompt_len: int, response_len: int, voc
     return groups
 
 
-def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int) -> dict:
+def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int) -> dict:
     import torch
 
     from gradsel.gradients import (_batch_tensors, _weighted_nll, exact_parameters, exact_problem_gradient,
@@ -69,7 +69,6 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int) ->
     lengths = (8, 8) if model_name == "tiny" else (32, 96)
     groups = make_groups(n_problems, k, *lengths, vocab)
     n_tokens = sum(len(p) + len(r) for g in groups for p, r in zip(g.prompt_ids, g.response_ids))
-    budget = 8192
     spec = make_spec(model, feature="head" if arm == "head" else "projected", modules=None, sketch=(16, 16),
                      seed=0, dtype="float32")
     target = None
@@ -112,20 +111,22 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens-per-batch", type=int, default=2048, help="packing budget of the batched arms (gradsel's CPU default)")
     ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.arm:
-        print(json.dumps(run_arm(args.arm, args.model, args.problems, args.k, args.repeats)))
+        print(json.dumps(run_arm(args.arm, args.model, args.problems, args.k, args.repeats, args.max_tokens_per_batch)))
         return
     results = {}
     for arm in ARMS:
         out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--problems",
-                              str(args.problems), "--k", str(args.k), "--repeats", str(args.repeats)],
+                              str(args.problems), "--k", str(args.k), "--repeats", str(args.repeats),
+                              "--max-tokens-per-batch", str(args.max_tokens_per_batch)],
                              capture_output=True, text=True, check=True)
         results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
     r0 = results["train"]
     print(f"model {args.model} ({r0['parameters'] / 1e6:.1f}M parameters), {args.problems} problems x {args.k} "
-          f"rollouts, {r0['tokens']} tokens, median of {args.repeats}\n")
+          f"rollouts, {r0['tokens']} tokens, packing budget {args.max_tokens_per_batch} tokens, median of {args.repeats}\n")
     print("| arm | median s | tokens/s | peak RSS MiB |")
     print("| --- | ---: | ---: | ---: |")
     for arm, r in results.items():

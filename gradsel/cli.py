@@ -113,10 +113,11 @@ def snapshot(
 ) -> None:
     """Record a checkpoint's identity (path, config, content hash) in a store."""
     from gradsel.snapshot import snapshot_into_store
-    from gradsel.store import open_store
+    from gradsel.store import open_store, writer_lock
 
     console.protect_stdout()
-    snap = snapshot_into_store(open_store(store), model, mode=hash_mode.value, copy=copy)
+    with writer_lock(store):
+        snap = snapshot_into_store(open_store(store), model, mode=hash_mode.value, copy=copy)
     _emit_json({"store": str(store), "path": snap.path, "content_hash": snap.content_hash})
 
 
@@ -137,22 +138,23 @@ def rollout(
     answer_key: Annotated[Optional[str], typer.Option(help="Column holding the answer; dots reach into structs (default reward_model.ground_truth, then label).")] = None,
     hash_mode: HashOpt = HashMode.sha256,
     copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
-    shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard.")] = 64,
+    shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard (a killed run redoes at most one).")] = 256,
 ) -> None:
     """Sample k responses per problem and reward them, into the store (resumable)."""
     from gradsel.problems import read_problems
     from gradsel.rollout import SamplingConfig, run_rollout_stage, table_pass_rates
     from gradsel.snapshot import snapshot_into_store
-    from gradsel.store import open_store
+    from gradsel.store import open_store, writer_lock
 
     console.protect_stdout()
     problem_set = read_problems(problems, prompt_key=prompt_key, answer_key=answer_key)
     st = open_store(store)
-    snap = snapshot_into_store(st, model, mode=hash_mode.value, copy=copy)
-    cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    table = run_rollout_stage(st, split.value, problem_set, model_path=Path(snap.path),
-                              model_hash=snap.content_hash, cfg=cfg, engine=engine.value,
-                              reward=reward, shard_size=shard_size)
+    with writer_lock(store):
+        snap = snapshot_into_store(st, model, mode=hash_mode.value, copy=copy)
+        cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        table = run_rollout_stage(st, split.value, problem_set, model_path=Path(snap.path),
+                                  model_hash=snap.content_hash, cfg=cfg, engine=engine.value,
+                                  reward=reward, shard_size=shard_size)
     rates = list(table_pass_rates(table).values())
     _emit_json({"store": str(store), "split": split.value, "problems": len(rates),
                 "rollouts": table.num_rows, "mean_reward": round(sum(rates) / len(rates), 4),
@@ -190,7 +192,7 @@ def score(
     val_agg: Annotated[str, typer.Option(help="batch (normalised summed gradient) or mean-normalized.")] = "batch",
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 on a GPU.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    max_tokens_per_batch: Annotated[int, typer.Option(min=16, help="Token budget of one packed forward/backward pass.")] = 8192,
+    max_tokens_per_batch: Annotated[Optional[int], typer.Option(min=16, help="Token budget of one packed forward/backward pass (default 2048 on the CPU, 16384 on a GPU).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling and projection seed.")] = 0,
     hash_mode: HashOpt = HashMode.sha256,
     copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
@@ -199,6 +201,7 @@ def score(
     """Roll out pool and validation set, compute projected GRPO gradients, score alignment."""
     from gradsel.pipeline import RolloutOptions, run_score
     from gradsel.score import ScoreConfig, parse_sketch
+    from gradsel.store import writer_lock
 
     console.protect_stdout()
     ro = RolloutOptions(n=n, n_val=n_val, engine=engine.value, temperature=temperature, top_p=top_p,
@@ -208,12 +211,14 @@ def score(
                      alignment=alignment, modules=modules, adv=adv,
                      loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,
                      max_tokens_per_batch=max_tokens_per_batch, seed=seed)
-    if chunk_size is not None:
-        from gradsel.rounds import start_rounds
+    with writer_lock(store):
+        if chunk_size is not None:
+            from gradsel.rounds import start_rounds
 
-        result = start_rounds(store, model=model, pool=pool, val=val, ro=ro, sc=sc, chunk_size=chunk_size, order_seed=seed)
-    else:
-        result = run_score(store, model=model, pool=pool, val=val, ro=ro, sc=sc)
+            result = start_rounds(store, model=model, pool=pool, val=val, ro=ro, sc=sc, chunk_size=chunk_size,
+                                  order_seed=seed)
+        else:
+            result = run_score(store, model=model, pool=pool, val=val, ro=ro, sc=sc)
     train = [r for r in result.scores.to_pylist() if r["split"] == "train"]
     _emit_json({"store": str(store), "feature": feature.value, "dim": result.spec.dim,
                 "candidates": len(train), "nonzero_advantage": sum(not r["zero_advantage"] for r in train)})
@@ -287,7 +292,7 @@ def refresh(
     """Next round: snapshot the new checkpoint, score the next chunk, select, emit."""
     from gradsel.rounds import record_selection, refresh as refresh_round, round_dir
     from gradsel.select import SelectConfig, select, write_selection
-    from gradsel.store import Store
+    from gradsel.store import Store, writer_lock
 
     console.protect_stdout()
     wants_selection = top_k is not None or ratio is not None
@@ -295,7 +300,9 @@ def refresh(
         SelectConfig(mode=mode, top_k=top_k, ratio=ratio, seed=seed).validate()  # fail before any work
     if out != "-" and Path(out).exists() and not force:
         raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
-    index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected, force=force)
+    with writer_lock(store):
+        index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
+                                      force=force)
     summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
     if wants_selection:
         st = Store(round_dir(store, index))

@@ -275,16 +275,18 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
                     f"module {modules[m_idx][0]} sees inputs of shape {tuple(x.shape)}, not (batch, seq, d): "
                     "routed (MoE) experts are not supported yet", "exclude it with --modules")
             keep = slots.reshape(-1) >= 0
-            x_kept = x.detach().reshape(-1, x.shape[-1])[keep].float()  # (n_tok, d_in)
-            x_proj = x_kept @ r_in  # (n_tok, B * k_in)
-            # G_V x_t now, while x is at hand: (n_tok, d_out). Costs one more forward matmul.
-            gx = x_kept @ target[m_idx].T if target is not None else None
+            x_flat = x.detach().reshape(-1, x.shape[-1])  # a view: q, k and v share one input
+            x_proj = x_flat[keep].float() @ r_in  # (n_tok, B * k_in)
             slot_ids = slots.reshape(-1)[keep]
+            # With frozen weights autograd keeps no x for weight gradients; the exact alignment
+            # holds the (shared) view until backward, where G_V x_t is formed and dropped.
+            x_held = x_flat if target is not None else None
 
             def grad_hook(grad):
                 d_kept = grad.reshape(-1, grad.shape[-1])[keep].float()  # (n_tok, d_out)
                 acc[:, m_idx].index_add_(0, slot_ids, block_outer(d_kept @ r_out, x_proj, blocks))
-                if gx is not None:
+                if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
+                    gx = x_held[keep].float() @ target[m_idx].T
                     dots.index_add_(0, slot_ids, (d_kept * gx).sum(-1).double())
 
             output.register_hook(grad_hook)

@@ -277,7 +277,7 @@ def problems_to_table(problems: Sequence[Problem]):
 
 def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model_hash: str,
                       cfg: SamplingConfig, engine: "str | Engine" = "auto", reward: str | None = None,
-                      shard_size: int = 64, dtype: str = "float32"):
+                      shard_size: int = 256, dtype: str = "float32"):
     """Roll out every problem of `problem_set` into `store/rollouts/<split>`, resumably.
 
     Finished shards are skipped; the engine is started only if some shard is missing. `engine`

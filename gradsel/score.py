@@ -17,7 +17,7 @@ the stored vectors, so a resumed run gives exactly the scores of an uninterrupte
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ class ScoreConfig:
     val_agg: str = "batch"
     dtype: str = "float32"
     device: str = "auto"
-    max_tokens_per_batch: int = 8192
+    max_tokens_per_batch: int | None = None  # None: 2048 on the CPU, 16384 on a GPU (measured, docs/benchmarks.md)
     seed: int = 0
     vector_dtype: str = "float16"
     shard_size: int = 256  # problems per feature shard
@@ -110,13 +110,17 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
 
     cfg.validate()
     device = resolve_device(cfg.device)
+    if cfg.max_tokens_per_batch is None:
+        # On the CPU, small packed batches are several times faster (cache-resident activations
+        # and logits); a GPU wants large ones.
+        cfg = replace(cfg, max_tokens_per_batch=2048 if device == "cpu" else 16384)
     model = load_causal_lm(model_path, dtype=cfg.dtype, device=device)
     pad_id = load_tokenizer(model_path).pad_token_id
     spec = make_spec(model, feature=cfg.feature, modules=cfg.modules, sketch=cfg.sketch, seed=cfg.seed,
                      dtype=cfg.dtype, blocks=cfg.blocks)
     train_groups = groups_from_table(train_rollouts, cfg.adv)
     val_groups = groups_from_table(val_rollouts, cfg.adv)
-    method = asdict(cfg) | {"device": None, "shard_size": None}  # neither changes the numbers
+    method = asdict(cfg) | {"device": None, "shard_size": None, "max_tokens_per_batch": None}  # numbers unchanged
     key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": method,
                       "train": _table_digest(train_rollouts), "val": _table_digest(val_rollouts)})
     feature_id = stable_key({"spec": spec.to_dict(), "cfg": method})[:16]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,3 +164,53 @@ def check_stage_key(stage: Path, key: str, what: str) -> None:
 
 def mark_stage_complete(stage: Path, key: str, **info) -> None:
     atomic_write_json(stage / "stage.json", {"key": key, **info})
+
+
+# -- the writer lock ----------------------------------------------------------------------------
+
+@contextmanager
+def writer_lock(root: Path):
+    """One writer per store. A second one fails at once, naming the holder; a lock left by a
+    dead process on this host is taken over. Readers (select, info) never take it."""
+    import os
+    import socket
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise GradselError(
+                f"store {root} is locked by pid {holder.get('pid', '?')} on host {holder.get('host', '?')}",
+                "wait for that run to finish; if it is gone on another host, delete the .lock file") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(me))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid) -> bool:
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -141,3 +141,19 @@ def test_same_seed_same_vectors_other_seed_other_vectors():
              for s in (0, 0, 1)]
     assert np.array_equal(feats[0], feats[1])
     assert not np.allclose(feats[0], feats[2])
+
+
+def test_exact_alignment_in_the_hooked_pass_equals_full_gradient_dot():
+    from gradsel.gradients import target_gradient
+
+    model = load_causal_lm("tiny-arith")
+    groups = toy_groups(seed=5)
+    spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
+    target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
+    assert abs(float(sum((t.double() ** 2).sum() for t in target)) - 1) < 1e-6
+    _, dots = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=30, target=target)
+    flat_target = torch.cat([t.reshape(-1) for t in target]).double()
+    params = exact_parameters(model, [f"{n}.weight" for n in spec.modules])
+    for g, d in zip(groups, dots):
+        exact = float(exact_problem_gradient(model, g, params, loss_agg=LOSS_AGG, pad_id=0).double() @ flat_target)
+        assert d == pytest.approx(exact, rel=1e-4, abs=1e-9)
