@@ -88,3 +88,22 @@ def test_killed_refresh_resumes(setup):
     resumed = pq.read_table(next((store / "rounds/round-001/features").glob("*/scores.parquet")))
     assert resumed.equals(reference)
     assert len(manifest(store)["rounds"]) == 2
+
+
+@pytest.mark.slow
+def test_one_round_trl_loop_on_tiny_arith(tmp_path):
+    """select -> TRL GRPOTrainer (gradsel's reward) -> checkpoint, on the CPU."""
+    pytest.importorskip("trl")
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/trl_loop.py"), "--rounds", "1", "--steps", "2",
+                           "--chunk-size", "40", "--top-k", "8", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "gradalign/results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+    assert all(0 <= r["heldout_accuracy"] <= 1 for r in results["rounds"])
+    assert (tmp_path / "gradalign/round0/checkpoint/model.safetensors").is_file()
