@@ -27,6 +27,7 @@ def build_store(root: Path, n: int, dim: int, shard: int = 65536) -> None:
     from gradsel.store import FORMAT_VERSION, write_shard
 
     rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
     features = root / "features/bench"
     ids = [str(i) for i in range(n)]
     pool = root / "pool.jsonl"
@@ -72,9 +73,12 @@ def main() -> None:
     args = ap.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="gradsel-select-bench-"))
     t = time.perf_counter()
-    build_store(root, args.n, args.dim)
-    print(f"store: {args.n} x {args.dim} float16 vectors ({args.n * args.dim * 2 / 2**30:.2f} GiB) built in "
-          f"{time.perf_counter() - t:.0f}s at {root}\n")
+    if (root / "manifest.json").is_file():  # reuse a store an earlier run built in --dir
+        print(f"store: reusing {root}\n")
+    else:
+        build_store(root, args.n, args.dim)
+        print(f"store: {args.n} x {args.dim} float16 vectors ({args.n * args.dim * 2 / 2**30:.2f} GiB) built in "
+              f"{time.perf_counter() - t:.0f}s at {root}\n")
     print("| mode | run | wall s | peak RSS GiB | RSS / vector bytes |")
     print("| --- | --- | ---: | ---: | ---: |")
     vector_bytes = args.n * args.dim * 2

@@ -242,7 +242,6 @@ def select_cmd(
     annotate: Annotated[bool, typer.Option(help="Add gradsel_rank, gradsel_score and gradsel_mode columns.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.")] = False,
     allow_fewer: Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.")] = False,
-    index: Annotated[str, typer.Option(help="FAISS index: auto (flat below 200k vectors, IVF above), flat, ivf, ivfpq.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for random and band.")] = 0,
 ) -> None:
     """Emit the best problems for the next round, unchanged, in the trainer's format."""
@@ -253,7 +252,7 @@ def select_cmd(
     console.protect_stdout()
     cfg = SelectConfig(mode=mode, top_k=top_k, ratio=ratio, all=all_, band=parse_band(band), min_score=min_score,
                        include_zero_advantage=include_zero_advantage, balance=balance, diverse=diverse,
-                       target=target, seed=seed, allow_fewer=allow_fewer, index=index)
+                       target=target, seed=seed, allow_fewer=allow_fewer)
     st = existing_store(latest_round_store(store))
     if out != "-" and Path(out).exists() and not force:  # fail before any work
         raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")

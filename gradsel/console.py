@@ -17,10 +17,6 @@ def set_verbosity(*, quiet: bool = False, verbose: bool = False) -> None:
     _verbosity = 0 if quiet else 2 if verbose else 1
 
 
-def is_quiet() -> bool:
-    return _verbosity == 0
-
-
 def is_verbose() -> bool:
     return _verbosity == 2
 

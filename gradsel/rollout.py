@@ -305,6 +305,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     check_stage_key(stage, key, "rollouts")
     atomic_write_table(stage / "problems.parquet", problems_to_table(problems))
     todo = [i for i in range(n_shards) if not shard_done(stage, i)]
+    console.debug(f"rollouts/{split}: {n_shards} shards of {shard_size} problems, {len(todo)} to do, key {key}")
     if todo and len(todo) < n_shards:
         console.info(f"rollouts/{split}: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
     for p in problems:  # a bad reward spec fails here, before an engine is started

@@ -118,6 +118,8 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
     pad_id = load_tokenizer(model_path).pad_token_id
     spec = make_spec(model, feature=cfg.feature, modules=cfg.modules, sketch=cfg.sketch, seed=cfg.seed,
                      dtype=cfg.dtype, blocks=cfg.blocks)
+    console.debug(f"projector: {cfg.feature}, {len(spec.modules)} modules, vector dim {spec.dim}, device {device}, "
+                  f"{cfg.max_tokens_per_batch} tokens per packed pass")
     train_groups = groups_from_table(train_rollouts, cfg.adv)
     val_groups = groups_from_table(val_rollouts, cfg.adv)
     method = asdict(cfg) | {"device": None, "shard_size": None, "max_tokens_per_batch": None}  # numbers unchanged

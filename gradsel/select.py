@@ -44,7 +44,6 @@ class SelectConfig:
     target: str = "mean"  # mean: the validation direction; max: best single validation problem
     seed: int = 0
     allow_fewer: bool = False
-    index: str = "auto"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -132,60 +131,13 @@ def faiss_module():
     return faiss
 
 
-IVF_THRESHOLD = 200_000
-
-
-def build_index(vectors: np.ndarray, kind: str = "auto"):
-    """Inner-product index on unit vectors (so scores are cosines): flat for small stores, IVF
-    above IVF_THRESHOLD (or when asked), `ivfpq` for compressed codes."""
-    faiss = faiss_module()
-    n, dim = vectors.shape
-    if kind == "auto":
-        kind = "ivf" if n >= IVF_THRESHOLD else "flat"
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif kind in ("ivf", "ivfpq"):
-        nlist = max(1, int(4 * n ** 0.5))
-        quantizer = faiss.IndexFlatIP(dim)
-        if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        else:
-            m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0)
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)  # deterministic training sample
-        sample = vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
-        index.train(sample)
-        index.nprobe = max(1, nlist // 8)
-    else:
-        raise GradselError(f"unknown --index {kind!r}", "use auto, flat, ivf or ivfpq")
-    index.add(vectors)
-    return index
-
-
-def cached_index(directory: Path, split: str, vectors: np.ndarray, kind: str):
-    """Load `<split>.faiss` when it was built from the current shards, else (re)build and save it."""
-    faiss = faiss_module()
-    from gradsel.fsutil import atomic_write_bytes, atomic_write_json
-    from gradsel.store import stable_key
-
-    markers = sorted((directory / split).glob("shard-*.done.json"))
-    stamp = stable_key({"markers": [m.read_text() for m in markers], "kind": kind})
-    path, stamp_path = directory / f"{split}.faiss", directory / f"{split}.faiss.json"
-    if path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()).get("stamp") == stamp:
-        return faiss.read_index(str(path))
-    index = build_index(vectors, kind)
-    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
-    atomic_write_json(stamp_path, {"stamp": stamp, "n": int(vectors.shape[0]), "kind": kind})
-    return index
-
-
 # -- ranking -------------------------------------------------------------------------------------
 
 def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path) -> dict[str, float]:
     """The ranking score of every candidate under cfg.mode (higher is better)."""
     rng = random.Random(f"gradsel-select/{cfg.seed}")
     if cfg.target == "max" and cfg.mode in ("gradalign", "simacc"):
-        best = _max_val_alignment(directory, cfg.index)
+        best = _max_val_alignment(directory)
         base = {r["problem_id"]: best.get(r["problem_id"], 0.0) for r in rows}
     else:
         base = {r["problem_id"]: r["score_cos"] for r in rows}
@@ -204,14 +156,13 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path) -> dict[st
         rng.shuffle(ids)
         return {pid: -i for i, pid in enumerate(ids)}
     if cfg.mode == "learnalign":
+        # Every candidate against one direction: an exact matrix-vector product beats any index.
         ids, vecs = load_vectors(directory, "train")
         live = np.linalg.norm(vecs, axis=1) > 0
         mean = vecs[live].mean(axis=0)
         mean /= max(np.linalg.norm(mean), 1e-30)
-        index = cached_index(directory, "train", vecs, cfg.index)
-        sims, idx = index.search(mean[None, :].astype(np.float32), len(ids))
-        found = {ids[i]: float(s) for s, i in zip(sims[0], idx[0]) if i >= 0}
-        return {r["problem_id"]: found.get(r["problem_id"], -1.0) for r in rows}
+        found = dict(zip(ids, (vecs @ mean).tolist()))
+        return {r["problem_id"]: found[r["problem_id"]] for r in rows}
     raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
 
 
@@ -220,7 +171,7 @@ def _consistency(row: dict) -> float:
     return 1.0 if value is None else value
 
 
-def _max_val_alignment(directory: Path, kind: str) -> dict[str, float]:
+def _max_val_alignment(directory: Path) -> dict[str, float]:
     """LESS-style: each candidate's best cosine with any single validation problem."""
     faiss = faiss_module()
     val_ids, val_vecs = load_vectors(directory, "val")
@@ -269,7 +220,9 @@ def select(store, cfg: SelectConfig) -> Selection:
     if cfg.min_score is not None:
         eligible = [r for r in eligible if scores[r["problem_id"]] >= cfg.min_score]
     # Rank: score descending, ties by problem id so the order is deterministic.
-    ranked = [r["problem_id"] for r in sorted(eligible, key=lambda r: (-scores[r["problem_id"]], r["problem_id"]))]
+    ids = [r["problem_id"] for r in eligible]
+    order = np.lexsort((np.array(ids), -np.array([scores[p] for p in ids], dtype=np.float64)))
+    ranked = [ids[i] for i in order]
     k = len(ranked) if cfg.all else cfg.top_k if cfg.top_k is not None else max(1, round(cfg.ratio * len(candidates)))
     if k > len(ranked):
         if not cfg.allow_fewer:
@@ -314,8 +267,12 @@ def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate
     if out_path is not None and out_path.exists() and not force:
         raise GradselError(f"{out_path} exists", "pass --force to overwrite it, or choose another --out")
     source = _source_file(store, manifest)
-    problems = pq.read_table(store.root / "rollouts/train/problems.parquet").to_pylist()
-    by_id = {p["problem_id"]: p for p in problems}
+    # Only the selected problems' rows become Python objects (a pool can hold millions).
+    problems = pq.read_table(store.root / "rollouts/train/problems.parquet",
+                             columns=["problem_id", "source_row", "prompt_messages_json", "ground_truth"])
+    position = {pid: i for i, pid in enumerate(problems.column("problem_id").to_pylist())}
+    picked = problems.take(pa.array([position[pid] for pid in selection.problem_ids], pa.int64())).to_pylist()
+    by_id = {p["problem_id"]: p for p in picked}
     rows_idx = [by_id[pid]["source_row"] for pid in selection.problem_ids]
     rank_extra = [{"gradsel_rank": i + 1, "gradsel_score": float(s), "gradsel_mode": selection.config.mode}
                   for i, s in enumerate(selection.scores)]
