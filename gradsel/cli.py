@@ -223,26 +223,41 @@ def score(
     _emit_json({"store": str(store), "feature": feature.value, "dim": result.spec.dim,
                 "candidates": len(train), "nonzero_advantage": sum(not r["zero_advantage"] for r in train)})
 
+TopKOpt = Annotated[Optional[int], typer.Option(help="Select this many problems.")]
+RatioOpt = Annotated[Optional[float], typer.Option(help="Select this share of the candidates (0-1].")]
+ModeOpt = Annotated[str, typer.Option(help="gradalign (the paper's cosine), reliable (cosine, judge-consistency aware), "
+                                           "dot, accgreedy, band, simacc, learnalign or random.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="verl (Parquet), jsonl (original rows), openrlhf (input/label) or ids.")]
+OutOpt = Annotated[str, typer.Option(help="Output file, or - for stdout.")]
+AllowFewerOpt = Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.")]
+SelectSeedOpt = Annotated[int, typer.Option(help="Seed for the random and band modes.")]
+
+
+def _refuse_existing(out: str, force: bool) -> None:
+    """Fail before any work rather than after it."""
+    if out != "-" and Path(out).exists() and not force:
+        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+
 
 @app.command("select")
 def select_cmd(
     store: Annotated[Path, typer.Option("--store", "-s", help="A scored store.")],
-    top_k: Annotated[Optional[int], typer.Option(help="Select this many problems.")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Select this share of the candidates (0-1].")] = None,
+    top_k: TopKOpt = None,
+    ratio: RatioOpt = None,
     all_: Annotated[bool, typer.Option("--all", help="Emit every eligible problem, ranked (a curriculum order).")] = False,
-    mode: Annotated[str, typer.Option(help="gradalign, dot, accgreedy, band, simacc, learnalign or random.")] = "gradalign",
+    mode: ModeOpt = "gradalign",
     band: Annotated[str, typer.Option(help="Pass-rate band LO,HI for --mode band.")] = "0.0,1.0",
     min_score: Annotated[Optional[float], typer.Option(help="Drop candidates whose mode score is below this.")] = None,
     include_zero_advantage: Annotated[bool, typer.Option(help="Keep problems whose rewards are all equal (no GRPO signal).")] = False,
     balance: Annotated[Optional[str], typer.Option(help="Keep per-group quotas proportional to the pool, e.g. data_source.")] = None,
     diverse: Annotated[Optional[float], typer.Option(help="MMR trade-off in (0, 1]: lower trades score for gradient diversity.")] = None,
     target: Annotated[str, typer.Option(help="mean: the validation direction; max: best single validation problem (LESS-style).")] = "mean",
-    fmt: Annotated[str, typer.Option("--format", help="verl (Parquet), jsonl (original rows), openrlhf (input/label) or ids.")] = "verl",
-    out: Annotated[str, typer.Option(help="Output file, or - for stdout.")] = "-",
+    fmt: FormatOpt = "verl",
+    out: OutOpt = "-",
     annotate: Annotated[bool, typer.Option(help="Add gradsel_rank, gradsel_score and gradsel_mode columns.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.")] = False,
-    allow_fewer: Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for random and band.")] = 0,
+    allow_fewer: AllowFewerOpt = False,
+    seed: SelectSeedOpt = 0,
 ) -> None:
     """Emit the best problems for the next round, unchanged, in the trainer's format."""
     from gradsel.rounds import latest_round_store, record_selection
@@ -254,8 +269,7 @@ def select_cmd(
                        include_zero_advantage=include_zero_advantage, balance=balance, diverse=diverse,
                        target=target, seed=seed, allow_fewer=allow_fewer)
     st = existing_store(latest_round_store(store))
-    if out != "-" and Path(out).exists() and not force:  # fail before any work
-        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+    _refuse_existing(out, force)
     selection = select(st, cfg)
     n = write_selection(st, selection, fmt=fmt, out=out, annotate=annotate, force=force)
     record_selection(store, selection.problem_ids)
@@ -278,15 +292,15 @@ def refresh(
     store: Annotated[Path, typer.Option("--store", "-s", help="A store made by `score --chunk-size`.")],
     model: ModelOpt,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Problems in the next chunk (default: the store's).")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Select this many problems from the new round.")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Select this share of the new round's chunk.")] = None,
-    mode: Annotated[str, typer.Option(help="Selection mode (see `gradsel select --help`).")] = "gradalign",
-    fmt: Annotated[str, typer.Option("--format", help="verl, jsonl, openrlhf or ids.")] = "verl",
-    out: Annotated[str, typer.Option(help="Output file, or - for stdout.")] = "-",
+    top_k: TopKOpt = None,
+    ratio: RatioOpt = None,
+    mode: ModeOpt = "gradalign",
+    fmt: FormatOpt = "verl",
+    out: OutOpt = "-",
     reuse_unselected: Annotated[bool, typer.Option(help="Offer problems that earlier rounds scored but did not select again.")] = False,
     force: Annotated[bool, typer.Option(help="Rescore even when the checkpoint is identical to the last round's; overwrite --out.")] = False,
-    allow_fewer: Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for random and band modes.")] = 0,
+    allow_fewer: AllowFewerOpt = False,
+    seed: SelectSeedOpt = 0,
 ) -> None:
     """Next round: snapshot the new checkpoint, score the next chunk, select, emit."""
     from gradsel.rounds import record_selection, refresh as refresh_round, round_dir
@@ -297,8 +311,7 @@ def refresh(
     wants_selection = top_k is not None or ratio is not None
     if wants_selection:
         SelectConfig(mode=mode, top_k=top_k, ratio=ratio, seed=seed).validate()  # fail before any work
-    if out != "-" and Path(out).exists() and not force:
-        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+    _refuse_existing(out, force)
     with writer_lock(store):
         index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
                                       force=force)
