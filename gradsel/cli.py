@@ -309,8 +309,9 @@ def refresh(
 
     console.protect_stdout()
     wants_selection = top_k is not None or ratio is not None
+    cfg = SelectConfig(mode=mode, top_k=top_k, ratio=ratio, seed=seed, allow_fewer=allow_fewer)
     if wants_selection:
-        SelectConfig(mode=mode, top_k=top_k, ratio=ratio, seed=seed).validate()  # fail before any work
+        cfg.validate()  # fail before any work
     _refuse_existing(out, force)
     with writer_lock(store):
         index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
@@ -318,7 +319,7 @@ def refresh(
     summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
     if wants_selection:
         st = Store(round_dir(store, index))
-        selection = select(st, SelectConfig(mode=mode, top_k=top_k, ratio=ratio, seed=seed, allow_fewer=allow_fewer))
+        selection = select(st, cfg)
         write_selection(st, selection, fmt=fmt, out=out, annotate=False, force=force)
         record_selection(store, selection.problem_ids)
         summary["selected"] = len(selection.problem_ids)

@@ -6,7 +6,6 @@ GradAlign and with two baselines, and shows how many coin-flip problems each sel
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -176,12 +176,11 @@ def projection_matrix(seed: int, name: str, side: str, d: int, k: int, kind: str
 
 
 def module_projections(spec: ProjectorSpec, name: str, d_out: int, d_in: int, device):
-    """(R_in, R_out) of one module: `blocks` independent sketches side by side, the output side
-    scaled by 1/sqrt(blocks) so the concatenated feature's inner product is their average."""
-    r_in = projection_matrix(spec.seed, name, "in", d_in, spec.blocks * spec.k_in, spec.kind)
+    """(R_in, R_out) of one module: `blocks` independent sketches side by side. Each block's R_in
+    has entry variance 1/k_in; R_out keeps the 1/(blocks k_out) of a (d_out, blocks k_out) matrix,
+    so the concatenated feature's inner product is the average of the blocks' estimates."""
+    r_in = projection_matrix(spec.seed, name, "in", d_in, spec.blocks * spec.k_in, spec.kind) * spec.blocks ** 0.5
     r_out = projection_matrix(spec.seed, name, "out", d_out, spec.blocks * spec.k_out, spec.kind)
-    r_in = r_in * (spec.blocks * spec.k_in) ** 0.5 / spec.k_in ** 0.5
-    r_out = r_out * (spec.blocks * spec.k_out) ** 0.5 / spec.k_out ** 0.5 / spec.blocks ** 0.5
     return r_in.to(device), r_out.to(device)
 
 
@@ -262,8 +261,6 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
     acc[slot, module] (n_slots, n_modules, k_out * k_in). With a target gradient per module
     (d_out, d_in), they also add the exact <delta_t x_t^T, G_V> = delta_t . (G_V x_t) into
     dots[slot]. Always removed on exit."""
-    import torch
-
     handles = []
 
     def make_hook(m_idx, r_in, r_out):
@@ -346,21 +343,20 @@ def target_gradient(model, groups: Sequence[ProblemRollouts], module_names: Sequ
     if scales is not None:  # scale_p enters through the advantages, which the loss is linear in
         groups = [replace(g, advantages=[a * s for a in g.advantages]) for g, s in zip(groups, scales)]
     params = exact_parameters(model, [f"{n}.weight" for n in module_names])
-    model.zero_grad(set_to_none=True)
-    for batch in pack_batches(groups, loss_agg, max_tokens):
-        ids, mask, weights, _ = _batch_tensors(batch, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        _weighted_nll(logits, ids, weights).backward()
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().clone() for p in params]
-    model.zero_grad(set_to_none=True)
+    grads = _parameter_gradients(model, groups, params, loss_agg=loss_agg, pad_id=pad_id, device=device,
+                                 max_tokens=max_tokens)
     for p in model.parameters():
         p.requires_grad_(False)
     total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
     if total == 0:
-        raise GradselError("every validation problem has zero advantage, so the validation gradient is zero",
-                           "use more rollouts per validation problem (--n-val) or a validation set the model "
-                           "sometimes solves")
+        raise zero_validation_gradient()
     return [g / total.float() for g in grads]
+
+
+def zero_validation_gradient() -> GradselError:
+    return GradselError("every validation problem has zero advantage, so the validation gradient is zero",
+                        "use more rollouts per validation problem (--n-val) or a validation set the model "
+                        "sometimes solves")
 
 
 def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
@@ -403,12 +399,25 @@ def exact_problem_gradient(model, group: ProblemRollouts, params, *, loss_agg: s
 
     if group.zero_advantage:
         return torch.zeros(sum(p.numel() for p in params), device=device)
+    grads = _parameter_gradients(model, [group], params, loss_agg=loss_agg, pad_id=pad_id, device=device,
+                                 max_tokens=1 << 30)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def _parameter_gradients(model, groups: Sequence[ProblemRollouts], params, *, loss_agg: str, pad_id: int,
+                         device: str, max_tokens: int) -> list:
+    """float32 gradients of sum_p L_p over `params` (which require grad), left off the model."""
+    import torch
+
     model.zero_grad(set_to_none=True)
-    for batch in pack_batches([group], loss_agg, max_tokens=1 << 30):
+    for batch in pack_batches(groups, loss_agg, max_tokens):
         ids, mask, weights, _ = _batch_tensors(batch, pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         _weighted_nll(logits, ids, weights).backward()
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    grads = [p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+             for p in params]
+    model.zero_grad(set_to_none=True)  # the returned tensors live on; the model holds no .grad
+    return grads
 
 
 def exact_parameters(model, names: Sequence[str]):

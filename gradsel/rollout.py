@@ -187,12 +187,19 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def resolve_engine_name(name: str) -> str:
+    """`auto` means vLLM when it is installed, else transformers."""
+    if name == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return name
+
+
 class LazyEngine:
     """Starts the real engine on first use, so a fully cached run never pays engine start-up
     and several stages can share one engine."""
 
     def __init__(self, name: str, model_path: Path, *, dtype: str = "float32") -> None:
-        self.name = ("vllm" if vllm_available() else "hf") if name == "auto" else name
+        self.name = resolve_engine_name(name)
         self._args = (model_path, dtype)
         self._engine = None
 
@@ -210,8 +217,7 @@ class LazyEngine:
 
 
 def make_engine(name: str, model_path: Path, *, dtype: str = "float32", max_model_len: int | None = None):
-    if name == "auto":
-        name = "vllm" if vllm_available() else "hf"
+    name = resolve_engine_name(name)
     if name == "vllm":
         return VLLMEngine(model_path, dtype=dtype, max_model_len=max_model_len)
     if name == "hf":
@@ -292,7 +298,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     if not isinstance(engine, str):
         engine_name = engine.name
     else:
-        engine_name = ("vllm" if vllm_available() else "hf") if engine == "auto" else engine
+        engine_name = resolve_engine_name(engine)
     key = stable_key({"model": model_hash, "problems": problem_set.content_hash, "n_problems":
                       len(problem_set.problems), "sampling": cfg.__dict__, "engine": engine_name,
                       "reward": reward, "shard_size": shard_size, "dtype": dtype})

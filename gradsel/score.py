@@ -26,7 +26,8 @@ from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.rewards import judge_consistency
 from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, ProjectorSpec, exact_parameters, exact_problem_gradient,
-                               groups_from_table, head_features, make_spec, projected_features, target_gradient)
+                               groups_from_table, head_features, make_spec, projected_features, target_gradient,
+                               zero_validation_gradient)
 
 VAL_AGGS = ("batch", "mean-normalized")
 ALIGNMENTS = ("exact", "sketch")
@@ -92,9 +93,7 @@ def validation_target(unit_vectors: np.ndarray, norms: np.ndarray, val_agg: str)
         target = unit_vectors[norms > 0].astype(np.float64).sum(axis=0)
     n = np.linalg.norm(target)
     if n == 0:
-        raise GradselError("every validation problem has zero advantage, so the validation gradient is zero",
-                           "use more rollouts per validation problem (--n-val) or a validation set the model "
-                           "sometimes solves")
+        raise zero_validation_gradient()
     return target / n
 
 
@@ -248,7 +247,7 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
             target = contrib if target is None else target + contrib
             bar.advance(task)
         if target is None or float(target.norm()) == 0:
-            validation_target(np.zeros((1, 1)), np.zeros(1), cfg.val_agg)  # raises the clear error
+            raise zero_validation_gradient()
         target = target / target.norm()
         dots, norms = [], []
         for g in train_groups:
