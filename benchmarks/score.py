@@ -8,19 +8,27 @@ Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
   (ii') sketch:    the hooked pass without the exact alignment
   (iii) head:      the output-layer feature, forward only
   (iv)  exact:     full parameter gradients, one backward pass per problem
+  (v)   bergson:   the peer, EleutherAI's bergson 2.5.1 `bergson build --reward_column` (Dr. GRPO
+                   loss, per-module two-sided 16x16 projection) on the same model, tokens and rewards;
+                   only with --bergson-python (make its environment with benchmarks/make_bergson_env.sh)
 Each arm runs in its own process (so peak RSS is its own), `--repeats` times after a warm-up;
-the median tokens/s and the process's peak RSS are printed, then the ratios.
+the median tokens/s and the process's peak RSS are printed, then the ratios. bergson is a CLI
+that loads the model and data on every call, so its throughput is the marginal one: the extra
+tokens over the extra time of a run on five copies of the rollouts against a run on one copy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 ARMS = ("train", "projected", "sketch", "head", "exact")
 
@@ -73,7 +81,9 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
                      seed=0, dtype="float32")
     target = None
     if arm == "projected":
-        target = target_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0)
+        # the same packing budget as the pass itself, as `gradsel score` does
+        target = target_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0,
+                                 max_tokens=budget)
 
     def once():
         if arm == "train":
@@ -105,6 +115,47 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def run_bergson(python: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int) -> dict:
+    """Time `bergson build` on one and on five copies of the rollouts, each in a fresh process."""
+    from gradsel.models import load_tokenizer
+
+    model = build_model(model_name)
+    vocab = model.config.vocab_size
+    lengths = (8, 8) if model_name == "tiny" else (32, 96)
+    groups = make_groups(n_problems, k, *lengths, vocab)
+    rows = [{"problem_id": g.problem_id, "input_ids": p + r, "labels": [-100] * len(p) + r, "reward": reward}
+            for g in groups for p, r, reward in zip(g.prompt_ids, g.response_ids, g.rewards)]
+    n_tokens = sum(len(row["input_ids"]) for row in rows)
+    work = Path(tempfile.mkdtemp(prefix="gradsel-bergson-"))
+    # bergson refuses a token batch above the model's context (64 for tiny-arith). The longest
+    # sequence here is far shorter, and a larger RoPE context computes the same, so raise it.
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings, budget)
+    model.save_pretrained(work / "model")
+    tokenizer = load_tokenizer("tiny-arith")  # the data is pre-tokenized, but bergson loads a tokenizer
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    tokenizer.save_pretrained(work / "model")
+    for copies in (1, 5):
+        with open(work / f"data{copies}.jsonl", "w") as f:
+            for _ in range(copies):
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def build(copies: int) -> float:
+        cmd = [python, "-m", "bergson", "build", str(work / f"run{copies}"), "--overwrite", "true",
+               "--model", str(work / "model"), "--precision", "fp32", "--dataset", str(work / f"data{copies}.jsonl"),
+               "--prompt_column", "problem_id", "--reward_column", "reward", "--projection_dim", "16",
+               "--token_batch_size", str(budget)]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, env=os.environ | {"WANDB_MODE": "disabled"})
+        return time.perf_counter() - t
+
+    build(1)  # warm-up: file caches, bytecode
+    extra = [build(5) - build(1) for _ in range(repeats)]  # the time of 4 more copies
+    median = statistics.median(extra)
+    return {"arm": "bergson", "tokens": n_tokens, "median_s": median / 4, "tokens_per_s": 4 * n_tokens / median,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", choices=["tiny", "50m"])
@@ -112,16 +163,22 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens-per-batch", type=int, default=2048, help="packing budget of the batched arms (gradsel's CPU default)")
-    ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    ap.add_argument("--bergson-python", help="python of an environment with bergson 2.5.1: adds the peer arm (v)")
+    ap.add_argument("--arm", choices=ARMS + ("bergson",), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sizes = (args.model, args.problems, args.k, args.repeats, args.max_tokens_per_batch)
+    if args.arm == "bergson":  # its own process, so RUSAGE_CHILDREN covers the bergson runs alone
+        print(json.dumps(run_bergson(args.bergson_python, *sizes)))
+        return
     if args.arm:
-        print(json.dumps(run_arm(args.arm, args.model, args.problems, args.k, args.repeats, args.max_tokens_per_batch)))
+        print(json.dumps(run_arm(args.arm, *sizes)))
         return
     results = {}
-    for arm in ARMS:
+    for arm in ARMS + (("bergson",) if args.bergson_python else ()):
         out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--problems",
                               str(args.problems), "--k", str(args.k), "--repeats", str(args.repeats),
-                              "--max-tokens-per-batch", str(args.max_tokens_per_batch)],
+                              "--max-tokens-per-batch", str(args.max_tokens_per_batch)]
+                             + (["--bergson-python", args.bergson_python] if args.bergson_python else []),
                              capture_output=True, text=True, check=True)
         results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
     r0 = results["train"]
@@ -137,6 +194,9 @@ def main() -> None:
     print(f"sketch-only / train throughput: {tps['sketch'] / tps['train']:.2f}")
     print(f"projected / exact throughput: {tps['projected'] / tps['exact']:.2f} (target >= 20)")
     print(f"head / projected throughput: {tps['head'] / tps['projected']:.2f} (target >= 2)")
+    if "bergson" in tps:
+        print(f"projected / bergson throughput: {tps['projected'] / tps['bergson']:.2f} (target >= 1.0)")
+        print(f"sketch-only / bergson throughput: {tps['sketch'] / tps['bergson']:.2f}")
     print(f"projected / train peak RSS: {results['projected']['peak_rss_mib'] / results['train']['peak_rss_mib']:.2f} (target <= 1.2)")
 
 

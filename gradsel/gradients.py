@@ -245,12 +245,17 @@ def _batch_tensors(batch: Sequence[PackedSequence], pad_id: int, device):
 
 
 def _weighted_nll(logits, ids, weights):
-    """sum_t w_t * nll(ids[t+1] | logits[t]), in float32."""
-    import torch
+    """sum_t w_t * nll(ids[t+1] | logits[t]), in float32.
 
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (nll * weights[:, :-1]).sum()
+    Fused cross-entropy over every position, the targets shifted left by one: the last position
+    of each row has weight 0 (_batch_tensors), so its stand-in target never counts, and no
+    (batch, seq - 1, vocab) copy of the logits is made."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (nll * weights.reshape(-1)).sum()
 
 
 # -- projected feature from hooks -----------------------------------------------------------------
@@ -261,30 +266,36 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
     acc[slot, module] (n_slots, n_modules, k_out * k_in). With a target gradient per module
     (d_out, d_in), they also add the exact <delta_t x_t^T, G_V> = delta_t . (G_V x_t) into
     dots[slot]. Always removed on exit."""
+    import torch
+
     handles = []
 
     def make_hook(m_idx, r_in, r_out):
         def forward_hook(module, inputs, output):
             x = inputs[0]
-            slots = slots_ref[0]
+            slots = slots_ref[0]  # (B, T): one sequence, so one problem, per row; -1 on padding
             if x.shape[:2] != slots.shape:
                 raise GradselError(
                     f"module {modules[m_idx][0]} sees inputs of shape {tuple(x.shape)}, not (batch, seq, d): "
                     "routed (MoE) experts are not supported yet", "exclude it with --modules")
-            keep = slots.reshape(-1) >= 0
-            x_flat = x.detach().reshape(-1, x.shape[-1])  # a view: q, k and v share one input
-            x_proj = x_flat[keep].float() @ r_in  # (n_tok, B * k_in)
-            slot_ids = slots.reshape(-1)[keep]
+            row_slot = slots[:, 0]  # (B,)
+            real = (slots >= 0).unsqueeze(-1)  # (B, T, 1)
+            x = x.detach()  # a view: q, k and v share one input
+            x_proj = x.float() @ r_in  # (B, T, blocks * k_in)
             # With frozen weights autograd keeps no x for weight gradients; the exact alignment
             # holds the (shared) view until backward, where G_V x_t is formed and dropped.
-            x_held = x_flat if target is not None else None
+            x_held = x if target is not None else None
 
             def grad_hook(grad):
-                d_kept = grad.reshape(-1, grad.shape[-1])[keep].float()  # (n_tok, d_out)
-                acc[:, m_idx].index_add_(0, slot_ids, block_outer(d_kept @ r_out, x_proj, blocks))
+                d_proj = (grad.float() @ r_out) * real  # (B, T, blocks * k_out)
+                B, T = d_proj.shape[:2]
+                # Sum over a row's tokens inside the batched matmul: (B, blocks, k_out, k_in).
+                per_row = torch.einsum("rtbo,rtbi->rboi", d_proj.reshape(B, T, blocks, -1),
+                                       x_proj.reshape(B, T, blocks, -1))
+                acc[:, m_idx].index_add_(0, row_slot, per_row.reshape(B, -1))
                 if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
-                    gx = x_held[keep].float() @ target[m_idx].T
-                    dots.index_add_(0, slot_ids, (d_kept * gx).sum(-1).double())
+                    gx = x_held.float() @ target[m_idx].T  # (B, T, d_out)
+                    dots.index_add_(0, row_slot, ((grad.float() * gx).sum(-1) * real[..., 0]).sum(-1).double())
 
             output.register_hook(grad_hook)
 

@@ -157,3 +157,17 @@ def test_exact_alignment_in_the_hooked_pass_equals_full_gradient_dot():
     for g, d in zip(groups, dots):
         exact = float(exact_problem_gradient(model, g, params, loss_agg=LOSS_AGG, pad_id=0).double() @ flat_target)
         assert d == pytest.approx(exact, rel=1e-4, abs=1e-9)
+
+
+def test_weighted_nll_is_the_shifted_token_loss():
+    """The fused loss equals sum_t w_t * -log softmax(logits_t)[ids_{t+1}], written out."""
+    import torch
+
+    from gradsel.gradients import _weighted_nll
+
+    torch.manual_seed(0)
+    logits, ids, w = torch.randn(3, 7, 11), torch.randint(0, 11, (3, 7)), torch.rand(3, 7)
+    w[:, -1] = 0  # as _batch_tensors guarantees: the last position predicts nothing
+    logp = torch.log_softmax(logits, dim=-1)
+    expected = sum(-w[b, t] * logp[b, t, ids[b, t + 1]] for b in range(3) for t in range(6))
+    assert torch.allclose(_weighted_nll(logits, ids, w), expected, rtol=1e-6, atol=1e-6)
