@@ -67,7 +67,7 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
             cfg = SelectConfig(mode=mode, ratio=0.25, seed=seed, allow_fewer=True,
                                band=(0.2, 0.8) if mode == "band" else (0.0, 1.0))
             chosen = select(store, cfg).problem_ids
-            scores = mode_scores(rows, SelectConfig(mode=mode, all=True), _features_dir(store))
+            scores = mode_scores(rows, SelectConfig(mode=mode, all=True), _features_dir(store), fetch=len(rows))
             good = [scores[r["problem_id"]] for r in rows if truth[r["problem_id"]]]
             bad = [scores[r["problem_id"]] for r in rows if not truth[r["problem_id"]]]
             share = sum(truth[p] for p in chosen) / max(len(chosen), 1)

@@ -1,16 +1,21 @@
 """Selection at scale: a store of synthetic unit vectors, then `select` on the CPU.
 
-    .venv/bin/python benchmarks/select.py [--n 1000000] [--dim 2048] [--mode gradalign]
+    .venv/bin/python benchmarks/selection.py [--n 1000000] [--dim 2048] [--index auto] [--dir DIR]
 
-Writes a store of N float16 vectors (N x dim x 2 bytes; 4 GB at the defaults) with a scores table,
-then runs `gradsel select --ratio 0.05` in a fresh process per mode, timing it and reading the
-process's peak RSS. For the vector modes the FAISS index build is timed apart from the search.
+Writes a store of N float16 vectors (N x dim x 2 bytes; 4 GB at the defaults), 64 validation
+vectors and a scores table, then runs `gradsel select --ratio 0.05` in a fresh process per arm,
+timing it and reading the process's peak RSS (/usr/bin/time):
+  gradalign            the default: cosines from the scores table, no vectors read
+  learnalign, first    builds the candidate FAISS index (--index) and saves it in the store
+  learnalign, second   loads the saved index
+  --target max         every candidate's best cosine with any of the 64 validation problems
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +60,12 @@ def build_store(root: Path, n: int, dim: int, shard: int = 65536) -> None:
                           "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.astype(np.float16).reshape(-1)), dim),
                           "norm": np.ones(m), "target_dot": pa.nulls(m, pa.float64())}).cast(schema)
         write_shard(features / "train", s, table)
+    val = rng.standard_normal((64, dim), dtype=np.float32)
+    val /= np.linalg.norm(val, axis=1, keepdims=True)
+    write_shard(features / "val", 0, pa.table({
+        "problem_id": [f"v{i}" for i in range(64)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(val.astype(np.float16).reshape(-1)), dim),
+        "norm": np.ones(64), "target_dot": pa.nulls(64, pa.float64())}).cast(schema))
     spec = {"feature": "projected", "seed": 0, "k_out": 16, "k_in": 16, "blocks": 1, "modules": ["bench"],
             "dims": [[dim, 1]], "dtype": "float32", "kind": "rademacher"}
     atomic_write_json(features / "spec.json", {"projector": spec})
@@ -68,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--modes", nargs="+", default=["gradalign", "learnalign"])
+    ap.add_argument("--index", default="auto", help="gradsel select --index for the vector arms")
     ap.add_argument("--dir", type=Path, default=None)
     args = ap.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="gradsel-select-bench-"))
@@ -79,22 +90,27 @@ def main() -> None:
         build_store(root, args.n, args.dim)
         print(f"store: {args.n} x {args.dim} float16 vectors ({args.n * args.dim * 2 / 2**30:.2f} GiB) built in "
               f"{time.perf_counter() - t:.0f}s at {root}\n")
+    print(f"--index {args.index}\n")
     print("| mode | run | wall s | peak RSS GiB | RSS / vector bytes |")
     print("| --- | --- | ---: | ---: | ---: |")
     vector_bytes = args.n * args.dim * 2
-    for mode in args.modes:
-        for run in ("first (builds index)", "second (cached index)") if mode != "gradalign" else ("only",):
-            t = time.perf_counter()
-            proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "gradsel.cli", "-q", "select",
-                                   "--store", str(root), "--ratio", "0.05", "--mode", mode, "--format", "ids",
-                                   "--out", str(root / f"out-{mode}.txt"), "--force"],
-                                  capture_output=True, text=True)
-            wall = time.perf_counter() - t
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:])
-                raise SystemExit(1)
-            peak_kib = int(proc.stderr.strip().splitlines()[-1])
-            print(f"| {mode} | {run} | {wall:.1f} | {peak_kib / 2**20:.2f} | {peak_kib * 1024 / vector_bytes:.2f} |")
+    shutil.rmtree(root / "features/bench/index", ignore_errors=True)  # the first vector run builds it
+    arms = [("gradalign", "only", []),
+            ("learnalign", "first (builds the index)", ["--mode", "learnalign"]),
+            ("learnalign", "second (saved index)", ["--mode", "learnalign"]),
+            ("gradalign --target max", "saved index", ["--target", "max"])]
+    for name, run, extra in arms:
+        t = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "gradsel.cli", "-q", "select",
+                               "--store", str(root), "--ratio", "0.05", "--index", args.index, *extra,
+                               "--format", "ids", "--out", str(root / "out.txt"), "--force"],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:])
+            raise SystemExit(1)
+        peak_kib = int(proc.stderr.strip().splitlines()[-1])
+        print(f"| {name} | {run} | {wall:.1f} | {peak_kib / 2**20:.2f} | {peak_kib * 1024 / vector_bytes:.2f} |")
 
 
 if __name__ == "__main__":

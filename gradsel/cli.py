@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from enum import Enum
@@ -197,6 +198,7 @@ def score(
     hash_mode: HashOpt = HashMode.sha256,
     copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Score only the first M problems of a seeded pool order as round 0; `refresh` takes the next chunks.")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard of rollouts and of vectors (a killed run redoes at most one).")] = 256,
 ) -> None:
     """Roll out pool and validation set, compute projected GRPO gradients, score alignment."""
     from gradsel.pipeline import RolloutOptions, run_score
@@ -206,11 +208,11 @@ def score(
     console.protect_stdout()
     ro = RolloutOptions(n=n, n_val=n_val, engine=engine.value, temperature=temperature, top_p=top_p,
                         max_tokens=max_tokens, seed=seed, reward=reward, prompt_key=prompt_key,
-                        answer_key=answer_key, hash_mode=hash_mode.value, copy=copy)
+                        answer_key=answer_key, hash_mode=hash_mode.value, copy=copy, shard_size=shard_size)
     sc = ScoreConfig(feature=feature.value, sketch=parse_sketch(sketch), blocks=sketch_blocks,
                      alignment=alignment, modules=modules, adv=adv,
                      loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,
-                     max_tokens_per_batch=max_tokens_per_batch, seed=seed)
+                     max_tokens_per_batch=max_tokens_per_batch, seed=seed, shard_size=shard_size)
     with writer_lock(store):
         if chunk_size is not None:
             from gradsel.rounds import start_rounds
@@ -250,8 +252,10 @@ def select_cmd(
     min_score: Annotated[Optional[float], typer.Option(help="Drop candidates whose mode score is below this.")] = None,
     include_zero_advantage: Annotated[bool, typer.Option(help="Keep problems whose rewards are all equal (no GRPO signal).")] = False,
     balance: Annotated[Optional[str], typer.Option(help="Keep per-group quotas proportional to the pool, e.g. data_source.")] = None,
+    balance_weights: Annotated[Optional[str], typer.Option(help="Quotas from weights instead of pool shares, e.g. 'gsm8k=0.7,math=0.3' (groups not named get none).")] = None,
     diverse: Annotated[Optional[float], typer.Option(help="MMR trade-off in (0, 1]: lower trades score for gradient diversity.")] = None,
     target: Annotated[str, typer.Option(help="mean: the validation direction; max: best single validation problem (LESS-style).")] = "mean",
+    index: Annotated[str, typer.Option(help="FAISS index for the vector queries (learnalign, --target max): auto (flat up to 200k candidates, else ivfpq), flat, ivf or ivfpq. Saved in the store, rebuilt when stale.")] = "auto",
     fmt: FormatOpt = "verl",
     out: OutOpt = "-",
     annotate: Annotated[bool, typer.Option(help="Add gradsel_rank, gradsel_score and gradsel_mode columns.")] = False,
@@ -261,18 +265,20 @@ def select_cmd(
 ) -> None:
     """Emit the best problems for the next round, unchanged, in the trainer's format."""
     from gradsel.rounds import latest_round_store, record_selection
-    from gradsel.select import SelectConfig, parse_band, select, write_selection
+    from gradsel.select import SelectConfig, parse_band, parse_weights, select, write_selection
     from gradsel.store import existing_store
 
     console.protect_stdout()
     cfg = SelectConfig(mode=mode, top_k=top_k, ratio=ratio, all=all_, band=parse_band(band), min_score=min_score,
-                       include_zero_advantage=include_zero_advantage, balance=balance, diverse=diverse,
-                       target=target, seed=seed, allow_fewer=allow_fewer)
-    st = existing_store(latest_round_store(store))
+                       include_zero_advantage=include_zero_advantage, balance=balance,
+                       balance_weights=parse_weights(balance_weights) if balance_weights else None, diverse=diverse,
+                       target=target, index=index, seed=seed, allow_fewer=allow_fewer)
+    round_store = latest_round_store(store)
+    st = existing_store(round_store)
     _refuse_existing(out, force)
     selection = select(st, cfg)
     n = write_selection(st, selection, fmt=fmt, out=out, annotate=annotate, force=force)
-    record_selection(store, selection.problem_ids)
+    record_selection(store, round_store, selection.problem_ids)
     console.info(f"selected {n} of {selection.eligible} eligible problems ({mode}) -> {'stdout' if out == '-' else out}")
 
 
@@ -321,7 +327,7 @@ def refresh(
         st = Store(round_dir(store, index))
         selection = select(st, cfg)
         write_selection(st, selection, fmt=fmt, out=out, annotate=False, force=force)
-        record_selection(store, selection.problem_ids)
+        record_selection(store, st.root, selection.problem_ids)
         summary["selected"] = len(selection.problem_ids)
     if out != "-" or not wants_selection:
         _emit_json(summary)
@@ -353,6 +359,13 @@ def main() -> None:
     except KeyboardInterrupt:
         console.stderr.print("interrupted; finished shards are kept, rerun the same command to resume")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # Every write is to a temporary name that is renamed only when whole, so the store holds
+        # finished files only: the same command resumes once there is room.
+        _fail(f"no space left to write {exc.filename or 'a file'} ({exc.strerror})",
+              "free disk space (or raise the quota), then rerun the same command: finished shards are kept")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -32,13 +32,20 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_write_table(path: Path, table) -> None:
-    import pyarrow.parquet as pq
-
+def atomic_write_with(path: Path, write) -> None:
+    """Call write(tmp_path) for a writer that takes a path (Parquet, FAISS), then publish."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
-        pq.write_table(table, tmp)
+        write(tmp)
         _publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_table(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    from gradsel.schema import parquet_options
+
+    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, **parquet_options(table.schema)))

@@ -29,6 +29,7 @@ class RolloutOptions:
     answer_key: str | None = None
     hash_mode: str = "sha256"
     copy: bool = False
+    shard_size: int = 256  # problems per resumable rollout shard
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
     for split, problem_set, n in (("train", pool_set, ro.n), ("val", val_set, ro.n_val or ro.n)):
         cfg = SamplingConfig(n=n, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens, seed=ro.seed)
         tables[split] = run_rollout_stage(store, split, problem_set, model_path=Path(snap.path),
-                                          model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward)
+                                          model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward,
+                                          shard_size=ro.shard_size)
     sources = {p.problem_id: p.data_source for p in pool_set.problems + val_set.problems}
     scores, spec = score_stage(store, model_path=Path(snap.path), model_hash=snap.content_hash,
                                train_rollouts=tables["train"], val_rollouts=tables["val"],

@@ -16,11 +16,11 @@ def store_summary(path: Path) -> dict:
 
     import pyarrow.parquet as pq
 
-    from gradsel.rounds import latest_round_store
+    from gradsel.rounds import latest_round_store, round_selection
 
     top = json.loads((Path(path) / "manifest.json").read_text()) if (Path(path) / "manifest.json").is_file() else {}
     rounds = [{"round": r["round"], "checkpoint": r.get("checkpoint", "(incomplete)"), "model": r["model"],
-               "offered": len(r["chunk_ids"]), "selected": len(r.get("selected_ids", []))}
+               "offered": len(r["chunk_ids"]), "selected": len(round_selection(path, r) or [])}
               for r in top.get("rounds", [])]
     store = existing_store(latest_round_store(path))
     manifest = store.read_manifest()

@@ -57,9 +57,18 @@ def write_chunk(pool_path: Path, source_rows: list[int], dest_dir: Path) -> Path
     return dest
 
 
-def _next_chunk(manifest: dict, chunk_size: int | None, reuse_unselected: bool) -> list[str]:
+def round_selection(root: Path, entry: dict) -> list[str] | None:
+    """The ids `select` took from a round, or None before it ran. `select` is a reader: it records
+    its choice in the round's own selection.json, never in the manifest a writer may be updating."""
+    path = round_dir(Path(root), entry["round"]) / "selection.json"
+    if path.is_file():
+        return json.loads(path.read_text())["selected_ids"]
+    return entry.get("selected_ids")  # stores written before selection.json
+
+
+def _next_chunk(root: Path, manifest: dict, chunk_size: int | None, reuse_unselected: bool) -> list[str]:
     order = manifest["pool_order"]
-    selected = {pid for r in manifest["rounds"] for pid in r.get("selected_ids", [])}
+    selected = {pid for r in manifest["rounds"] for pid in round_selection(root, r) or []}
     offered = [pid for r in manifest["rounds"] for pid in r["chunk_ids"]]
     seen = set(offered)
     queue = [pid for pid in order if pid not in seen]
@@ -99,13 +108,15 @@ def start_rounds(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Roll
     elif manifest["rounds"]:
         last = manifest["rounds"][-1]
         return _resume_round(store_dir, manifest, last["round"], model)
-    chunk_ids = _next_chunk(manifest, chunk_size, False)
+    chunk_ids = _next_chunk(Path(store_dir), manifest, chunk_size, False)
     return _finish_round(store_dir, manifest, 0, model, chunk_ids)
 
 
 def _resume_round(store_dir: Path, manifest: dict, index: int, model: str) -> ScoreResult:
+    """Finish a round a killed run left without its checkpoint: the same chunk and model, then
+    the checkpoint recorded as for a round that ran straight through."""
     entry = manifest["rounds"][index]
-    return _score_round(store_dir, index, model=model, chunk_ids=entry["chunk_ids"], run=manifest["run"])
+    return _finish_round(store_dir, manifest, index, model, entry["chunk_ids"])
 
 
 def _finish_round(store_dir: Path, manifest: dict, index: int, model: str, chunk_ids: list[str]) -> ScoreResult:
@@ -135,15 +146,18 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
     if "checkpoint" not in last:  # the last round never finished: resume it
         console.info(f"round {last['round']} is incomplete; resuming it")
         return last["round"], _resume_round(store_dir, manifest, last["round"], last["model"])
-    if "selected_ids" not in last:
-        raise GradselError(f"round {last['round']} has no selection yet",
-                           "run `gradsel select --store ...` for it first, or select within refresh")
     mode = manifest["run"]["ro"]["hash_mode"]
     new_hash = take_snapshot(model, mode=mode).content_hash
+    if round_selection(Path(store_dir), last) is None:
+        if new_hash == last["checkpoint"]:  # a rerun of the refresh that made it (killed as it ended)
+            console.info(f"round {last['round']} is already complete for this checkpoint")
+            return last["round"], _resume_round(store_dir, manifest, last["round"], model)
+        raise GradselError(f"round {last['round']} has no selection yet",
+                           "run `gradsel select --store ...` for it first, or select within refresh")
     if new_hash == last["checkpoint"] and not force:
         raise GradselError(f"checkpoint {model} is identical to round {last['round']}'s ({new_hash[:19]})",
                            "pass the new checkpoint after training, or --force to rescore the same one")
-    chunk_ids = _next_chunk(manifest, chunk_size, reuse_unselected)
+    chunk_ids = _next_chunk(Path(store_dir), manifest, chunk_size, reuse_unselected)
     if not chunk_ids:
         raise GradselError("no problems left to offer: every pool problem was offered in an earlier round",
                            "pass --reuse-unselected to offer unselected problems again")
@@ -151,15 +165,13 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
     return index, _finish_round(store_dir, manifest, index, model, chunk_ids)
 
 
-def record_selection(store_dir: Path, selected_ids: list[str]) -> None:
-    """Remember which problems the latest round selected, in the manifest and the history table."""
-    store = Store(Path(store_dir))
-    manifest = _read_top(store)
-    if not manifest.get("rounds_store") or not manifest["rounds"]:
+def record_selection(store_dir: Path, round_store: Path, selected_ids: list[str]) -> None:
+    """Remember which problems a round's selection took (selection.json) and update the history."""
+    store_dir, round_store = Path(store_dir).resolve(), Path(round_store).resolve()
+    if round_store == store_dir:  # a store without rounds
         return
-    manifest["rounds"][-1]["selected_ids"] = list(selected_ids)
-    atomic_write_json(store.manifest_path, manifest)
-    write_history(Path(store_dir), manifest)
+    atomic_write_json(round_store / "selection.json", {"selected_ids": list(selected_ids)})
+    write_history(store_dir, _read_top(Store(store_dir)))
 
 
 def write_history(root: Path, manifest: dict) -> None:
@@ -174,7 +186,7 @@ def write_history(root: Path, manifest: dict) -> None:
         features = sub.read_manifest().get("features")
         if not features:
             continue
-        selected = set(entry.get("selected_ids", []))
+        selected = set(round_selection(root, entry) or [])
         for r in pq.read_table(sub.root / features / "scores.parquet").to_pylist():
             if r["split"] == "train":
                 rows.append({"round": entry["round"], "problem_id": r["problem_id"],
@@ -184,12 +196,15 @@ def write_history(root: Path, manifest: dict) -> None:
 
 
 def latest_round_store(root: Path) -> Path:
-    """Where `select` and `info` look: the latest round of a rounds store, else the store itself."""
+    """Where `select` and `info` look: the latest complete round of a rounds store (a round that
+    `refresh` is still writing is never read), else the store itself."""
     path = Path(root) / "manifest.json"
     if path.is_file():
         manifest = json.loads(path.read_text())
-        if manifest.get("rounds_store") and manifest.get("rounds"):
-            return round_dir(Path(root), manifest["rounds"][-1]["round"])
+        rounds = manifest.get("rounds") if manifest.get("rounds_store") else None
+        if rounds:
+            complete = [r for r in rounds if "checkpoint" in r]
+            return round_dir(Path(root), (complete or rounds)[-1]["round"])
     return Path(root)
 
 

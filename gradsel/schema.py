@@ -76,6 +76,18 @@ def vectors_schema(dim: int, dtype: str = "float16") -> pa.Schema:
     return pa.schema([("problem_id", pa.string()), ("vector", pa.list_(VECTOR_DTYPES[dtype], dim)),
                       ("norm", pa.float64()), ("target_dot", pa.float64())])
 
+
+# How vector shards are written: without dictionary encoding or compression. Gradient entries
+# neither repeat nor compress, and Parquet tries a dictionary of every float16 before falling
+# back; written plainly, a 65,536 x 2,048 shard reads 5x faster (0.7 s instead of 3.9 s).
+VECTOR_PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none"}
+
+
+def parquet_options(schema: pa.Schema) -> dict:
+    """pyarrow.parquet.write_table options for a table of this schema."""
+    return VECTOR_PARQUET_OPTIONS if "vector" in schema.names else {}
+
+
 # One row per round and offered problem (`refresh`): what each round scored and selected.
 HISTORY = pa.schema([
     ("round", pa.int32()),

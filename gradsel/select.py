@@ -24,10 +24,10 @@ import numpy as np
 
 from gradsel import console
 from gradsel.errors import GradselError
+from gradsel.index import best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind, take_vectors
 
 MODES = ("gradalign", "dot", "accgreedy", "band", "simacc", "learnalign", "random", "reliable")
 FORMATS = ("verl", "jsonl", "openrlhf", "ids")
-VECTOR_MODES = ("learnalign",)  # modes that need the stored vectors
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,10 @@ class SelectConfig:
     min_score: float | None = None
     include_zero_advantage: bool = False
     balance: str | None = None  # a column of the scores table, e.g. data_source
+    balance_weights: tuple[tuple[str, float], ...] | None = None  # group -> weight; None: pool shares
     diverse: float | None = None  # MMR trade-off in (0, 1]; 1 = score only
     target: str = "mean"  # mean: the validation direction; max: best single validation problem
+    index: str = "auto"  # the FAISS index over the candidate vectors (gradsel.index)
     seed: int = 0
     allow_fewer: bool = False
 
@@ -61,6 +63,22 @@ class SelectConfig:
             raise GradselError(f"--diverse must be in (0, 1], got {self.diverse}", "1 ranks by score alone; 0.7 is a common trade-off")
         if self.target not in ("mean", "max"):
             raise GradselError(f"unknown --target {self.target!r}", "use mean or max")
+        resolve_kind(self.index, 0)
+        if self.balance_weights is not None:
+            if not self.balance:
+                raise GradselError("--balance-weights needs --balance COLUMN", "for example --balance data_source")
+            if any(w < 0 for _, w in self.balance_weights) or not any(w > 0 for _, w in self.balance_weights):
+                raise GradselError("--balance-weights must be non-negative with at least one above zero",
+                                   "for example gsm8k=0.7,math=0.3")
+
+
+def parse_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """'a=0.7,b=0.3' -> (('a', 0.7), ('b', 0.3))."""
+    try:
+        pairs = [item.rsplit("=", 1) for item in text.split(",") if item.strip()]
+        return tuple((name.strip(), float(weight)) for name, weight in pairs)
+    except ValueError as exc:
+        raise GradselError(f"bad --balance-weights {text!r}", "write GROUP=WEIGHT pairs, for example gsm8k=0.7,math=0.3") from exc
 
 
 def parse_band(text: str) -> tuple[float, float]:
@@ -103,41 +121,16 @@ def check_same_spec(expected: dict, found: dict) -> None:
                            "were made with different settings", "rescore with one spec, or select from a store made with it")
 
 
-def load_vectors(directory: Path, split: str) -> tuple[list[str], np.ndarray]:
-    """(ids, unit vectors as float32), read memory-mapped from the Parquet shards."""
-    import pyarrow.parquet as pq
-
-    shards = sorted((directory / split).glob("shard-*.parquet"))
-    if not shards:
-        raise GradselError(f"{directory} holds no {split} vectors (the exact feature stores none)",
-                           "score with --feature projected or head for vector-based modes")
-    ids, parts = [], []
-    for shard in shards:
-        t = pq.read_table(shard, memory_map=True, columns=["problem_id", "vector"])
-        dim = t.schema.field("vector").type.list_size
-        ids += t.column("problem_id").to_pylist()
-        flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        parts.append(flat.reshape(t.num_rows, dim))
-    return ids, np.concatenate(parts).astype(np.float32)
-
-
-# -- FAISS ---------------------------------------------------------------------------------------
-
-def faiss_module():
-    try:
-        import faiss
-    except ImportError as exc:
-        raise GradselError("FAISS is not installed", "pip install 'gradsel[cpu]' (faiss-cpu) or 'gradsel[gpu]' (faiss-gpu)") from exc
-    return faiss
-
-
 # -- ranking -------------------------------------------------------------------------------------
 
-def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path) -> dict[str, float]:
-    """The ranking score of every candidate under cfg.mode (higher is better)."""
+def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int) -> dict[str, float]:
+    """The ranking score of every candidate under cfg.mode (higher is better). Modes that query
+    the candidate index need at least the `fetch` best of each query scored."""
     rng = random.Random(f"gradsel-select/{cfg.seed}")
     if cfg.target == "max" and cfg.mode in ("gradalign", "simacc"):
-        best = _max_val_alignment(directory)
+        # LESS-style: each candidate's best cosine with any single validation problem.
+        _, val = load_vectors(directory, "val")
+        best = _index_alignment(directory, cfg.index, val[np.linalg.norm(val, axis=1) > 0], fetch)
         base = {r["problem_id"]: best.get(r["problem_id"], 0.0) for r in rows}
     else:
         base = {r["problem_id"]: r["score_cos"] for r in rows}
@@ -150,18 +143,14 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path) -> dict[st
     if cfg.mode == "accgreedy":
         return {r["problem_id"]: -abs(r["pass_rate"] - 0.5) for r in rows}
     if cfg.mode == "simacc":
-        return {r["problem_id"]: base[r["problem_id"]] * 4 * r["pass_rate"] * (1 - r["pass_rate"]) for r in rows}
+        return {r["problem_id"]: base[r["problem_id"]] * 4 * r["pass_rate"] * (1 - r["pass_rate"])
+                if base[r["problem_id"]] > -np.inf else -np.inf for r in rows}
     if cfg.mode in ("band", "random"):
         ids = sorted(r["problem_id"] for r in rows)
         rng.shuffle(ids)
         return {pid: -i for i, pid in enumerate(ids)}
     if cfg.mode == "learnalign":
-        # Every candidate against one direction: an exact matrix-vector product beats any index.
-        ids, vecs = load_vectors(directory, "train")
-        live = np.linalg.norm(vecs, axis=1) > 0
-        mean = vecs[live].mean(axis=0)
-        mean /= max(np.linalg.norm(mean), 1e-30)
-        found = dict(zip(ids, (vecs @ mean).tolist()))
+        found = _index_alignment(directory, cfg.index, mean_direction(directory, "train")[None], fetch)
         return {r["problem_id"]: found[r["problem_id"]] for r in rows}
     raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
 
@@ -171,24 +160,16 @@ def _consistency(row: dict) -> float:
     return 1.0 if value is None else value
 
 
-def _max_val_alignment(directory: Path) -> dict[str, float]:
-    """LESS-style: each candidate's best cosine with any single validation problem."""
-    faiss = faiss_module()
-    val_ids, val_vecs = load_vectors(directory, "val")
-    val_vecs = val_vecs[np.linalg.norm(val_vecs, axis=1) > 0]
-    index = faiss.IndexFlatIP(val_vecs.shape[1])
-    index.add(val_vecs)
-    ids, vecs = load_vectors(directory, "train")
-    sims, _ = index.search(vecs, 1)
-    return {pid: float(s) for pid, s in zip(ids, sims[:, 0])}
+def _index_alignment(directory: Path, kind: str, queries: np.ndarray, fetch: int) -> dict[str, float]:
+    index, ids, params = open_index(directory, "train", kind)
+    return dict(zip(ids, best_alignment(index, params, queries, fetch, directory).tolist()))
 
 
 def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, directory: Path) -> list[str]:
     """Maximal marginal relevance: pick argmax lam * score - (1 - lam) * max cos(chosen)."""
-    ids, vecs = load_vectors(directory, "train")
-    pos = {pid: i for i, pid in enumerate(ids)}
+    pos = {pid: i for i, pid in enumerate(read_ids(directory, "train"))}
     pool = ranked[:min(len(ranked), max(10 * k, 1000))]  # candidates beyond this never win
-    mat = vecs[[pos[p] for p in pool]]
+    mat = take_vectors(directory, "train", np.array([pos[p] for p in pool]))
     s = np.array([scores[p] for p in pool], dtype=np.float64)
     if s.max() > s.min():
         s = (s - s.min()) / (s.max() - s.min())  # put relevance on the cosine's scale
@@ -216,7 +197,10 @@ def select(store, cfg: SelectConfig) -> Selection:
         raise GradselError("no candidate is eligible: every problem has zero advantage"
                            if not cfg.include_zero_advantage else "no candidate is eligible",
                            "more rollouts per problem (--n), a different pool, or --include-zero-advantage")
-    scores = mode_scores(eligible, cfg, directory)
+    wanted = cfg.top_k if cfg.top_k is not None else round((cfg.ratio or 1) * len(candidates))
+    # Quotas and score floors reach past the top of the ranking: give them every candidate.
+    fetch = len(candidates) if cfg.all or cfg.min_score is not None or cfg.balance else max(10 * wanted, 1024)
+    scores = mode_scores(eligible, cfg, directory, fetch)
     if cfg.min_score is not None:
         eligible = [r for r in eligible if scores[r["problem_id"]] >= cfg.min_score]
     # Rank: score descending, ties by problem id so the order is deterministic.
@@ -230,7 +214,8 @@ def select(store, cfg: SelectConfig) -> Selection:
                                f"(of {len(candidates)} candidates)", "ask for fewer, or pass --allow-fewer to take all eligible")
         k = len(ranked)
     if cfg.balance:
-        chosen = _balanced(ranked, {r["problem_id"]: r for r in eligible}, cfg.balance, k)
+        chosen = _balanced(ranked, {r["problem_id"]: r for r in eligible}, cfg.balance, k,
+                           dict(cfg.balance_weights) if cfg.balance_weights else None)
     elif cfg.diverse is not None and cfg.diverse < 1:
         chosen = _mmr(ranked, scores, k, cfg.diverse, directory)
     else:
@@ -238,16 +223,37 @@ def select(store, cfg: SelectConfig) -> Selection:
     return Selection(chosen, [scores[p] for p in chosen], len(ranked), cfg)
 
 
-def _balanced(ranked: list[str], rows: dict[str, dict], column: str, k: int) -> list[str]:
-    """Per-group quotas proportional to the eligible pool (largest remainder), best first in each."""
+def _balanced(ranked: list[str], rows: dict[str, dict], column: str, k: int,
+              weights: dict[str, float] | None = None) -> list[str]:
+    """Per-group quotas, best first in each group. Quotas follow `weights` (groups not named get
+    none) or else the groups' shares of the eligible pool; a group with fewer members than its
+    quota gives the rest to the others, in proportion."""
     groups: dict[str, list[str]] = {}
     for pid in ranked:
         groups.setdefault(str(rows[pid].get(column, "")), []).append(pid)
-    total = len(ranked)
-    exact = {g: k * len(m) / total for g, m in groups.items()}
-    quota = {g: int(v) for g, v in exact.items()}
-    for g in sorted(groups, key=lambda g: (-(exact[g] - quota[g]), g))[:k - sum(quota.values())]:
-        quota[g] += 1
+    if weights is not None:
+        unknown = sorted(set(weights) - set(groups))
+        if unknown:
+            raise GradselError(f"--balance-weights names {', '.join(unknown)}, not a {column} of any eligible problem",
+                               f"the eligible groups are {', '.join(sorted(groups))}")
+    share = {g: (weights.get(g, 0.0) if weights is not None else len(m)) for g, m in groups.items()}
+    quota = dict.fromkeys(groups, 0)
+    active = {g for g in groups if share[g] > 0}
+    left = min(k, sum(len(groups[g]) for g in active))
+    while active:  # largest remainder; a group that cannot fill its quota is capped and the rest re-shared
+        total = sum(share[g] for g in active)
+        exact = {g: left * share[g] / total for g in active}
+        q = {g: int(v) for g, v in exact.items()}
+        for g in sorted(active, key=lambda g: (-(exact[g] - q[g]), g))[:left - sum(q.values())]:
+            q[g] += 1
+        full = {g for g in active if q[g] >= len(groups[g])}
+        if all(q[g] <= len(groups[g]) for g in active):
+            quota |= q
+            break
+        for g in full:
+            quota[g] = len(groups[g])
+            left -= quota[g]
+        active -= full
     keep = {pid for g, members in groups.items() for pid in members[:quota[g]]}
     return [pid for pid in ranked if pid in keep]
 

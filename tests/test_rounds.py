@@ -8,6 +8,7 @@ import pytest
 
 from conftest import run_cli
 from gradsel.models import resolve_model_path
+from gradsel.rounds import round_selection
 from gradsel.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]
@@ -26,7 +27,11 @@ def setup(tmp_path):
 
 
 def manifest(store):
-    return json.loads((store / "manifest.json").read_text())
+    """The top manifest, with each round's selection (its selection.json) filled in."""
+    m = json.loads((store / "manifest.json").read_text())
+    for r in m["rounds"]:
+        r["selected_ids"] = round_selection(store, r)
+    return m
 
 
 def test_rounds_take_disjoint_chunks_and_record_history(setup):
@@ -79,7 +84,7 @@ def test_killed_refresh_resumes(setup):
     reference = pq.read_table(next((store / "rounds/round-001/features").glob("*/scores.parquet")))
     # Simulate a kill after the rollouts: the round is recorded without its checkpoint, the
     # features stage never finished.
-    m = manifest(store)
+    m = json.loads((store / "manifest.json").read_text())
     del m["rounds"][1]["checkpoint"]
     (store / "manifest.json").write_text(json.dumps(m))
     for d in (store / "rounds/round-001/features").iterdir():
@@ -87,7 +92,8 @@ def test_killed_refresh_resumes(setup):
     run_cli("refresh", "--store", str(store), "--model", str(ckpt2))
     resumed = pq.read_table(next((store / "rounds/round-001/features").glob("*/scores.parquet")))
     assert resumed.equals(reference)
-    assert len(manifest(store)["rounds"]) == 2
+    rounds = manifest(store)["rounds"]
+    assert len(rounds) == 2 and "checkpoint" in rounds[1]  # the resumed round is complete, as if never killed
 
 
 @pytest.mark.slow

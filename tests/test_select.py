@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -158,3 +159,69 @@ def test_demo_gradalign_beats_random_on_the_noisy_pool(tmp_path):
     shares = {m: r["corrupted_share"] for m, r in result["modes"].items()}
     assert shares["reliable"] < shares["gradalign"] < shares["random"] < shares["accgreedy"]
     assert result["projected_vs_exact_spearman"] > 0.8
+
+
+def test_balance_weights(store):
+    weighted = dict(mode="gradalign", balance="data_source", top_k=4)
+    assert picks(store, **weighted, balance_weights=(("a", 1.0), ("b", 3.0))) == ["0", "5", "2", "3"]
+    # a has only 2 eligible problems: its unmet quota goes to b
+    assert picks(store, **weighted, balance_weights=(("a", 10.0), ("b", 1.0))) == ["0", "1", "5", "2"]
+    assert picks(store, **(weighted | {"top_k": 2}), balance_weights=(("b", 1.0),)) == ["5", "2"]  # a unnamed: none
+    with pytest.raises(GradselError, match="names c, not a data_source"):
+        picks(store, **weighted, balance_weights=(("c", 1.0),))
+    with pytest.raises(GradselError, match="needs --balance"):
+        picks(store, balance_weights=(("a", 1.0),))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])  # ivfpq's codes are too coarse for 6 points: see below
+def test_every_index_kind_selects_on_the_handmade_store(store, kind):
+    assert picks(store, mode="learnalign", index=kind) == ["5", "0", "1"]
+    assert picks(store, target="max", top_k=1, index=kind) == ["3"]
+    assert (store.root / f"features/f0/index/train.{kind}.faiss").is_file()  # saved beside the vectors
+
+
+def _vector_dir(root, vectors, shard=1000):
+    for s, start in enumerate(range(0, len(vectors), shard)):
+        part = vectors[start:start + shard]
+        write_shard(root / "train", s, pa.Table.from_pylist(
+            [{"problem_id": f"p{start + i}", "vector": v.tolist(), "norm": 1.0, "target_dot": None}
+             for i, v in enumerate(part)], schema=vectors_schema(vectors.shape[1], "float16")))
+    return root
+
+
+def _clustered(n, dim, seed):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((20, dim))
+    v = centers[rng.integers(0, 20, n)] + 0.3 * rng.standard_normal((n, dim))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
+    from gradsel.index import best_alignment, open_index
+
+    directory = _vector_dir(tmp_path / "f", _clustered(3000, 64, 0))
+    exact = np.concatenate([pq.read_table(p).column("vector").to_numpy(zero_copy_only=False).tolist()
+                            for p in sorted((directory / "train").glob("shard-*.parquet"))]).astype(np.float32)
+    queries = exact[[5, 700, 2900]]
+    truth = set(np.argsort(-(exact @ queries.T).max(axis=1))[:30])
+    for kind, recall in (("flat", 1.0), ("ivf", 0.9), ("ivfpq", 0.8)):
+        index, ids, params = open_index(directory, "train", kind)
+        assert index.ntotal == 3000 and ids[:2] == ["p0", "p1"]
+        best = best_alignment(index, params, queries, fetch=300, directory=directory)  # select fetches 10 k
+        found = set(np.argsort(-best)[:30])
+        assert len(found & truth) / 30 >= recall, kind
+        scored = np.isfinite(best)  # what the index proposed is scored exactly
+        np.testing.assert_allclose(best[scored], (exact @ queries.T).max(axis=1)[scored], rtol=1e-5, atol=1e-6)
+    saved = directory / "index/train.ivf.faiss"
+    stamp = saved.stat().st_mtime_ns
+    open_index(directory, "train", "ivf")
+    assert saved.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    _vector_dir(directory, _clustered(3000, 64, 1))  # new vectors: the saved index is stale
+    index, _, params = open_index(directory, "train", "flat")
+    assert saved.stat().st_mtime_ns == stamp  # only the kind asked for is rebuilt
+    fresh = np.concatenate([pq.read_table(p).column("vector").to_numpy(zero_copy_only=False).tolist()
+                            for p in sorted((directory / "train").glob("shard-*.parquet"))]).astype(np.float32)
+    np.testing.assert_allclose(best_alignment(index, params, fresh[:1], fetch=1, directory=directory), (fresh @ fresh[0]), rtol=1e-5, atol=1e-6)
+    (directory / "index/train.flat.faiss").write_bytes(b"not an index")  # damaged: rebuilt, not read
+    index, _, params = open_index(directory, "train", "flat")
+    assert index.ntotal == 3000
