@@ -39,7 +39,8 @@ def run_demo(out: Path, *, model: str, size: int, n: int, engine: str, seed: int
     exact = run_score(store_dir, model=model, pool=pool_path, val=val_path, ro=ro,
                       sc=ScoreConfig(seed=seed, feature="exact", modules=r"\.layers\.\d+\."))
     agreement = _agreement(projected.scores, exact.scores)
-    # Selection reads the store's current feature set: score the projected one last again (cached).
+    # Selection reads the store's current feature set: scoring the projected one again (cached)
+    # makes it current.
     run_score(store_dir, model=model, pool=pool_path, val=val_path, ro=ro, sc=ScoreConfig(seed=seed))
 
     console.info(f"[bold]4. select[/bold]  top {ratio:.0%} of the pool by each mode")

@@ -130,6 +130,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
         import pyarrow.parquet as pq
 
         console.info(f"features/{feature_id}: complete, reused")
+        _point_manifest_at(store, spec, cfg, feature_id)  # a run killed after the stage, before this
         return pq.read_table(stage / "scores.parquet"), spec
     check_stage_key(stage, key, "features")
     atomic_write_json(stage / "spec.json", {"projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg},
@@ -166,9 +167,14 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
     table = pa.Table.from_pylist(rows, schema=SCORES)
     atomic_write_table(stage / "scores.parquet", table)
     mark_stage_complete(stage, key, train=len(train_groups), val=len(val_groups))
+    _point_manifest_at(store, spec, cfg, feature_id)
+    return table, spec
+
+
+def _point_manifest_at(store, spec: ProjectorSpec, cfg: ScoreConfig, feature_id: str) -> None:
+    """Make these features the store's current ones (what `select` and `info` read)."""
     store.update_manifest(projector=spec.to_dict(), loss={"adv": cfg.adv, "loss_agg": cfg.loss_agg},
                           val_agg=cfg.val_agg, alignment=cfg.alignment, features=f"features/{feature_id}")
-    return table, spec
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:

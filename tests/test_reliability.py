@@ -33,7 +33,7 @@ class Chain:
     compared with the uninterrupted one and the chain starts again from the command's start state."""
     command: str
     kills: int = 0
-    killed_in: list[str] = field(default_factory=list)  # the stage each kill interrupted
+    killed_at: list[str] = field(default_factory=list)  # finished rollout+vector shards at each kill
     completions: int = 0  # runs that finished, each compared with the reference
     shards_redone: int = 0  # shards finished before a kill and written again after it (must be 0)
     identical: bool = True
@@ -46,26 +46,30 @@ def _markers(store: Path) -> dict[str, int]:
     return {str(p.relative_to(store)): p.stat().st_mtime_ns for p in store.rglob("shard-*.done.json")}
 
 
-def _stage_of(store: Path) -> str:
-    """The stage of the newest file in the store (for the report)."""
-    files = [p for p in store.rglob("*") if p.is_file()] if store.exists() else []
-    if not files:
-        return "start"
-    parts = max(files, key=lambda p: p.stat().st_mtime_ns).relative_to(store).parts
-    return next((p for p in parts if p in ("rollouts", "features")), "snapshot/manifest")
+def _progress(store: Path, baseline: set[str]) -> str:
+    """Where a kill landed: shards of rollouts and of vectors finished since the start state."""
+    done = [Path(p).parts for p in _markers(store) if p not in baseline]
+    rollouts = sum("rollouts" in parts for parts in done)
+    vectors = sum("features" in parts for parts in done)
+    return f"{rollouts}+{vectors}"
 
 
 def _env() -> dict:
     return {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def kill_chain(command: str, args: list[str], store: Path, *, kills: int, span: float, seed: int,
+def kill_chain(command: str, args: list[str], store: Path, *, kills: int, total: int, span: float, seed: int,
                same, reset) -> Chain:
-    """Run `gradsel args` and SIGKILL it after a seeded random delay in (0.5, span) s, `kills`
-    times; every rerun resumes the store the last one left. A run that finishes first is checked
-    with same(store) and the store is put back with reset(). Then one last run to the end."""
+    """Run `gradsel args` and SIGKILL it `kills` times, each rerun resuming what the last left.
+    Each kill lands at a seeded random point of the work still to do: just after a random one of
+    the shards this run has left to finish (of `total`, the uninterrupted run's count), so inside
+    the next shard; or, with every shard done, at a random time up to `span` (the uninterrupted
+    run's duration) after the start: in startup, in checking what is done, in writing the scores
+    and the manifest, or not at all.
+    A run that finishes first is checked with same(store), and reset() puts the store back."""
     rng = random.Random(f"{command}/{seed}")
     chain = Chain(command)
+    baseline = set(_markers(store))  # the start state's shards (round 0's, for refresh)
 
     def finished() -> None:
         chain.completions += 1
@@ -73,18 +77,26 @@ def kill_chain(command: str, args: list[str], store: Path, *, kills: int, span: 
 
     while chain.kills < kills:
         before = _markers(store)
+        target = rng.randint(len(set(before) - baseline) + 1, total + 1)  # total + 1: after the last shard
         proc = subprocess.Popen([*GRADSEL, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(0.5, span))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        if target > total:
+            try:
+                proc.wait(timeout=rng.uniform(0.5, span))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+        else:
+            while proc.poll() is None and len(set(_markers(store)) - baseline) < target:
+                time.sleep(0.002)  # a tiny-arith shard takes tens of milliseconds
+            time.sleep(rng.uniform(0.0, 0.01))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        proc.wait()
         after = _markers(store)
         chain.shards_redone += sum(after.get(k) != v for k, v in before.items())
         if proc.returncode == -signal.SIGKILL:
             chain.kills += 1
-            chain.killed_in.append(_stage_of(store))
+            chain.killed_at.append(_progress(store, baseline))
         else:
             assert proc.returncode == 0, f"{command} exited {proc.returncode}"
             finished()
@@ -131,37 +143,38 @@ def run_faults(work: Path, kills: int, seed: int = 0) -> list[Chain]:
             "refresh": ["refresh", "--store", str(store), "--model", str(ckpt2)],
         }
 
-    def timed(args: list[str]) -> float:
-        t = time.perf_counter()
+    def uninterrupted(args: list[str], store: Path) -> dict:
+        """Run to the end; the number of shards it finished and how long it took."""
+        before, t = set(_markers(store)), time.perf_counter()
         run_cli(*args)
-        return time.perf_counter() - t
+        return {"total": len(set(_markers(store)) - before), "span": time.perf_counter() - t}
 
     def fresh(store: Path):
         return lambda: shutil.rmtree(store, ignore_errors=True)
 
     chains = []
     ref, faulty = work / "ref-rollout", work / "faulty-rollout"
-    span = timed(commands(ref)["rollout"])
-    chains.append(kill_chain("rollout", commands(faulty)["rollout"], faulty, kills=kills, span=span, seed=seed,
+    ref_run = uninterrupted(commands(ref)["rollout"], ref)
+    chains.append(kill_chain("rollout", commands(faulty)["rollout"], faulty, kills=kills, seed=seed, **ref_run,
                              same=lambda s: _same_tables(ref, s), reset=fresh(faulty)))
 
     ref, faulty = work / "ref-rounds", work / "faulty-rounds"
-    span = timed(commands(ref)["score"])
+    ref_run = uninterrupted(commands(ref)["score"], ref)
     ref_selection = _selection(ref)  # round 0's selection, which refresh needs
-    chains.append(kill_chain("score", commands(faulty)["score"], faulty, kills=kills, span=span, seed=seed,
+    chains.append(kill_chain("score", commands(faulty)["score"], faulty, kills=kills, seed=seed, **ref_run,
                              same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
                              reset=fresh(faulty)))
 
     base = work / "faulty-rounds-after-round-0"
     shutil.copytree(faulty, base)
-    span = timed(commands(ref)["refresh"])
+    ref_run = uninterrupted(commands(ref)["refresh"], ref)
     ref_selection = _selection(ref)
 
     def back_to_round_0():
         shutil.rmtree(faulty)
         shutil.copytree(base, faulty)
 
-    chains.append(kill_chain("refresh", commands(faulty)["refresh"], faulty, kills=kills, span=span, seed=seed,
+    chains.append(kill_chain("refresh", commands(faulty)["refresh"], faulty, kills=kills, seed=seed, **ref_run,
                              same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
                              reset=back_to_round_0))
     return chains
@@ -199,11 +212,10 @@ def test_readers_never_see_a_round_being_written(tmp_path):
 
 
 def _table(chains: list[Chain]) -> str:
-    lines = ["| command | SIGKILLs | last file written before the kill | runs finished and compared | "
+    lines = ["| command | SIGKILLs | finished rollout+vector shards at each kill | runs finished and compared | "
              "finished shards redone | outcome |", "| --- | ---: | --- | ---: | ---: | --- |"]
     for c in chains:
-        stages = ", ".join(f"{s} x{c.killed_in.count(s)}" for s in dict.fromkeys(c.killed_in))
-        lines.append(f"| `{c.command}` | {c.kills} | {stages} | {c.completions} | {c.shards_redone} | "
+        lines.append(f"| `{c.command}` | {c.kills} | {', '.join(c.killed_at)} | {c.completions} | {c.shards_redone} | "
                      f"{'identical to the uninterrupted store' if c.identical else 'DIFFERENT'} |")
     return "\n".join(lines)
 
