@@ -77,15 +77,22 @@ def vectors_schema(dim: int, dtype: str = "float16") -> pa.Schema:
                       ("norm", pa.float64()), ("target_dot", pa.float64())])
 
 
-# How vector shards are written: without dictionary encoding or compression. Gradient entries
-# neither repeat nor compress, and Parquet tries a dictionary of every float16 before falling
-# back; written plainly, a 65,536 x 2,048 shard reads 5x faster (0.7 s instead of 3.9 s).
+# How vector shards are written: without dictionary encoding or compression, in row groups of
+# about 64 MiB. Gradient entries neither repeat nor compress, and Parquet tries a dictionary of
+# every float16 before falling back; written plainly, a 65,536 x 2,048 shard reads 5x faster
+# (0.7 s instead of 3.9 s). A reader decodes a whole row group at once: one per shard would be
+# 1 GiB at 8,192 dimensions.
 VECTOR_PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none"}
+VECTOR_ROW_GROUP_BYTES = 64 * 2**20
 
 
 def parquet_options(schema: pa.Schema) -> dict:
     """pyarrow.parquet.write_table options for a table of this schema."""
-    return VECTOR_PARQUET_OPTIONS if "vector" in schema.names else {}
+    if "vector" not in schema.names:
+        return {}
+    vector = schema.field("vector").type
+    row_bytes = vector.list_size * vector.value_type.bit_width // 8
+    return VECTOR_PARQUET_OPTIONS | {"row_group_size": max(1024, VECTOR_ROW_GROUP_BYTES // row_bytes)}
 
 
 # One row per round and offered problem (`refresh`): what each round scored and selected.
