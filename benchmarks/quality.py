@@ -61,17 +61,22 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
         store = open_store(work / "store")
         modes = VECTOR_FREE if feature == "exact" else MODES
         rows = [r for r in result.scores.to_pylist() if r["split"] == "train" and not r["zero_advantage"]]
-        for mode in modes:
+        # LESS-style --target max (best alignment with any one validation problem) needs the vectors.
+        selectors = [(m, "mean") for m in modes] + ([] if feature == "exact" else
+                                                    [("gradalign", "max"), ("reliable", "max")])
+        for mode, target in selectors:
             if feature != "projected" and mode in ("accgreedy", "band", "random"):
                 continue  # these ignore gradients: one feature is enough
-            cfg = SelectConfig(mode=mode, ratio=0.25, seed=seed, allow_fewer=True,
+            cfg = SelectConfig(mode=mode, ratio=0.25, seed=seed, allow_fewer=True, target=target,
                                band=(0.2, 0.8) if mode == "band" else (0.0, 1.0))
             chosen = select(store, cfg).problem_ids
-            scores = mode_scores(rows, SelectConfig(mode=mode, all=True), _features_dir(store), fetch=len(rows))
+            scores = mode_scores(rows, SelectConfig(mode=mode, all=True, target=target), _features_dir(store),
+                                 fetch=len(rows))
             good = [scores[r["problem_id"]] for r in rows if truth[r["problem_id"]]]
             bad = [scores[r["problem_id"]] for r in rows if not truth[r["problem_id"]]]
             share = sum(truth[p] for p in chosen) / max(len(chosen), 1)
-            results.append({"regime": regime, "seed": seed, "feature": feature, "mode": mode,
+            results.append({"regime": regime, "seed": seed, "feature": feature,
+                            "mode": mode if target == "mean" else f"{mode} --target max",
                             "good_share": share, "base_rate": base_rate, "auroc": auroc(good, bad),
                             "selected": len(chosen)})
     return results

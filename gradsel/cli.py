@@ -254,7 +254,7 @@ def select_cmd(
     balance: Annotated[Optional[str], typer.Option(help="Keep per-group quotas proportional to the pool, e.g. data_source.")] = None,
     balance_weights: Annotated[Optional[str], typer.Option(help="Quotas from weights instead of pool shares, e.g. 'gsm8k=0.7,math=0.3' (groups not named get none).")] = None,
     diverse: Annotated[Optional[float], typer.Option(help="MMR trade-off in (0, 1]: lower trades score for gradient diversity.")] = None,
-    target: Annotated[str, typer.Option(help="mean: the validation direction; max: best single validation problem (LESS-style).")] = "mean",
+    target: Annotated[str, typer.Option(help="mean: the validation direction; max: best single validation problem (LESS-style; for gradalign, reliable and simacc).")] = "mean",
     index: Annotated[str, typer.Option(help="FAISS index for the vector queries (learnalign, --target max): auto (flat up to 200k candidates, else ivfpq), flat, ivf or ivfpq. Saved in the store, rebuilt when stale.")] = "auto",
     fmt: FormatOpt = "verl",
     out: OutOpt = "-",

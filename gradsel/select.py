@@ -11,6 +11,8 @@ Modes (the paper's method and its baselines):
   reliable    gradalign minus 2 * (1 - judge_consistency): problems whose judge gave identical
               answers different rewards sink (gradsel's addition; docs/quality.md)
 Zero-advantage problems (every reward equal) carry no GRPO signal and are left out unless asked.
+`--target max` replaces the cosine of gradalign, simacc and reliable by the best cosine with any
+single validation problem (LESS-style), through the candidate FAISS index (gradsel.index).
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int
     """The ranking score of every candidate under cfg.mode (higher is better). Modes that query
     the candidate index need at least the `fetch` best of each query scored."""
     rng = random.Random(f"gradsel-select/{cfg.seed}")
-    if cfg.target == "max" and cfg.mode in ("gradalign", "simacc"):
+    if cfg.target == "max" and cfg.mode in ("gradalign", "simacc", "reliable"):
         # LESS-style: each candidate's best cosine with any single validation problem.
         _, val = load_vectors(directory, "val")
         best = _index_alignment(directory, cfg.index, val[np.linalg.norm(val, axis=1) > 0], fetch)

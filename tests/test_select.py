@@ -80,6 +80,7 @@ def test_every_mode_on_a_handmade_table(store):
     assert picks(store, all=True, top_k=None) == ["0", "1", "5", "2", "3"]
     assert picks(store, min_score=0.2, top_k=None, all=True) == ["0", "1", "5"]
     assert picks(store, target="max", top_k=1) == ["3"]  # the only candidate along the val problem's vector
+    assert picks(store, mode="reliable", target="max", top_k=2) == ["3", "1"]  # 1, 2, 5 tie at 0 (ids break it); 0 sinks: its judge is unreliable
     assert picks(store, diverse=0.5, top_k=2) == ["0", "2"]  # 1 duplicates 0; 2 is orthogonal to it
     assert sorted(picks(store, balance="data_source", top_k=2)) == ["0", "5"]  # one from each source
 
