@@ -2,7 +2,8 @@
 # A separate environment with the peer, EleutherAI's bergson 2.5.1, for benchmarks/score.py arm (v).
 # bergson is installed without its dependencies, then with its requirements except torchvision,
 # torchaudio and bitsandbytes, which its `build` path never imports (and whose PyPI builds do not
-# load beside the CPU torch); pip then reports them as missing, which is expected. Usage: bash benchmarks/make_bergson_env.sh [DIR]  (default .bench-envs/bergson)
+# load beside the CPU torch); pip then reports them as missing, which is expected.
+# Usage: bash benchmarks/make_bergson_env.sh [DIR]   (default .bench-envs/bergson)
 set -euo pipefail
 dir="${1:-.bench-envs/bergson}"
 python3 -m venv "$dir"
