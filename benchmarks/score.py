@@ -65,6 +65,14 @@ def make_groups(n_problems: int, k: int, prompt_len: int, response_len: int, voc
     return groups
 
 
+def workload(model_name: str, n_problems: int, k: int):
+    """(model, rollout groups, token count): the same for every arm."""
+    model = build_model(model_name)
+    lengths = (8, 8) if model_name == "tiny" else (32, 96)
+    groups = make_groups(n_problems, k, *lengths, model.config.vocab_size)
+    return model, groups, sum(len(p) + len(r) for g in groups for p, r in zip(g.prompt_ids, g.response_ids))
+
+
 def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int) -> dict:
     import torch
 
@@ -72,11 +80,7 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
                                    head_features, make_spec, pack_batches, projected_features, target_gradient)
 
     torch.manual_seed(0)
-    model = build_model(model_name)
-    vocab = model.config.vocab_size
-    lengths = (8, 8) if model_name == "tiny" else (32, 96)
-    groups = make_groups(n_problems, k, *lengths, vocab)
-    n_tokens = sum(len(p) + len(r) for g in groups for p, r in zip(g.prompt_ids, g.response_ids))
+    model, groups, n_tokens = workload(model_name, n_problems, k)
     spec = make_spec(model, feature="head" if arm == "head" else "projected", modules=None, sketch=(16, 16),
                      seed=0, dtype="float32")
     target = None
@@ -119,13 +123,9 @@ def run_bergson(python: str, model_name: str, n_problems: int, k: int, repeats: 
     """Time `bergson build` on one and on five copies of the rollouts, each in a fresh process."""
     from gradsel.models import load_tokenizer
 
-    model = build_model(model_name)
-    vocab = model.config.vocab_size
-    lengths = (8, 8) if model_name == "tiny" else (32, 96)
-    groups = make_groups(n_problems, k, *lengths, vocab)
+    model, groups, n_tokens = workload(model_name, n_problems, k)
     rows = [{"problem_id": g.problem_id, "input_ids": p + r, "labels": [-100] * len(p) + r, "reward": reward}
             for g in groups for p, r, reward in zip(g.prompt_ids, g.response_ids, g.rewards)]
-    n_tokens = sum(len(row["input_ids"]) for row in rows)
     work = Path(tempfile.mkdtemp(prefix="gradsel-bergson-"))
     # bergson refuses a token batch above the model's context (64 for tiny-arith). The longest
     # sequence here is far shorter, and a larger RoPE context computes the same, so raise it.

@@ -287,7 +287,8 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
             x_held = x if target is not None else None
 
             def grad_hook(grad):
-                d_proj = (grad.float() @ r_out) * real  # (B, T, blocks * k_out)
+                grad = grad.float()  # a no-op in float32; one copy in bfloat16, shared by both uses
+                d_proj = (grad @ r_out) * real  # (B, T, blocks * k_out)
                 B, T = d_proj.shape[:2]
                 # Sum over a row's tokens inside the batched matmul: (B, blocks, k_out, k_in).
                 per_row = torch.einsum("rtbo,rtbi->rboi", d_proj.reshape(B, T, blocks, -1),
@@ -295,7 +296,7 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
                 acc[:, m_idx].index_add_(0, row_slot, per_row.reshape(B, -1))
                 if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
                     gx = x_held.float() @ target[m_idx].T  # (B, T, d_out)
-                    dots.index_add_(0, row_slot, ((grad.float() * gx).sum(-1) * real[..., 0]).sum(-1).double())
+                    dots.index_add_(0, row_slot, ((grad * gx).sum(-1) * real[..., 0]).sum(-1).double())
 
             output.register_hook(grad_hook)
 

@@ -2,8 +2,8 @@
 
 The Parquet shards are the record; the index is derived from them, never the other way round. It
 is saved beside them (features/<id>/index/) with a marker that names the shards' checksums, and
-rebuilt when they change. Vectors are read shard by shard, so no float32 copy of a whole pool is
-ever held unless the index itself is flat.
+rebuilt when they change. Vectors are read 16,384 rows at a time, so no float32 copy of a whole
+pool is ever held unless the index itself is flat.
 
 Kinds (`gradsel select --index`):
   flat   exact inner products of unit vectors (cosine); float32, twice the float16 vectors
@@ -54,6 +54,13 @@ def read_ids(directory: Path, split: str) -> list[str]:
 
     return [pid for s in vector_shards(directory, split)
             for pid in pq.read_table(s, columns=["problem_id"]).column("problem_id").to_pylist()]
+
+
+def vector_dim(directory: Path, split: str) -> int:
+    """The vector width, from the first shard's schema (no data is read)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(vector_shards(directory, split)[0]).field("vector").type.list_size
 
 
 def iter_vectors(directory: Path, split: str, rows: int = 16384) -> Iterator[np.ndarray]:
@@ -157,8 +164,7 @@ def open_index(directory: Path, split: str = "train", kind: str = "auto"):
     """The split's FAISS index: loaded when saved from the current shards, else built and saved."""
     faiss = faiss_module()
     ids = read_ids(directory, split)
-    first = next(iter_vectors(directory, split))
-    params = index_params(resolve_kind(kind, len(ids)), len(ids), first.shape[1])
+    params = index_params(resolve_kind(kind, len(ids)), len(ids), vector_dim(directory, split))
     params |= {"fingerprint": vectors_fingerprint(directory, split), "version": INDEX_VERSION}
     path = directory / "index" / f"{split}.{params['kind']}.faiss"
     marker = path.with_name(path.name + ".json")
