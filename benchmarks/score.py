@@ -4,8 +4,10 @@
 
 Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
   (i)   train:     a plain training forward and backward pass with parameter gradients
-  (ii)  projected: gradsel's hooked pass (16x16 sketch, exact alignment against a validation gradient)
-  (ii') sketch:    the hooked pass without the exact alignment
+  (ii)  projected: gradsel's default hooked pass (16x16 sketch, alignment against the validation
+                   gradient truncated by SVD, `--alignment lowrank`)
+  (ii') exact-align: the same pass aligned against the full validation gradient (`--alignment exact`)
+  (ii'') sketch:   the hooked pass without the alignment (`--alignment sketch`)
   (iii) head:      the output-layer feature, forward only
   (iv)  exact:     full parameter gradients, one backward pass per problem
   (v)   bergson:   the peer, EleutherAI's bergson 2.5.1 `bergson build --reward_column` (Dr. GRPO
@@ -30,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("train", "projected", "sketch", "head", "exact")
+ARMS = ("train", "projected", "exact-align", "sketch", "head", "exact")
 
 
 def build_model(name: str):
@@ -77,17 +79,24 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
     import torch
 
     from gradsel.gradients import (_batch_tensors, _weighted_nll, exact_parameters, exact_problem_gradient,
-                                   head_features, make_spec, pack_batches, projected_features, target_gradient)
+                                   head_features, low_rank_target, make_spec, pack_batches, projected_features,
+                                   target_gradient)
 
     torch.manual_seed(0)
     model, groups, n_tokens = workload(model_name, n_problems, k)
     spec = make_spec(model, feature="head" if arm == "head" else "projected", modules=None, sketch=(16, 16),
                      seed=0, dtype="float32")
-    target = None
-    if arm == "projected":
+    target, extra = None, {}
+    if arm in ("projected", "exact-align"):
         # the same packing budget as the pass itself, as `gradsel score` does
         target = target_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0,
                                  max_tokens=budget)
+        if arm == "projected":
+            full = sum(t.numel() for t in target)
+            target = low_rank_target(target)
+            # multiply-adds per token of the alignment: r (d_out + d_in) per truncated module
+            extra["alignment_cost"] = sum(t.numel() if isinstance(t, torch.Tensor) else
+                                          t.out_factor.numel() + t.in_factor.numel() for t in target) / full
 
     def once():
         if arm == "train":
@@ -97,7 +106,7 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
             for batch in pack_batches(groups, "seq-mean-token-mean", budget):
                 ids, mask, weights, _ = _batch_tensors(batch, 0, "cpu")
                 _weighted_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, weights).backward()
-        elif arm in ("projected", "sketch"):
+        elif arm in ("projected", "exact-align", "sketch"):
             projected_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
                                target=target)
         elif arm == "head":
@@ -116,7 +125,7 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
     median = statistics.median(times)
     return {"arm": arm, "tokens": n_tokens, "median_s": median, "tokens_per_s": n_tokens / median,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in model.parameters())} | extra
 
 
 def run_bergson(python: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int) -> dict:
@@ -191,11 +200,14 @@ def main() -> None:
     tps = {a: r["tokens_per_s"] for a, r in results.items()}
     print()
     print(f"projected / train throughput: {tps['projected'] / tps['train']:.2f} (target >= 1.0)")
+    print(f"low-rank alignment cost: {results['projected']['alignment_cost']:.3f} of the exact alignment's multiply-adds")
+    print(f"exact-align / train throughput: {tps['exact-align'] / tps['train']:.2f}")
     print(f"sketch-only / train throughput: {tps['sketch'] / tps['train']:.2f}")
     print(f"projected / exact throughput: {tps['projected'] / tps['exact']:.2f} (target >= 20)")
     print(f"head / projected throughput: {tps['head'] / tps['projected']:.2f} (target >= 2)")
     if "bergson" in tps:
         print(f"projected / bergson throughput: {tps['projected'] / tps['bergson']:.2f} (target >= 1.0)")
+        print(f"exact-align / bergson throughput: {tps['exact-align'] / tps['bergson']:.2f}")
         print(f"sketch-only / bergson throughput: {tps['sketch'] / tps['bergson']:.2f}")
     print(f"projected / train peak RSS: {results['projected']['peak_rss_mib'] / results['train']['peak_rss_mib']:.2f} (target <= 1.2)")
 

@@ -19,7 +19,10 @@ from gradsel.select import SelectConfig, select, write_selection
 from gradsel.store import open_store
 from gradsel.tasks import write_regime
 
-DEMO_MODES = ("gradalign", "reliable", "accgreedy", "random")
+# The paper's method as published (cosine with the validation set's gradient), gradsel's default,
+# and the two baselines whose failure the paper reports.
+DEMO_SELECTORS = {"gradalign": {"mode": "gradalign", "target": "mean"}, "reliable": {}, "accgreedy": {"mode": "accgreedy"},
+                  "random": {"mode": "random"}}
 
 
 def spearman(a, b) -> float:
@@ -47,8 +50,8 @@ def run_demo(out: Path, *, model: str, size: int, n: int, engine: str, seed: int
     truth = {p.problem_id: bool(p.extra_info.get("corrupted")) for p in read_problems(pool_path).problems}
     store = open_store(store_dir)
     results = {}
-    for mode in DEMO_MODES:
-        cfg = SelectConfig(mode=mode, ratio=ratio, seed=seed, allow_fewer=True)
+    for mode, options in DEMO_SELECTORS.items():
+        cfg = SelectConfig(ratio=ratio, seed=seed, allow_fewer=True, **options)
         selection = select(store, cfg)
         path = out / "selections" / f"{mode}.parquet"
         write_selection(store, selection, fmt="verl", out=str(path), annotate=False, force=True)

@@ -26,11 +26,11 @@ from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.rewards import judge_consistency
 from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, ProjectorSpec, exact_parameters, exact_problem_gradient,
-                               groups_from_table, head_features, make_spec, projected_features, target_gradient,
-                               zero_validation_gradient)
+                               groups_from_table, head_features, low_rank_target, make_spec, projected_features,
+                               target_gradient, zero_validation_gradient)
 
 VAL_AGGS = ("batch", "mean-normalized")
-ALIGNMENTS = ("exact", "sketch")
+ALIGNMENTS = ("lowrank", "exact", "sketch")
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,10 @@ class ScoreConfig:
     seed: int = 0
     vector_dtype: str = "float16"
     shard_size: int = 256  # problems per feature shard
-    # exact: <g_p, g_V> computed exactly in the hooked pass against the full validation gradient
-    # (projected feature only); sketch: from the projected vectors alone.
-    alignment: str = "exact"
+    # <g_p, g_V> in the hooked pass (projected feature only): exact, against the full validation
+    # gradient; lowrank, against its SVD truncation (gradients.low_rank_target); sketch: from the
+    # projected vectors alone.
+    alignment: str = "lowrank"
 
     def validate(self) -> None:
         for value, allowed, flag in ((self.adv, ADVANTAGES, "--adv"), (self.loss_agg, LOSS_AGGS, "--loss-agg"),
@@ -108,6 +109,8 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
     from gradsel.store import check_stage_key, mark_stage_complete, stable_key, stage_complete
 
     cfg.validate()
+    if cfg.feature != "projected":  # --alignment applies to the projected feature; record what the others do
+        cfg = replace(cfg, alignment="exact" if cfg.feature == "exact" else "sketch")
     device = resolve_device(cfg.device)
     if cfg.max_tokens_per_batch is None:
         # On the CPU, small packed batches are several times faster (cache-resident activations
@@ -142,12 +145,14 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
         cos = _safe_div(dots, norms_train)
         val_dots = np.zeros(len(val_groups))
         val_cos = np.zeros(len(val_groups))
-    elif cfg.alignment == "exact" and cfg.feature == "projected":
-        # Vectors from the sketch (for the index); alignment exact against the full g_V.
+    elif cfg.alignment in ("exact", "lowrank") and cfg.feature == "projected":
+        # Vectors from the sketch (for the index); alignment against the full g_V or its truncation.
         _, norms_val, _ = _feature_split(stage / "val", model, val_groups, spec, cfg, pad_id, device, "val")
         scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
         target = target_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=pad_id,
                                  device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales)
+        if cfg.alignment == "lowrank":
+            target = low_rank_target(target)
         _, norms_train, dots = _feature_split(stage / "train", model, train_groups, spec, cfg, pad_id, device,
                                               "train", target=target)
         _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=pad_id,

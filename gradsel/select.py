@@ -1,25 +1,27 @@
 """Selection: rank the scored candidates by a mode, filter, and emit the original rows.
 
-Modes (the paper's method and its baselines):
-  gradalign   cosine with the validation gradient (default)
+Modes (the paper's method, its baselines, and gradsel's default):
+  reliable    gradalign minus 2 * (1 - judge_consistency): problems whose judge gave identical
+              answers different rewards sink (the default; docs/quality.md)
+  gradalign   cosine with the validation gradient (the paper's method)
   dot         inner product with the validation gradient
   accgreedy   pass rate closest to 0.5 first
   band        pass rate in [lo, hi], in seeded random order
   simacc      cosine * 4 * acc * (1 - acc)
   learnalign  cosine with the mean candidate gradient (no validation set)
   random      seeded random order
-  reliable    gradalign minus 2 * (1 - judge_consistency): problems whose judge gave identical
-              answers different rewards sink (gradsel's addition; docs/quality.md)
 Zero-advantage problems (every reward equal) carry no GRPO signal and are left out unless asked.
 `--target max` replaces the cosine of gradalign, simacc and reliable by the best cosine with any
 single validation problem (LESS-style), through the candidate FAISS index (gradsel.index).
+`--target auto` (the default) means max where the store holds gradient vectors, and mean (the
+cosine with the validation set's gradient) for the `exact` feature, which stores none.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +30,15 @@ from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.index import best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind, take_vectors
 
-MODES = ("gradalign", "dot", "accgreedy", "band", "simacc", "learnalign", "random", "reliable")
+MODES = ("reliable", "gradalign", "dot", "accgreedy", "band", "simacc", "learnalign", "random")
 FORMATS = ("verl", "jsonl", "openrlhf", "ids")
+TARGETS = ("auto", "mean", "max")
+VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
 
 
 @dataclass(frozen=True)
 class SelectConfig:
-    mode: str = "gradalign"
+    mode: str = "reliable"
     top_k: int | None = None
     ratio: float | None = None
     all: bool = False
@@ -44,7 +48,7 @@ class SelectConfig:
     balance: str | None = None  # a column of the scores table, e.g. data_source
     balance_weights: tuple[tuple[str, float], ...] | None = None  # group -> weight; None: pool shares
     diverse: float | None = None  # MMR trade-off in (0, 1]; 1 = score only
-    target: str = "mean"  # mean: the validation direction; max: best single validation problem
+    target: str = "auto"  # mean: the validation direction; max: best single validation problem; auto: max if vectors
     index: str = "auto"  # the FAISS index over the candidate vectors (gradsel.index)
     seed: int = 0
     allow_fewer: bool = False
@@ -63,8 +67,8 @@ class SelectConfig:
             raise GradselError(f"--band {lo},{hi} is outside [0, 1] or reversed", "for example --band 0.2,0.8")
         if self.diverse is not None and not 0 < self.diverse <= 1:
             raise GradselError(f"--diverse must be in (0, 1], got {self.diverse}", "1 ranks by score alone; 0.7 is a common trade-off")
-        if self.target not in ("mean", "max"):
-            raise GradselError(f"unknown --target {self.target!r}", "use mean or max")
+        if self.target not in TARGETS:
+            raise GradselError(f"unknown --target {self.target!r}", f"use {', '.join(TARGETS)}")
         resolve_kind(self.index, 0)
         if self.balance_weights is not None:
             if not self.balance:
@@ -129,7 +133,7 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int
     """The ranking score of every candidate under cfg.mode (higher is better). Modes that query
     the candidate index need at least the `fetch` best of each query scored."""
     rng = random.Random(f"gradsel-select/{cfg.seed}")
-    if cfg.target == "max" and cfg.mode in ("gradalign", "simacc", "reliable"):
+    if cfg.target == "max" and cfg.mode in VALIDATION_MODES:
         # LESS-style: each candidate's best cosine with any single validation problem.
         _, val = load_vectors(directory, "val")
         best = _index_alignment(directory, cfg.index, val[np.linalg.norm(val, axis=1) > 0], fetch)
@@ -155,6 +159,17 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int
         found = _index_alignment(directory, cfg.index, mean_direction(directory, "train")[None], fetch)
         return {r["problem_id"]: found[r["problem_id"]] for r in rows}
     raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
+
+
+def resolve_target(target: str, feature: str) -> str:
+    """`auto` is max (LESS-style, the better selector in every regime of docs/quality.md) where
+    the store holds gradient vectors; the exact feature stores none, so there it is mean."""
+    if feature == "exact":
+        if target == "max":
+            raise GradselError("--target max needs gradient vectors, and the exact feature stores none",
+                               "use --target mean, or select from a projected or head store")
+        return "mean"
+    return "max" if target == "auto" else target
 
 
 def _consistency(row: dict) -> float:
@@ -189,7 +204,8 @@ def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, direct
 
 def select(store, cfg: SelectConfig) -> Selection:
     cfg.validate()
-    _, rows, directory = load_scores(store)
+    manifest, rows, directory = load_scores(store)
+    cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"]))
     candidates = [r for r in rows if r["split"] == "train"]
     eligible = [r for r in candidates if cfg.include_zero_advantage or not r["zero_advantage"]]
     if cfg.mode == "band":

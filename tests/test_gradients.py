@@ -133,6 +133,32 @@ def test_unsupported_module_type_is_refused_not_skipped():
         make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
 
 
+def test_fused_moe_experts_are_refused_not_skipped():
+    """transformers 5 keeps MoE experts as 3-D parameters of a module with children: they must be
+    refused even when --modules steers around the router, and attention alone still works."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from gradsel.errors import GradselError
+
+    common = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(transformers.MixtralConfig(**common, num_local_experts=4,
+                                                                        num_experts_per_tok=2))
+    kw = dict(feature="projected", sketch=(4, 4), seed=0, dtype="float32")
+    with pytest.raises(GradselError, match="mlp.gate .*Router.*mlp.experts .*MixtralExperts"):
+        make_spec(model, modules=None, **kw)
+    with pytest.raises(GradselError, match=r"mlp.experts \(MixtralExperts\)"):
+        make_spec(model, modules=r"\.layers\.\d+\.(self_attn|mlp\.experts)", **kw)
+    spec = make_spec(model, modules=r"\.layers\.\d+\.self_attn\.", **kw)
+    assert len(spec.modules) == 2 * 4
+    groups = toy_groups(seed=2, n_problems=3, vocab=32)
+    feats = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=40)
+    for i, g in enumerate(groups):
+        oracle = exact_projected(model, g, spec)
+        np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * max(np.abs(oracle).max(), 1e-12))
+
+
 def test_same_seed_same_vectors_other_seed_other_vectors():
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=4)
@@ -157,6 +183,33 @@ def test_exact_alignment_in_the_hooked_pass_equals_full_gradient_dot():
     for g, d in zip(groups, dots):
         exact = float(exact_problem_gradient(model, g, params, loss_agg=LOSS_AGG, pad_id=0).double() @ flat_target)
         assert d == pytest.approx(exact, rel=1e-4, abs=1e-9)
+
+
+def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
+    """The factors ride along with the projections: the dots equal the exact hooked pass run
+    against the truncated matrices, and the truncation keeps all but 5% of each module's norm."""
+    from gradsel.gradients import LOW_RANK_RESIDUAL, LowRank, low_rank_target, target_gradient
+
+    model = load_causal_lm("tiny-arith")
+    groups = toy_groups(seed=5)
+    spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
+    target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
+    low = low_rank_target(target)
+    assert any(isinstance(t, LowRank) for t in low)
+    dense = []
+    for t, lr in zip(target, low):
+        if isinstance(lr, LowRank):
+            dense.append(lr.out_factor @ lr.in_factor.T)
+            assert float((t - dense[-1]).norm()) <= LOW_RANK_RESIDUAL * float(t.norm()) * (1 + 1e-5)
+            assert lr.out_factor.shape[1] * sum(t.shape) < t.numel()  # cheaper than the full matrix
+        else:
+            dense.append(lr)
+    kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
+    feats_low, dots_low = projected_features(model, groups, spec, target=low, **kw)
+    feats_dense, dots_dense = projected_features(model, groups, spec, target=dense, **kw)
+    np.testing.assert_allclose(dots_low, dots_dense, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(feats_low, feats_dense, rtol=1e-4, atol=1e-5)  # the same sketch, in a wider matmul
+    assert np.count_nonzero(dots_low) == sum(not g.zero_advantage for g in groups)
 
 
 def test_weighted_nll_is_the_shifted_token_loss():

@@ -40,7 +40,7 @@ def feature_tables(store):
 def test_scores_table_and_fidelity_against_exact(scored):
     root, _ = scored
     tables = feature_tables(root / "store")
-    _, projected = tables[("projected", "exact")]
+    _, projected = tables[("projected", "lowrank")]  # the default
     _, exact = tables[("exact", "exact")]
     assert projected.schema.equals(SCORES)
     p_rows = [r for r in projected.to_pylist() if r["split"] == "train"]
@@ -74,7 +74,7 @@ def test_zero_advantage_vectors_are_exactly_zero(scored):
 
 def test_rescoring_is_deterministic_and_resumes(scored, tmp_path):
     root, common = scored
-    d, before = feature_tables(root / "store")[("projected", "exact")]
+    d, before = feature_tables(root / "store")[("projected", "lowrank")]
     (d / "stage.json").unlink()
     (d / "train/shard-00000.parquet").write_bytes(b"damaged")
     run_cli("score", *common)

@@ -67,22 +67,25 @@ def picks(store, **kw):
 
 
 def test_every_mode_on_a_handmade_table(store):
-    assert picks(store) == ["0", "1", "5"]  # gradalign: cosine
+    assert picks(store, mode="gradalign", target="mean") == ["0", "1", "5"]  # the paper's cosine
     assert picks(store, mode="dot") == ["1", "5", "0"]
     assert picks(store, mode="accgreedy") == ["1", "3", "0"]  # |pass - 0.5|: 0, 0.125, 0.25 (tie with 2 by id)
-    assert picks(store, mode="simacc") == ["1", "0", "5"]  # cos*4p(1-p): 0.8, 0.675, 0.131
+    assert picks(store, mode="simacc", target="mean") == ["1", "0", "5"]  # cos*4p(1-p): 0.8, 0.675, 0.131
     assert picks(store, mode="learnalign") == ["5", "0", "1"]  # mean direction (2.6, 1.8, 1, 0)/5
-    assert picks(store, mode="reliable") == ["1", "5", "2"]  # 0's judge contradicted itself
+    assert picks(store, mode="reliable", target="mean") == ["1", "5", "2"]  # 0's judge contradicted itself
     assert sorted(picks(store, mode="band", band=(0.3, 0.8), top_k=3)) == ["1", "2", "3"]
     assert picks(store, mode="random", seed=1) == picks(store, mode="random", seed=1)
     assert "4" not in picks(store, mode="random", all=True, top_k=None)  # zero advantage excluded
     assert "4" in picks(store, mode="random", all=True, top_k=None, include_zero_advantage=True)
-    assert picks(store, all=True, top_k=None) == ["0", "1", "5", "2", "3"]
-    assert picks(store, min_score=0.2, top_k=None, all=True) == ["0", "1", "5"]
-    assert picks(store, target="max", top_k=1) == ["3"]  # the only candidate along the val problem's vector
-    assert picks(store, mode="reliable", target="max", top_k=2) == ["3", "1"]  # 1, 2, 5 tie at 0 (ids break it); 0 sinks: its judge is unreliable
-    assert picks(store, diverse=0.5, top_k=2) == ["0", "2"]  # 1 duplicates 0; 2 is orthogonal to it
-    assert sorted(picks(store, balance="data_source", top_k=2)) == ["0", "5"]  # one from each source
+    cosine = dict(mode="gradalign", target="mean")
+    assert picks(store, **cosine, all=True, top_k=None) == ["0", "1", "5", "2", "3"]
+    assert picks(store, **cosine, min_score=0.2, top_k=None, all=True) == ["0", "1", "5"]
+    assert picks(store, mode="gradalign", target="max", top_k=1) == ["3"]  # the only candidate along the val problem's vector
+    # The default: reliable, aligned with the best single validation problem (vectors are stored).
+    # 1, 2, 5 tie at 0 (ids break it); 0 sinks: its judge is unreliable.
+    assert picks(store, top_k=2) == picks(store, mode="reliable", target="max", top_k=2) == ["3", "1"]
+    assert picks(store, **cosine, diverse=0.5, top_k=2) == ["0", "2"]  # 1 duplicates 0; 2 is orthogonal to it
+    assert sorted(picks(store, **cosine, balance="data_source", top_k=2)) == ["0", "5"]  # one from each source
 
 
 def test_refusals(store):
@@ -103,14 +106,15 @@ def test_refusals(store):
 def test_output_rows_equal_input_rows(store, tmp_path):
     pool_lines = (tmp_path / "pool.jsonl").read_bytes().splitlines()
     run_cli("select", "--store", str(store.root), "--top-k", "3", "--format", "jsonl", "--out", str(tmp_path / "o.jsonl"))
-    assert (tmp_path / "o.jsonl").read_bytes().splitlines() == [pool_lines[0], pool_lines[1], pool_lines[5]]
+    # The default (reliable, best single validation problem): 3, then 1, 2 and 5 tie at 0 (ids break it).
+    assert (tmp_path / "o.jsonl").read_bytes().splitlines() == [pool_lines[3], pool_lines[1], pool_lines[2]]
     meta = json.loads((tmp_path / "o.jsonl.gradsel.json").read_text())
-    assert meta["selected"] == 3 and meta["mode"] == "gradalign"
+    assert meta["selected"] == 3 and meta["mode"] == "reliable" and meta["config"]["target"] == "max"
     proc = run_cli("select", "--store", str(store.root), "--top-k", "3", "--format", "jsonl",
                    "--out", str(tmp_path / "o.jsonl"), check=False)
     assert proc.returncode == 2 and "exists" in proc.stderr
-    for fmt, check in (("ids", lambda b: b.decode().split() == ["0", "1", "5"]),
-                       ("openrlhf", lambda b: json.loads(b.splitlines()[0]) == {"input": [{"role": "user", "content": "0+1="}], "label": "1"})):
+    for fmt, check in (("ids", lambda b: b.decode().split() == ["3", "1", "2"]),
+                       ("openrlhf", lambda b: json.loads(b.splitlines()[0]) == {"input": [{"role": "user", "content": "3+1="}], "label": "4"})):
         assert check(run_cli("select", "--store", str(store.root), "--top-k", "3", "--format", fmt).stdout.encode())
 
 
@@ -142,7 +146,7 @@ def test_pipe_into_another_process(store):
     out = subprocess.run([sys.executable, "-c", reader], stdin=producer.stdout, capture_output=True, text=True)
     producer.stdout.close()
     assert producer.wait() == 0
-    assert out.stdout.split() == ["2", "0"]
+    assert out.stdout.split() == ["2", "3"]
 
 
 def test_missing_store_and_missing_scores(tmp_path):
@@ -162,8 +166,18 @@ def test_demo_gradalign_beats_random_on_the_noisy_pool(tmp_path):
     assert result["projected_vs_exact_spearman"] > 0.8
 
 
+def test_default_target_is_mean_where_the_store_holds_no_vectors(store):
+    exact = {**SPEC, "feature": "exact"}
+    atomic_write_json(store.root / "features/f0/spec.json", {"projector": exact})
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    atomic_write_json(store.root / "manifest.json", {**manifest, "projector": exact})
+    assert picks(store) == picks(store, mode="reliable", target="mean") == ["1", "5", "2"]
+    with pytest.raises(GradselError, match="--target max needs gradient vectors"):
+        picks(store, target="max")
+
+
 def test_balance_weights(store):
-    weighted = dict(mode="gradalign", balance="data_source", top_k=4)
+    weighted = dict(mode="gradalign", target="mean", balance="data_source", top_k=4)
     assert picks(store, **weighted, balance_weights=(("a", 1.0), ("b", 3.0))) == ["0", "5", "2", "3"]
     # a has only 2 eligible problems: its unmet quota goes to b
     assert picks(store, **weighted, balance_weights=(("a", 10.0), ("b", 1.0))) == ["0", "1", "5", "2"]
@@ -177,7 +191,7 @@ def test_balance_weights(store):
 @pytest.mark.parametrize("kind", ["flat", "ivf"])  # ivfpq's codes are too coarse for 6 points: see below
 def test_every_index_kind_selects_on_the_handmade_store(store, kind):
     assert picks(store, mode="learnalign", index=kind) == ["5", "0", "1"]
-    assert picks(store, target="max", top_k=1, index=kind) == ["3"]
+    assert picks(store, mode="gradalign", target="max", top_k=1, index=kind) == ["3"]
     assert (store.root / f"features/f0/index/train.{kind}.faiss").is_file()  # saved beside the vectors
 
 
