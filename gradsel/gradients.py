@@ -261,6 +261,45 @@ def _weighted_nll(logits, ids, weights):
     return (nll * weights.reshape(-1)).sum()
 
 
+@contextmanager
+def _output_layer_sees(model, rows, cols, captured: dict | None = None):
+    """Feed the output layer only the hidden states at (rows, cols): (B, T, d) -> (1, N, d).
+    The model's own code after the layer (logit soft-capping, say) still runs."""
+    def gather(module, args):
+        h = args[0][rows, cols].unsqueeze(0)
+        if captured is not None:
+            captured["h"] = h
+        return (h, *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def policy_loss(model, ids, mask, weights, *, all_logits: bool = False):
+    """sum_t w_t * nll(ids[t+1] | ids[:t+1]) over a packed batch, in float32.
+
+    Only positions with a non-zero weight (response tokens) reach the output layer. Prompt and
+    padding positions get no loss weight, so their logits (and the softmax over the vocabulary)
+    never reach a gradient: every gradient is unchanged, and the output layer and the loss do
+    N/(B T) of the work. `all_logits` keeps every position, for when the output layer is hooked.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if all_logits:
+        return _weighted_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, weights)
+    rows, cols = torch.nonzero(weights, as_tuple=True)  # the last position of a row never has weight
+    with _output_layer_sees(model, rows, cols):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    if logits.shape[:2] != (1, rows.numel()):  # a model that bypasses its output module's forward
+        return _weighted_nll(logits, ids, weights)
+    nll = F.cross_entropy(logits[0].float(), ids[rows, cols + 1], reduction="none")
+    return (nll * weights[rows, cols]).sum()
+
+
 # -- projected feature from hooks -----------------------------------------------------------------
 
 @contextmanager
@@ -276,7 +315,7 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
 
     def make_hook(m_idx, r_in, r_out):
         low_rank = target[m_idx] if target is not None and isinstance(target[m_idx], LowRank) else None
-        k_in = r_in.shape[1]
+        k_in, k_out = r_in.shape[1], r_out.shape[1]  # blocks * k_in, blocks * k_out
         if low_rank is not None:  # (d_in, blocks k_in + r) and (d_out, blocks k_out + r)
             r_in = torch.cat([r_in, low_rank.in_factor], dim=1)
             r_out = torch.cat([r_out, low_rank.out_factor], dim=1)
@@ -303,8 +342,7 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
                 grad = grad.float()  # a no-op in float32; one copy in bfloat16, shared by both uses
                 d_proj = (grad @ r_out) * real  # (B, T, blocks * k_out [+ r])
                 if x_low is not None:  # (B^T delta_t) . (A^T x_t), summed over each row's tokens
-                    d_low = d_proj[..., d_proj.shape[-1] - x_low.shape[-1]:]
-                    d_proj = d_proj[..., :d_proj.shape[-1] - x_low.shape[-1]]
+                    d_proj, d_low = d_proj[..., :k_out], d_proj[..., k_out:]
                     dots.index_add_(0, row_slot, (d_low * x_low).sum((1, 2)).double())
                 B, T = d_proj.shape[:2]
                 # Sum over a row's tokens inside the batched matmul: (B, blocks, k_out, k_in).
@@ -349,12 +387,12 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
     slots_ref = [None]
     for p in model.parameters():
         p.requires_grad_(False)
+    head_hooked = any(m is model.get_output_embeddings() for _, m in mods)
     with _capture(model, mods, projections, acc, slots_ref, spec.blocks, target, dots):
         for batch in pack_batches(groups, loss_agg, max_tokens):
             ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
             slots_ref[0] = slots
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            _weighted_nll(logits, ids, weights).backward()
+            policy_loss(model, ids, mask, weights, all_logits=head_hooked).backward()
             if progress:
                 progress(len(batch), int(mask.sum()))
     features = acc.reshape(len(groups), -1).cpu().numpy()
@@ -430,25 +468,20 @@ def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec,
     head = dict(model.named_modules())[name]
     r_in, r_out = module_projections(spec, name, head.out_features, head.in_features, device)
     acc = torch.zeros((len(groups), spec.block_dim), dtype=torch.float32, device=device)
-    captured = {}
-    handle = head.register_forward_hook(lambda m, i, out: captured.__setitem__("h", i[0]))
-    try:
-        with torch.no_grad():
-            for batch in pack_batches(groups, loss_agg, max_tokens):
-                ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-                probs = torch.softmax(logits, dim=-1)
-                probs.scatter_add_(-1, ids[:, 1:].unsqueeze(-1), -torch.ones_like(ids[:, 1:].unsqueeze(-1), dtype=probs.dtype))
-                delta = probs * weights[:, :-1].unsqueeze(-1)  # d(sum w nll)/d logits
-                keep = (weights[:, :-1] != 0).reshape(-1)
-                h = captured["h"][:, :-1].float().reshape(-1, head.in_features)[keep] @ r_in
-                d = delta.reshape(-1, head.out_features)[keep] @ r_out
-                slot_ids = slots[:, :-1].reshape(-1)[keep]
-                acc.index_add_(0, slot_ids, block_outer(d, h, spec.blocks))
-                if progress:
-                    progress(len(batch), int(mask.sum()))
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        for batch in pack_batches(groups, loss_agg, max_tokens):
+            ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
+            rows, cols = torch.nonzero(weights, as_tuple=True)  # response positions only: (N,)
+            captured = {}
+            with _output_layer_sees(model, rows, cols, captured):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()  # (N, V)
+            probs = torch.softmax(logits, dim=-1)
+            probs[torch.arange(len(rows), device=probs.device), ids[rows, cols + 1]] -= 1
+            delta = probs * weights[rows, cols].unsqueeze(-1)  # d(sum w nll)/d logits
+            h = captured["h"][0].float() @ r_in
+            acc.index_add_(0, slots[rows, cols], block_outer(delta @ r_out, h, spec.blocks))
+            if progress:
+                progress(len(batch), int(mask.sum()))
     return acc.cpu().numpy()
 
 
@@ -474,8 +507,7 @@ def _parameter_gradients(model, groups: Sequence[ProblemRollouts], params, *, lo
     model.zero_grad(set_to_none=True)
     for batch in pack_batches(groups, loss_agg, max_tokens):
         ids, mask, weights, _ = _batch_tensors(batch, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        _weighted_nll(logits, ids, weights).backward()
+        policy_loss(model, ids, mask, weights).backward()
     grads = [p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
              for p in params]
     model.zero_grad(set_to_none=True)  # the returned tensors live on; the model holds no .grad

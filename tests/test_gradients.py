@@ -224,3 +224,25 @@ def test_weighted_nll_is_the_shifted_token_loss():
     logp = torch.log_softmax(logits, dim=-1)
     expected = sum(-w[b, t] * logp[b, t, ids[b, t + 1]] for b in range(3) for t in range(6))
     assert torch.allclose(_weighted_nll(logits, ids, w), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
+    """Gathering the response positions before the output layer changes no value and no gradient."""
+    from gradsel.gradients import _batch_tensors, _weighted_nll, pack_batches, policy_loss
+
+    model = load_causal_lm("tiny-arith")
+    batch = next(pack_batches(toy_groups(seed=3), LOSS_AGG, 200))
+    ids, mask, weights, _ = _batch_tensors(batch, 0, "cpu")
+    params = exact_parameters(model, [n for n, _ in model.named_parameters()])
+    results = []
+    for all_logits in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = policy_loss(model, ids, mask, weights, all_logits=all_logits)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    (gathered, g_grads), (full, f_grads) = results
+    assert torch.allclose(full, _weighted_nll(model(input_ids=ids, attention_mask=mask).logits, ids, weights))
+    assert 0 < int((weights != 0).sum()) < weights.numel()  # prompt and padding positions were left out
+    assert torch.allclose(gathered, full, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g_grads, f_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
