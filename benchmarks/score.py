@@ -13,8 +13,9 @@ Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
   (v)   bergson:   the peer, EleutherAI's bergson 2.5.1 `bergson build --reward_column` (Dr. GRPO
                    loss, per-module two-sided 16x16 projection) on the same model, tokens and rewards;
                    only with --bergson-python (make its environment with benchmarks/make_bergson_env.sh)
-Each arm runs in its own process (so peak RSS is its own), `--repeats` times after a warm-up;
-the median tokens/s and the process's peak RSS are printed, then the ratios. bergson is a CLI
+Each arm runs in its own process (so peak RSS is its own): a warm-up, then one timed run. The
+arms take turns for `--repeats` rounds, so the machine's slow spells fall on all of them; the
+median over rounds and the largest peak RSS are printed, then the ratios. bergson is a CLI
 that loads the model and data on every call, so its throughput is the marginal one: the extra
 tokens over the extra time of a run on five copies of the rollouts against a run on one copy.
 """
@@ -182,14 +183,24 @@ def main() -> None:
     if args.arm:
         print(json.dumps(run_arm(args.arm, *sizes)))
         return
+    # Interleaved rounds: every arm runs once per round (a fresh process, a warm-up, one timed
+    # run), so a slow spell of this shared machine hits every arm alike rather than one of them.
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for arm in ARMS + (("bergson",) if args.bergson_python else ()):
+            out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--problems",
+                                  str(args.problems), "--k", str(args.k), "--repeats", "1",
+                                  "--max-tokens-per-batch", str(args.max_tokens_per_batch)]
+                                 + (["--bergson-python", args.bergson_python] if args.bergson_python else []),
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"arm {arm} failed:\n{out.stderr[-4000:]}")
+            runs.setdefault(arm, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}
-    for arm in ARMS + (("bergson",) if args.bergson_python else ()):
-        out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--problems",
-                              str(args.problems), "--k", str(args.k), "--repeats", str(args.repeats),
-                              "--max-tokens-per-batch", str(args.max_tokens_per_batch)]
-                             + (["--bergson-python", args.bergson_python] if args.bergson_python else []),
-                             capture_output=True, text=True, check=True)
-        results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+    for arm, rs in runs.items():
+        median = statistics.median(r["median_s"] for r in rs)
+        results[arm] = rs[0] | {"median_s": median, "tokens_per_s": rs[0]["tokens"] / median,
+                                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
     r0 = results["train"]
     print(f"model {args.model} ({r0['parameters'] / 1e6:.1f}M parameters), {args.problems} problems x {args.k} "
           f"rollouts, {r0['tokens']} tokens, packing budget {args.max_tokens_per_batch} tokens, median of {args.repeats}\n")

@@ -24,6 +24,7 @@ import numpy as np
 
 from gradsel import console
 from gradsel.errors import GradselError
+from gradsel.store import shard_marker
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 AUTO_FLAT_MAX = 200_000  # a flat index of 200k x 2048 float32 is 1.6 GB; above that, compress
@@ -127,7 +128,7 @@ def vectors_fingerprint(directory: Path, split: str) -> str:
     """A digest of the shards' recorded checksums: it changes whenever any shard does."""
     h = hashlib.sha256()
     for shard in vector_shards(directory, split):
-        marker = shard.with_name(shard.name.replace(".parquet", ".done.json"))
+        marker = shard_marker(shard)
         h.update(shard.name.encode())
         h.update(marker.read_bytes() if marker.is_file() else str(shard.stat().st_mtime_ns).encode())
     return h.hexdigest()

@@ -102,8 +102,14 @@ def existing_store(path: str | Path) -> Store:
 
 # -- shards -----------------------------------------------------------------------------------
 
+def shard_marker(shard: Path) -> Path:
+    """The done-marker beside a shard: shard-00000.parquet -> shard-00000.done.json."""
+    return shard.with_name(shard.name.removesuffix(".parquet") + ".done.json")
+
+
 def _shard_paths(stage: Path, index: int) -> tuple[Path, Path]:
-    return stage / f"shard-{index:05d}.parquet", stage / f"shard-{index:05d}.done.json"
+    data = stage / f"shard-{index:05d}.parquet"
+    return data, shard_marker(data)
 
 
 def _file_sha256(path: Path) -> str:

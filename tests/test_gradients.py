@@ -64,6 +64,18 @@ def test_projection_from_hooks_equals_projected_exact_gradient(max_tokens, block
             np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * np.abs(oracle).max())
 
 
+@pytest.mark.parametrize("modules", [r"\.layers\.2\.mlp\.", r"\.layers\.[13]\.self_attn\.[qo]_proj"])
+def test_backward_that_starts_at_the_first_hooked_module_is_exact(modules):
+    """Nothing upstream of the hooked modules is differentiated; their deltas are unchanged."""
+    model = load_causal_lm("tiny-arith")
+    groups = toy_groups(seed=4)
+    spec = make_spec(model, feature="projected", modules=modules, sketch=(4, 4), seed=2, dtype="float32")
+    feats = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=40)
+    for i, g in enumerate(groups):
+        oracle = exact_projected(model, g, spec)
+        np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * max(np.abs(oracle).max(), 1e-12))
+
+
 def test_head_feature_equals_projected_lm_head_gradient():
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=1)
@@ -187,8 +199,10 @@ def test_exact_alignment_in_the_hooked_pass_equals_full_gradient_dot():
 
 def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
     """The factors ride along with the projections: the dots equal the exact hooked pass run
-    against the truncated matrices, and the truncation keeps all but 5% of each module's norm."""
-    from gradsel.gradients import LOW_RANK_RESIDUAL, LowRank, low_rank_target, target_gradient
+    against the truncated matrices, and the truncation keeps all but 5% of each module's norm,
+    unless that would cost more than LOW_RANK_MAX_COST of the full matrix."""
+    from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LowRank, low_rank_rank, low_rank_target,
+                                   target_gradient)
 
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=5)
@@ -200,8 +214,10 @@ def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
     for t, lr in zip(target, low):
         if isinstance(lr, LowRank):
             dense.append(lr.out_factor @ lr.in_factor.T)
-            assert float((t - dense[-1]).norm()) <= LOW_RANK_RESIDUAL * float(t.norm()) * (1 + 1e-5)
-            assert lr.out_factor.shape[1] * sum(t.shape) < t.numel()  # cheaper than the full matrix
+            rank = lr.out_factor.shape[1]
+            assert rank * sum(t.shape) <= LOW_RANK_MAX_COST * t.numel()  # the cost cap
+            assert (float((t - dense[-1]).norm()) <= LOW_RANK_RESIDUAL * float(t.norm()) * (1 + 1e-5)
+                    or rank == low_rank_rank(tuple(t.shape)))  # the residual rule, or capped
         else:
             dense.append(lr)
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
@@ -246,3 +262,17 @@ def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
     assert torch.allclose(gathered, full, rtol=1e-5, atol=1e-7)
     for a, b in zip(g_grads, f_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_low_rank_target_caps_the_rank_of_an_unstructured_gradient():
+    """A full-rank G_V would need nearly every singular value for a 5% residual; the cap keeps the
+    alignment's cost bounded and keeps the top of the spectrum, the best approximation of that rank."""
+    from gradsel.gradients import LOW_RANK_MAX_COST, low_rank_rank, low_rank_target
+
+    g = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    (low,) = low_rank_target([g])
+    rank = low.out_factor.shape[1]
+    assert rank == low_rank_rank((64, 48)) == int(LOW_RANK_MAX_COST * 64 * 48 / (64 + 48))
+    s = torch.linalg.svdvals(g.double())
+    residual = float((g.double() - low.out_factor.double() @ low.in_factor.double().T).norm())
+    assert residual == pytest.approx(float(s[rank:].norm()), rel=1e-4)  # Eckart-Young: the best rank-r fit
