@@ -64,7 +64,7 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
         rows = [r for r in result.scores.to_pylist() if r["split"] == "train" and not r["zero_advantage"]]
         # LESS-style --target max (best alignment with any one validation problem) needs the vectors.
         selectors = [(m, "mean") for m in modes] + ([] if feature == "exact" else
-                                                    [("gradalign", "max"), ("reliable", "max")])
+                                                    [(m, t) for t in ("max", "subspace") for m in ("gradalign", "reliable")])
         for mode, target in selectors:
             if feature != "projected" and mode in ("accgreedy", "band", "random"):
                 continue  # these ignore gradients: one feature is enough
@@ -77,7 +77,7 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
             bad = [scores[r["problem_id"]] for r in rows if not truth[r["problem_id"]]]
             share = sum(truth[p] for p in chosen) / max(len(chosen), 1)
             results.append({"regime": regime, "seed": seed, "feature": feature,
-                            "mode": mode if target == "mean" else f"{mode} --target max",
+                            "mode": mode if target == "mean" else f"{mode} --target {target}",
                             "good_share": share, "base_rate": base_rate, "auroc": auroc(good, bad),
                             "selected": len(chosen)})
         if feature == features[0]:
@@ -114,7 +114,7 @@ def write_report(summary: list[dict], out: Path, command: str) -> None:
     lines = ["# Selection quality", "", "Measured with:", "", "```bash", command, "```", "",
              "Each regime: 400-problem pool, 40 clean validation problems, tiny-arith, k = 8 rollouts at "
              "temperature 1.0 (transformers engine), select 25% of the pool. Mean +- std over seeds. A mode without "
-             "`--target max` in its name ranks with `--target mean` (the validation set's gradient, as the paper does).", ""]
+             "`--target` in its name ranks with `--target mean` (the validation set's gradient, as the paper does).", ""]
     titles = {"noisy": ("corrupted share (lower is better)", True),
               "imbalance": ("target-domain share", False), "low-utility": ("useful share", False)}
     for regime in ("noisy", "imbalance", "low-utility"):

@@ -85,6 +85,16 @@ def load_vectors(directory: Path, split: str) -> tuple[list[str], np.ndarray]:
     return read_ids(directory, split), np.concatenate(list(iter_vectors(directory, split)))
 
 
+def subspace_share(directory: Path, split: str, queries: np.ndarray) -> np.ndarray:
+    """||P u|| for every unit vector u of the split, P the projection onto the span of the
+    (m, dim) queries: the share of each candidate's gradient that the validation gradients span,
+    whatever its sign. One streaming pass; (n,) float64."""
+    basis, _ = np.linalg.qr(queries.astype(np.float64).T)  # (dim, m), orthonormal columns
+    basis = basis.astype(np.float32)  # float32 matmul over the pool: the vectors are float16 anyway
+    return np.concatenate([np.linalg.norm(chunk @ basis, axis=1).astype(np.float64)
+                           for chunk in iter_vectors(directory, split)])
+
+
 def take_vectors(directory: Path, split: str, positions: np.ndarray) -> np.ndarray:
     """float32 vectors at the given store positions, in that order (one pass over the shards)."""
     positions = np.asarray(positions, dtype=np.int64)

@@ -13,7 +13,9 @@ Modes (the paper's method, its baselines, and gradsel's default):
 Zero-advantage problems (every reward equal) carry no GRPO signal and are left out unless asked.
 `--target max` replaces the cosine of gradalign, simacc and reliable by the best cosine with any
 single validation problem (LESS-style), through the candidate FAISS index (gradsel.index).
-`--target auto` (the default) means max where the store holds gradient vectors, and mean (the
+`--target subspace` replaces it by the norm of the candidate's unit vector projected onto the span
+of the validation vectors: how much of its gradient the validation problems span, whatever the sign.
+`--target auto` (the default) means subspace where the store holds gradient vectors, and mean (the
 cosine with the validation set's gradient) for the `exact` feature, which stores none.
 """
 
@@ -28,11 +30,12 @@ import numpy as np
 
 from gradsel import console
 from gradsel.errors import GradselError
-from gradsel.index import best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind, take_vectors
+from gradsel.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
+                           subspace_share, take_vectors)
 
 MODES = ("reliable", "gradalign", "dot", "accgreedy", "band", "simacc", "learnalign", "random")
 FORMATS = ("verl", "jsonl", "openrlhf", "ids")
-TARGETS = ("auto", "mean", "max")
+TARGETS = ("auto", "mean", "max", "subspace")
 VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
 
 
@@ -48,7 +51,8 @@ class SelectConfig:
     balance: str | None = None  # a column of the scores table, e.g. data_source
     balance_weights: tuple[tuple[str, float], ...] | None = None  # group -> weight; None: pool shares
     diverse: float | None = None  # MMR trade-off in (0, 1]; 1 = score only
-    target: str = "auto"  # mean: the validation direction; max: best single validation problem; auto: max if vectors
+    target: str = "auto"  # mean: the validation direction; max: best single validation problem;
+    # subspace: the share in the validation vectors' span; auto: subspace if vectors
     index: str = "auto"  # the FAISS index over the candidate vectors (gradsel.index)
     seed: int = 0
     allow_fewer: bool = False
@@ -138,6 +142,14 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int
         _, val = load_vectors(directory, "val")
         best = _index_alignment(directory, cfg.index, val[np.linalg.norm(val, axis=1) > 0], fetch)
         base = {r["problem_id"]: best.get(r["problem_id"], 0.0) for r in rows}
+    elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
+        _, val = load_vectors(directory, "val")
+        val = val[np.linalg.norm(val, axis=1) > 0]
+        if 4 * len(val) > val.shape[1]:  # a span near the whole space holds every candidate
+            console.warn(f"{len(val)} validation vectors span more than a quarter of the {val.shape[1]} dimensions, "
+                         "so --target subspace barely discriminates; use --target max, or a larger --sketch")
+        share = dict(zip(read_ids(directory, "train"), subspace_share(directory, "train", val).tolist()))
+        base = {r["problem_id"]: share[r["problem_id"]] for r in rows}
     else:
         base = {r["problem_id"]: r["score_cos"] for r in rows}
     if cfg.mode == "gradalign":
@@ -162,14 +174,14 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int
 
 
 def resolve_target(target: str, feature: str) -> str:
-    """`auto` is max (LESS-style, the better selector in every regime of docs/quality.md) where
+    """`auto` is subspace (the best of the targets across the regimes of docs/quality.md) where
     the store holds gradient vectors; the exact feature stores none, so there it is mean."""
     if feature == "exact":
-        if target == "max":
-            raise GradselError("--target max needs gradient vectors, and the exact feature stores none",
+        if target in ("max", "subspace"):
+            raise GradselError(f"--target {target} needs gradient vectors, and the exact feature stores none",
                                "use --target mean, or select from a projected or head store")
         return "mean"
-    return "max" if target == "auto" else target
+    return "subspace" if target == "auto" else target
 
 
 def _consistency(row: dict) -> float:

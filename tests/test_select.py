@@ -81,11 +81,23 @@ def test_every_mode_on_a_handmade_table(store):
     assert picks(store, **cosine, all=True, top_k=None) == ["0", "1", "5", "2", "3"]
     assert picks(store, **cosine, min_score=0.2, top_k=None, all=True) == ["0", "1", "5"]
     assert picks(store, mode="gradalign", target="max", top_k=1) == ["3"]  # the only candidate along the val problem's vector
-    # The default: reliable, aligned with the best single validation problem (vectors are stored).
-    # 1, 2, 5 tie at 0 (ids break it); 0 sinks: its judge is unreliable.
-    assert picks(store, top_k=2) == picks(store, mode="reliable", target="max", top_k=2) == ["3", "1"]
+    assert picks(store, mode="gradalign", target="subspace", top_k=1) == ["3"]  # the only one in the val span
+    # The default: reliable, by the share of each candidate in the validation vectors' span (vectors
+    # are stored). 1, 2, 5 tie at 0 (ids break it); 0 sinks: its judge is unreliable.
+    assert picks(store, top_k=2) == picks(store, mode="reliable", target="subspace", top_k=2) == ["3", "1"]
     assert picks(store, **cosine, diverse=0.5, top_k=2) == ["0", "2"]  # 1 duplicates 0; 2 is orthogonal to it
     assert sorted(picks(store, **cosine, balance="data_source", top_k=2)) == ["0", "5"]  # one from each source
+
+
+def test_subspace_share_is_the_norm_of_the_projection_onto_the_validation_span(store):
+    """Sign-blind and basis-free: what matters is the span of the validation vectors."""
+    from gradsel.index import subspace_share
+
+    directory = store.root / "features/f0"
+    queries = np.array([[0, 0, 1, 0], [0, 1, 1, 0]], dtype=np.float32)  # spans e2 and e3
+    expected = [0.0, 0.0, 1.0, 1.0, 0.0, 0.8]  # rows 0-5 of HANDMADE: e0, e0, e1, e2, zero, (0.6, 0.8, 0, 0)
+    np.testing.assert_allclose(subspace_share(directory, "train", queries), expected, atol=1e-6)
+    np.testing.assert_allclose(subspace_share(directory, "train", -queries[::-1]), expected, atol=1e-6)
 
 
 def test_refusals(store):
@@ -106,10 +118,10 @@ def test_refusals(store):
 def test_output_rows_equal_input_rows(store, tmp_path):
     pool_lines = (tmp_path / "pool.jsonl").read_bytes().splitlines()
     run_cli("select", "--store", str(store.root), "--top-k", "3", "--format", "jsonl", "--out", str(tmp_path / "o.jsonl"))
-    # The default (reliable, best single validation problem): 3, then 1, 2 and 5 tie at 0 (ids break it).
+    # The default (reliable, share in the validation span): 3, then 1, 2 and 5 tie at 0 (ids break it).
     assert (tmp_path / "o.jsonl").read_bytes().splitlines() == [pool_lines[3], pool_lines[1], pool_lines[2]]
     meta = json.loads((tmp_path / "o.jsonl.gradsel.json").read_text())
-    assert meta["selected"] == 3 and meta["mode"] == "reliable" and meta["config"]["target"] == "max"
+    assert meta["selected"] == 3 and meta["mode"] == "reliable" and meta["config"]["target"] == "subspace"
     proc = run_cli("select", "--store", str(store.root), "--top-k", "3", "--format", "jsonl",
                    "--out", str(tmp_path / "o.jsonl"), check=False)
     assert proc.returncode == 2 and "exists" in proc.stderr
