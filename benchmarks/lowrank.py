@@ -16,10 +16,11 @@ from pathlib import Path
 
 
 def read_split(store: Path, split: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from gradsel.schema import ROLLOUTS
+    from gradsel.store import read_shards
 
-    return pa.concat_tables([pq.read_table(f) for f in sorted((store / "rollouts" / split).glob("shard-*.parquet"))])
+    stage = store / "rollouts" / split
+    return read_shards(stage, len(list(stage.glob("shard-*.parquet"))), ROLLOUTS)
 
 
 def main() -> None:
@@ -28,10 +29,9 @@ def main() -> None:
     ap.add_argument("--caps", type=float, nargs="+", default=[1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0])
     args = ap.parse_args()
 
-    import torch
-
     from gradsel.demo import spearman
-    from gradsel.gradients import LowRank, groups_from_table, low_rank_target, make_spec, projected_features, target_gradient
+    from gradsel.gradients import (LowRank, alignment_cost, groups_from_table, low_rank_target, make_spec,
+                                   projected_features, target_gradient)
     from gradsel.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm("tiny-arith")
@@ -42,16 +42,13 @@ def main() -> None:
     target = target_gradient(model, val, spec.modules, **kw)
     _, exact = projected_features(model, train, spec, target=target, **kw)
     live = exact != 0
-    full = sum(t.numel() for t in target)
     print(f"{int(live.sum())} candidates with a non-zero dot\n")
     print("| cap | share used | ranks kept | Spearman of the dots |\n| ---: | ---: | --- | ---: |")
     for cap in args.caps:
         low = low_rank_target(target, max_cost=cap)
-        share = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.numel() + t.in_factor.numel()
-                    for t in low) / full
         ranks = [t.out_factor.shape[1] for t in low if isinstance(t, LowRank)]
         _, dots = projected_features(model, train, spec, target=low, **kw)
-        print(f"| {cap:g} | {share:.3f} | {min(ranks)}-{max(ranks)} | {spearman(dots[live], exact[live]):.4f} |")
+        print(f"| {cap:g} | {alignment_cost(low):.3f} | {min(ranks)}-{max(ranks)} | {spearman(dots[live], exact[live]):.4f} |")
 
 
 if __name__ == "__main__":

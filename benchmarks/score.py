@@ -79,9 +79,9 @@ def workload(model_name: str, n_problems: int, k: int):
 def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int) -> dict:
     import torch
 
-    from gradsel.gradients import (_batch_tensors, _weighted_nll, exact_parameters, exact_problem_gradient,
-                                   head_features, low_rank_target, make_spec, pack_batches, projected_features,
-                                   target_gradient)
+    from gradsel.gradients import (_batch_tensors, _weighted_nll, alignment_cost, exact_parameters,
+                                   exact_problem_gradient, head_features, low_rank_target, make_spec, pack_batches,
+                                   projected_features, target_gradient)
 
     torch.manual_seed(0)
     model, groups, n_tokens = workload(model_name, n_problems, k)
@@ -93,11 +93,8 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
         target = target_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0,
                                  max_tokens=budget)
         if arm == "projected":
-            full = sum(t.numel() for t in target)
             target = low_rank_target(target)
-            # multiply-adds per token of the alignment: r (d_out + d_in) per truncated module
-            extra["alignment_cost"] = sum(t.numel() if isinstance(t, torch.Tensor) else
-                                          t.out_factor.numel() + t.in_factor.numel() for t in target) / full
+            extra["alignment_cost"] = alignment_cost(target)
 
     def once():
         if arm == "train":

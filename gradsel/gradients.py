@@ -470,6 +470,18 @@ def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
     return out
 
 
+def alignment_cost(target: Sequence) -> float:
+    """Multiply-adds per token of aligning against `target` (low_rank_target's output), as a share
+    of the exact alignment's: r (d_out + d_in) for a LowRank module, d_out d_in for a full one."""
+    import torch
+
+    used = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.numel() + t.in_factor.numel()
+               for t in target)
+    full = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.shape[0] * t.in_factor.shape[0]
+               for t in target)
+    return used / full
+
+
 def zero_validation_gradient() -> GradselError:
     return GradselError("every validation problem has zero advantage, so the validation gradient is zero",
                         "use more rollouts per validation problem (--n-val) or a validation set the model "

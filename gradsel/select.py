@@ -139,12 +139,10 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int
     rng = random.Random(f"gradsel-select/{cfg.seed}")
     if cfg.target == "max" and cfg.mode in VALIDATION_MODES:
         # LESS-style: each candidate's best cosine with any single validation problem.
-        _, val = load_vectors(directory, "val")
-        best = _index_alignment(directory, cfg.index, val[np.linalg.norm(val, axis=1) > 0], fetch)
+        best = _index_alignment(directory, cfg.index, _live_validation_vectors(directory), fetch)
         base = {r["problem_id"]: best.get(r["problem_id"], 0.0) for r in rows}
     elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
-        _, val = load_vectors(directory, "val")
-        val = val[np.linalg.norm(val, axis=1) > 0]
+        val = _live_validation_vectors(directory)
         if 4 * len(val) > val.shape[1]:  # a span near the whole space holds every candidate
             console.warn(f"{len(val)} validation vectors span more than a quarter of the {val.shape[1]} dimensions, "
                          "so --target subspace barely discriminates; use --target max, or a larger --sketch")
@@ -182,6 +180,12 @@ def resolve_target(target: str, feature: str) -> str:
                                "use --target mean, or select from a projected or head store")
         return "mean"
     return "subspace" if target == "auto" else target
+
+
+def _live_validation_vectors(directory: Path) -> np.ndarray:
+    """(m, dim) unit vectors of the validation problems with a GRPO signal (zero rows dropped)."""
+    _, val = load_vectors(directory, "val")
+    return val[np.linalg.norm(val, axis=1) > 0]
 
 
 def _consistency(row: dict) -> float:

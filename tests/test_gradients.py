@@ -201,8 +201,8 @@ def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
     """The factors ride along with the projections: the dots equal the exact hooked pass run
     against the truncated matrices, and the truncation keeps all but 5% of each module's norm,
     unless that would cost more than LOW_RANK_MAX_COST of the full matrix."""
-    from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LowRank, low_rank_rank, low_rank_target,
-                                   target_gradient)
+    from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LowRank, alignment_cost, low_rank_rank,
+                                   low_rank_target, target_gradient)
 
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=5)
@@ -210,6 +210,7 @@ def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
     target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
     low = low_rank_target(target)
     assert any(isinstance(t, LowRank) for t in low)
+    assert alignment_cost(target) == 1 and 0 < alignment_cost(low) <= LOW_RANK_MAX_COST
     dense = []
     for t, lr in zip(target, low):
         if isinstance(lr, LowRank):
