@@ -1,6 +1,6 @@
 """Scoring cost: gradsel's features against a plain training step and the exact reference.
 
-    .venv/bin/python benchmarks/score.py [--model tiny|50m] [--problems 64] [--k 8] [--repeats 3]
+    .venv/bin/python benchmarks/score.py [--model tiny|50m|moe] [--problems 64] [--k 8] [--repeats 3]
 
 Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
   (i)   train:     a plain training forward and backward pass with parameter gradients
@@ -44,7 +44,15 @@ def build_model(name: str):
 
     if name == "tiny":
         return load_causal_lm("tiny-arith")
-    torch.manual_seed(0)  # about 50M parameters, a small Llama
+    torch.manual_seed(0)
+    if name == "moe":  # about 50M parameters, a small Mixtral: 8 experts, 2 per token
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        cfg = MixtralConfig(vocab_size=8192, hidden_size=512, intermediate_size=384, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+                            num_local_experts=8, num_experts_per_tok=2)
+        return MixtralForCausalLM(cfg).eval()
+    # about 50M parameters, a small Llama
     cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
     return LlamaForCausalLM(cfg).eval()
@@ -165,7 +173,7 @@ def run_bergson(python: str, model_name: str, n_problems: int, k: int, repeats: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", choices=["tiny", "50m"])
+    ap.add_argument("--model", default="tiny", choices=["tiny", "50m", "moe"])
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)

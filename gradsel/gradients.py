@@ -8,7 +8,8 @@ sequences. With seeded random matrices R_out (d_out x k_out) and R_in (d_in x k_
 
 so one forward and one backward pass over a packed batch of many problems gives every problem's
 projected gradient exactly, without ever forming a parameter gradient. The weights stay frozen;
-the embedding output is made to require grad so that autograd still builds the graph.
+the first hooked units' outputs are made to require grad, so autograd builds the graph from there.
+MoE routers and transformers' fused experts are captured token by token (docs/algorithm.md).
 
 Every non-padding position is captured, prompt positions included: response tokens attend to
 the prompt, so delta_t at prompt positions is not zero, and leaving them out would not give the
@@ -16,7 +17,8 @@ gradient of W. The loss (advantage times aggregation weight, response tokens onl
 right weight into delta_t; padding positions get delta_t = 0 and are dropped.
 
 Features:
-- `projected`: the above for every selected Linear module (default: all in the decoder blocks);
+- `projected`: the above for every selected unit (default: every Linear, router and fused expert
+  stack in the decoder blocks);
 - `head`: the output layer only, from the forward pass: delta_t = w_t (softmax - onehot);
 - `exact`: full parameter gradients, one backward pass per problem (the reference algorithm).
 """
@@ -27,6 +29,7 @@ import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -130,40 +133,114 @@ def groups_from_table(table, adv: str) -> list[ProblemRollouts]:
     return list(groups.values())
 
 
-# -- module selection ---------------------------------------------------------------------------
+# -- capture units --------------------------------------------------------------------------------
 
-def select_modules(model, pattern: str | None = None, *, feature: str = "projected") -> list[tuple[str, object]]:
-    """The Linear modules whose gradients form the feature, in a fixed order.
+@dataclass(frozen=True)
+class CaptureUnit:
+    """One trainable weight matrix whose gradient the feature sketches, or one fused stack of MoE
+    expert matrices (sketched as the (n_experts d_out, d_in) matrix the stack forms)."""
 
-    Default: every Linear inside the decoder blocks (names with `.layers.<i>.` or `.h.<i>.`).
-    A matching module that owns a weight matrix but is not a torch Linear is refused, never
-    skipped: GPT-2's Conv1D, an MoE router, and fused MoE experts (3-D expert weights, the form
-    transformers 5 gives Mixtral, Qwen-MoE and their kin).
-    """
+    name: str  # the feature's name for it: the module's name; `<experts module>.<parameter>` for experts
+    module: object
+    param: str  # the weight's attribute on the module
+    kind: str  # "linear" (nn.Linear), "router" (an MoE top-k router), "experts" (a fused expert stack)
+    d_out: int
+    d_in: int
+    n_experts: int = 1
+
+    @property
+    def parameter_name(self) -> str:
+        return self.name if self.kind == "experts" else f"{self.name}.weight"
+
+    def gradient_matrix(self, grad):
+        """The parameter's gradient as (d_out, d_in), or (n_experts, d_out, d_in) for experts."""
+        return grad.transpose(1, 2) if self.kind == "experts" and self.module.is_transposed else grad
+
+
+def _is_router(module) -> bool:
+    """transformers 5's MoE routers (MixtralTopKRouter, DeepseekV3TopkRouter, ...): a (n_experts,
+    d) weight applied as F.linear to the flattened hidden states, the logits returned first."""
+    own = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    return "router" in type(module).__name__.lower() and own == ["weight"]
+
+
+def _expert_parameters(module) -> list[str] | None:
+    """The fused weights of a transformers 5 experts module (decorated by
+    `use_experts_implementation`, so its flags say how to apply them), or None."""
+    if not all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed")):
+        return None
+    names = ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
+    own = {n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2}
+    expected = set(names) | ({f"{n}_bias" for n in names} if module.has_bias else set())
+    return names if own == expected or own == set(names) else None
+
+
+def _units_of(name: str, module) -> list[CaptureUnit] | None:
+    """The capture units a module holds itself: [] for none, None for a weight gradsel cannot capture."""
     import torch
 
+    if isinstance(module, torch.nn.Linear):
+        return [CaptureUnit(name, module, "weight", "linear", *module.weight.shape)]
+    if not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        return []
+    if _is_router(module):
+        return [CaptureUnit(name, module, "weight", "router", *module.weight.shape)]
+    experts = _expert_parameters(module)
+    if experts is None:
+        return None
+    units = []
+    for p in experts:
+        n, a, b = getattr(module, p).shape
+        d_out, d_in = (b, a) if module.is_transposed else (a, b)
+        units.append(CaptureUnit(f"{name}.{p}", module, p, "experts", d_out, d_in, n))
+    return units
+
+
+def select_units(model, pattern: str | None = None, *, feature: str = "projected") -> list[CaptureUnit]:
+    """The weight matrices whose gradients form the feature, in a fixed order.
+
+    Default: every Linear inside the decoder blocks (names with `.layers.<i>.` or `.h.<i>.`), and
+    in MoE blocks the router and the fused experts. A matching module that owns a weight matrix of
+    another kind (GPT-2's Conv1D, say) is refused, never skipped.
+    """
     if feature == "head":
         head = model.get_output_embeddings()
         name = next(n for n, m in model.named_modules() if m is head)
-        return [(name, head)]
+        return _units_of(name, head)
     regex = re.compile(pattern) if pattern else re.compile(r"\.(layers|h|blocks)\.\d+\.")
     chosen, refused = [], []
     for name, module in model.named_modules():
-        if not name or not regex.search(name):
+        if not name:
             continue
-        if isinstance(module, torch.nn.Linear):
-            chosen.append((name, module))
-        elif any(p.dim() >= 2 for p in module.parameters(recurse=False)):
-            refused.append(f"{name} ({type(module).__name__})")
+        units = _units_of(name, module)
+        if units is None:
+            if regex.search(name):
+                refused.append(f"{name} ({type(module).__name__})")
+            continue
+        chosen += [u for u in units if regex.search(u.name)]
     if refused:
         raise GradselError(
             f"unsupported module type for gradient capture: {', '.join(refused[:3])}"
             + (f" and {len(refused) - 3} more" if len(refused) > 3 else ""),
-            "gradsel captures nn.Linear layers (MoE routers and fused experts are not captured yet); "
-            r"narrow --modules to Linear layers, e.g. --modules '\.layers\.\d+\.self_attn\.'")
+            "gradsel captures nn.Linear layers, MoE routers and transformers' fused experts; "
+            r"narrow --modules to those, e.g. --modules '\.layers\.\d+\.self_attn\.'")
     if not chosen:
-        raise GradselError(f"no Linear module matches {regex.pattern!r}", "check --modules against model.named_modules()")
+        raise GradselError(f"no Linear, router or expert weight matches {regex.pattern!r}",
+                          "check --modules against model.named_modules(); an expert weight is named "
+                          "<experts module>.gate_up_proj (or .up_proj) and .down_proj")
     return chosen
+
+
+def resolve_units(model, names: Sequence[str]) -> list[CaptureUnit]:
+    """The units of a spec's module names, in the spec's order."""
+    found = {}
+    for name, module in model.named_modules():
+        for u in _units_of(name, module) or []:
+            found[u.name] = u
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise GradselError(f"the model has no capturable module {missing[0]!r}", "score with the model the store was made with")
+    return [found[n] for n in names]
 
 
 def projection_matrix(seed: int, name: str, side: str, d: int, k: int, kind: str = "rademacher"):
@@ -185,6 +262,17 @@ def module_projections(spec: ProjectorSpec, name: str, d_out: int, d_in: int, de
     r_in = projection_matrix(spec.seed, name, "in", d_in, spec.blocks * spec.k_in, spec.kind) * spec.blocks ** 0.5
     r_out = projection_matrix(spec.seed, name, "out", d_out, spec.blocks * spec.k_out, spec.kind)
     return r_in.to(device), r_out.to(device)
+
+
+def expert_signs(spec: ProjectorSpec, name: str, n_experts: int) -> list[float]:
+    """Seeded +-1 per expert of a fused stack ([1.0] for any other unit). A stack (n_experts, d_out,
+    d_in) is sketched as one (n_experts d_out, d_in) matrix whose R_out is R_out repeated with
+    these signs: R_out^T G R_in = sum_e s_e R_out^T G_e R_in. The signs make different experts'
+    cross terms cancel in expectation, so inner products are kept as with independent R_out per
+    expert, at the memory of one."""
+    if n_experts == 1:
+        return [1.0]
+    return (projection_matrix(spec.seed, name, "experts", n_experts, 1, "rademacher")[:, 0]).tolist()
 
 
 def block_outer(d_proj, x_proj, blocks: int):
@@ -302,18 +390,91 @@ def policy_loss(model, ids, mask, weights, *, all_logits: bool = False):
 
 # -- projected feature from hooks -----------------------------------------------------------------
 
+def _require_grad(y):
+    """y itself if autograd tracks it; else a tracked copy. At the first hooked units nothing
+    upstream needs a gradient, so backward starts there (skipping the embedding's and their inputs'
+    gradients). The clone keeps the model's own in-place ops off a leaf tensor."""
+    return y if y.requires_grad else y.requires_grad_(True).clone()
+
+
+def _token_observer(m_idx, r_in, r_out, acc, dots, blocks):
+    """For units that see flattened tokens (routers, experts): observe(x, y, slots, sign, target)
+    adds sum over each problem's tokens of sign (R_out^T delta_t)(R_in^T x_t)^T into acc[:, m_idx],
+    and <delta_t x_t^T, target> into dots, for x (n, d_in), the unit's output y (n, d_out) and
+    slots (n,) (-1 on padding, where delta_t is 0). Returns y, tracked by autograd."""
+    def observe(x, y, slots, sign=1.0, target=None):
+        x = x.detach().float()
+        x_proj = x @ r_in  # (n, blocks * k_in)
+        x_low = x @ target.in_factor if isinstance(target, LowRank) else None  # (n, r)
+        index = slots.clamp(min=0)
+        real = (slots >= 0).unsqueeze(-1)
+
+        def grad_hook(grad):
+            grad = grad.float() * real  # (n, d_out)
+            acc[:, m_idx].index_add_(0, index, block_outer((grad @ r_out) * sign, x_proj, blocks))
+            if x_low is not None:
+                dots.index_add_(0, index, ((grad @ target.out_factor) * x_low).sum(-1).double())
+            elif target is not None:
+                dots.index_add_(0, index, (grad * (x @ target.T)).sum(-1).double())
+
+        y = _require_grad(y)
+        y.register_hook(grad_hook)
+        return y
+
+    return observe
+
+
+def _fused_experts_forward(module, hidden_states, top_k_index, top_k_weights, *, observers, slots_ref):
+    """A transformers 5 fused-experts forward (hidden_states (n, d), top_k_index and
+    top_k_weights (n, top_k)), expert by expert as its eager form, with each hooked weight's input
+    and output shown to its observer: observers[param](expert, x, y, slots) -> y. The flags of
+    `use_experts_implementation` (gate, bias, transposed storage) and the module's own
+    `_apply_gate` are honoured, so any model it decorates computes what it computes unhooked."""
+    import torch
+    import torch.nn.functional as F
+
+    slots = slots_ref[0].reshape(-1)
+    if hidden_states.shape[0] != slots.numel():
+        raise GradselError(f"{type(module).__name__} sees {hidden_states.shape[0]} tokens, not the batch's "
+                           f"{slots.numel()}", "exclude its experts with --modules")
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+
+    def apply(param, e, x, token):
+        w = getattr(module, param)[e]
+        y = x @ w if module.is_transposed else F.linear(x, w)
+        if module.has_bias:
+            y = y + getattr(module, f"{param}_bias")[e]
+        observe = observers.get(param)
+        return observe(e, x, y, slots[token]) if observe else y
+
+    out = torch.zeros_like(hidden_states)
+    n_experts = getattr(module, up).shape[0]
+    for e in torch.unique(top_k_index).tolist():  # sorted: the same order every run
+        if e >= n_experts:  # an expert-parallel sentinel: not this rank's expert
+            continue
+        token, pos = torch.where(top_k_index == e)
+        h = apply(up, e, hidden_states[token], token)
+        h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+        y = apply("down_proj", e, h, token) * top_k_weights[token, pos, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
 @contextmanager
-def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, dots=None):
-    """Hooks that project x_t and delta_t of each module and add the outer products into
-    acc[slot, module] (n_slots, n_modules, k_out * k_in). With a target per module, they also add
+def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, signs, target=None, dots=None):
+    """Hooks that project x_t and delta_t of each unit and add the outer products into
+    acc[slot, unit] (n_slots, n_units, k_out * k_in). With a target per unit, they also add
     <delta_t x_t^T, G_V> into dots[slot]: exactly, delta_t . (G_V x_t), for a (d_out, d_in)
-    tensor; as (B^T delta_t) . (A^T x_t) for a LowRank G_V ~= B A^T, where the factors ride along
-    with the projections in the same two matmuls. Always removed on exit."""
+    tensor; as (B^T delta_t) . (A^T x_t) for a LowRank G_V ~= B A^T, where, for a Linear, the
+    factors ride along with the projections in the same two matmuls. Always removed on exit.
+
+    A Linear sees (batch, seq, d) or the flattened (batch * seq, d) of an MoE block; routers and
+    experts see flattened tokens, and each token's problem comes from slots_ref[0] flattened."""
     import torch
 
-    handles = []
+    handles, patched = [], {}
 
-    def make_hook(m_idx, r_in, r_out):
+    def linear_hook(m_idx, r_in, r_out):
         low_rank = target[m_idx] if target is not None and isinstance(target[m_idx], LowRank) else None
         k_in, k_out = r_in.shape[1], r_out.shape[1]  # blocks * k_in, blocks * k_out
         if low_rank is not None:  # (d_in, blocks k_in + r) and (d_out, blocks k_out + r)
@@ -323,10 +484,11 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
         def forward_hook(module, inputs, output):
             x = inputs[0]
             slots = slots_ref[0]  # (B, T): one sequence, so one problem, per row; -1 on padding
+            if x.dim() == 2 and x.shape[0] == slots.numel():  # an MoE block's flattened tokens
+                x = x.view(*slots.shape, -1)
             if x.shape[:2] != slots.shape:
-                raise GradselError(
-                    f"module {modules[m_idx][0]} sees inputs of shape {tuple(x.shape)}, not (batch, seq, d): "
-                    "routed (MoE) experts are not supported yet", "exclude it with --modules")
+                raise GradselError(f"module {units[m_idx].name} sees inputs of shape {tuple(x.shape)}, not "
+                                   "(batch, seq, d)", "exclude it with --modules")
             row_slot = slots[:, 0]  # (B,)
             real = (slots >= 0).unsqueeze(-1)  # (B, T, 1)
             x = x.detach()  # a view: q, k and v share one input
@@ -339,7 +501,7 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
             x_held = x if target is not None and low_rank is None else None
 
             def grad_hook(grad):
-                grad = grad.float()  # a no-op in float32; one copy in bfloat16, shared by both uses
+                grad = grad.float().view(*slots.shape, -1)  # a no-op in float32; one copy in bfloat16
                 d_proj = (grad @ r_out) * real  # (B, T, blocks * k_out [+ r])
                 if x_low is not None:  # (B^T delta_t) . (A^T x_t), summed over each row's tokens
                     d_proj, d_low = d_proj[..., :k_out], d_proj[..., k_out:]
@@ -353,24 +515,52 @@ def _capture(model, modules, projections, acc, slots_ref, blocks, target=None, d
                     gx = x_held.float() @ target[m_idx].T  # (B, T, d_out)
                     dots.index_add_(0, row_slot, ((grad * gx).sum(-1) * real[..., 0]).sum(-1).double())
 
-            if not output.requires_grad:
-                # The first hooked modules (layer 0's, by default): nothing upstream of them needs
-                # a gradient, so backward starts here and skips their input gradients, and the
-                # embedding's. The clone keeps the model's own in-place ops off a leaf tensor.
-                output = output.requires_grad_(True).clone()
+            output = _require_grad(output)
             output.register_hook(grad_hook)
             return output
 
         return forward_hook
 
-    for m_idx, (name, module) in enumerate(modules):
+    def router_hooks(m_idx, observe):
+        def pre_hook(module, args):  # so that the logits, and the scores made from them, are tracked
+            x = args[0]
+            return args if x.requires_grad else (x.detach().requires_grad_(True), *args[1:])
+
+        def forward_hook(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            logits = output[0] if isinstance(output, tuple) else None
+            if logits is None or logits.shape != (x.shape[0], module.weight.shape[0]) \
+                    or x.shape[0] != slots_ref[0].numel():
+                raise GradselError(f"router {units[m_idx].name} ({type(module).__name__}) does not return its "
+                                   "per-token logits first", "exclude it with --modules")
+            observe(x, logits, slots_ref[0].reshape(-1), target=None if target is None else target[m_idx])
+            return output
+
+        return pre_hook, forward_hook
+
+    for m_idx, unit in enumerate(units):
         r_in, r_out = projections[m_idx]
-        handles.append(module.register_forward_hook(make_hook(m_idx, r_in, r_out)))
+        if unit.kind == "linear":
+            handles.append(unit.module.register_forward_hook(linear_hook(m_idx, r_in, r_out)))
+            continue
+        observe = _token_observer(m_idx, r_in, r_out, acc, dots, blocks)
+        if unit.kind == "router":
+            pre, post = router_hooks(m_idx, observe)
+            handles += [unit.module.register_forward_pre_hook(pre), unit.module.register_forward_hook(post)]
+        else:  # experts: expert e's delta is signed by signs[m_idx][e] (module_projections)
+            def expert_observer(e, x, y, slots, observe=observe, m_idx=m_idx):
+                return observe(x, y, slots, sign=float(signs[m_idx][e]),
+                               target=None if target is None else target[m_idx][e])
+            patched.setdefault(unit.module, {})[unit.param] = expert_observer
+    for module, observers in patched.items():
+        module.forward = partial(_fused_experts_forward, module, observers=observers, slots_ref=slots_ref)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for module in patched:
+            del module.forward  # back to the class's forward
 
 
 def projected_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
@@ -378,21 +568,22 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
                        target: list | None = None):
     """(n_problems, spec.dim) float32 array of projected gradients; zero rows for zero advantage.
 
-    With `target` (per module, the validation gradient: a (d_out, d_in) tensor, or its LowRank
-    factors), also returns the inner products <g_p, target> (float64), computed in the same pass.
+    With `target` (per unit, the validation gradient: a (d_out, d_in) tensor or its LowRank
+    factors; for experts, one of those per expert), also returns the inner products
+    <g_p, target> (float64), computed in the same pass.
     """
     import torch
 
-    modules = dict(model.named_modules())
-    mods = [(name, modules[name]) for name in spec.modules]
-    projections = [module_projections(spec, name, m.out_features, m.in_features, device) for name, m in mods]
-    acc = torch.zeros((len(groups), len(mods), spec.block_dim), dtype=torch.float32, device=device)
+    units = resolve_units(model, spec.modules)
+    projections = [module_projections(spec, u.name, u.d_out, u.d_in, device) for u in units]
+    signs = [expert_signs(spec, u.name, u.n_experts) for u in units]
+    acc = torch.zeros((len(groups), len(units), spec.block_dim), dtype=torch.float32, device=device)
     dots = torch.zeros(len(groups), dtype=torch.float64, device=device)
     slots_ref = [None]
     for p in model.parameters():
         p.requires_grad_(False)
-    head_hooked = any(m is model.get_output_embeddings() for _, m in mods)
-    with _capture(model, mods, projections, acc, slots_ref, spec.blocks, target, dots):
+    head_hooked = any(u.module is model.get_output_embeddings() for u in units)
+    with _capture(units, projections, acc, slots_ref, spec.blocks, signs, target, dots):
         for batch in pack_batches(groups, loss_agg, max_tokens):
             ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
             slots_ref[0] = slots
@@ -405,17 +596,20 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
 
 def target_gradient(model, groups: Sequence[ProblemRollouts], module_names: Sequence[str], *, loss_agg: str,
                     pad_id: int, device: str = "cpu", max_tokens: int = 8192, scales: Sequence[float] | None = None):
-    """The exact gradient of sum_p scale_p * L_p for each named Linear's weight, scaled to unit
-    Frobenius norm over all modules together: the validation direction g_V, kept per module."""
+    """The exact gradient of sum_p scale_p * L_p for each unit's weight ((d_out, d_in), or
+    (n_experts, d_out, d_in) for experts), scaled to unit Frobenius norm over all units together:
+    the validation direction g_V, kept per unit."""
     from dataclasses import replace
 
     import torch
 
     if scales is not None:  # scale_p enters through the advantages, which the loss is linear in
         groups = [replace(g, advantages=[a * s for a in g.advantages]) for g, s in zip(groups, scales)]
-    params = exact_parameters(model, [f"{n}.weight" for n in module_names])
+    units = resolve_units(model, module_names)
+    params = exact_parameters(model, [u.parameter_name for u in units])
     grads = _parameter_gradients(model, groups, params, loss_agg=loss_agg, pad_id=pad_id, device=device,
                                  max_tokens=max_tokens)
+    grads = [u.gradient_matrix(g) for u, g in zip(units, grads)]
     for p in model.parameters():
         p.requires_grad_(False)
     total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
@@ -455,30 +649,33 @@ def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
                     max_cost: float = LOW_RANK_MAX_COST) -> list:
     """Truncate each module's target gradient by SVD to the smallest rank whose residual is at
     most `residual` of its norm, capped at `low_rank_rank`. A module where even rank 1 would cost
-    as much per token as the full matrix (r (d_in + d_out) >= d_in d_out) keeps the full matrix."""
+    as much per token as the full matrix (r (d_in + d_out) >= d_in d_out) keeps the full matrix.
+    A fused expert stack (n_experts, d_out, d_in) becomes a list with one entry per expert."""
     import torch
 
-    out = []
-    for g in target:
+    def truncate(g):
         u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
         energy = torch.cumsum(s**2, 0) / max(float((s**2).sum()), 1e-300)
         rank = min(int((energy < 1 - residual**2).sum()) + 1, low_rank_rank(tuple(g.shape), max_cost))
         if rank * sum(g.shape) >= g.numel():
-            out.append(g)
-        else:
-            out.append(LowRank((u[:, :rank] * s[:rank]).to(g.dtype), vh[:rank].T.contiguous().to(g.dtype)))
-    return out
+            return g
+        return LowRank((u[:, :rank] * s[:rank]).to(g.dtype), vh[:rank].T.contiguous().to(g.dtype))
+
+    return [[truncate(e) for e in g] if g.dim() == 3 else truncate(g) for g in target]
 
 
 def alignment_cost(target: Sequence) -> float:
     """Multiply-adds per token of aligning against `target` (low_rank_target's output), as a share
-    of the exact alignment's: r (d_out + d_in) for a LowRank module, d_out d_in for a full one."""
+    of the exact alignment's: r (d_out + d_in) for a LowRank matrix, d_out d_in for a full one."""
     import torch
 
+    matrices = []
+    for t in target:
+        matrices += list(t) if isinstance(t, list) or (isinstance(t, torch.Tensor) and t.dim() == 3) else [t]
     used = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.numel() + t.in_factor.numel()
-               for t in target)
+               for t in matrices)
     full = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.shape[0] * t.in_factor.shape[0]
-               for t in target)
+               for t in matrices)
     return used / full
 
 
@@ -558,14 +755,14 @@ def make_spec(model, *, feature: str, modules: str | None, sketch: tuple[int, in
               dtype: str, kind: str = "rademacher", blocks: int = 1) -> ProjectorSpec:
     if feature not in FEATURES:
         raise GradselError(f"unknown feature {feature!r}", f"choose one of {', '.join(FEATURES)}")
-    if feature == "exact":  # the reference: every parameter (or the --modules Linears), no projection
+    if feature == "exact":  # the reference: every parameter (or the --modules units' weights), no projection
         named = list(model.named_parameters())
         if modules:
-            named = [(f"{n}.weight", m.weight) for n, m in select_modules(model, modules)]
+            params = dict(named)
+            named = [(u.parameter_name, params[u.parameter_name]) for u in select_units(model, modules)]
         return ProjectorSpec(feature=feature, seed=seed, k_out=0, k_in=0, modules=tuple(n for n, _ in named),
                              dims=tuple((p.numel(), 1) for _, p in named), dtype=dtype, kind="none")
-    chosen = select_modules(model, modules, feature=feature)
+    chosen = select_units(model, modules, feature=feature)
     return ProjectorSpec(feature=feature, seed=seed, k_out=sketch[0], k_in=sketch[1], blocks=blocks,
-                         modules=tuple(n for n, _ in chosen),
-                         dims=tuple((m.weight.shape[0], m.weight.shape[1]) for _, m in chosen),
-                         dtype=dtype, kind=kind)
+                         modules=tuple(u.name for u in chosen),
+                         dims=tuple((u.n_experts * u.d_out, u.d_in) for u in chosen), dtype=dtype, kind=kind)

@@ -39,7 +39,7 @@ class ScoreConfig:
     feature: str = "projected"
     sketch: tuple[int, int] = (16, 16)  # (k_out, k_in) per module
     blocks: int = 1  # independent sketches per module
-    modules: str | None = None  # regex over module names; None = every Linear in the decoder blocks
+    modules: str | None = None  # regex over module names; None = every Linear, router and expert stack in the decoder blocks
     adv: str = "grpo"
     loss_agg: str = "seq-mean-token-mean"
     val_agg: str = "batch"

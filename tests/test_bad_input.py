@@ -103,7 +103,9 @@ def test_out_of_space_keeps_a_valid_store_that_resumes(data, tmp_path):
 
     store = tmp_path / "s"
     proc = subprocess.run([*GRADSEL, *args, "--store", str(store)], capture_output=True, text=True, cwd=ROOT,
-                          preexec_fn=limit, env={"NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          preexec_fn=limit, env={"NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                 # a bytecode cache truncated at the limit would break later runs
+                                                 "PYTHONDONTWRITEBYTECODE": "1"})
     assert_user_error(proc, "no space left")
     assert not list(store.rglob(".*.tmp-*")), "a temporary file was left behind"
     for marker in store.rglob("shard-*.done.json"):  # every finished shard is whole

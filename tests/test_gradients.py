@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gradsel.gradients import (ProblemRollouts, exact_parameters, exact_problem_gradient, group_advantages,
-                               head_features, make_spec, module_projections, projected_features,
-                               projection_matrix)
+from gradsel.gradients import (ProblemRollouts, exact_parameters, exact_problem_gradient, expert_signs,
+                               group_advantages, head_features, make_spec, module_projections, projected_features,
+                               projection_matrix, resolve_units)
 from gradsel.models import load_causal_lm
 
 LOSS_AGG = "seq-mean-token-mean"
@@ -30,23 +30,35 @@ def toy_groups(seed=0, n_problems=6, k=4, vocab=18, zero_at=(2,)):
 
 
 def exact_projected(model, group, spec):
-    """R_out^T G R_in from the exact per-module parameter gradients (the oracle)."""
-    modules = dict(model.named_modules())
-    params = exact_parameters(model, [f"{n}.weight" for n in spec.modules])
+    """R_out^T G R_in from the exact per-unit parameter gradients (the oracle); for a fused expert
+    stack, the same for the (n_experts d_out, d_in) matrix it forms, with R_out repeated with the
+    experts' signs: sum_e s_e R_out^T G_e R_in."""
+    units = resolve_units(model, spec.modules)
+    params = exact_parameters(model, [u.parameter_name for u in units])
     flat = exact_problem_gradient(model, group, params, loss_agg=LOSS_AGG, pad_id=0).double()
     out, offset = [], 0
-    for name in spec.modules:
-        w = modules[name].weight
-        G = flat[offset:offset + w.numel()].reshape(w.shape)
-        offset += w.numel()
-        r_in, r_out = (r.double() for r in module_projections(spec, name, w.shape[0], w.shape[1], "cpu"))
+    for u, p in zip(units, params):
+        G = u.gradient_matrix(flat[offset:offset + p.numel()].reshape(p.shape))
+        offset += p.numel()
+        r_in, r_out = (r.double() for r in module_projections(spec, u.name, u.d_out, u.d_in, "cpu"))
+        signs = expert_signs(spec, u.name, u.n_experts)
+        G = G.reshape(u.n_experts, u.d_out, u.d_in)
         for b in range(spec.blocks):
             r_o = r_out[:, b * spec.k_out:(b + 1) * spec.k_out]
             r_i = r_in[:, b * spec.k_in:(b + 1) * spec.k_in]
-            out.append((r_o.T @ G @ r_i).reshape(-1))
+            out.append(sum(s * (r_o.T @ G[e] @ r_i) for e, s in enumerate(signs)).reshape(-1))
     for p in model.parameters():
         p.requires_grad_(False)
     return torch.cat(out).numpy()
+
+
+def assert_matches_oracle(model, groups, spec, feats):
+    for i, g in enumerate(groups):
+        oracle = exact_projected(model, g, spec)
+        if g.zero_advantage:
+            assert not feats[i].any()
+        else:
+            np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * max(np.abs(oracle).max(), 1e-12))
 
 
 @pytest.mark.parametrize("max_tokens, blocks", [(10_000, 1), (24, 1), (40, 4)])  # one batch, or many small ones
@@ -56,12 +68,7 @@ def test_projection_from_hooks_equals_projected_exact_gradient(max_tokens, block
     spec = make_spec(model, feature="projected", modules=None, sketch=(8, 8), seed=3, dtype="float32", blocks=blocks)
     assert len(spec.modules) == 4 * 7  # q k v o gate up down in each of 4 blocks
     feats = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=max_tokens)
-    for i, g in enumerate(groups):
-        oracle = exact_projected(model, g, spec)
-        if g.zero_advantage:
-            assert not feats[i].any()
-        else:
-            np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * np.abs(oracle).max())
+    assert_matches_oracle(model, groups, spec, feats)
 
 
 @pytest.mark.parametrize("modules", [r"\.layers\.2\.mlp\.", r"\.layers\.[13]\.self_attn\.[qo]_proj"])
@@ -71,9 +78,7 @@ def test_backward_that_starts_at_the_first_hooked_module_is_exact(modules):
     groups = toy_groups(seed=4)
     spec = make_spec(model, feature="projected", modules=modules, sketch=(4, 4), seed=2, dtype="float32")
     feats = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=40)
-    for i, g in enumerate(groups):
-        oracle = exact_projected(model, g, spec)
-        np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * max(np.abs(oracle).max(), 1e-12))
+    assert_matches_oracle(model, groups, spec, feats)
 
 
 def test_head_feature_equals_projected_lm_head_gradient():
@@ -130,9 +135,7 @@ def test_architectures_built_in_code(arch):
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=1, dtype="float32")
     assert len(spec.modules) == 2 * 7
     feats = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=40)
-    for i, g in enumerate(groups):
-        oracle = exact_projected(model, g, spec)
-        np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * max(np.abs(oracle).max(), 1e-12))
+    assert_matches_oracle(model, groups, spec, feats)
 
 
 def test_unsupported_module_type_is_refused_not_skipped():
@@ -145,30 +148,76 @@ def test_unsupported_module_type_is_refused_not_skipped():
         make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
 
 
-def test_fused_moe_experts_are_refused_not_skipped():
-    """transformers 5 keeps MoE experts as 3-D parameters of a module with children: they must be
-    refused even when --modules steers around the router, and attention alone still works."""
+def tiny_moe(arch):
+    """Mixtral (router + fused experts), Qwen2-MoE (plus a shared expert whose Linears see the
+    flattened tokens) and GPT-OSS (experts stored transposed, with biases and their own gate)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from gradsel.errors import GradselError
-
     common = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = AutoModelForCausalLM.from_config(transformers.MixtralConfig(**common, num_local_experts=4,
-                                                                        num_experts_per_tok=2))
-    kw = dict(feature="projected", sketch=(4, 4), seed=0, dtype="float32")
-    with pytest.raises(GradselError, match="mlp.gate .*Router.*mlp.experts .*MixtralExperts"):
-        make_spec(model, modules=None, **kw)
-    with pytest.raises(GradselError, match=r"mlp.experts \(MixtralExperts\)"):
-        make_spec(model, modules=r"\.layers\.\d+\.(self_attn|mlp\.experts)", **kw)
-    spec = make_spec(model, modules=r"\.layers\.\d+\.self_attn\.", **kw)
-    assert len(spec.modules) == 2 * 4
-    groups = toy_groups(seed=2, n_problems=3, vocab=32)
-    feats = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=40)
-    for i, g in enumerate(groups):
-        oracle = exact_projected(model, g, spec)
-        np.testing.assert_allclose(feats[i], oracle, rtol=2e-3, atol=1e-6 * max(np.abs(oracle).max(), 1e-12))
+    cfg = {"mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+           "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
+                                                            moe_intermediate_size=16,
+                                                            shared_expert_intermediate_size=24),
+           "gpt_oss": lambda: transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                                        head_dim=8)}[arch]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_moe_router_and_fused_experts_equal_projected_exact_gradient(arch):
+    model = tiny_moe(arch)
+    spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=1, dtype="float32")
+    kinds = [u.kind for u in resolve_units(model, spec.modules)]
+    assert kinds.count("router") == 2 and kinds.count("experts") == 4  # per layer: router, gate-up, down
+    groups = toy_groups(seed=2, n_problems=4, vocab=32)
+    assert_matches_oracle(model, groups, spec, projected_features(model, groups, spec, loss_agg=LOSS_AGG,
+                                                                  pad_id=0, max_tokens=40))
+
+
+@pytest.mark.parametrize("modules", [r"mlp\.experts\.down_proj", r"\.layers\.0\.mlp\.gate$"])
+def test_moe_units_hooked_alone_are_exact(modules):
+    """The first hooked unit is an expert stack's second weight, or a router: backward starts there."""
+    model = tiny_moe("mixtral")
+    spec = make_spec(model, feature="projected", modules=modules, sketch=(4, 4), seed=0, dtype="float32")
+    groups = toy_groups(seed=3, n_problems=4, vocab=32)
+    assert_matches_oracle(model, groups, spec, projected_features(model, groups, spec, loss_agg=LOSS_AGG,
+                                                                  pad_id=0, max_tokens=40))
+
+
+def test_moe_alignment_equals_full_gradient_dot():
+    """Against a Qwen2-MoE validation gradient: the exact alignment equals the full-gradient dot,
+    and the per-expert low-rank one equals the exact alignment against its truncated matrices."""
+    from gradsel.gradients import LowRank, low_rank_target, target_gradient
+
+    model = tiny_moe("qwen2_moe")
+    groups = toy_groups(seed=5, n_problems=6, vocab=32)
+    spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
+    target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
+    units = resolve_units(model, spec.modules)
+    params = exact_parameters(model, [u.parameter_name for u in units])
+    exact = []
+    for g in groups:
+        grads = exact_problem_gradient(model, g, params, loss_agg=LOSS_AGG, pad_id=0).double().split(
+            [p.numel() for p in params])
+        exact.append(sum(float((u.gradient_matrix(d.reshape(p.shape)) * t.double()).sum())
+                         for u, p, d, t in zip(units, params, grads, target)))
+    kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
+    _, dots = projected_features(model, groups, spec, target=target, **kw)
+    np.testing.assert_allclose(dots, exact, rtol=1e-4, atol=1e-9)
+    assert np.count_nonzero(dots) == sum(not g.zero_advantage for g in groups)
+
+    def dense(t):
+        return t.out_factor @ t.in_factor.T if isinstance(t, LowRank) else t
+
+    low = low_rank_target(target, residual=0.01)
+    assert any(isinstance(e, LowRank) for t in low if isinstance(t, list) for e in t)
+    truncated = [torch.stack([dense(e) for e in t]) if isinstance(t, list) else dense(t) for t in low]
+    _, dots_low = projected_features(model, groups, spec, target=low, **kw)
+    _, dots_truncated = projected_features(model, groups, spec, target=truncated, **kw)
+    np.testing.assert_allclose(dots_low, dots_truncated, rtol=1e-4, atol=1e-9)
 
 
 def test_same_seed_same_vectors_other_seed_other_vectors():
@@ -191,7 +240,7 @@ def test_exact_alignment_in_the_hooked_pass_equals_full_gradient_dot():
     assert abs(float(sum((t.double() ** 2).sum() for t in target)) - 1) < 1e-6
     _, dots = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=30, target=target)
     flat_target = torch.cat([t.reshape(-1) for t in target]).double()
-    params = exact_parameters(model, [f"{n}.weight" for n in spec.modules])
+    params = exact_parameters(model, [u.parameter_name for u in resolve_units(model, spec.modules)])
     for g, d in zip(groups, dots):
         exact = float(exact_problem_gradient(model, g, params, loss_agg=LOSS_AGG, pad_id=0).double() @ flat_target)
         assert d == pytest.approx(exact, rel=1e-4, abs=1e-9)

@@ -80,3 +80,37 @@ def test_rescoring_is_deterministic_and_resumes(scored, tmp_path):
     run_cli("score", *common)
     after = pq.read_table(d / "scores.parquet")
     assert after.equals(before)
+
+
+def test_moe_checkpoint_directory_scores_like_exact(tmp_path):
+    """A Mixtral-style checkpoint (router and fused experts in every block), built in code and
+    saved with the bundled tokenizer, goes through `gradsel score` from its directory; its
+    default scores rank the candidates as the exact full-gradient reference does."""
+    import torch
+    import transformers
+
+    from gradsel.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-arith")
+    config = transformers.MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    write_regime(tmp_path / "data", "clean", size=40, val_size=8, seed=1)
+    common = ["--model", str(tmp_path / "model"), "--pool", str(tmp_path / "data/pool.parquet"),
+              "--val", str(tmp_path / "data/val.parquet"), "--store", str(tmp_path / "store"), "--engine", "hf",
+              "--max-tokens", "6", "--reward", "random"]  # a random model solves nothing: coin-flip rewards
+    run_cli("score", *common)
+    run_cli("score", *common, "--feature", "exact", "--modules", r"\.layers\.\d+\.")
+    tables = feature_tables(tmp_path / "store")
+    d, projected = tables[("projected", "lowrank")]
+    modules = json.loads((d / "spec.json").read_text())["projector"]["modules"]
+    assert "model.layers.1.mlp.gate" in modules and "model.layers.1.mlp.experts.gate_up_proj" in modules
+    exact = {r["problem_id"]: r["score_cos"] for r in tables[("exact", "exact")][1].to_pylist()}
+    live = [r for r in projected.to_pylist() if r["split"] == "train" and not r["zero_advantage"]]
+    assert len(live) >= 30
+    rho = spearman([r["score_cos"] for r in live], [exact[r["problem_id"]] for r in live])
+    assert rho >= 0.9, rho
