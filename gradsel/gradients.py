@@ -460,6 +460,15 @@ def _fused_experts_forward(module, hidden_states, top_k_index, top_k_weights, *,
     return out
 
 
+def _token_major(shape, slots_shape) -> bool:
+    """Whether an input of `shape` (..., d) holds the batch's (B, T) tokens in order: (B, T, d) as
+    such, flattened (an MoE block's (B T, d)), or with singleton axes (DeepSeek's (B, 1, T, d))."""
+    lead = shape[:-1]
+    if len(lead) == 1:
+        return lead[0] == slots_shape.numel()
+    return tuple(s for s in lead if s != 1) == tuple(s for s in slots_shape if s != 1)
+
+
 @contextmanager
 def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, signs, target=None, dots=None):
     """Hooks that project x_t and delta_t of each unit and add the outer products into
@@ -484,11 +493,10 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
         def forward_hook(module, inputs, output):
             x = inputs[0]
             slots = slots_ref[0]  # (B, T): one sequence, so one problem, per row; -1 on padding
-            if x.dim() == 2 and x.shape[0] == slots.numel():  # an MoE block's flattened tokens
-                x = x.view(*slots.shape, -1)
-            if x.shape[:2] != slots.shape:
+            if not _token_major(x.shape, slots.shape):
                 raise GradselError(f"module {units[m_idx].name} sees inputs of shape {tuple(x.shape)}, not "
                                    "(batch, seq, d)", "exclude it with --modules")
+            x = x.reshape(*slots.shape, -1)
             row_slot = slots[:, 0]  # (B,)
             real = (slots >= 0).unsqueeze(-1)  # (B, T, 1)
             x = x.detach()  # a view: q, k and v share one input
@@ -501,7 +509,7 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
             x_held = x if target is not None and low_rank is None else None
 
             def grad_hook(grad):
-                grad = grad.float().view(*slots.shape, -1)  # a no-op in float32; one copy in bfloat16
+                grad = grad.float().reshape(*slots.shape, -1)  # a no-op in float32; one copy in bfloat16
                 d_proj = (grad @ r_out) * real  # (B, T, blocks * k_out [+ r])
                 if x_low is not None:  # (B^T delta_t) . (A^T x_t), summed over each row's tokens
                     d_proj, d_low = d_proj[..., :k_out], d_proj[..., k_out:]

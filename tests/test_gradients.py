@@ -150,7 +150,9 @@ def test_unsupported_module_type_is_refused_not_skipped():
 
 def tiny_moe(arch):
     """Mixtral (router + fused experts), Qwen2-MoE (plus a shared expert whose Linears see the
-    flattened tokens) and GPT-OSS (experts stored transposed, with biases and their own gate)."""
+    flattened tokens), GPT-OSS (experts stored transposed, with biases and their own gate) and
+    DeepSeek-V3 (a dense first layer, grouped sigmoid routing, latent attention whose kv_b_proj
+    sees (B, 1, T, d))."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -161,17 +163,22 @@ def tiny_moe(arch):
                                                             moe_intermediate_size=16,
                                                             shared_expert_intermediate_size=24),
            "gpt_oss": lambda: transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2,
-                                                        head_dim=8)}[arch]()
+                                                        head_dim=8),
+           "deepseek_v3": lambda: transformers.DeepseekV3Config(
+               **(common | {"num_key_value_heads": 4}), n_routed_experts=4, num_experts_per_tok=2,
+               moe_intermediate_size=16, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
+               q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)}[arch]()
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_moe_router_and_fused_experts_equal_projected_exact_gradient(arch):
     model = tiny_moe(arch)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=1, dtype="float32")
     kinds = [u.kind for u in resolve_units(model, spec.modules)]
-    assert kinds.count("router") == 2 and kinds.count("experts") == 4  # per layer: router, gate-up, down
+    moe_layers = 1 if arch == "deepseek_v3" else 2
+    assert kinds.count("router") == moe_layers and kinds.count("experts") == 2 * moe_layers  # gate-up, down
     groups = toy_groups(seed=2, n_problems=4, vocab=32)
     assert_matches_oracle(model, groups, spec, projected_features(model, groups, spec, loss_agg=LOSS_AGG,
                                                                   pad_id=0, max_tokens=40))
