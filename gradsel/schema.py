@@ -72,8 +72,12 @@ VECTOR_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 def vectors_schema(dim: int, dtype: str = "float16") -> pa.Schema:
     """Per-problem gradient features: the unit direction as a fixed-size list column
     (memory-mappable), the gradient's L2 norm beside it, and, under exact alignment, the exact
-    inner product with the validation gradient."""
-    return pa.schema([("problem_id", pa.string()), ("vector", pa.list_(VECTOR_DTYPES[dtype], dim)),
+    inner product with the validation gradient. The list's elements are declared non-null, so
+    Parquet keeps no definition level per element: a 65,536 x 2,048 shard's column decodes in 0.28 s
+    instead of 0.42 s, and the default selection's pass over 1M such vectors takes 10.5-11.2 s
+    instead of 13.2-17.5 s (docs/benchmarks.md). Stores written before read as they did."""
+    element = pa.field("element", VECTOR_DTYPES[dtype], nullable=False)
+    return pa.schema([("problem_id", pa.string()), ("vector", pa.list_(element, dim)),
                       ("norm", pa.float64()), ("target_dot", pa.float64())])
 
 
