@@ -240,10 +240,17 @@ AllowFewerOpt = Annotated[bool, typer.Option(help="Take every eligible problem w
 SelectSeedOpt = Annotated[int, typer.Option(help="Seed for the random and band modes.")]
 
 
-def _refuse_existing(out: str, force: bool) -> None:
-    """Fail before any work rather than after it."""
+def _check_output(out: str, fmt: str, force: bool) -> None:
+    """Fail before any work rather than after it: an existing file, or Parquet bytes bound for a
+    terminal (the default --format verl with --out -, run without a pipe)."""
+    import os
+
     if out != "-" and Path(out).exists() and not force:
         raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+    if out == "-" and fmt == "verl" and os.isatty(console.data_out().fileno()):
+        raise GradselError("refusing to write Parquet (--format verl) to a terminal",
+                           "pass --out FILE.parquet, pipe the output, or pick a text format: --format jsonl, "
+                           "openrlhf or ids")
 
 
 @app.command("select")
@@ -280,7 +287,7 @@ def select_cmd(
                        target=target, index=index, seed=seed, allow_fewer=allow_fewer)
     round_store = latest_round_store(store)
     st = existing_store(round_store)
-    _refuse_existing(out, force)
+    _check_output(out, fmt, force)
     selection = select(st, cfg)
     n = write_selection(st, selection, fmt=fmt, out=out, annotate=annotate, force=force)
     record_selection(store, round_store, selection.problem_ids)
@@ -324,7 +331,7 @@ def refresh(
     cfg = SelectConfig(mode=mode, top_k=top_k, ratio=ratio, target=target, seed=seed, allow_fewer=allow_fewer)
     if wants_selection:
         cfg.validate()  # fail before any work
-    _refuse_existing(out, force)
+        _check_output(out, fmt, force)
     with writer_lock(store):
         index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
                                       force=force)

@@ -161,6 +161,36 @@ def test_pipe_into_another_process(store):
     assert out.stdout.split() == ["2", "3"]
 
 
+def test_parquet_is_not_written_to_a_terminal(store):
+    """The defaults (--format verl, --out -) in a terminal: a clear error before any work, and
+    nothing but the error on the terminal; a text format still prints there."""
+    import os
+    import pty
+
+    def on_terminal(*args):
+        parent, child = pty.openpty()
+        proc = subprocess.run([*GRADSEL, "select", "--store", str(store.root), "--top-k", "2", *args],
+                              stdout=child, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ | {"NO_COLOR": "1"})
+        os.close(child)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(parent, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+        os.close(parent)
+        return proc, shown
+
+    proc, shown = on_terminal()
+    assert proc.returncode == 2 and "refusing to write Parquet" in proc.stderr and "--format jsonl" in proc.stderr
+    assert shown == b""
+    proc, shown = on_terminal("--format", "ids")
+    assert proc.returncode == 0 and len(shown.split()) == 2
+
+
 def test_missing_store_and_missing_scores(tmp_path):
     proc = run_cli("select", "--store", str(tmp_path / "none"), "--top-k", "1", check=False)
     assert proc.returncode == 2 and "not a gradsel store" in proc.stderr
