@@ -709,6 +709,9 @@ def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec,
             captured = {}
             with _output_layer_sees(model, rows, cols, captured):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()  # (N, V)
+            if "h" not in captured:  # the model computed its logits without calling its output module
+                raise GradselError(f"{type(model).__name__} does not call its output layer as a module, so "
+                                   "--feature head cannot see its input", "use --feature projected")
             probs = torch.softmax(logits, dim=-1)
             probs[torch.arange(len(rows), device=probs.device), ids[rows, cols + 1]] -= 1
             delta = probs * weights[rows, cols].unsqueeze(-1)  # d(sum w nll)/d logits
