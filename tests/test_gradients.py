@@ -149,8 +149,8 @@ def test_unsupported_module_type_is_refused_not_skipped():
 
 
 def tiny_moe(arch):
-    """Mixtral (router + fused experts), Qwen2-MoE (plus a shared expert whose Linears see the
-    flattened tokens), GPT-OSS (experts stored transposed, with biases and their own gate) and
+    """Mixtral and Qwen3-MoE (router + fused experts), Qwen2-MoE (plus a shared expert whose
+    Linears see the flattened tokens), GPT-OSS (experts stored transposed, with biases and their own gate) and
     DeepSeek-V3 (a dense first layer, grouped sigmoid routing, latent attention whose kv_b_proj
     sees (B, 1, T, d))."""
     import transformers
@@ -162,6 +162,8 @@ def tiny_moe(arch):
            "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
                                                             moe_intermediate_size=16,
                                                             shared_expert_intermediate_size=24),
+           "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
+                                                            moe_intermediate_size=16, head_dim=8),
            "gpt_oss": lambda: transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2,
                                                         head_dim=8),
            "deepseek_v3": lambda: transformers.DeepseekV3Config(
@@ -172,7 +174,7 @@ def tiny_moe(arch):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_moe_router_and_fused_experts_equal_projected_exact_gradient(arch):
     model = tiny_moe(arch)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=1, dtype="float32")
