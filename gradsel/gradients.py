@@ -477,8 +477,9 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
     tensor; as (B^T delta_t) . (A^T x_t) for a LowRank G_V ~= B A^T, where, for a Linear, the
     factors ride along with the projections in the same two matmuls. Always removed on exit.
 
-    A Linear sees (batch, seq, d) or the flattened (batch * seq, d) of an MoE block; routers and
-    experts see flattened tokens, and each token's problem comes from slots_ref[0] flattened."""
+    A Linear sees the batch's tokens as (batch, seq, d) or in another token-major layout
+    (`_token_major`); routers and experts see flattened tokens, and each token's problem comes
+    from slots_ref[0] flattened."""
     import torch
 
     handles, patched = [], {}
@@ -555,7 +556,7 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
         if unit.kind == "router":
             pre, post = router_hooks(m_idx, observe)
             handles += [unit.module.register_forward_pre_hook(pre), unit.module.register_forward_hook(post)]
-        else:  # experts: expert e's delta is signed by signs[m_idx][e] (module_projections)
+        else:  # experts: expert e's delta is signed by signs[m_idx][e] (expert_signs)
             def expert_observer(e, x, y, slots, observe=observe, m_idx=m_idx):
                 return observe(x, y, slots, sign=float(signs[m_idx][e]),
                                target=None if target is None else target[m_idx][e])
