@@ -699,9 +699,8 @@ def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec,
     """Output-layer gradient from the forward pass alone: delta_t = w_t (softmax_t - onehot_t)."""
     import torch
 
-    (name,) = spec.modules
-    head = dict(model.named_modules())[name]
-    r_in, r_out = module_projections(spec, name, head.out_features, head.in_features, device)
+    (head,) = resolve_units(model, spec.modules)
+    r_in, r_out = module_projections(spec, head.name, head.d_out, head.d_in, device)
     acc = torch.zeros((len(groups), spec.block_dim), dtype=torch.float32, device=device)
     with torch.no_grad():
         for batch in pack_batches(groups, loss_agg, max_tokens):

@@ -29,17 +29,24 @@ def toy_groups(seed=0, n_problems=6, k=4, vocab=18, zero_at=(2,)):
     return groups
 
 
+def exact_unit_gradients(model, group, spec):
+    """[(unit, its exact gradient as (d_out, d_in), or (n_experts, d_out, d_in) for experts)],
+    from one full backward pass over the problem (float64)."""
+    units = resolve_units(model, spec.modules)
+    params = exact_parameters(model, [u.parameter_name for u in units])
+    flat = exact_problem_gradient(model, group, params, loss_agg=LOSS_AGG, pad_id=0).double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return [(u, u.gradient_matrix(g.reshape(p.shape)))
+            for u, p, g in zip(units, params, flat.split([p.numel() for p in params]))]
+
+
 def exact_projected(model, group, spec):
     """R_out^T G R_in from the exact per-unit parameter gradients (the oracle); for a fused expert
     stack, the same for the (n_experts d_out, d_in) matrix it forms, with R_out repeated with the
     experts' signs: sum_e s_e R_out^T G_e R_in."""
-    units = resolve_units(model, spec.modules)
-    params = exact_parameters(model, [u.parameter_name for u in units])
-    flat = exact_problem_gradient(model, group, params, loss_agg=LOSS_AGG, pad_id=0).double()
-    out, offset = [], 0
-    for u, p in zip(units, params):
-        G = u.gradient_matrix(flat[offset:offset + p.numel()].reshape(p.shape))
-        offset += p.numel()
+    out = []
+    for u, G in exact_unit_gradients(model, group, spec):
         r_in, r_out = (r.double() for r in module_projections(spec, u.name, u.d_out, u.d_in, "cpu"))
         signs = expert_signs(spec, u.name, u.n_experts)
         G = G.reshape(u.n_experts, u.d_out, u.d_in)
@@ -47,8 +54,6 @@ def exact_projected(model, group, spec):
             r_o = r_out[:, b * spec.k_out:(b + 1) * spec.k_out]
             r_i = r_in[:, b * spec.k_in:(b + 1) * spec.k_in]
             out.append(sum(s * (r_o.T @ G[e] @ r_i) for e, s in enumerate(signs)).reshape(-1))
-    for p in model.parameters():
-        p.requires_grad_(False)
     return torch.cat(out).numpy()
 
 
@@ -205,14 +210,8 @@ def test_moe_alignment_equals_full_gradient_dot():
     groups = toy_groups(seed=5, n_problems=6, vocab=32)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
     target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
-    units = resolve_units(model, spec.modules)
-    params = exact_parameters(model, [u.parameter_name for u in units])
-    exact = []
-    for g in groups:
-        grads = exact_problem_gradient(model, g, params, loss_agg=LOSS_AGG, pad_id=0).double().split(
-            [p.numel() for p in params])
-        exact.append(sum(float((u.gradient_matrix(d.reshape(p.shape)) * t.double()).sum())
-                         for u, p, d, t in zip(units, params, grads, target)))
+    exact = [sum(float((G * t.double()).sum()) for (_, G), t in zip(exact_unit_gradients(model, g, spec), target))
+             for g in groups]
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
     _, dots = projected_features(model, groups, spec, target=target, **kw)
     np.testing.assert_allclose(dots, exact, rtol=1e-4, atol=1e-9)
