@@ -3,10 +3,13 @@
     .venv/bin/python benchmarks/lowrank.py --store /tmp/sc4    # a store scored on tiny-arith
 
 Reads the store's rollouts, computes the exact validation gradient G_V (batch aggregation), and
-prints, for each cap on the alignment's multiply-adds (gradients.low_rank_target), the share of
-the exact alignment's work it uses, the ranks it keeps, and the Spearman correlation of the
-candidates' dot products <g_p, truncated G_V> with the exact <g_p, G_V>, over the candidates whose
+prints, for each cap on the alignment's multiply-adds and each rounding of the ranks
+(gradients.low_rank_target), the share of the exact alignment's work it uses, the ranks it
+keeps, and the Spearman correlation of the candidates' dot products <g_p, truncated G_V> with the exact <g_p, G_V>, over the candidates whose
 exact dot is non-zero. Same pass, same sketch, so the truncation is the only difference.
+If the store was also scored with `--feature exact --modules '\.layers\.\d+\.'`, it prints the
+Spearman of each cap's cosines (dot / sketch norm, as `gradsel score` computes score_cos) with the
+exact full-gradient cosines too: what the truncation leaves of the scores' fidelity.
 """
 
 from __future__ import annotations
@@ -23,11 +26,30 @@ def read_split(store: Path, split: str):
     return read_shards(stage, len(list(stage.glob("shard-*.parquet"))), ROLLOUTS)
 
 
+def exact_cosines(store: Path, problem_ids: list[str]):
+    """The `--feature exact` cosines of these problems, if the store holds them; else None."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    for spec in sorted(store.glob("features/*/spec.json")):
+        if json.loads(spec.read_text())["projector"]["feature"] == "exact" and (spec.parent / "scores.parquet").exists():
+            table = pq.read_table(spec.parent / "scores.parquet").to_pydict()
+            cos = dict(zip(table["problem_id"], table["score_cos"]))
+            return np.array([cos[p] for p in problem_ids])
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, required=True, help="a store scored with --model tiny-arith")
     ap.add_argument("--caps", type=float, nargs="+", default=[1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0])
+    ap.add_argument("--tiles", type=int, nargs="+", default=[1, 16],
+                    help="ranks rounded up to a multiple of this (gradsel's default: 16)")
     args = ap.parse_args()
+
+    import numpy as np
 
     from gradsel.demo import spearman
     from gradsel.gradients import (LowRank, alignment_cost, groups_from_table, low_rank_target, make_spec,
@@ -40,15 +62,23 @@ def main() -> None:
     val = groups_from_table(read_split(args.store, "val"), "grpo")
     spec = make_spec(model, feature="projected", modules=None, sketch=(16, 16), seed=0, dtype="float32")
     target = target_gradient(model, val, spec.modules, **kw)
-    _, exact = projected_features(model, train, spec, target=target, **kw)
+    features, exact = projected_features(model, train, spec, target=target, **kw)
     live = exact != 0
+    norms = np.linalg.norm(features, axis=1)
+    full_cos = exact_cosines(args.store, [g.problem_id for g in train])
     print(f"{int(live.sum())} candidates with a non-zero dot\n")
-    print("| cap | share used | ranks kept | Spearman of the dots |\n| ---: | ---: | --- | ---: |")
+    rows = [("exact G_V", 1.0, "all", exact)]
     for cap in args.caps:
-        low = low_rank_target(target, max_cost=cap)
-        ranks = [t.out_factor.shape[1] for t in low if isinstance(t, LowRank)]
-        _, dots = projected_features(model, train, spec, target=low, **kw)
-        print(f"| {cap:g} | {alignment_cost(low):.3f} | {min(ranks)}-{max(ranks)} | {spearman(dots[live], exact[live]):.4f} |")
+        for tile in args.tiles:
+            low = low_rank_target(target, max_cost=cap, tile=tile)
+            ranks = [t.out_factor.shape[1] for t in low if isinstance(t, LowRank)]
+            _, dots = projected_features(model, train, spec, target=low, **kw)
+            rows.append((f"{cap:g}, tile {tile}", alignment_cost(low), f"{min(ranks)}-{max(ranks)}", dots))
+    print("| cap, tile | share used | ranks kept | Spearman of the dots | Spearman of the cosines vs exact feature |")
+    print("| --- | ---: | --- | ---: | ---: |")
+    for cap, used, kept, dots in rows:
+        vs_exact = "" if full_cos is None else f"{spearman(dots[live] / norms[live], full_cos[live]):.4f}"
+        print(f"| {cap} | {used:.3f} | {kept} | {spearman(dots[live], exact[live]):.4f} | {vs_exact} |")
 
 
 if __name__ == "__main__":

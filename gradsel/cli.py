@@ -185,7 +185,7 @@ def score(
     answer_key: Annotated[Optional[str], typer.Option(help="Answer column override (dots reach into structs).")] = None,
     sketch: Annotated[str, typer.Option(help="Two-sided sketch per module, KOUTxKIN.")] = "16x16",
     sketch_blocks: Annotated[int, typer.Option(min=1, help="Independent KOUTxKIN sketches per module, averaged (lower variance).")] = 1,
-    alignment: Annotated[str, typer.Option(help="How <g_p, g_V> is computed for --feature projected. lowrank: in the same pass, against the validation gradient truncated by SVD to 95% of its norm per module, at most 1/8 of the exact alignment's cost (Spearman 0.99 with exact); exact: against the full validation gradient (one more matmul per token); sketch: from the projected vectors alone.")] = "lowrank",
+    alignment: Annotated[str, typer.Option(help="How <g_p, g_V> is computed for --feature projected. lowrank: in the same pass, against the validation gradient truncated by SVD, with ranks chosen over all modules to keep 95% of its norm at no more than 1/32 of the exact alignment's cost (dots: Spearman 0.99 with exact on tiny-arith); exact: against the full validation gradient (one more matmul per token); sketch: from the projected vectors alone.")] = "lowrank",
     modules: Annotated[Optional[str], typer.Option(help="Regex over module names (default: every Linear, MoE router and fused expert weight in the decoder blocks).")] = None,
     feature: Annotated[Feature, typer.Option(help="projected (hooks), head (output layer, forward only) or exact (full gradients, small models).")] = Feature.projected,
     adv: Annotated[str, typer.Option(help="grpo or drgrpo (no std).")] = "grpo",

@@ -397,12 +397,19 @@ def _require_grad(y):
     return y if y.requires_grad else y.requires_grad_(True).clone()
 
 
+def _unit_target(t):
+    """A unit's alignment target as the hooks use it: None where there is nothing to align
+    (no target, or a LowRank of rank 0, which adds nothing to the dot)."""
+    return None if isinstance(t, LowRank) and t.in_factor.shape[1] == 0 else t
+
+
 def _token_observer(m_idx, r_in, r_out, acc, dots, blocks):
     """For units that see flattened tokens (routers, experts): observe(x, y, slots, sign, target)
     adds sum over each problem's tokens of sign (R_out^T delta_t)(R_in^T x_t)^T into acc[:, m_idx],
     and <delta_t x_t^T, target> into dots, for x (n, d_in), the unit's output y (n, d_out) and
     slots (n,) (-1 on padding, where delta_t is 0). Returns y, tracked by autograd."""
     def observe(x, y, slots, sign=1.0, target=None):
+        target = _unit_target(target)
         x = x.detach().float()
         x_proj = x @ r_in  # (n, blocks * k_in)
         x_low = x @ target.in_factor if isinstance(target, LowRank) else None  # (n, r)
@@ -485,7 +492,8 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
     handles, patched = [], {}
 
     def linear_hook(m_idx, r_in, r_out):
-        low_rank = target[m_idx] if target is not None and isinstance(target[m_idx], LowRank) else None
+        unit_target = _unit_target(target[m_idx]) if target is not None else None
+        low_rank = unit_target if isinstance(unit_target, LowRank) else None
         k_in, k_out = r_in.shape[1], r_out.shape[1]  # blocks * k_in, blocks * k_out
         if low_rank is not None:  # (d_in, blocks k_in + r) and (d_out, blocks k_out + r)
             r_in = torch.cat([r_in, low_rank.in_factor], dim=1)
@@ -507,7 +515,7 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
                 x_proj, x_low = x_proj[..., :k_in], x_proj[..., k_in:]
             # With frozen weights autograd keeps no x for weight gradients; the exact alignment
             # holds the (shared) view until backward, where G_V x_t is formed and dropped.
-            x_held = x if target is not None and low_rank is None else None
+            x_held = x if unit_target is not None and low_rank is None else None
 
             def grad_hook(grad):
                 grad = grad.float().reshape(*slots.shape, -1)  # a no-op in float32; one copy in bfloat16
@@ -521,7 +529,7 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
                                        x_proj.reshape(B, T, blocks, -1))
                 acc[:, m_idx].index_add_(0, row_slot, per_row.reshape(B, -1))
                 if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
-                    gx = x_held.float() @ target[m_idx].T  # (B, T, d_out)
+                    gx = x_held.float() @ unit_target.T  # (B, T, d_out)
                     dots.index_add_(0, row_slot, ((grad * gx).sum(-1) * real[..., 0]).sum(-1).double())
 
             output = _require_grad(output)
@@ -635,42 +643,64 @@ class LowRank:
     in_factor: object
 
 
-# The truncated G_V keeps all but this share of each module's Frobenius norm. Validation
-# gradients are sums of few outer products and their spectra fall fast: on tiny-arith a 5%
-# residual keeps 9-28 of 192 singular values, and the scores keep a Spearman of 0.99 with the
-# exact alignment (docs/benchmarks.md).
+# The truncated G_V keeps all but this share of its Frobenius norm (over all units together).
+# Validation gradients are sums of few outer products and their spectra fall fast: on tiny-arith
+# a 5% residual keeps 6-22 of each module's 192 singular values (docs/benchmarks.md).
 LOW_RANK_RESIDUAL = 0.05
-# ... but never more than this share of the exact alignment's multiply-adds per token:
-# r (d_in + d_out) <= LOW_RANK_MAX_COST * d_in d_out. A G_V without structure (a random model, a
-# large and varied validation set) would otherwise need nearly full rank, and the alignment would
-# cost as much as the weight gradient the hooks avoid. The cap bounds the pass's cost; what it
-# leaves out is the spectrum's tail, which the fidelity benchmark measures.
-LOW_RANK_MAX_COST = 0.125
-
-
-def low_rank_rank(shape: tuple[int, int], max_cost: float = LOW_RANK_MAX_COST) -> int:
-    """The largest rank whose factors cost at most `max_cost` of the full (d_out, d_in) matrix."""
-    d_out, d_in = shape
-    return max(1, int(max_cost * d_out * d_in / (d_out + d_in)))
+# ... but the components chosen never cost more than this share of the exact alignment's
+# multiply-adds per token: sum over units of r (d_in + d_out) <= LOW_RANK_MAX_COST * sum of
+# d_in d_out, about 1/64 of the pass (a forward and an input-gradient matmul per unit cost
+# 2 d_in d_out), whatever G_V looks like. One without structure (a random model, a large and
+# varied validation set) would otherwise need nearly full rank, and the alignment would cost as
+# much as the weight gradient the hooks avoid.
+LOW_RANK_MAX_COST = 1 / 32
+# Each rank is then rounded up to a multiple of this. Matmuls run in column tiles: on the
+# development CPU a (2048, 512) @ (512, n) product took 200 us at n = 16 and 330-460 us at n = 8,
+# 24 or 26. The components that fill a started tile cost no time, and the projections' own 16
+# columns are one tile already. So the pass pays at most one more tile per side per module
+# beyond the budget.
+LOW_RANK_TILE = 16
 
 
 def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
-                    max_cost: float = LOW_RANK_MAX_COST) -> list:
-    """Truncate each module's target gradient by SVD to the smallest rank whose residual is at
-    most `residual` of its norm, capped at `low_rank_rank`. A module where even rank 1 would cost
-    as much per token as the full matrix (r (d_in + d_out) >= d_in d_out) keeps the full matrix.
-    A fused expert stack (n_experts, d_out, d_in) becomes a list with one entry per expert."""
+                    max_cost: float = LOW_RANK_MAX_COST, tile: int = LOW_RANK_TILE) -> list:
+    """Truncate the target gradient by SVD, with the ranks chosen over all matrices at once.
+
+    The singular components of every matrix (each expert's its own) are taken in order of
+    sigma^2 / (d_out + d_in), the squared norm a component keeps per multiply-add per token, until
+    those taken hold all but `residual` of G_V's norm, or the next would take them over `max_cost`
+    of the exact alignment's multiply-adds. A fixed budget so goes where G_V's norm is: a module
+    with a steep spectrum gets the rank it needs, one whose G_V is small or flat a low rank,
+    possibly 0 (it then adds nothing to the dot). Each non-zero rank is then rounded up to a
+    multiple of `tile` (LOW_RANK_TILE). A matrix whose rank would cost as much per token as the
+    matrix itself (r (d_in + d_out) >= d_in d_out) keeps the full matrix. A fused expert stack
+    (n_experts, d_out, d_in) becomes a list with one entry per expert.
+    """
     import torch
 
-    def truncate(g):
-        u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
-        energy = torch.cumsum(s**2, 0) / max(float((s**2).sum()), 1e-300)
-        rank = min(int((energy < 1 - residual**2).sum()) + 1, low_rank_rank(tuple(g.shape), max_cost))
-        if rank * sum(g.shape) >= g.numel():
-            return g
-        return LowRank((u[:, :rank] * s[:rank]).to(g.dtype), vh[:rank].T.contiguous().to(g.dtype))
+    matrices = [m for g in target for m in (g if g.dim() == 3 else [g])]
+    spectra = [torch.linalg.svdvals(m.double()) for m in matrices]  # singular vectors later, where kept
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(spectra)])  # (components,)
+    energy = torch.cat(spectra) ** 2
+    width = torch.tensor([sum(m.shape) for m in matrices], dtype=torch.float64)[owner]  # its multiply-adds
+    order = torch.sort(energy / width, descending=True, stable=True).indices  # stable: each matrix's own order
+    kept_before = torch.cumsum(energy[order], 0) - energy[order]
+    cost = torch.cumsum(width[order], 0)
+    # both sums grow along the order, so the components taken are a prefix of it
+    taken = (kept_before < (1 - residual**2) * energy.sum()) & (cost <= max_cost * sum(m.numel() for m in matrices))
+    ranks = torch.bincount(owner[order[:int(taken.sum())]], minlength=len(matrices)).tolist()
+    ranks = [min(-(-r // tile) * tile, min(m.shape)) for r, m in zip(ranks, matrices)]
 
-    return [[truncate(e) for e in g] if g.dim() == 3 else truncate(g) for g in target]
+    def truncate(m, rank):
+        if rank * sum(m.shape) >= m.numel():
+            return m
+        if rank == 0:
+            return LowRank(m.new_zeros(m.shape[0], 0), m.new_zeros(m.shape[1], 0))
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        return LowRank((u[:, :rank] * s[:rank]).to(m.dtype), vh[:rank].T.contiguous().to(m.dtype))
+
+    truncated = iter([truncate(m, r) for m, r in zip(matrices, ranks)])
+    return [[next(truncated) for _ in g] if g.dim() == 3 else next(truncated) for g in target]
 
 
 def alignment_cost(target: Sequence) -> float:

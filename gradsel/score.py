@@ -25,8 +25,8 @@ import numpy as np
 from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.rewards import judge_consistency
-from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, ProjectorSpec,
-                               exact_parameters, exact_problem_gradient, groups_from_table, head_features,
+from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE,
+                               ProjectorSpec, exact_parameters, exact_problem_gradient, groups_from_table, head_features,
                                low_rank_target, make_spec, projected_features, target_gradient,
                                zero_validation_gradient)
 
@@ -127,7 +127,8 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
     val_groups = groups_from_table(val_rollouts, cfg.adv)
     method = asdict(cfg) | {"device": None, "shard_size": None, "max_tokens_per_batch": None}  # numbers unchanged
     if cfg.alignment == "lowrank":  # the truncation rule sets the scores too
-        method["low_rank"] = {"residual": LOW_RANK_RESIDUAL, "max_cost": LOW_RANK_MAX_COST}
+        method["low_rank"] = {"residual": LOW_RANK_RESIDUAL, "max_cost": LOW_RANK_MAX_COST, "tile": LOW_RANK_TILE,
+                              "ranks": "global"}
     key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": method,
                       "train": _table_digest(train_rollouts), "val": _table_digest(val_rollouts)})
     feature_id = stable_key({"spec": spec.to_dict(), "cfg": method})[:16]

@@ -220,8 +220,8 @@ def test_moe_alignment_equals_full_gradient_dot():
     def dense(t):
         return t.out_factor @ t.in_factor.T if isinstance(t, LowRank) else t
 
-    low = low_rank_target(target, residual=0.01)
-    assert any(isinstance(e, LowRank) for t in low if isinstance(t, list) for e in t)
+    low = low_rank_target(target, residual=0.01, max_cost=1 / 4, tile=1)
+    assert any(isinstance(e, LowRank) and e.out_factor.shape[1] > 0 for t in low if isinstance(t, list) for e in t)
     truncated = [torch.stack([dense(e) for e in t]) if isinstance(t, list) else dense(t) for t in low]
     _, dots_low = projected_features(model, groups, spec, target=low, **kw)
     _, dots_truncated = projected_features(model, groups, spec, target=truncated, **kw)
@@ -256,34 +256,67 @@ def test_exact_alignment_in_the_hooked_pass_equals_full_gradient_dot():
 
 def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
     """The factors ride along with the projections: the dots equal the exact hooked pass run
-    against the truncated matrices, and the truncation keeps all but 5% of each module's norm,
-    unless that would cost more than LOW_RANK_MAX_COST of the full matrix."""
-    from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LowRank, alignment_cost, low_rank_rank,
-                                   low_rank_target, target_gradient)
+    against the truncated matrices, and the truncation stays within LOW_RANK_MAX_COST of the exact
+    alignment's work."""
+    from gradsel.gradients import LOW_RANK_MAX_COST, LowRank, alignment_cost, low_rank_target, target_gradient
 
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=5)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
     target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
-    low = low_rank_target(target)
-    assert any(isinstance(t, LowRank) for t in low)
-    assert alignment_cost(target) == 1 and 0 < alignment_cost(low) <= LOW_RANK_MAX_COST
-    dense = []
-    for t, lr in zip(target, low):
-        if isinstance(lr, LowRank):
-            dense.append(lr.out_factor @ lr.in_factor.T)
-            rank = lr.out_factor.shape[1]
-            assert rank * sum(t.shape) <= LOW_RANK_MAX_COST * t.numel()  # the cost cap
-            assert (float((t - dense[-1]).norm()) <= LOW_RANK_RESIDUAL * float(t.norm()) * (1 + 1e-5)
-                    or rank == low_rank_rank(tuple(t.shape)))  # the residual rule, or capped
-        else:
-            dense.append(lr)
+    assert 0 < alignment_cost(low_rank_target(target, tile=1)) <= LOW_RANK_MAX_COST == 1 / 32
+    low = low_rank_target(target)  # ranks rounded up to whole tiles of 16
+    assert any(isinstance(t, LowRank) and t.out_factor.shape[1] > 0 for t in low)
+    assert all(t.out_factor.shape[1] % 16 == 0 for t in low if isinstance(t, LowRank))
+    assert alignment_cost(target) == 1
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
-    feats_low, dots_low = projected_features(model, groups, spec, target=low, **kw)
-    feats_dense, dots_dense = projected_features(model, groups, spec, target=dense, **kw)
-    np.testing.assert_allclose(dots_low, dots_dense, rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(feats_low, feats_dense, rtol=1e-4, atol=1e-5)  # the same sketch, in a wider matmul
-    assert np.count_nonzero(dots_low) == sum(not g.zero_advantage for g in groups)
+    # and a budget so small that some units get rank 0: they add nothing to the dot
+    for low in (low, low_rank_target(target, max_cost=1 / 256)):
+        dense = [lr.out_factor @ lr.in_factor.T if isinstance(lr, LowRank) else lr for lr in low]
+        feats_low, dots_low = projected_features(model, groups, spec, target=low, **kw)
+        feats_dense, dots_dense = projected_features(model, groups, spec, target=dense, **kw)
+        np.testing.assert_allclose(dots_low, dots_dense, rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(feats_low, feats_dense, rtol=1e-4, atol=1e-5)  # the same sketch, in a wider matmul
+        assert np.count_nonzero(dots_low) == sum(not g.zero_advantage for g in groups)
+    assert {t.out_factor.shape[1] for t in low} == {0, 16}
+
+
+def with_spectrum(singular_values, shape=(64, 48), seed=0):
+    """A (d_out, d_in) matrix with these singular values (the rest 0) and random singular vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], len(singular_values), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], len(singular_values), generator=gen, dtype=torch.float64))
+    return (u * torch.tensor(singular_values, dtype=torch.float64)) @ v.T
+
+
+def test_low_rank_target_spends_its_budget_where_the_norm_is():
+    """Ranks are chosen over all matrices at once, by squared norm kept per multiply-add: a steep
+    spectrum gets the rank it needs before a flat one gets its second component, and each kept
+    matrix is the best fit of its rank (Eckart-Young)."""
+    from gradsel.gradients import LowRank, alignment_cost, low_rank_target
+
+    steep = with_spectrum([10.0, 5.0, 1.0, 0.1, 0.1], seed=1)
+    flat = with_spectrum([0.5] * 20, seed=2)
+    # room for 4 components of width 64 + 48; one matrix per module, as the hooks see them
+    budget = 4 * (64 + 48) / (2 * 64 * 48)
+    low = low_rank_target([steep.float(), flat.float()], residual=1e-6, max_cost=budget, tile=1)
+    assert [t.out_factor.shape[1] for t in low] == [3, 1]  # by sigma^2: 100, 25, 1, then 0.25 over 0.01
+    assert alignment_cost(low) == pytest.approx(budget)
+    for t, g in zip(low, (steep, flat)):
+        assert isinstance(t, LowRank)
+        r = t.out_factor.shape[1]
+        residual = float((g - t.out_factor.double() @ t.in_factor.double().T).norm())
+        assert residual == pytest.approx(float(torch.linalg.svdvals(g)[r:].norm()), rel=1e-4)
+    # with budget to spare, the residual rule stops it: all but 5% of the norm of both together
+    low = low_rank_target([steep.float(), flat.float()], residual=0.05, max_cost=1.0, tile=1)
+    kept = [t.out_factor.shape[1] for t in low]
+    total = float(steep.norm() ** 2 + flat.norm() ** 2)
+    lost = float(sum(torch.linalg.svdvals(g)[r:].square().sum() for g, r in zip((steep, flat), kept)))
+    assert lost <= 0.05**2 * total and kept[0] == 3 and 0 < kept[1] < 20
+    # ranks fill whole tiles of columns (they cost no more time); a tile past the matrix stops at its rank
+    low = low_rank_target([steep.float(), flat.float(), with_spectrum([1e-3], seed=3).float()],
+                          residual=1e-6, max_cost=budget, tile=16)
+    assert [t.out_factor.shape[1] for t in low] == [16, 16, 0]
 
 
 def test_weighted_nll_is_the_shifted_token_loss():
@@ -325,12 +358,12 @@ def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
 def test_low_rank_target_caps_the_rank_of_an_unstructured_gradient():
     """A full-rank G_V would need nearly every singular value for a 5% residual; the cap keeps the
     alignment's cost bounded and keeps the top of the spectrum, the best approximation of that rank."""
-    from gradsel.gradients import LOW_RANK_MAX_COST, low_rank_rank, low_rank_target
+    from gradsel.gradients import low_rank_target
 
     g = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
-    (low,) = low_rank_target([g])
+    (low,) = low_rank_target([g], max_cost=1 / 8, tile=1)
     rank = low.out_factor.shape[1]
-    assert rank == low_rank_rank((64, 48)) == int(LOW_RANK_MAX_COST * 64 * 48 / (64 + 48))
+    assert rank == int(64 * 48 / 8 / (64 + 48))
     s = torch.linalg.svdvals(g.double())
     residual = float((g.double() - low.out_factor.double() @ low.in_factor.double().T).norm())
     assert residual == pytest.approx(float(s[rank:].norm()), rel=1e-4)  # Eckart-Young: the best rank-r fit
