@@ -645,7 +645,7 @@ class LowRank:
 
 # The truncated G_V keeps all but this share of its Frobenius norm (over all units together).
 # Validation gradients are sums of few outer products and their spectra fall fast: on tiny-arith
-# a 5% residual keeps 6-22 of each module's 192 singular values (docs/benchmarks.md).
+# a 5% residual alone keeps 6-22 of each module's 192 singular values (docs/benchmarks.md).
 LOW_RANK_RESIDUAL = 0.05
 # ... but the components chosen never cost more than this share of the exact alignment's
 # multiply-adds per token: sum over units of r (d_in + d_out) <= LOW_RANK_MAX_COST * sum of
@@ -679,7 +679,9 @@ def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
     import torch
 
     matrices = [m for g in target for m in (g if g.dim() == 3 else [g])]
-    spectra = [torch.linalg.svdvals(m.double()) for m in matrices]  # singular vectors later, where kept
+    # singular values on the CPU, whatever the device: the choice is bookkeeping over small vectors;
+    # the singular vectors come later, only where a rank is kept
+    spectra = [torch.linalg.svdvals(m.double()).cpu() for m in matrices]
     owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(spectra)])  # (components,)
     energy = torch.cat(spectra) ** 2
     width = torch.tensor([sum(m.shape) for m in matrices], dtype=torch.float64)[owner]  # its multiply-adds
