@@ -5,8 +5,8 @@
 Reads the store's rollouts, computes the exact validation gradient G_V (batch aggregation), and
 prints, for each cap on the alignment's multiply-adds and each rounding of the ranks
 (gradients.low_rank_target), the share of the exact alignment's work it uses, the ranks it
-keeps, and the Spearman correlation of the candidates' dot products <g_p, truncated G_V> with the exact <g_p, G_V>, over the candidates whose
-exact dot is non-zero. Same pass, same sketch, so the truncation is the only difference.
+keeps, and the Spearman correlation of the candidates' dot products <g_p, truncated G_V> with
+the exact <g_p, G_V>, over the candidates whose exact dot is non-zero. Same pass, same sketch, so the truncation is the only difference.
 If the store was also scored with `--feature exact --modules '\.layers\.\d+\.'`, it prints the
 Spearman of each cap's cosines (dot / sketch norm, as `gradsel score` computes score_cos) with the
 exact full-gradient cosines too: what the truncation leaves of the scores' fidelity.

@@ -662,6 +662,12 @@ LOW_RANK_MAX_COST = 1 / 32
 LOW_RANK_TILE = 16
 
 
+def _matrices(target: Sequence) -> list:
+    """A per-unit target as one entry per matrix: an expert stack, a (n_experts, d_out, d_in)
+    tensor or a list of per-expert entries, gives one per expert."""
+    return [m for t in target for m in (t if isinstance(t, list) or getattr(t, "ndim", 2) == 3 else [t])]
+
+
 def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
                     max_cost: float = LOW_RANK_MAX_COST, tile: int = LOW_RANK_TILE) -> list:
     """Truncate the target gradient by SVD, with the ranks chosen over all matrices at once.
@@ -678,7 +684,7 @@ def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
     """
     import torch
 
-    matrices = [m for g in target for m in (g if g.dim() == 3 else [g])]
+    matrices = _matrices(target)
     # singular values on the CPU, whatever the device: the choice is bookkeeping over small vectors;
     # the singular vectors come later, only where a rank is kept
     spectra = [torch.linalg.svdvals(m.double()).cpu() for m in matrices]
@@ -710,9 +716,7 @@ def alignment_cost(target: Sequence) -> float:
     of the exact alignment's: r (d_out + d_in) for a LowRank matrix, d_out d_in for a full one."""
     import torch
 
-    matrices = []
-    for t in target:
-        matrices += list(t) if isinstance(t, list) or (isinstance(t, torch.Tensor) and t.dim() == 3) else [t]
+    matrices = _matrices(target)
     used = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.numel() + t.in_factor.numel()
                for t in matrices)
     full = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.shape[0] * t.in_factor.shape[0]

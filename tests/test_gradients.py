@@ -271,14 +271,15 @@ def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
     assert alignment_cost(target) == 1
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
     # and a budget so small that some units get rank 0: they add nothing to the dot
-    for low in (low, low_rank_target(target, max_cost=1 / 256)):
-        dense = [lr.out_factor @ lr.in_factor.T if isinstance(lr, LowRank) else lr for lr in low]
-        feats_low, dots_low = projected_features(model, groups, spec, target=low, **kw)
+    tiny_budget = low_rank_target(target, max_cost=1 / 256)
+    assert {t.out_factor.shape[1] for t in tiny_budget} == {0, 16}
+    for truncated in (low, tiny_budget):
+        dense = [lr.out_factor @ lr.in_factor.T if isinstance(lr, LowRank) else lr for lr in truncated]
+        feats_low, dots_low = projected_features(model, groups, spec, target=truncated, **kw)
         feats_dense, dots_dense = projected_features(model, groups, spec, target=dense, **kw)
         np.testing.assert_allclose(dots_low, dots_dense, rtol=1e-4, atol=1e-9)
         np.testing.assert_allclose(feats_low, feats_dense, rtol=1e-4, atol=1e-5)  # the same sketch, in a wider matmul
         assert np.count_nonzero(dots_low) == sum(not g.zero_advantage for g in groups)
-    assert {t.out_factor.shape[1] for t in low} == {0, 16}
 
 
 def with_spectrum(singular_values, shape=(64, 48), seed=0):
