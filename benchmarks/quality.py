@@ -1,6 +1,6 @@
 """Selection quality on the paper's three data regimes, with tiny-arith, over several seeds.
 
-    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--out docs/quality.md]
+    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--val-size 40] [--out docs/quality.md]
 
 For each regime and seed: `gradsel demo-data`, then `score` (transformers engine) with each
 feature, then `select --ratio 0.25` with every mode. Metrics (mean +- std over seeds):
@@ -50,8 +50,9 @@ def truth_label(regime: str, extra: dict) -> bool:
     return not extra["low_utility"]
 
 
-def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str]) -> list[dict]:
-    pool, val = write_regime(work / "data", regime, size=size, val_size=40, seed=seed)
+def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
+            val_size: int = 40) -> list[dict]:
+    pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed)
     truth = {p.problem_id: truth_label(regime, p.extra_info) for p in read_problems(pool).problems}
     base_rate = sum(truth.values()) / len(truth)
     ro = RolloutOptions(n=n, engine="hf", max_tokens=8, seed=seed)
@@ -110,9 +111,9 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(summary: list[dict], out: Path, command: str) -> None:
+def write_report(summary: list[dict], out: Path, command: str, *, size: int, n: int, val_size: int) -> None:
     lines = ["# Selection quality", "", "Measured with:", "", "```bash", command, "```", "",
-             "Each regime: 400-problem pool, 40 clean validation problems, tiny-arith, k = 8 rollouts at "
+             f"Each regime: {size}-problem pool, {val_size} clean validation problems, tiny-arith, k = {n} rollouts at "
              "temperature 1.0 (transformers engine), select 25% of the pool. Mean +- std over seeds. A mode without "
              "`--target` in its name ranks with `--target mean` (the validation set's gradient, as the paper does).", ""]
     titles = {"noisy": ("corrupted share (lower is better)", True),
@@ -162,6 +163,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", type=int, default=400)
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--val-size", type=int, default=40, help="clean validation problems per regime")
     ap.add_argument("--regimes", nargs="+", default=["noisy", "imbalance", "low-utility"])
     ap.add_argument("--features", nargs="+", default=list(FEATURES))
     ap.add_argument("--out", type=Path, default=Path("docs/quality.md"))
@@ -171,13 +173,13 @@ def main() -> None:
     for regime in args.regimes:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as work:
-                results += run_one(Path(work), regime, seed, args.size, args.n, args.features)
+                results += run_one(Path(work), regime, seed, args.size, args.n, args.features, args.val_size)
             print(f"done {regime} seed {seed}", flush=True)
     summary = summarize(results)
     print(json.dumps(summary, indent=1))
     command = (f".venv/bin/python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
-               f"--n {args.n} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
-    write_report(summary, args.out, command)
+               f"--n {args.n} --val-size {args.val_size} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
+    write_report(summary, args.out, command, size=args.size, n=args.n, val_size=args.val_size)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Selection at scale: a store of synthetic unit vectors, then `select` on the CPU.
 
-    .venv/bin/python benchmarks/selection.py [--n 1000000] [--dim 2048] [--index auto] [--dir DIR]
+    .venv/bin/python benchmarks/selection.py [--n 1000000] [--dim 2048] [--index auto] [--dir DIR] [--arms ...]
 
 Writes a store of N float16 vectors (N x dim x 2 bytes; 4 GB at the defaults), 64 validation
 vectors and a scores table, then runs `gradsel select --ratio 0.05` in a fresh process per arm,
@@ -67,13 +67,23 @@ def build_store(root: Path, n: int, dim: int, shard: int = 65536) -> None:
         "problem_id": [f"v{i}" for i in range(64)],
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(val.astype(np.float16).reshape(-1)), dim),
         "norm": np.ones(64), "target_dot": pa.nulls(64, pa.float64())}).cast(schema))
-    spec = {"feature": "projected", "seed": 0, "k_out": 16, "k_in": 16, "blocks": 1, "modules": ["bench"],
-            "dims": [[dim, 1]], "dtype": "float32", "kind": "rademacher"}
+    # dim / 256 modules of 16 x 16 sketches, as a real store of that width would hold.
+    n_modules = dim // 256 if dim % 256 == 0 else 1
+    spec = {"feature": "projected", "seed": 0, "k_out": 16, "k_in": 16, "blocks": 1,
+            "modules": [f"bench.{i}" for i in range(n_modules)], "dims": [[dim // n_modules, 1]] * n_modules,
+            "dtype": "float32", "kind": "rademacher"}
     atomic_write_json(features / "spec.json", {"projector": spec})
     atomic_write_json(root / "manifest.json", {
         "format_version": FORMAT_VERSION, "projector": spec, "features": "features/bench",
         "rollouts": {"train": {"problems_file": str(pool), "problems_sha256": hashlib.sha256(pool.read_bytes()).hexdigest(),
                                "sampling": {"n": 8}, "engine": "bench"}}})
+
+
+ARMS = {"default": ("default (reliable --target subspace)", "only", []),
+        "mean": ("gradalign --target mean", "only", ["--mode", "gradalign", "--target", "mean"]),
+        "learnalign": ("learnalign", "first (builds the index)", ["--mode", "learnalign"]),
+        "learnalign-again": ("learnalign", "second (saved index)", ["--mode", "learnalign"]),
+        "max": ("reliable --target max", "saved index", ["--target", "max"])}
 
 
 def main() -> None:
@@ -82,6 +92,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--index", default="auto", help="gradsel select --index for the vector arms")
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run")
     args = ap.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="gradsel-select-bench-"))
     t = time.perf_counter()
@@ -96,12 +107,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: |")
     vector_bytes = args.n * args.dim * 2
     shutil.rmtree(root / "features/bench/index", ignore_errors=True)  # the first vector run builds it
-    arms = [("default (reliable --target subspace)", "only", []),
-            ("gradalign --target mean", "only", ["--mode", "gradalign", "--target", "mean"]),
-            ("learnalign", "first (builds the index)", ["--mode", "learnalign"]),
-            ("learnalign", "second (saved index)", ["--mode", "learnalign"]),
-            ("reliable --target max", "saved index", ["--target", "max"])]
-    for name, run, extra in arms:
+    for name, run, extra in (ARMS[a] for a in args.arms):
         t = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "gradsel.cli", "-q", "select",
                                "--store", str(root), "--ratio", "0.05", "--index", args.index, *extra,

@@ -232,7 +232,8 @@ ModeOpt = Annotated[str, typer.Option(help="reliable (the default: alignment, mi
                                            "learnalign or random.")]
 TargetOpt = Annotated[str, typer.Option(help="What reliable, gradalign and simacc align with. max: the best single validation "
                                              "problem (LESS-style, through the FAISS index); mean: the validation set's gradient "
-                                             "(the paper's); subspace: the share of the candidate's gradient in the span of the validation gradients; "
+                                             "(the paper's); subspace: per module, the share of the candidate's gradient in the span of the validation "
+                                             "gradients, averaged over modules; "
                                              "auto (the default): subspace where the store holds vectors, else mean (--feature exact).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="verl (Parquet), jsonl (original rows), openrlhf (input/label) or ids.")]
 OutOpt = Annotated[str, typer.Option(help="Output file, or - for stdout.")]

@@ -85,14 +85,47 @@ def load_vectors(directory: Path, split: str) -> tuple[list[str], np.ndarray]:
     return read_ids(directory, split), np.concatenate(list(iter_vectors(directory, split)))
 
 
-def subspace_share(directory: Path, split: str, queries: np.ndarray) -> np.ndarray:
-    """||P u|| for every unit vector u of the split, P the projection onto the span of the
-    (m, dim) queries: the share of each candidate's gradient that the validation gradients span,
-    whatever its sign. One streaming pass; (n,) float64."""
-    basis, _ = np.linalg.qr(queries.astype(np.float64).T)  # (dim, m), orthonormal columns
-    basis = basis.astype(np.float32)  # float32 matmul over the pool: the vectors are float16 anyway
-    return np.concatenate([np.linalg.norm(chunk @ basis, axis=1).astype(np.float64)
-                           for chunk in iter_vectors(directory, split)])
+def module_bases(queries: np.ndarray, units: int, max_rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per module, an orthonormal basis of the span of the (m, units * width) queries' slices for
+    that module, each slice scaled to unit norm first so every validation problem counts alike.
+    At most max_rank (width // 4 by default) directions: with more queries, their top principal
+    directions, because a span that fills the slice would hold every candidate whole.
+    Returns (bases, live): (units, width, r) float32, zero-padded to a common r, and (units,)
+    bool, False for a module in which no query has a gradient."""
+    width = queries.shape[1] // units
+    slices = queries.reshape(len(queries), units, width).astype(np.float64)  # (m, units, width)
+    max_rank = max_rank or max(1, width // 4)
+    found = []
+    for u in range(units):
+        rows = slices[:, u][np.linalg.norm(slices[:, u], axis=1) > 0]
+        if not len(rows):
+            found.append(np.zeros((width, 0)))
+            continue
+        _, sv, vt = np.linalg.svd(rows / np.linalg.norm(rows, axis=1, keepdims=True), full_matrices=False)
+        found.append(vt[:min(max_rank, int((sv > sv[0] * 1e-6).sum()))].T)
+    bases = np.zeros((units, width, max(b.shape[1] for b in found)), dtype=np.float32)
+    for u, b in enumerate(found):
+        bases[u, :, :b.shape[1]] = b
+    return bases, np.array([b.shape[1] > 0 for b in found])
+
+
+def subspace_share(directory: Path, split: str, queries: np.ndarray, units: int = 1,
+                   max_rank: int | None = None) -> np.ndarray:
+    """For every vector of the split, the mean over modules of ||P_u c_u|| / ||c_u||: the share of
+    the candidate's gradient in module u (its slice c_u) that the validation gradients' span in
+    that module (P_u, from module_bases) holds, whatever its sign. A zero slice counts 0. Each
+    module weighs the same, so one with a large gradient does not decide alone. One streaming
+    pass; (n,) float64."""
+    bases, live = module_bases(queries, units, max_rank)  # a module with no live query has a zero basis
+    out = []
+    for chunk in iter_vectors(directory, split):
+        slices = chunk.reshape(len(chunk), units, -1)  # (n, units, width): a view
+        squared = np.einsum("nuw,nuw->nu", slices, slices)
+        projected = np.matmul(slices.transpose(1, 0, 2), bases)  # (units, n, r): one batched matmul
+        inside = np.einsum("unr,unr->nu", projected, projected)
+        shares = np.sqrt(np.divide(inside, squared, out=np.zeros_like(inside), where=squared > 0))
+        out.append(shares.sum(1, dtype=np.float64) / max(int(live.sum()), 1))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def take_vectors(directory: Path, split: str, positions: np.ndarray) -> np.ndarray:

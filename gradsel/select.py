@@ -13,8 +13,9 @@ Modes (the paper's method, its baselines, and gradsel's default):
 Zero-advantage problems (every reward equal) carry no GRPO signal and are left out unless asked.
 `--target max` replaces the cosine of gradalign, simacc and reliable by the best cosine with any
 single validation problem (LESS-style), through the candidate FAISS index (gradsel.index).
-`--target subspace` replaces it by the norm of the candidate's unit vector projected onto the span
-of the validation vectors: how much of its gradient the validation problems span, whatever the sign.
+`--target subspace` replaces it by how much of the candidate's gradient the validation problems'
+gradients span, whatever the sign: per module, the cosine between the candidate's slice and their
+span, averaged over the modules (index.subspace_share).
 `--target auto` (the default) means subspace where the store holds gradient vectors, and mean (the
 cosine with the validation set's gradient) for the `exact` feature, which stores none.
 """
@@ -52,7 +53,7 @@ class SelectConfig:
     balance_weights: tuple[tuple[str, float], ...] | None = None  # group -> weight; None: pool shares
     diverse: float | None = None  # MMR trade-off in (0, 1]; 1 = score only
     target: str = "auto"  # mean: the validation direction; max: best single validation problem;
-    # subspace: the share in the validation vectors' span; auto: subspace if vectors
+    # subspace: the share in the validation vectors' span, per module; auto: subspace if vectors
     index: str = "auto"  # the FAISS index over the candidate vectors (gradsel.index)
     seed: int = 0
     allow_fewer: bool = False
@@ -142,11 +143,9 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int
         best = _index_alignment(directory, cfg.index, _live_validation_vectors(directory), fetch)
         base = {r["problem_id"]: best.get(r["problem_id"], 0.0) for r in rows}
     elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
-        val = _live_validation_vectors(directory)
-        if 4 * len(val) > val.shape[1]:  # a span near the whole space holds every candidate
-            console.warn(f"{len(val)} validation vectors span more than a quarter of the {val.shape[1]} dimensions, "
-                         "so --target subspace barely discriminates; use --target max, or a larger --sketch")
-        share = dict(zip(read_ids(directory, "train"), subspace_share(directory, "train", val).tolist()))
+        units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
+        shares = subspace_share(directory, "train", _live_validation_vectors(directory), units)
+        share = dict(zip(read_ids(directory, "train"), shares.tolist()))
         base = {r["problem_id"]: share[r["problem_id"]] for r in rows}
     else:
         base = {r["problem_id"]: r["score_cos"] for r in rows}

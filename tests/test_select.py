@@ -96,8 +96,30 @@ def test_subspace_share_is_the_norm_of_the_projection_onto_the_validation_span(s
     directory = store.root / "features/f0"
     queries = np.array([[0, 0, 1, 0], [0, 1, 1, 0]], dtype=np.float32)  # spans e2 and e3
     expected = [0.0, 0.0, 1.0, 1.0, 0.0, 0.8]  # rows 0-5 of HANDMADE: e0, e0, e1, e2, zero, (0.6, 0.8, 0, 0)
-    np.testing.assert_allclose(subspace_share(directory, "train", queries), expected, atol=1e-6)
-    np.testing.assert_allclose(subspace_share(directory, "train", -queries[::-1]), expected, atol=1e-6)
+    np.testing.assert_allclose(subspace_share(directory, "train", queries, max_rank=4), expected, atol=1e-6)
+    np.testing.assert_allclose(subspace_share(directory, "train", -queries[::-1], max_rank=4), expected, atol=1e-6)
+
+
+def test_subspace_share_weighs_every_module_alike(store):
+    """Two modules of two dimensions each: a candidate's share is the mean over modules of the
+    cosine between its slice and the validation span in that module, whatever the slices' norms."""
+    from gradsel.index import module_bases, subspace_share
+
+    directory = store.root / "features/f0"
+    queries = np.array([[3, 0, 0, 1], [5, 0, 0, 0]], dtype=np.float32)  # module 0: e0; module 1: e1 (one query)
+    # HANDMADE rows: (1,0|0,0) (1,0|0,0) (0,1|0,0) (0,0|1,0) zero (0.6,0.8|0,0); zero slices count 0.
+    expected = [0.5, 0.5, 0.0, 0.0, 0.0, 0.3]
+    np.testing.assert_allclose(subspace_share(directory, "train", queries, units=2, max_rank=2), expected, atol=1e-6)
+    # Past max_rank, the basis is the queries' top principal directions, and every query counts
+    # alike whatever its norm: for e0 (norm 3) and (0.6, 0.8) (norm 0.1), the bisector of the two.
+    bases, live = module_bases(np.array([[3, 0], [0.06, 0.08]], dtype=np.float32), units=1, max_rank=1)
+    assert bases.shape == (1, 2, 1) and live.tolist() == [True]
+    np.testing.assert_allclose(np.abs(bases[0, :, 0]), np.array([1.6, 0.8]) / np.hypot(1.6, 0.8), atol=1e-6)
+    # A module where no query has a gradient is left out of every candidate's mean.
+    bases, live = module_bases(np.array([[1, 0, 0, 0]], dtype=np.float32), units=2)
+    assert live.tolist() == [True, False]
+    np.testing.assert_allclose(subspace_share(directory, "train", np.array([[1, 0, 0, 0]], dtype=np.float32), units=2),
+                               [1.0, 1.0, 0.0, 0.0, 0.0, 0.6], atol=1e-6)
 
 
 def test_refusals(store):
