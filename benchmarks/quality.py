@@ -1,6 +1,7 @@
 """Selection quality on the paper's three data regimes, with tiny-arith, over several seeds.
 
-    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--val-size 40] [--out docs/quality.md]
+    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--val-size 40] [--sketch 16x16]
+        [--out docs/quality.md]
 
 For each regime and seed: `gradsel demo-data`, then `score` (transformers engine) with each
 feature, then `select --ratio 0.25` with every mode. Metrics (mean +- std over seeds):
@@ -25,7 +26,7 @@ import numpy as np
 from gradsel import console
 from gradsel.pipeline import RolloutOptions, run_score
 from gradsel.problems import read_problems
-from gradsel.score import ScoreConfig
+from gradsel.score import ScoreConfig, parse_sketch
 from gradsel.select import MODES, SelectConfig, mode_scores, select
 from gradsel.store import open_store
 from gradsel.tasks import write_regime
@@ -51,7 +52,7 @@ def truth_label(regime: str, extra: dict) -> bool:
 
 
 def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
-            val_size: int = 40) -> list[dict]:
+            val_size: int = 40, sketch: tuple[int, int] = (16, 16)) -> list[dict]:
     pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed)
     truth = {p.problem_id: truth_label(regime, p.extra_info) for p in read_problems(pool).problems}
     base_rate = sum(truth.values()) / len(truth)
@@ -59,7 +60,7 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
     results = []
     for feature in features:
         result = run_score(work / "store", model="tiny-arith", pool=pool, val=val, ro=ro,
-                           sc=ScoreConfig(seed=seed, **FEATURES[feature]))
+                           sc=ScoreConfig(seed=seed, sketch=sketch, **FEATURES[feature]))
         store = open_store(work / "store")
         modes = VECTOR_FREE if feature == "exact" else MODES
         rows = [r for r in result.scores.to_pylist() if r["split"] == "train" and not r["zero_advantage"]]
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=400)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--val-size", type=int, default=40, help="clean validation problems per regime")
+    ap.add_argument("--sketch", type=parse_sketch, default=(16, 16), help="KOUTxKIN, as gradsel score --sketch")
     ap.add_argument("--regimes", nargs="+", default=["noisy", "imbalance", "low-utility"])
     ap.add_argument("--features", nargs="+", default=list(FEATURES))
     ap.add_argument("--out", type=Path, default=Path("docs/quality.md"))
@@ -173,12 +175,12 @@ def main() -> None:
     for regime in args.regimes:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as work:
-                results += run_one(Path(work), regime, seed, args.size, args.n, args.features, args.val_size)
+                results += run_one(Path(work), regime, seed, args.size, args.n, args.features, args.val_size, args.sketch)
             print(f"done {regime} seed {seed}", flush=True)
     summary = summarize(results)
     print(json.dumps(summary, indent=1))
     command = (f".venv/bin/python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
-               f"--n {args.n} --val-size {args.val_size} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
+               f"--n {args.n} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
     write_report(summary, args.out, command, size=args.size, n=args.n, val_size=args.val_size)
 
 
