@@ -1,6 +1,6 @@
 """Selection quality on the paper's three data regimes, with tiny-arith, over several seeds.
 
-    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--val-size 40] [--sketch 16x16]
+    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--n-val N] [--val-size 40] [--sketch 16x16]
         [--out docs/quality.md]
 
 For each regime and seed: `gradsel demo-data`, then `score` (transformers engine) with each
@@ -52,11 +52,11 @@ def truth_label(regime: str, extra: dict) -> bool:
 
 
 def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
-            val_size: int = 40, sketch: tuple[int, int] = (16, 16)) -> list[dict]:
+            val_size: int = 40, sketch: tuple[int, int] = (16, 16), n_val: int | None = None) -> list[dict]:
     pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed)
     truth = {p.problem_id: truth_label(regime, p.extra_info) for p in read_problems(pool).problems}
     base_rate = sum(truth.values()) / len(truth)
-    ro = RolloutOptions(n=n, engine="hf", max_tokens=8, seed=seed)
+    ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=8, seed=seed)
     results = []
     for feature in features:
         result = run_score(work / "store", model="tiny-arith", pool=pool, val=val, ro=ro,
@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", type=int, default=400)
     ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--n-val", type=int, default=None, help="rollouts per validation problem (default: --n)")
     ap.add_argument("--val-size", type=int, default=40, help="clean validation problems per regime")
     ap.add_argument("--sketch", type=parse_sketch, default=(16, 16), help="KOUTxKIN, as gradsel score --sketch")
     ap.add_argument("--regimes", nargs="+", default=["noisy", "imbalance", "low-utility"])
@@ -175,12 +176,12 @@ def main() -> None:
     for regime in args.regimes:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as work:
-                results += run_one(Path(work), regime, seed, args.size, args.n, args.features, args.val_size, args.sketch)
+                results += run_one(Path(work), regime, seed, args.size, args.n, args.features, args.val_size, args.sketch, args.n_val)
             print(f"done {regime} seed {seed}", flush=True)
     summary = summarize(results)
     print(json.dumps(summary, indent=1))
     command = (f".venv/bin/python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
-               f"--n {args.n} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
+               f"--n {args.n}{f' --n-val {args.n_val}' if args.n_val else ''} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
     write_report(summary, args.out, command, size=args.size, n=args.n, val_size=args.val_size)
 
 
