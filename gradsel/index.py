@@ -2,8 +2,9 @@
 
 The Parquet shards are the record; the index is derived from them, never the other way round. It
 is saved beside them (features/<id>/index/) with a marker that names the shards' checksums, and
-rebuilt when they change. Vectors are read 16,384 rows at a time, so no float32 copy of a whole
-pool is ever held unless the index itself is flat.
+rebuilt when they change. Vectors are read 16,384 rows at a time (fewer above 8,192 dimensions:
+at most 512 MiB of float32), so no float32 copy of a whole pool is ever held unless the index
+itself is flat.
 
 Kinds (`gradsel select --index`):
   flat   exact inner products of unit vectors (cosine); float32, twice the float16 vectors
@@ -64,16 +65,22 @@ def vector_dim(directory: Path, split: str) -> int:
     return pq.read_schema(vector_shards(directory, split)[0]).field("vector").type.list_size
 
 
-def iter_vectors(directory: Path, split: str, rows: int = 16384) -> Iterator[np.ndarray]:
-    """The unit vectors in store order, `rows` at a time, as float32 (rows, dim): memory stays
-    a few hundred MB whatever the pool's size."""
+READ_ROWS = 16384
+READ_BYTES = 512 << 20  # a 7B model's ~200 modules x 256 would make 16,384 rows 3.3 GB of float32
+
+
+def iter_vectors(directory: Path, split: str, rows: int | None = None) -> Iterator[np.ndarray]:
+    """The unit vectors in store order, as float32 (rows, dim): READ_ROWS at a time, or fewer
+    for vectors so wide that those would pass READ_BYTES. Memory stays a few hundred MB whatever
+    the pool's size."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     for shard in vector_shards(directory, split):
         f = pq.ParquetFile(shard, memory_map=True)
         dim = f.schema_arrow.field("vector").type.list_size
-        for batch in f.iter_batches(batch_size=rows, columns=["vector"]):
+        batch_rows = rows or max(1, min(READ_ROWS, READ_BYTES // (4 * dim)))
+        for batch in f.iter_batches(batch_size=batch_rows, columns=["vector"]):
             flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
             yield flat.reshape(batch.num_rows, dim).astype(np.float32)
         del f

@@ -304,3 +304,16 @@ def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
     (directory / "index/train.flat.faiss").write_bytes(b"not an index")  # damaged: rebuilt, not read
     index, _, params = open_index(directory, "train", "flat")
     assert index.ntotal == 3000
+
+
+def test_wide_vectors_are_read_in_smaller_batches(store, monkeypatch):
+    """A batch holds at most READ_BYTES of float32, so a 7B model's wide vectors cannot make one
+    16,384-row batch several GB; the vectors come out the same, in order."""
+    from gradsel import index
+
+    directory = store.root / "features/f0"
+    whole = np.concatenate(list(index.iter_vectors(directory, "train")))
+    monkeypatch.setattr(index, "READ_BYTES", 2 * 4 * 4)  # two rows of 4 float32
+    chunks = list(index.iter_vectors(directory, "train"))
+    assert [len(c) for c in chunks] == [2, 2, 2]
+    np.testing.assert_array_equal(np.concatenate(chunks), whole)
