@@ -69,7 +69,7 @@ READ_ROWS = 16384
 READ_BYTES = 512 << 20  # a 7B model's ~200 modules x 256 would make 16,384 rows 3.3 GB of float32
 
 
-def iter_vectors(directory: Path, split: str, rows: int | None = None) -> Iterator[np.ndarray]:
+def iter_vectors(directory: Path, split: str) -> Iterator[np.ndarray]:
     """The unit vectors in store order, as float32 (rows, dim): READ_ROWS at a time, or fewer
     for vectors so wide that those would pass READ_BYTES. Memory stays a few hundred MB whatever
     the pool's size."""
@@ -79,8 +79,8 @@ def iter_vectors(directory: Path, split: str, rows: int | None = None) -> Iterat
     for shard in vector_shards(directory, split):
         f = pq.ParquetFile(shard, memory_map=True)
         dim = f.schema_arrow.field("vector").type.list_size
-        batch_rows = rows or max(1, min(READ_ROWS, READ_BYTES // (4 * dim)))
-        for batch in f.iter_batches(batch_size=batch_rows, columns=["vector"]):
+        rows = max(1, min(READ_ROWS, READ_BYTES // (4 * dim)))
+        for batch in f.iter_batches(batch_size=rows, columns=["vector"]):
             flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
             yield flat.reshape(batch.num_rows, dim).astype(np.float32)
         del f
@@ -124,6 +124,7 @@ def subspace_share(directory: Path, split: str, queries: np.ndarray, units: int 
     module weighs the same, so one with a large gradient does not decide alone. One streaming
     pass; (n,) float64."""
     bases, live = module_bases(queries, units, max_rank)  # a module with no live query has a zero basis
+    n_live = max(int(live.sum()), 1)
     out = []
     for chunk in iter_vectors(directory, split):
         slices = chunk.reshape(len(chunk), units, -1)  # (n, units, width): a view
@@ -131,7 +132,7 @@ def subspace_share(directory: Path, split: str, queries: np.ndarray, units: int 
         projected = np.matmul(slices.transpose(1, 0, 2), bases)  # (units, n, r): one batched matmul
         inside = np.einsum("unr,unr->nu", projected, projected)
         shares = np.sqrt(np.divide(inside, squared, out=np.zeros_like(inside), where=squared > 0))
-        out.append(shares.sum(1, dtype=np.float64) / max(int(live.sum()), 1))
+        out.append(shares.sum(1, dtype=np.float64) / n_live)
     return np.concatenate(out) if out else np.zeros(0)
 
 
