@@ -19,11 +19,10 @@ from pathlib import Path
 
 
 def read_split(store: Path, split: str):
-    from gradsel.schema import ROLLOUTS
-    from gradsel.store import read_shards
+    from gradsel.rollout import read_rollouts
 
     stage = store / "rollouts" / split
-    return read_shards(stage, len(list(stage.glob("shard-*.parquet"))), ROLLOUTS)
+    return read_rollouts(stage, len(list(stage.glob("shard-*.parquet"))))
 
 
 def exact_cosines(store: Path, problem_ids: list[str]):

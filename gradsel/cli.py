@@ -123,6 +123,35 @@ def snapshot(
 
 
 @app.command()
+def check(
+    pool: Annotated[Path, typer.Option(help="Candidate problems (verl Parquet or JSONL).")],
+    val: Annotated[Optional[Path], typer.Option(help="Validation problems, checked the same way.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint whose chat template and context measure the prompts.")] = None,
+    reward: Annotated[Optional[str], typer.Option(help="The --reward that score would get (default: by style, then data_source).")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Flag prompts longer than this (default: the model's context less one).")] = None,
+    prompt_key: Annotated[Optional[str], typer.Option(help="Prompt column override.")] = None,
+    answer_key: Annotated[Optional[str], typer.Option(help="Answer column override (dots reach into structs).")] = None,
+) -> None:
+    """Pre-flight: per data source, rows, reward, prompt token lengths; exit 2 on any problem."""
+    from gradsel.check import check_problem_set, prompt_limit, show_reports
+    from gradsel.problems import read_problems
+
+    console.protect_stdout()
+    tokenizer, limit = None, max_prompt_tokens
+    if model is not None:
+        from gradsel.models import context_length, load_tokenizer
+
+        tokenizer, limit = load_tokenizer(model), prompt_limit(context_length(model), max_prompt_tokens)
+    reports = [check_problem_set(read_problems(path, prompt_key=prompt_key, answer_key=answer_key), split,
+                                 reward=reward, tokenizer=tokenizer, limit=limit)
+               for split, path in (("train", pool), ("val", val)) if path is not None]
+    show_reports(reports, limit)
+    _emit_json({"ok": not any(r.findings for r in reports), "files": [r.to_json() for r in reports]})
+    if any(r.findings for r in reports):
+        raise typer.Exit(2)
+
+
+@app.command()
 def rollout(
     model: ModelOpt,
     problems: Annotated[Path, typer.Option("--problems", "-p", help="verl Parquet, or JSONL (verl rows or OpenRLHF input/label).")],
@@ -134,7 +163,7 @@ def rollout(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     max_tokens: Annotated[int, typer.Option(min=1, help="Response length limit in tokens.")] = 1024,
     seed: Annotated[int, typer.Option(help="Sampling seed (per problem: sha256(seed/id)).")] = 0,
-    reward: Annotated[Optional[str], typer.Option(help="int, exact, math, random, or a verl plugin module:function. Default: by reward_model.style, then data_source.")] = None,
+    reward: Annotated[Optional[str], typer.Option(help="gsm8k, math, math_dapo, int, exact, random, verl (verl's own default_compute_score) or a plugin module:function. Default: by reward_model.style, then data_source as verl routes it.")] = None,
     prompt_key: Annotated[Optional[str], typer.Option(help="Column holding the prompt (default prompt, then input).")] = None,
     answer_key: Annotated[Optional[str], typer.Option(help="Column holding the answer; dots reach into structs (default reward_model.ground_truth, then label).")] = None,
     hash_mode: HashOpt = HashMode.sha256,
@@ -180,7 +209,7 @@ def score(
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     max_tokens: Annotated[int, typer.Option(min=1, help="Response length limit in tokens.")] = 1024,
-    reward: Annotated[Optional[str], typer.Option(help="int, exact, math, random, or module:function.")] = None,
+    reward: Annotated[Optional[str], typer.Option(help="gsm8k, math, math_dapo, int, exact, random, verl or module:function. Default: by reward_model.style, then data_source as verl routes it.")] = None,
     prompt_key: Annotated[Optional[str], typer.Option(help="Prompt column override.")] = None,
     answer_key: Annotated[Optional[str], typer.Option(help="Answer column override (dots reach into structs).")] = None,
     sketch: Annotated[str, typer.Option(help="Two-sided sketch per module, KOUTxKIN.")] = "16x16",

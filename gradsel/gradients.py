@@ -85,7 +85,7 @@ class ProblemRollouts:
     response_ids: list[list[int]]
     rewards: list[float]
     advantages: list[float] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
+    answer_classes: list[int | None] = field(default_factory=list)  # rewards.answer_classes
 
     @property
     def zero_advantage(self) -> bool:
@@ -120,14 +120,14 @@ def token_weights(group: ProblemRollouts, loss_agg: str) -> list[float]:
 def groups_from_table(table, adv: str) -> list[ProblemRollouts]:
     """Group a rollouts table (schema.ROLLOUTS) by problem, in first-seen order."""
     groups: dict[str, ProblemRollouts] = {}
-    cols = table.select(["problem_id", "prompt_token_ids", "response_token_ids", "reward", "response_text"]).to_pydict()
-    for pid, p, r, rew, text in zip(cols["problem_id"], cols["prompt_token_ids"], cols["response_token_ids"],
-                                    cols["reward"], cols["response_text"]):
+    cols = table.select(["problem_id", "prompt_token_ids", "response_token_ids", "reward", "answer_class"]).to_pydict()
+    for pid, p, r, rew, answer in zip(cols["problem_id"], cols["prompt_token_ids"], cols["response_token_ids"],
+                                      cols["reward"], cols["answer_class"]):
         g = groups.setdefault(pid, ProblemRollouts(pid, [], [], []))
         g.prompt_ids.append(p)
         g.response_ids.append(r)
         g.rewards.append(rew)
-        g.texts.append(text)
+        g.answer_classes.append(answer)
     for g in groups.values():
         g.advantages = group_advantages(g.rewards, adv)
     return list(groups.values())

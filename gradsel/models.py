@@ -77,3 +77,19 @@ def load_peft_merged(adapter_dir: Path, torch_dtype):
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     base_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch_dtype)
     return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+
+
+def context_length(model: str | Path) -> int | None:
+    """The longest sequence the model takes (config.max_position_embeddings), or None when the
+    config does not say (a PEFT adapter is read through its base model's config)."""
+    import json
+
+    path = resolve_model_path(model)
+    config_path = path / "config.json"
+    if not config_path.is_file():  # a PEFT adapter: its base model's config
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        return context_length(base) if base else None
+    config = json.loads(config_path.read_text())
+    config = config.get("text_config", config)  # multimodal wrappers keep the LM's under text_config
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradsel.problems import read_problems
+from gradsel.rewards import check_rewards
 from gradsel.rollout import LazyEngine, SamplingConfig, run_rollout_stage
 from gradsel.score import ScoreConfig, score_stage
 from gradsel.snapshot import snapshot_into_store
@@ -44,11 +45,14 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
     sc.validate()
     pool_set = read_problems(pool, prompt_key=ro.prompt_key, answer_key=ro.answer_key)
     val_set = read_problems(val, prompt_key=ro.prompt_key, answer_key=ro.answer_key)
+    for problem_set in (pool_set, val_set):  # refuse a bad reward before anything is written
+        check_rewards(problem_set.problems, ro.reward)
     store = open_store(store_dir)
     snap = snapshot_into_store(store, model, mode=ro.hash_mode, copy=ro.copy)
     engine = LazyEngine(ro.engine, Path(snap.path))  # one engine for both splits, started only if needed
     tables = {}
-    for split, problem_set, n in (("train", pool_set, ro.n), ("val", val_set, ro.n_val or ro.n)):
+    # The small validation set first: its prompts are checked (and rolled out) before the pool's.
+    for split, problem_set, n in (("val", val_set, ro.n_val or ro.n), ("train", pool_set, ro.n)):
         cfg = SamplingConfig(n=n, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens, seed=ro.seed)
         tables[split] = run_rollout_stage(store, split, problem_set, model_path=Path(snap.path),
                                           model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward,

@@ -28,7 +28,8 @@ def store_summary(path: Path) -> dict:
     summary: dict = {
         "store": str(path), "format_version": manifest.get("format_version"),
         "checkpoint": {"path": snap.get("source_path"), "content_hash": snap.get("content_hash")},
-        "rollouts": {split: {"problems_file": r["problems_file"], "n": r["sampling"]["n"], "engine": r["engine"]}
+        "rollouts": {split: {"problems_file": r["problems_file"], "n": r["sampling"]["n"], "engine": r["engine"],
+                             "rewards": r.get("rewards_by_data_source")}
                      for split, r in (manifest.get("rollouts") or {}).items()},
         "rounds": rounds,
     }
@@ -55,6 +56,9 @@ def show_store(summary: dict) -> None:
     table.add_row("checkpoint", f"{ck['path']}  {str(ck['content_hash'])[:23]}")
     for split, r in summary["rollouts"].items():
         table.add_row(f"rollouts/{split}", f"k={r['n']} via {r['engine']} from {r['problems_file']}")
+        if r.get("rewards"):
+            table.add_row(f"rewards/{split}", ", ".join(f"{source or '(empty)'}: {name}"
+                                                        for source, name in r["rewards"].items()))
     if "projector" in summary:
         p = summary["projector"]
         table.add_row("feature", f"{p['feature']} {p['sketch']} x{p['blocks']} over {p['modules']} modules, "

@@ -1,32 +1,114 @@
-"""Rewards: a registry keyed by `reward_model.style` and `data_source`, plus verl-style plugins.
+"""Rewards: which judge scores a problem's responses, and what answer each response commits to.
+
+A reward is chosen per row, as verl's `default_compute_score` chooses it: a row whose
+`reward_model.style` is generic ("rule" or empty) is routed by its `data_source` through
+`ROUTES` (verl's table), a row whose style names a reward of gradsel's uses that one, and
+`--reward` overrides both. A data source that no route knows is refused before any rollout
+(`check_rewards`): a silent fallback would pay every response 0.
 
 A plugin is `module:function` with verl's signature
-`compute_score(data_source, solution_str, ground_truth, extra_info) -> float | dict`
-so a team's existing verl reward functions work unchanged.
+`compute_score(data_source, solution_str, ground_truth, extra_info) -> float | dict`,
+so a team's existing verl reward functions work unchanged; `--reward verl` calls verl's own
+`default_compute_score`.
+
+Every reward also says which answer a response commits to and when two answers are the same
+(`Reward.answer`, `Reward.same`): judge consistency (scores.judge_consistency) compares the
+rewards of responses that gave the same answer, so the answers must be compared the way the
+judge compares them: `\\frac{1}{2}` and `0.5` are one answer to a math judge.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from gradsel.errors import GradselError, missing_extra
 from gradsel.problems import Problem
 
 # (problem, response text, sample index, seed) -> reward
-RewardFn = Callable[[Problem, str, int, int], float]
+ScoreFn = Callable[[Problem, str, int, int], float]
 
 _INT = re.compile(r"-?\d+")
 
 
+def _last_int(response: str) -> str | None:
+    found = _INT.findall(response.replace(",", ""))
+    return found[-1] if found else None
+
+
+def final_answer(response: str) -> str:
+    """A generic answer key for judges whose extraction gradsel does not know (plugins, the
+    coin-flip judge): the last \\boxed{...}, else the last integer, else the normalised text."""
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return " ".join(boxed.split())
+    number = _last_int(response)
+    if number is not None:
+        return number
+    return " ".join(response.split()).lower()
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    open_at = text.index("{", start)
+    depth = 0
+    for i in range(open_at, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_at + 1:i]
+    return None
+
+
+# -- math-verify -----------------------------------------------------------------------------------
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError as exc:
+        raise missing_extra("math-verify", "math") from exc
+    return math_verify
+
+
+@functools.lru_cache(maxsize=65536)
+def parse_math(text: str) -> tuple:
+    """math-verify's parse of one answer (LaTeX or plain); `$...$` is added when the text has no
+    math delimiters, so a bare `\\frac{1}{2}` or `0.5` parses as math. Empty when it holds no
+    mathematical object (math-verify then returns only the raw string)."""
+    mv = _math_verify()
+    delimited = "$" in text or "\\(" in text or "\\[" in text or "\\boxed" in text
+    try:
+        parsed = mv.parse(text if delimited else f"${text}$")
+    except Exception:  # math-verify raises on some malformed LaTeX; that is "no answer"
+        return ()
+    return tuple(parsed) if any(not isinstance(x, str) for x in parsed) else ()
+
+
+def math_equal(gold: str, answer: str) -> bool:
+    """math-verify's equivalence of two answers (`1/2` = `0.5` = `\\frac{1}{2}`)."""
+    parsed_gold, parsed = parse_math(gold), parse_math(answer)
+    if not parsed_gold or not parsed:
+        return False
+    try:
+        return bool(_math_verify().verify(list(parsed_gold), list(parsed)))
+    except Exception:
+        return False
+
+
+# -- the judges ---------------------------------------------------------------------------------
+
 def int_reward(problem: Problem, response: str, sample: int, seed: int) -> float:
     """1.0 when the last integer in the response equals the reference integer."""
-    found = _INT.findall(response.replace(",", ""))
+    found = _last_int(response)
     try:
-        return float(bool(found) and int(found[-1]) == int(problem.ground_truth.strip()))
+        return float(found is not None and int(found) == int(problem.ground_truth.strip()))
     except ValueError:
         return 0.0
 
@@ -41,102 +123,251 @@ def random_reward(problem: Problem, response: str, sample: int, seed: int) -> fl
     return float(digest[0] & 1)
 
 
+# verl's judges read only the end of a long response (its longest MATH-500 answer is 159 characters).
+_TAIL_CHARS = 300
+_GSM8K_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
+_DAPO_ANSWER = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+
+
+def gsm8k_answer(response: str) -> str | None:
+    """verl's gsm8k (strict): the number after the last `#### `, commas and `$` removed."""
+    found = _GSM8K_ANSWER.findall(response[-_TAIL_CHARS:])
+    return found[-1].replace(",", "").replace("$", "") if found else None
+
+
+def gsm8k_reward(problem: Problem, response: str, sample: int, seed: int) -> float:
+    """verl's gsm8k rule: 1 when the `#### N` answer equals the reference string, else 0."""
+    return float(gsm8k_answer(response) == problem.ground_truth.strip())
+
+
 def math_reward(problem: Problem, response: str, sample: int, seed: int) -> float:
-    try:
-        from math_verify import parse, verify
-    except ImportError as exc:
-        raise missing_extra("math-verify", "math") from exc
-    gold = parse(problem.ground_truth if "$" in problem.ground_truth or "\\boxed" in problem.ground_truth
-                 else f"${problem.ground_truth}$")
-    return float(verify(gold, parse(response)))
+    """The MATH rule: the last \\boxed{} answer, mathematically equal to the reference (math-verify)."""
+    answer = last_boxed(response)
+    return float(answer is not None and math_equal(problem.ground_truth, answer))
 
 
-REGISTRY: dict[str, RewardFn] = {
-    "int": int_reward,
-    "exact": exact_reward,
-    "random": random_reward,
-    "math": math_reward,
-}
+def dapo_answer(response: str) -> str | None:
+    """verl's math_dapo: the text after the last `Answer:` in the response's tail."""
+    found = _DAPO_ANSWER.findall(response[-_TAIL_CHARS:])
+    return found[-1].strip() if found else None
+
+
+def dapo_reward(problem: Problem, response: str, sample: int, seed: int) -> float:
+    """verl's math_dapo rule, paying 1 or -1 as verl does, with math-verify's equivalence."""
+    answer = dapo_answer(response)
+    return 1.0 if answer is not None and math_equal(problem.ground_truth, answer) else -1.0
+
+
+@dataclass(frozen=True)
+class Reward:
+    """One judge: its score, the answer a response commits to (None: none), and when two answers
+    are the same (None: when their strings are)."""
+
+    name: str
+    score: ScoreFn
+    answer: Callable[[str], str | None]
+    same: Callable[[str, str], bool] | None = None
+    checks_ground_truth: bool = False  # a math judge: the reference must parse as math
+    extracts: bool = True  # False for plugins: `answer` is only a generic guess
+
+    def __call__(self, problem: Problem, response: str, sample: int, seed: int) -> float:
+        return self.score(problem, response, sample, seed)
+
+
+REGISTRY: dict[str, Reward] = {r.name: r for r in (
+    Reward("int", int_reward, _last_int),
+    Reward("exact", exact_reward, lambda text: text.strip()),
+    Reward("random", random_reward, final_answer),
+    Reward("math", math_reward, last_boxed, math_equal, checks_ground_truth=True),
+    Reward("gsm8k", gsm8k_reward, gsm8k_answer),
+    Reward("math_dapo", dapo_reward, dapo_answer, math_equal, checks_ground_truth=True),
+)}
+
 # verl's generic styles: the reward is then chosen by data_source, as verl's default_compute_score does.
 RULE_STYLES = ("", "rule")
-# data_source prefixes routed to a reward when the style names none of the registry's keys.
-DATA_SOURCE_ROUTES = (("arith", "int"), ("math", "math"), ("gsm", "math"), ("aime", "math"), ("amc", "math"))
+
+# data_source -> reward, mirroring verl's default_compute_score (verl/utils/reward_score/__init__.py).
+# verl checks MATH answers with its string normaliser and numina answers with prime_math's
+# sympy grader; gradsel uses math-verify for both (`--reward verl` runs verl's own code).
+ROUTES: dict[str, str] = {
+    "openai/gsm8k": "gsm8k",
+    "lighteval/MATH": "math",
+    "DigitalLearningGmbH/MATH-lighteval": "math",
+    "HuggingFaceH4/MATH-500": "math",
+    "math_dapo": "math_dapo",
+    **{f"numina_{name}": "math" for name in
+       ("aops_forum", "synthetic_math", "amc_aime", "synthetic_amc", "cn_k12", "olympiads")},
+}
+# data_source prefixes: verl's `aime*`, and gradsel's own bundled arithmetic (`gradsel demo-data`).
+ROUTE_PREFIXES: tuple[tuple[str, str], ...] = (("aime", "math_dapo"), ("arith/", "int"))
 
 
-def _plugin(spec: str) -> RewardFn:
+def route(data_source: str) -> str | None:
+    """The reward name verl's table gives a data source, or None when no route knows it."""
+    if data_source in ROUTES:
+        return ROUTES[data_source]
+    return next((name for prefix, name in ROUTE_PREFIXES if data_source.startswith(prefix)), None)
+
+
+def _unknown_source(data_source: str, rows: int) -> GradselError:
+    known = ", ".join([*ROUTES, *(f"{p}*" for p, _ in ROUTE_PREFIXES)])
+    return GradselError(
+        f"no reward for data_source {data_source!r} ({rows} row{'s' if rows != 1 else ''}, reward_model.style "
+        "'rule'); gradsel will not guess one",
+        f"pass --reward NAME ({', '.join(REGISTRY)}, verl) or --reward module:function; "
+        f"data sources routed by default: {known}")
+
+
+def _plugin(spec: str) -> Reward:
     module_name, _, func_name = spec.partition(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
         raise GradselError(f"cannot import reward plugin {spec!r}: {exc}",
                            "use module:function with the module importable from the current directory") from exc
+    return _verl_style(spec, func)
+
+
+def _verl_style(name: str, func) -> Reward:
+    """A reward from a function with verl's signature. gradsel cannot see how it reads answers, so
+    judge consistency uses the extraction of the row's route, or a generic one (`answer_judge`)."""
 
     def call(problem: Problem, response: str, sample: int, seed: int) -> float:
         try:
             out = func(problem.data_source, response, problem.ground_truth, problem.extra_info)
         except Exception as exc:  # a user's plugin can raise anything; report it, do not crash
-            raise GradselError(f"reward plugin {spec} raised {type(exc).__name__}: {exc} "
-                               f"(problem {problem.problem_id})", "fix the plugin; nothing was written for this shard") from exc
+            raise GradselError(f"reward {name} raised {type(exc).__name__}: {exc} "
+                               f"(problem {problem.problem_id}, data_source {problem.data_source!r})",
+                               "fix the reward function; nothing was written for this shard") from exc
         if isinstance(out, dict):
             out = out.get("score")
         if isinstance(out, bool) or not isinstance(out, (int, float)):
-            raise GradselError(f"reward plugin {spec} returned {type(out).__name__}, not a number "
+            raise GradselError(f"reward {name} returned {type(out).__name__}, not a number "
                                f"(problem {problem.problem_id})", "return a float, or a dict with a 'score' float")
         if not math.isfinite(out):
-            raise GradselError(f"reward plugin {spec} returned {out} (problem {problem.problem_id})",
+            raise GradselError(f"reward {name} returned {out} (problem {problem.problem_id})",
                                "rewards must be finite numbers")
         return float(out)
 
-    return call
+    return Reward(name, call, final_answer, extracts=False)
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")
+def _verl_default() -> Reward:
+    try:
+        from verl.utils.reward_score import default_compute_score
+    except ImportError as exc:
+        raise GradselError("--reward verl needs verl's reward functions, and verl is not importable",
+                           "pip install verl in this environment, or drop --reward to use gradsel's mirror "
+                           "of verl's table") from exc
+    return _verl_style("verl", default_compute_score)
 
 
-def final_answer(response: str) -> str:
-    """The answer a response commits to, for comparing responses: the last \\boxed{...}, else
-    the last number, else the whitespace-normalised text."""
-    boxed = _BOXED.findall(response)
-    if boxed:
-        return " ".join(boxed[-1].split())
-    numbers = _INT.findall(response.replace(",", ""))
-    if numbers:
-        return numbers[-1]
-    return " ".join(response.split()).lower()
-
-
-def judge_consistency(responses: list[str], rewards: list[float]) -> float:
-    """1 - (pairs with the same final answer but different rewards) / (pairs with the same
-    final answer); 1.0 when no two responses share an answer."""
-    by_answer: dict[str, list[float]] = {}
-    for text, r in zip(responses, rewards):
-        by_answer.setdefault(final_answer(text), []).append(r)
-    same = conflict = 0
-    for rs in by_answer.values():
-        for i in range(len(rs)):
-            for j in range(i + 1, len(rs)):
-                same += 1
-                conflict += rs[i] != rs[j]
-    return 1.0 - conflict / same if same else 1.0
-
-
-def resolve_reward(problem: Problem, override: str | None = None) -> RewardFn:
-    """Pick the reward for one problem: --reward, else its style, else its data_source."""
+def resolve_reward(problem: Problem, override: str | None = None) -> Reward:
+    """Pick the reward for one problem: --reward, else its style, else its data_source's route."""
     if override:
-        if ":" in override:
-            return _plugin(override)
-        if override not in REGISTRY:
-            raise GradselError(f"unknown reward {override!r}",
-                               f"choose one of {', '.join(REGISTRY)} or give module:function")
-        return REGISTRY[override]
+        return _override(override)
     if problem.reward_style in REGISTRY:
         return REGISTRY[problem.reward_style]
     if problem.reward_style not in RULE_STYLES:
         raise GradselError(f"unknown reward style {problem.reward_style!r} (problem {problem.problem_id})",
                            f"styles gradsel knows: {', '.join([*REGISTRY, *RULE_STYLES[1:]])}; "
                            "or pass --reward NAME or --reward module:function")
-    source = problem.data_source.lower()
-    for prefix, name in DATA_SOURCE_ROUTES:
-        if source.startswith(prefix):
-            return REGISTRY[name]
-    return REGISTRY["exact"]
+    name = route(problem.data_source)
+    if name is None:
+        raise _unknown_source(problem.data_source, 1)
+    return REGISTRY[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _override(spec: str) -> Reward:
+    if ":" in spec:
+        return _plugin(spec)
+    if spec == "verl":
+        return _verl_default()
+    if spec not in REGISTRY:
+        raise GradselError(f"unknown reward {spec!r}",
+                           f"choose one of {', '.join([*REGISTRY, 'verl'])} or give module:function")
+    return REGISTRY[spec]
+
+
+def reward_findings(problems: Sequence[Problem], override: str | None = None
+                    ) -> tuple[dict[str, str], list[GradselError]]:
+    """Resolve every problem's reward before any rollout: ({data_source: reward name}, problems).
+
+    The problems name a data source that no route knows, with its row count, and reference answers
+    that a math judge cannot parse: either would pay every response 0. A bad --reward or an unknown
+    style raises at once.
+    """
+    by_source: dict[str, str] = {}
+    unknown: dict[str, int] = {}
+    unparsable: list[Problem] = []
+    for p in problems:
+        if not override and p.reward_style in RULE_STYLES and route(p.data_source) is None:
+            unknown[p.data_source] = unknown.get(p.data_source, 0) + 1
+            continue
+        reward = resolve_reward(p, override)
+        by_source.setdefault(p.data_source, reward.name)
+        if reward.checks_ground_truth and not parse_math(p.ground_truth):
+            unparsable.append(p)
+    findings = [_unknown_source(source, rows) for source, rows in unknown.items()]
+    if unparsable:
+        shown = ", ".join(f"{p.problem_id} ({p.ground_truth[:40]!r})" for p in unparsable[:5])
+        more = f" and {len(unparsable) - 5} more" if len(unparsable) > 5 else ""
+        findings.append(GradselError(
+            f"math-verify cannot parse the reference answer of {len(unparsable)} problem(s): {shown}{more}",
+            "fix reward_model.ground_truth (LaTeX without \\boxed, or a number), or pass --reward with a "
+            "judge that reads them"))
+    return by_source, findings
+
+
+def check_rewards(problems: Sequence[Problem], override: str | None = None) -> dict[str, str]:
+    """`reward_findings`, raising the first problem: {data_source: reward name}."""
+    by_source, findings = reward_findings(problems, override)
+    if findings:
+        raise findings[0]
+    return by_source
+
+
+# -- judge consistency ----------------------------------------------------------------------------
+
+def answer_judge(reward: Reward, problem: Problem) -> Reward:
+    """Whose extraction reads a response's answer: the reward's own, or for a plugin the one of
+    the row's route (a verl plugin on openai/gsm8k reads `#### N`), else a generic one."""
+    if reward.extracts:
+        return reward
+    return REGISTRY.get(route(problem.data_source) or "", reward)
+
+
+def answer_classes(reward: Reward, problem: Problem, responses: Sequence[str]) -> list[int | None]:
+    """Group one problem's responses by the answer they commit to, as the judge compares answers:
+    a class number per response (first-seen order), None where a response commits to none."""
+    judge = answer_judge(reward, problem)
+    answers = [judge.answer(text) for text in responses]
+    class_of: dict[str, int] = {}
+    n_classes = 0
+    for a in answers:
+        if a is None or a in class_of:
+            continue
+        match = None
+        if judge.same is not None:  # distinct strings can still be one answer (`0.5`, `\frac12`)
+            match = next((c for d, c in class_of.items() if judge.same(d, a)), None)
+        if match is None:
+            match, n_classes = n_classes, n_classes + 1
+        class_of[a] = match
+    return [None if a is None else class_of[a] for a in answers]
+
+
+def judge_consistency(classes: Sequence[int | None], rewards: Sequence[float]) -> float:
+    """1 - (pairs with the same answer but different rewards) / (pairs with the same answer);
+    1.0 when no two responses share an answer. Responses without an answer are not compared."""
+    by_class: dict[int, list[float]] = {}
+    for c, r in zip(classes, rewards):
+        if c is not None:
+            by_class.setdefault(c, []).append(r)
+    same = conflict = 0
+    for rs in by_class.values():
+        for i in range(len(rs)):
+            for j in range(i + 1, len(rs)):
+                same += 1
+                conflict += rs[i] != rs[j]
+    return 1.0 - conflict / same if same else 1.0

@@ -19,7 +19,7 @@ from typing import Protocol
 from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.problems import Problem
-from gradsel.rewards import resolve_reward
+from gradsel.rewards import answer_classes, check_rewards, resolve_reward
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Rollout:
     finish_reason: str
     response_logprobs: list[float] | None
     reward: float
+    answer_class: int | None  # rewards.answer_classes: equal within a problem when the answers are
 
 
 class Engine(Protocol):
@@ -147,6 +148,11 @@ class VLLMEngine:
         kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}
         if _on_cpu() and not kwargs:
             kwargs["gpu_memory_utilization"] = 0.3
+        if _on_cpu():
+            # vLLM's CPU worker cannot rewind a seeded sampler after a partly prefilled prompt
+            # ("CPU Generator does not use offset"): a batch of prompts over the token budget of
+            # one step killed the engine. Whole prompts per step avoid the rewind.
+            kwargs["enable_chunked_prefill"] = False
         from vllm import LLM
 
         self.llm = LLM(model=str(model_path), dtype=dtype, seed=0, max_model_len=max_model_len,
@@ -226,22 +232,26 @@ def make_engine(name: str, model_path: Path, *, dtype: str = "float32", max_mode
 
 
 def rollout_batches(problems: Sequence[Problem], engine, cfg: SamplingConfig, *,
-                    reward: str | None = None, batch_size: int = 64) -> Iterator[list[Rollout]]:
-    """Yield the rollouts of successive batches of problems (k per problem), rewarded."""
+                    reward: str | None = None, batch_size: int = 64,
+                    prompt_ids: Sequence[list[int]] | None = None) -> Iterator[list[Rollout]]:
+    """Yield the rollouts of successive batches of problems (k per problem), rewarded.
+    `prompt_ids`, when given, are the problems' prompts already encoded (encode_prompts)."""
     for start in range(0, len(problems), batch_size):
         batch = problems[start:start + batch_size]
-        prompt_ids = encode_prompts(engine.tokenizer, batch)
+        ids_batch = (list(prompt_ids[start:start + batch_size]) if prompt_ids is not None
+                     else encode_prompts(engine.tokenizer, batch))
         seeds = [problem_seed(cfg.seed, p.problem_id) for p in batch]
-        generations = engine.generate(prompt_ids, seeds, cfg)
+        generations = engine.generate(ids_batch, seeds, cfg)
         rows = []
-        for p, ids, gens in zip(batch, prompt_ids, generations):
+        for p, ids, gens in zip(batch, ids_batch, generations):
             reward_fn = resolve_reward(p, reward)
-            for i, g in enumerate(gens):
+            classes = answer_classes(reward_fn, p, [g.text for g in gens])
+            for i, (g, answer) in enumerate(zip(gens, classes)):
                 r = reward_fn(p, g.text, i, cfg.seed)
                 if not math.isfinite(r):
                     raise GradselError(f"reward for problem {p.problem_id} is {r}", "rewards must be finite")
                 rows.append(Rollout(p.problem_id, i, ids, g.response_token_ids, g.text,
-                                    g.finish_reason, g.logprobs, r))
+                                    g.finish_reason, g.logprobs, r, answer))
         yield rows
 
 
@@ -281,6 +291,40 @@ def problems_to_table(problems: Sequence[Problem]):
     return pa.Table.from_pylist(rows, schema=PROBLEMS)
 
 
+def encode_checked(model_path: Path, problems: Sequence[Problem]) -> list[list[int]]:
+    """The problems' prompts through the model's chat template, refused (listed) when one leaves
+    no room for a response in the model's context: vLLM would fail mid-run, transformers crawl."""
+    from gradsel.check import prompt_limit, too_long_error
+    from gradsel.models import context_length, load_tokenizer
+
+    prompt_ids = encode_prompts(load_tokenizer(model_path), problems)
+    limit = prompt_limit(context_length(model_path), None)
+    error = too_long_error(problems, [len(ids) for ids in prompt_ids], limit) if limit else None
+    if error is not None:
+        raise error
+    return prompt_ids
+
+
+def read_rollouts(stage: Path, n_shards: int):
+    """A rollout stage's shards as one table (schema.ROLLOUTS). Shards written before rollouts
+    recorded `answer_class` get one from the generic answer key, as judge consistency then used."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gradsel.rewards import final_answer
+    from gradsel.schema import ROLLOUTS
+    from gradsel.store import read_shards, shard_path
+
+    if n_shards == 0 or "answer_class" in pq.read_schema(shard_path(stage, 0)).names:
+        return read_shards(stage, n_shards, ROLLOUTS)
+    old = pa.schema([f for f in ROLLOUTS if f.name != "answer_class"])
+    table = read_shards(stage, n_shards, old)
+    keys: dict[tuple[str, str], int] = {}
+    classes = [keys.setdefault((pid, final_answer(text)), len(keys)) for pid, text in
+               zip(table.column("problem_id").to_pylist(), table.column("response_text").to_pylist())]
+    return table.append_column("answer_class", pa.array(classes, pa.int32()))
+
+
 def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model_hash: str,
                       cfg: SamplingConfig, engine: "str | Engine" = "auto", reward: str | None = None,
                       shard_size: int = 256, dtype: str = "float32"):
@@ -291,9 +335,8 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     Returns the rollouts table (schema.ROLLOUTS) in problem order.
     """
     from gradsel.fsutil import atomic_write_table
-    from gradsel.schema import ROLLOUTS
-    from gradsel.store import (check_stage_key, mark_stage_complete, read_shards, shard_done,
-                               stable_key, stage_complete, write_shard)
+    from gradsel.store import (check_stage_key, mark_stage_complete, shard_done, stable_key, stage_complete,
+                               write_shard)
 
     if not isinstance(engine, str):
         engine_name = engine.name
@@ -307,25 +350,29 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     n_shards = (len(problems) + shard_size - 1) // shard_size
     if stage_complete(stage, key):
         console.info(f"rollouts/{split}: complete, reused ({len(problems)} problems)")
-        return read_shards(stage, n_shards, ROLLOUTS)
+        return read_rollouts(stage, n_shards)
+    # Every check runs before anything is written, so a refused run leaves the store as it was.
+    rewards_by_source = check_rewards(problems, reward)
+    todo = [i for i in range(n_shards) if not shard_done(stage, i)]
+    todo_problems = [p for i in todo for p in problems[i * shard_size:(i + 1) * shard_size]]
+    prompt_ids = encode_checked(model_path, todo_problems) if todo else []
     check_stage_key(stage, key, "rollouts")
     atomic_write_table(stage / "problems.parquet", problems_to_table(problems))
-    todo = [i for i in range(n_shards) if not shard_done(stage, i)]
     console.debug(f"rollouts/{split}: {n_shards} shards of {shard_size} problems, {len(todo)} to do, key {key}")
     if todo and len(todo) < n_shards:
         console.info(f"rollouts/{split}: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
-    for p in problems:  # a bad reward spec fails here, before an engine is started
-        resolve_reward(p, reward)
     if todo:
         eng = engine if not isinstance(engine, str) else make_engine(engine_name, model_path, dtype=dtype)
         with console.progress() as bar:
             task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})", total=len(problems),
                                 completed=(n_shards - len(todo)) * shard_size, rate="")
-            start, done, tokens = time.perf_counter(), 0, 0
+            start, done, tokens, offset = time.perf_counter(), 0, 0, 0
             for i in todo:
                 shard = problems[i * shard_size:(i + 1) * shard_size]
-                rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size)
+                rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size,
+                                                       prompt_ids=prompt_ids[offset:offset + len(shard)])
                         for r in batch]
+                offset += len(shard)
                 write_shard(stage, i, rollouts_to_table(rows))
                 done += len(shard)
                 tokens += sum(len(r.response_token_ids) for r in rows)
@@ -333,10 +380,11 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
                 bar.update(task, advance=len(shard),
                            rate=f"{done / elapsed:.1f} problems/s, {tokens / elapsed:.0f} tokens/s")
         del eng
-    table = read_shards(stage, n_shards, ROLLOUTS)
+    table = read_rollouts(stage, n_shards)
     mark_stage_complete(stage, key, problems=len(problems), rollouts=table.num_rows, engine=engine_name)
     runs = store.read_manifest().get("rollouts", {})
     runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
-                   "sampling": cfg.__dict__, "engine": engine_name, "reward": reward, "dtype": dtype, "key": key}
+                   "sampling": cfg.__dict__, "engine": engine_name, "reward": reward,
+                   "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key}
     store.update_manifest(rollouts=runs)
     return table

@@ -46,6 +46,9 @@ ROLLOUTS = pa.schema([
     ("finish_reason", pa.string()),
     ("response_logprobs", pa.list_(pa.float32())),  # null when the engine gives none
     ("reward", pa.float64()),
+    # Which answer the response commits to, as its judge compares answers (rewards.answer_classes):
+    # equal numbers are one answer within a problem; null where the response commits to none.
+    ("answer_class", pa.int32()),
 ])
 
 # One row per problem and feature spec: what `gradsel select` ranks on.

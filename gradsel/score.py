@@ -283,6 +283,6 @@ def _score_rows(groups, split: str, norms, cos, dots, data_sources: dict[str, st
             "n_rollouts": len(r), "pass_rate": float((r > 0).mean()), "reward_mean": float(r.mean()),
             "reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0, "zero_advantage": g.zero_advantage,
             "grad_norm": float(n), "score_cos": float(c) if n > 0 else 0.0, "score_dot": float(d) if n > 0 else 0.0,
-            "judge_consistency": judge_consistency(g.texts, g.rewards),
+            "judge_consistency": judge_consistency(g.answer_classes, g.rewards),
         })
     return rows

@@ -107,8 +107,12 @@ def shard_marker(shard: Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".parquet") + ".done.json")
 
 
+def shard_path(stage: Path, index: int) -> Path:
+    return stage / f"shard-{index:05d}.parquet"
+
+
 def _shard_paths(stage: Path, index: int) -> tuple[Path, Path]:
-    data = stage / f"shard-{index:05d}.parquet"
+    data = shard_path(stage, index)
     return data, shard_marker(data)
 
 

@@ -1,0 +1,67 @@
+"""`gradsel check` and the same pre-flight inside `score`: verl-shaped rows, routed rewards,
+prompt lengths, and refusals that leave nothing behind."""
+
+import json
+
+import pyarrow.parquet as pq
+from conftest import run_cli
+from verl_data import gsm8k_rows, math_rows, write_parquet
+
+
+def mixed_pool(tmp_path, *, unknown: int = 0):
+    rows = gsm8k_rows([(2, 3), (4, 1), (3, 3)], "train") + math_rows("train", start=3)
+    rows += [{**r, "data_source": "my_org/word_problems", "extra_info": {**r["extra_info"], "index": 100 + i}}
+             for i, r in enumerate(gsm8k_rows([(1, 1)] * unknown, "train"))]
+    return write_parquet(rows, tmp_path / "pool.parquet")
+
+
+def test_check_reports_each_data_source_and_its_reward(tmp_path):
+    pool = mixed_pool(tmp_path)
+    val = write_parquet(gsm8k_rows([(1, 2), (2, 2)], "test"), tmp_path / "val.parquet")
+    proc = run_cli("check", "--pool", str(pool), "--val", str(val))
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True
+    sources = {s["data_source"]: s for s in report["files"][0]["sources"]}
+    assert sources["openai/gsm8k"]["rows"] == 3 and sources["openai/gsm8k"]["reward"] == "gsm8k"
+    assert sources["DigitalLearningGmbH/MATH-lighteval"]["reward"] == "math"
+    assert "openai/gsm8k" in proc.stderr and "no problems found" in proc.stderr
+
+
+def test_check_refuses_an_unrouted_source_and_long_prompts(tmp_path):
+    pool = mixed_pool(tmp_path, unknown=2)
+    # tiny-arith's context is 64 tokens: a GSM8K prompt with its system prompt does not fit.
+    proc = run_cli("check", "--pool", str(pool), "--model", "tiny-arith", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no reward for data_source 'my_org/word_problems' (2 rows" in proc.stderr
+    assert "--reward" in proc.stderr
+    assert "exceed 63 tokens" in proc.stderr
+    report = json.loads(proc.stdout)
+    tokens = {s["data_source"]: s["prompt_tokens"] for s in report["files"][0]["sources"]}
+    assert tokens["openai/gsm8k"][0] > 63 and tokens["openai/gsm8k"][0] <= tokens["openai/gsm8k"][2]
+    proc = run_cli("check", "--pool", str(pool), "--reward", "int", "--model", "tiny-arith",
+                   "--max-prompt-tokens", "4096")
+    assert json.loads(proc.stdout)["ok"] is True
+
+
+def test_score_refuses_before_any_rollout_and_writes_nothing(tmp_path):
+    pool = mixed_pool(tmp_path, unknown=1)
+    val = write_parquet(gsm8k_rows([(1, 2)], "test"), tmp_path / "val.parquet")
+    store = tmp_path / "store"
+    proc = run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val),
+                   "--store", str(store), "--engine", "hf", "--n", "2", check=False)
+    assert proc.returncode == 2 and "my_org/word_problems" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (store / "rollouts").exists()
+    # Routed, but too long for tiny-arith: refused before the engine starts, no stage pinned.
+    pool = write_parquet(gsm8k_rows([(2, 3)], "train"), tmp_path / "pool2.parquet")
+    proc = run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val),
+                   "--store", str(store), "--engine", "hf", "--n", "2", check=False)
+    assert proc.returncode == 2 and "exceed 63 tokens" in proc.stderr, proc.stderr
+    assert not any((store / "rollouts").rglob("inputs.json"))
+
+
+def test_verl_rows_keep_their_shape(tmp_path):
+    path = write_parquet(gsm8k_rows([(2, 3)], "train"), tmp_path / "p.parquet")
+    schema = pq.read_schema(path)
+    assert schema.names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+    assert [f.name for f in schema.field("extra_info").type] == ["split", "index", "answer", "question"]
