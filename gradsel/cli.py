@@ -242,6 +242,7 @@ def score(
                      alignment=alignment, modules=modules, adv=adv,
                      loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,
                      max_tokens_per_batch=max_tokens_per_batch, seed=seed, shard_size=shard_size)
+    sc.validate()  # a bad option fails here, before the rollouts
     with writer_lock(store):
         if chunk_size is not None:
             from gradsel.rounds import start_rounds
@@ -275,8 +276,9 @@ def _check_output(out: str, fmt: str, force: bool) -> None:
     terminal (the default --format verl with --out -, run without a pipe)."""
     import os
 
-    if out != "-" and Path(out).exists() and not force:
-        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+    from gradsel.select import check_out_path
+
+    check_out_path(out, force)
     if out == "-" and fmt == "verl" and os.isatty(console.data_out().fileno()):
         raise GradselError("refusing to write Parquet (--format verl) to a terminal",
                            "pass --out FILE.parquet, pipe the output, or pick a text format: --format jsonl, "
@@ -385,6 +387,8 @@ def _emit_json(obj) -> None:
 
 def main() -> None:
     """Entry point: user mistakes become `error:` + `hint:` on stderr and exit code 2."""
+    if len(sys.argv) <= 1:  # bare `gradsel`: the help, as a request for it, not a usage error
+        sys.argv.append("--help")
     try:
         code = app(standalone_mode=False)
     except GradselError as exc:
@@ -402,7 +406,13 @@ def main() -> None:
     except KeyboardInterrupt:
         console.stderr.print("interrupted; finished shards are kept, rerun the same command to resume")
         sys.exit(130)
+    except PermissionError as exc:
+        _fail(f"permission denied: {exc.filename or 'a file'}",
+              "choose a --store, --out or input you can use, or fix its permissions; finished shards are kept")
     except OSError as exc:
+        if exc.errno == errno.EROFS:
+            _fail(f"{exc.filename or 'a file'} is on a read-only file system",
+                  "choose a --store or --out on a writable file system; finished shards are kept")
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         # Every write is to a temporary name that is renamed only when whole, so the store holds

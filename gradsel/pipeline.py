@@ -57,7 +57,9 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
         tables[split] = run_rollout_stage(store, split, problem_set, model_path=Path(snap.path),
                                           model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward,
                                           shard_size=ro.shard_size)
-    sources = {p.problem_id: p.data_source for p in pool_set.problems + val_set.problems}
+    # Per split: verl numbers extra_info.index from 0 in train and test files alike.
+    sources = {split: {p.problem_id: p.data_source for p in problem_set.problems}
+               for split, problem_set in (("train", pool_set), ("val", val_set))}
     scores, spec = score_stage(store, model_path=Path(snap.path), model_hash=snap.content_hash,
                                train_rollouts=tables["train"], val_rollouts=tables["val"],
                                data_sources=sources, cfg=sc)

@@ -1,7 +1,8 @@
 """Problem readers: verl Parquet and JSONL (verl-shaped or OpenRLHF `input`/`label`).
 
-Each problem keeps its row number in the source file, so selection can emit the original row
-unchanged, and gets a stable id: `extra_info.index` when present, else a content hash.
+Each problem keeps its row number in the source file (for JSON lines, its line index), so
+selection can emit the original row unchanged, and gets a stable id: `data_source:index` from
+`extra_info.index` when present (`index` alone without a data source), else a content hash.
 """
 
 from __future__ import annotations
@@ -57,26 +58,42 @@ def _read_parquet_rows(path: Path) -> list[dict]:
                           "check the file is complete Parquet; use a .jsonl extension for JSON lines") from exc
 
 
-def _read_jsonl_rows(path: Path) -> list[dict]:
+def jsonl_lines(data: bytes) -> list[bytes]:
+    """A JSON-lines file's physical lines: split on LF only, a trailing CR dropped (CRLF files), a
+    UTF-8 BOM dropped. The reader and the selection writer both use this, so a problem's
+    `source_row` (its line index) points at the same bytes for both."""
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+
+
+def is_blank_line(line: bytes) -> bool:
+    """Whitespace only, in Unicode's sense (a no-break space is blank too)."""
+    return not line.decode("utf-8", "replace").strip()
+
+
+def _read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line index, row) for every non-blank line."""
     rows = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _file_error(path, f"line is not valid UTF-8 (byte {exc.start})",
-                                  "re-encode the file as UTF-8", lineno) from exc
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _file_error(path, f"invalid JSON ({exc.msg}, column {exc.colno})",
-                                  "each line must hold one JSON object", lineno) from exc
-            if not isinstance(row, dict):
-                raise _file_error(path, f"expected a JSON object, got {type(row).__name__}",
-                                  "each line must hold one JSON object", lineno)
-            rows.append(row)
+    for index, raw in enumerate(jsonl_lines(path.read_bytes())):
+        lineno = index + 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _file_error(path, f"line is not valid UTF-8 (byte {exc.start})",
+                              "re-encode the file as UTF-8", lineno) from exc
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _file_error(path, f"invalid JSON ({exc.msg}, column {exc.colno})",
+                              "each line must hold one JSON object", lineno) from exc
+        if not isinstance(row, dict):
+            raise _file_error(path, f"expected a JSON object, got {type(row).__name__}",
+                              "each line must hold one JSON object", lineno)
+        rows.append((index, row))
     return rows
 
 
@@ -131,17 +148,19 @@ def problem_from_row(row: dict, source_row: int, *, prompt_key: str | None = Non
                          "a string or a number)")
 
     extra_info = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    data_source = row.get("data_source") if isinstance(row.get("data_source"), str) else ""
     index = extra_info.get("index")
     if isinstance(index, (int, str)) and not isinstance(index, bool) and str(index) != "":
-        problem_id = str(index)
+        # verl numbers extra_info.index from 0 in every file: the data source keeps a gsm8k row and
+        # a MATH row of one concatenated pool apart.
+        problem_id = f"{data_source}:{index}" if data_source else str(index)
     else:
         digest = hashlib.sha256(json.dumps([prompt, answer], sort_keys=True).encode()).hexdigest()
         problem_id = "h" + digest[:16]
-    data_source = row.get("data_source")
     style = reward_model.get("style")
     return Problem(
         problem_id=problem_id, source_row=source_row, prompt=prompt, ground_truth=answer,
-        data_source=data_source if isinstance(data_source, str) else "",
+        data_source=data_source,
         reward_style=style if isinstance(style, str) else "",
         extra_info=extra_info,
     )
@@ -164,13 +183,13 @@ def read_problems(path: str | Path, *, prompt_key: str | None = None,
         raise GradselError(f"problem file {path} does not exist",
                            "make one with `gradsel demo-data` or pass a verl Parquet / JSONL file")
     fmt = "jsonl" if path.suffix.lower() in {".jsonl", ".json", ".ndjson"} else "parquet"
-    rows = _read_jsonl_rows(path) if fmt == "jsonl" else _read_parquet_rows(path)
+    rows = _read_jsonl_rows(path) if fmt == "jsonl" else list(enumerate(_read_parquet_rows(path)))
     if not rows:
         raise _file_error(path, "holds no problems", "the file must contain at least one row")
-    _check_columns(path, rows[0], prompt_key, answer_key)
+    _check_columns(path, rows[0][1], prompt_key, answer_key)
     problems, seen, bad = [], {}, {}
     label = "line" if fmt == "jsonl" else "row"
-    for i, row in enumerate(rows):
+    for i, row in rows:
         try:
             p = problem_from_row(row, i, prompt_key=prompt_key, answer_key=answer_key)
         except ValueError as exc:
@@ -178,7 +197,7 @@ def read_problems(path: str | Path, *, prompt_key: str | None = None,
             continue
         if p.problem_id in seen:
             raise _file_error(path, f"duplicate problem id {p.problem_id!r} ({label}s {seen[p.problem_id] + 1} and {i + 1})",
-                              "make extra_info.index unique, or drop it to use content hashes")
+                              "make extra_info.index unique within each data_source, or drop it to use content hashes")
         seen[p.problem_id] = i
         problems.append(p)
     if bad:

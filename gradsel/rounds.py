@@ -152,8 +152,9 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
         if new_hash == last["checkpoint"]:  # a rerun of the refresh that made it (killed as it ended)
             console.info(f"round {last['round']} is already complete for this checkpoint")
             return last["round"], _resume_round(store_dir, manifest, last["round"], model)
-        raise GradselError(f"round {last['round']} has no selection yet",
-                           "run `gradsel select --store ...` for it first, or select within refresh")
+        raise GradselError(f"round {last['round']} has no selection yet, so the next chunk cannot be chosen",
+                           f"run `gradsel select --store {store_dir} --top-k K --out FILE` for round {last['round']} "
+                           "first (a selection inside refresh applies to the round it scores)")
     if new_hash == last["checkpoint"] and not force:
         raise GradselError(f"checkpoint {model} is identical to round {last['round']}'s ({new_hash[:19]})",
                            "pass the new checkpoint after training, or --force to rescore the same one")
@@ -167,11 +168,19 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
 
 def record_selection(store_dir: Path, round_store: Path, selected_ids: list[str]) -> None:
     """Remember which problems a round's selection took (selection.json) and update the history."""
+    import errno
+
     store_dir, round_store = Path(store_dir).resolve(), Path(round_store).resolve()
     if round_store == store_dir:  # a store without rounds
         return
-    atomic_write_json(round_store / "selection.json", {"selected_ids": list(selected_ids)})
-    write_history(store_dir, _read_top(Store(store_dir)))
+    try:
+        atomic_write_json(round_store / "selection.json", {"selected_ids": list(selected_ids)})
+        write_history(store_dir, _read_top(Store(store_dir)))
+    except OSError as exc:  # a read-only store still selects (docs/store.md); the output is written
+        if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+            raise
+        console.warn(f"the store is read-only: this selection is not recorded in {round_store.name} "
+                     "(`refresh` needs a recorded selection of the latest round)")
 
 
 def write_history(root: Path, manifest: dict) -> None:

@@ -16,6 +16,7 @@ the stored vectors, so a resumed run gives exactly the scores of an uninterrupte
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, LOW_RANK_MAX_COST, LOW_RAN
                                zero_validation_gradient)
 
 VAL_AGGS = ("batch", "mean-normalized")
+DTYPES = ("float32", "bfloat16", "float16")
 ALIGNMENTS = ("lowrank", "exact", "sketch")
 
 
@@ -59,6 +61,16 @@ class ScoreConfig:
                                      (self.val_agg, VAL_AGGS, "--val-agg"), (self.alignment, ALIGNMENTS, "--alignment")):
             if value not in allowed:
                 raise GradselError(f"unknown {flag} {value!r}", f"choose one of {', '.join(allowed)}")
+        if self.dtype not in DTYPES:
+            raise GradselError(f"unknown --dtype {self.dtype!r}", f"choose one of {', '.join(DTYPES)}")
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise GradselError(f"unknown --device {self.device!r}", "use auto, cpu, cuda or cuda:N")
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as exc:
+                raise GradselError(f"--modules {self.modules!r} is not a regular expression ({exc})",
+                                   "for example --modules 'mlp|self_attn'") from exc
 
 
 def parse_sketch(text: str) -> tuple[int, int]:
@@ -100,7 +112,7 @@ def validation_target(unit_vectors: np.ndarray, norms: np.ndarray, val_agg: str)
 
 
 def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val_rollouts,
-                data_sources: dict[str, str], cfg: ScoreConfig):
+                data_sources: dict[str, dict[str, str]], cfg: ScoreConfig):
     """Compute (or resume) features and scores; return the scores table (schema.SCORES)."""
     import pyarrow as pa
 
@@ -171,8 +183,8 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
         dots = cos * norms_train
         val_cos = unit_val.astype(np.float64) @ target
         val_dots = val_cos * norms_val
-    rows = _score_rows(train_groups, "train", norms_train, cos, dots, data_sources)
-    rows += _score_rows(val_groups, "val", norms_val, val_cos, val_dots, data_sources)
+    rows = _score_rows(train_groups, "train", norms_train, cos, dots, data_sources["train"])
+    rows += _score_rows(val_groups, "val", norms_val, val_cos, val_dots, data_sources["val"])
     table = pa.Table.from_pylist(rows, schema=SCORES)
     atomic_write_table(stage / "scores.parquet", table)
     mark_stage_complete(stage, key, train=len(train_groups), val=len(val_groups))

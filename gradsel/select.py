@@ -31,6 +31,7 @@ import numpy as np
 
 from gradsel import console
 from gradsel.errors import GradselError
+from gradsel.problems import jsonl_lines
 from gradsel.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
                            subspace_share, take_vectors)
 
@@ -38,6 +39,9 @@ MODES = ("reliable", "gradalign", "dot", "accgreedy", "band", "simacc", "learnal
 FORMATS = ("verl", "jsonl", "openrlhf", "ids")
 TARGETS = ("auto", "mean", "max", "subspace")
 VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
+
+
+BALANCE_COLUMNS = ("data_source",)  # the scores' columns that name groups (schema.SCORES)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class SelectConfig:
         if self.target not in TARGETS:
             raise GradselError(f"unknown --target {self.target!r}", f"use {', '.join(TARGETS)}")
         resolve_kind(self.index, 0)
+        if self.balance is not None and self.balance not in BALANCE_COLUMNS:
+            raise GradselError(f"cannot balance on {self.balance!r}: it is not a column of the scores",
+                               f"balance on {', '.join(BALANCE_COLUMNS)}")
         if self.balance_weights is not None:
             if not self.balance:
                 raise GradselError("--balance-weights needs --balance COLUMN", "for example --balance data_source")
@@ -303,8 +310,7 @@ def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate
     manifest = store.read_manifest()
     to_stdout = out == "-"
     out_path = None if to_stdout else Path(out)
-    if out_path is not None and out_path.exists() and not force:
-        raise GradselError(f"{out_path} exists", "pass --force to overwrite it, or choose another --out")
+    check_out_path(out, force)
     source = _source_file(store, manifest)
     # Only the selected problems' rows become Python objects (a pool can hold millions).
     problems = pq.read_table(store.root / "rollouts/train/problems.parquet",
@@ -323,13 +329,12 @@ def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate
                                       "label": by_id[pid]["ground_truth"], **(extra if annotate else {})}) + "\n"
                           for pid, extra in zip(selection.problem_ids, rank_extra)).encode()
     elif source.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
-        lines = source.read_bytes().splitlines()
-        nonblank = [ln for ln in lines if ln.strip()]
+        lines = jsonl_lines(source.read_bytes())  # the reader's own split: source_row is a line index
         if fmt == "jsonl":
-            payload = b"".join(_annotated_line(nonblank[i], e, annotate) + b"\n" for i, e in zip(rows_idx, rank_extra))
+            payload = b"".join(_annotated_line(lines[i], e, annotate) + b"\n" for i, e in zip(rows_idx, rank_extra))
         else:
-            table = pa.Table.from_pylist([json.loads(nonblank[i]) | (e if annotate else {}) for i, e in zip(rows_idx, rank_extra)])
-            payload = _parquet_bytes(table)
+            payload = _parquet_bytes(_rows_table([json.loads(lines[i]) | (e if annotate else {})
+                                                  for i, e in zip(rows_idx, rank_extra)]))
     else:
         table = pq.read_table(source).take(pa.array(rows_idx, pa.int64()))
         if annotate:
@@ -341,10 +346,7 @@ def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate
             payload = "".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist()).encode()
 
     if to_stdout:
-        stream = console.data_out()
-        stream.flush()
-        stream.buffer.write(payload)
-        stream.buffer.flush()
+        write_stdout(payload)
     else:
         from gradsel.fsutil import atomic_write_bytes, atomic_write_json
 
@@ -356,6 +358,63 @@ def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate
             "checkpoint": (manifest.get("snapshot") or {}).get("content_hash"),
             "problems_file": str(source)})
     return len(selection.problem_ids)
+
+
+def check_out_path(out: str, force: bool) -> None:
+    """An --out that cannot be written is refused before any work."""
+    if out == "-":
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise GradselError(f"--out {out} is a directory", "give a file path, for example --out round1.parquet")
+    if path.exists() and not force:
+        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+
+
+def write_stdout(payload: bytes) -> None:
+    """Data to stdout. A reader that closed the pipe early (`| head`) took what it wanted: not an
+    error, so the rest is dropped quietly and the caller goes on (a selection is still recorded)."""
+    import os
+
+    stream = console.data_out()
+    try:
+        stream.flush()
+        stream.buffer.write(payload)
+        stream.buffer.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null, so the interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+def _rows_table(rows: list[dict]):
+    """JSON rows as an Arrow table; a field whose type differs between rows is named, not a traceback."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+        field, kinds = _mixed_field(rows) or ("a field", "several types")
+        raise GradselError(f"{field} holds {kinds} across the selected rows; Parquet needs one type per column",
+                           "pass --format jsonl to emit the lines unchanged, or give the field one type") from exc
+
+
+def _mixed_field(rows: list[dict], prefix: str = "") -> tuple[str, str] | None:
+    """The first (dotted) field whose non-null values have more than one JSON type."""
+    kinds: dict[str, set[str]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value is not None:
+                kinds.setdefault(key, set()).add("number" if type(value) in (int, float) else type(value).__name__)
+    for key, found in kinds.items():
+        if len(found) > 1:
+            return prefix + key, " and ".join(sorted(found))
+        if found == {"dict"}:
+            nested = _mixed_field([row[key] for row in rows if isinstance(row.get(key), dict)], f"{prefix}{key}.")
+            if nested:
+                return nested
+    return None
 
 
 def _annotated_line(line: bytes, extra: dict, annotate: bool) -> bytes:

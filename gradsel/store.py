@@ -162,7 +162,9 @@ def stage_complete(stage: Path, key: str) -> bool:
 def check_stage_key(stage: Path, key: str, what: str) -> None:
     """Refuse to mix shards made from different inputs in one stage directory."""
     marker = stage / "inputs.json"
-    if marker.is_file():
+    # A stage that finished no shard has nothing to protect: a failed first run (a reward typo, a
+    # plugin that raised) must not pin the inputs the fixed rerun is refused for.
+    if marker.is_file() and any(stage.rglob("shard-*.done.json")):
         recorded = json.loads(marker.read_text())
         if recorded.get("key") != key:
             raise GradselError(

@@ -24,7 +24,7 @@ def test_regime_schema_round_trip(tmp_path, regime):
         assert row["reward_model"]["ground_truth"] == str(answer_of(a, op, b))
     assert all(not r["extra_info"]["corrupted"] for r in expected_val)
     problems = read_problems(tmp_path / "pool.parquet").problems
-    assert [p.problem_id for p in problems] == [str(i) for i in range(80)]
+    assert [p.problem_id for p in problems] == [f"{r['data_source']}:{i}" for i, r in enumerate(expected_pool)]
 
 
 def _parse(text: str):

@@ -16,7 +16,7 @@ def write_jsonl(path, rows):
 def test_verl_parquet_rows(noisy_data):
     ps = read_problems(noisy_data / "pool.parquet")
     p = ps.problems[5]
-    assert ps.format == "parquet" and p.problem_id == "5" and p.source_row == 5
+    assert ps.format == "parquet" and p.problem_id == f"{p.data_source}:5" and p.source_row == 5
     assert p.messages()[0]["role"] == "user" and p.prompt[0]["content"].endswith("=")
     assert p.data_source.startswith("arith/") and p.reward_style in {"rule", "random"}
 

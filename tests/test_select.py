@@ -34,10 +34,11 @@ HANDMADE = {
 @pytest.fixture
 def store(tmp_path):
     pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1="}], "data_source": src,
+    # No data_source in the rows, so the ids are the bare indices the hand-made scores use.
+    pool.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1="}],
                                         "reward_model": {"style": "rule", "ground_truth": str(int(i) + 1)},
                                         "extra_info": {"index": int(i)}}) + "\n"
-                            for i, (_, _, _, _, src, _) in HANDMADE.items()))
+                            for i in HANDMADE))
     root = tmp_path / "store"
     problem_set = read_problems(pool)
     atomic_write_table(root / "rollouts/train/problems.parquet", problems_to_table(problem_set.problems))

@@ -1,4 +1,5 @@
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -10,19 +11,30 @@ from gradsel.store import FORMAT_VERSION, Store, writer_lock
 
 
 def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
-    with writer_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom gradsel.store import writer_lock\n"
+                               f"with writer_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(GradselError) as err:
             with writer_lock(tmp_path):
                 pass
-        assert f"on host {socket.gethostname()}" in err.value.message and "pid" in err.value.message
-    assert not (tmp_path / ".lock").exists()
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in err.value.message
+    finally:
+        holder.kill()
+        holder.wait()
+    with writer_lock(tmp_path):  # the kernel released the dead holder's lock: nothing stale to take over
+        assert json.loads((tmp_path / ".lock.json").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock.json").exists()
 
 
-def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+@pytest.mark.parametrize("left", [b"", b'{"pid": 1, "host": "elsewhere"}'])
+def test_a_lock_file_left_behind_never_blocks(tmp_path, left):
+    (tmp_path / ".lock").write_bytes(left)  # a crash between create and write; a holder long gone
     with writer_lock(tmp_path):
-        assert json.loads((tmp_path / ".lock").read_text())["pid"] != int(dead.stdout)
+        with pytest.raises(GradselError, match="is locked by pid"):
+            with writer_lock(tmp_path):  # and the lock is real while held
+                pass
 
 
 def test_other_format_versions_get_a_clear_message(tmp_path):
