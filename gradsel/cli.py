@@ -173,7 +173,7 @@ def rollout(
     """Sample k responses per problem and reward them, into the store (resumable)."""
     from gradsel.problems import read_problems
     from gradsel.rollout import SamplingConfig, run_rollout_stage, table_pass_rates
-    from gradsel.snapshot import snapshot_into_store
+    from gradsel.snapshot import loadable_path, snapshot_into_store
     from gradsel.store import open_store, writer_lock
 
     console.protect_stdout()
@@ -182,7 +182,7 @@ def rollout(
     with writer_lock(store):
         snap = snapshot_into_store(st, model, mode=hash_mode.value, copy=copy)
         cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        table = run_rollout_stage(st, split.value, problem_set, model_path=Path(snap.path),
+        table = run_rollout_stage(st, split.value, problem_set, model_path=loadable_path(st, snap),
                                   model_hash=snap.content_hash, cfg=cfg, engine=engine.value,
                                   reward=reward, shard_size=shard_size)
     rates = list(table_pass_rates(table).values())
@@ -350,6 +350,7 @@ def refresh(
     out: OutOpt = "-",
     reuse_unselected: Annotated[bool, typer.Option(help="Offer problems that earlier rounds scored but did not select again.")] = False,
     force: Annotated[bool, typer.Option(help="Rescore even when the checkpoint is identical to the last round's; overwrite --out.")] = False,
+    restart_round: Annotated[bool, typer.Option(help="Drop an incomplete last round (a refresh that failed) and score its chunk with --model.")] = False,
     allow_fewer: AllowFewerOpt = False,
     seed: SelectSeedOpt = 0,
 ) -> None:
@@ -366,7 +367,7 @@ def refresh(
         _check_output(out, fmt, force)
     with writer_lock(store):
         index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
-                                      force=force)
+                                      force=force, restart_round=restart_round)
     summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
     if wants_selection:
         st = Store(round_dir(store, index))
@@ -387,8 +388,13 @@ def _emit_json(obj) -> None:
 
 def main() -> None:
     """Entry point: user mistakes become `error:` + `hint:` on stderr and exit code 2."""
+    import signal
+
     if len(sys.argv) <= 1:  # bare `gradsel`: the help, as a request for it, not a usage error
         sys.argv.append("--help")
+    # A shell starts a background job (`gradsel score ... &`) with SIGINT ignored, and Python then
+    # keeps ignoring it: a scheduler's or a user's interrupt must still stop the run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = app(standalone_mode=False)
     except GradselError as exc:
@@ -404,8 +410,7 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         _fail(message, f"run `{command} --help`")
     except KeyboardInterrupt:
-        console.stderr.print("interrupted; finished shards are kept, rerun the same command to resume")
-        sys.exit(130)
+        _interrupted()
     except PermissionError as exc:
         _fail(f"permission denied: {exc.filename or 'a file'}",
               "choose a --store, --out or input you can use, or fix its permissions; finished shards are kept")
@@ -419,7 +424,15 @@ def main() -> None:
         # finished files only: the same command resumes once there is room.
         _fail(f"no space left to write {exc.filename or 'a file'} ({exc.strerror})",
               "free disk space (or raise the quota), then rerun the same command: finished shards are kept")
+    if code == 130:  # typer turns Ctrl-C into a returned 130 (non-standalone mode)
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted() -> None:
+    console.stderr.print("interrupted: every finished shard is kept; rerun the same command to resume",
+                         markup=False, highlight=False)
+    sys.exit(130)
 
 
 def _fail(message: str, hint: str) -> None:

@@ -726,7 +726,7 @@ def alignment_cost(target: Sequence) -> float:
 
 def zero_validation_gradient() -> GradselError:
     return GradselError("every validation problem has zero advantage, so the validation gradient is zero",
-                        "use more rollouts per validation problem (--n-val) or a validation set the model "
+                        "use more rollouts per validation problem (`score --n-val`; refresh keeps the store's) or a validation set the model "
                         "sometimes solves")
 
 

@@ -30,10 +30,25 @@ def resolve_model_path(model: str | Path) -> Path:
     return path.resolve()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_path(model: str | Path) -> Path:
+    """Where the model's tokenizer lives: its own directory, or for a PEFT adapter saved without
+    one (PEFT does not save it) its base model's."""
+    path = resolve_model_path(model)
+    if any((path / name).is_file() for name in TOKENIZER_FILES) or not (path / "adapter_config.json").is_file():
+        return path
+    import json
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    return tokenizer_path(base) if base else path
+
+
 def load_tokenizer(model: str | Path):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(model)
+    path = tokenizer_path(model)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -65,11 +80,32 @@ def load_causal_lm(model: str | Path, *, dtype: str = "float32", device: str = "
     return lm.to(device).eval()
 
 
+def save_merged(adapter_dir: Path, dest: Path) -> Path:
+    """A LoRA adapter merged onto its base model, saved as an ordinary checkpoint (atomically)."""
+    import os
+    import shutil
+
+    import torch
+
+    if (dest / "config.json").is_file():
+        return dest
+    merged = load_peft_merged(resolve_model_path(adapter_dir), torch.float32)
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    load_tokenizer(adapter_dir).save_pretrained(tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return dest
+
+
 def load_peft_merged(adapter_dir: Path, torch_dtype):
     import json
 
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # gradsel draws its own progress on stderr
     try:
         from peft import PeftModel
     except ImportError as exc:
@@ -77,6 +113,17 @@ def load_peft_merged(adapter_dir: Path, torch_dtype):
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     base_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch_dtype)
     return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+
+
+def vocabulary_digest(model: str | Path) -> str:
+    """A digest of the token -> id map: stored token ids mean the same tokens under two
+    checkpoints exactly when their digests agree."""
+    import hashlib
+    import json
+
+    tok = load_tokenizer(model)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return "sha256:" + hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
 def context_length(model: str | Path) -> int | None:

@@ -12,7 +12,7 @@ from gradsel.problems import read_problems
 from gradsel.rewards import check_rewards
 from gradsel.rollout import LazyEngine, SamplingConfig, run_rollout_stage
 from gradsel.score import ScoreConfig, score_stage
-from gradsel.snapshot import snapshot_into_store
+from gradsel.snapshot import loadable_path, snapshot_into_store
 from gradsel.store import open_store
 
 
@@ -49,18 +49,23 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
         check_rewards(problem_set.problems, ro.reward)
     store = open_store(store_dir)
     snap = snapshot_into_store(store, model, mode=ro.hash_mode, copy=ro.copy)
-    engine = LazyEngine(ro.engine, Path(snap.path))  # one engine for both splits, started only if needed
+    if "vocabulary" not in store.read_manifest():  # what `refresh` compares a new checkpoint with
+        from gradsel.models import vocabulary_digest
+
+        store.update_manifest(vocabulary=vocabulary_digest(snap.path))
+    model_path = loadable_path(store, snap)  # a LoRA adapter: merged onto its base, once
+    engine = LazyEngine(ro.engine, model_path)  # one engine for both splits, started only if needed
     tables = {}
     # The small validation set first: its prompts are checked (and rolled out) before the pool's.
     for split, problem_set, n in (("val", val_set, ro.n_val or ro.n), ("train", pool_set, ro.n)):
         cfg = SamplingConfig(n=n, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens, seed=ro.seed)
-        tables[split] = run_rollout_stage(store, split, problem_set, model_path=Path(snap.path),
+        tables[split] = run_rollout_stage(store, split, problem_set, model_path=model_path,
                                           model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward,
                                           shard_size=ro.shard_size)
     # Per split: verl numbers extra_info.index from 0 in train and test files alike.
     sources = {split: {p.problem_id: p.data_source for p in problem_set.problems}
                for split, problem_set in (("train", pool_set), ("val", val_set))}
-    scores, spec = score_stage(store, model_path=Path(snap.path), model_hash=snap.content_hash,
+    scores, spec = score_stage(store, model_path=model_path, model_hash=snap.content_hash,
                                train_rollouts=tables["train"], val_rollouts=tables["val"],
                                data_sources=sources, cfg=sc)
     return ScoreResult(store_dir, scores, spec)

@@ -27,6 +27,7 @@ from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_table
 from gradsel.pipeline import RolloutOptions, ScoreResult, run_score
+from gradsel.models import resolve_model_path
 from gradsel.problems import read_problems
 from gradsel.score import ScoreConfig
 from gradsel.store import Store, open_store
@@ -133,8 +134,14 @@ def _finish_round(store_dir: Path, manifest: dict, index: int, model: str, chunk
 
 
 def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse_unselected: bool = False,
-            force: bool = False) -> tuple[int, ScoreResult]:
-    """Snapshot the new checkpoint, roll out and score the next chunk and the validation set."""
+            force: bool = False, restart_round: bool = False) -> tuple[int, ScoreResult]:
+    """Snapshot the new checkpoint, roll out and score the next chunk and the validation set.
+
+    A round that a failed or killed refresh left incomplete is finished with the checkpoint it
+    was started with (rerun with that --model), or dropped with `restart_round` and its chunk
+    scored again with the new checkpoint. Nothing asked for is ignored in silence."""
+    import shutil
+
     from gradsel.snapshot import take_snapshot
 
     store = Store(Path(store_dir))
@@ -143,9 +150,28 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
         raise GradselError(f"{store_dir} is not a store with rounds",
                            "create one with `gradsel score --chunk-size M ...`")
     last = manifest["rounds"][-1]
-    if "checkpoint" not in last:  # the last round never finished: resume it
-        console.info(f"round {last['round']} is incomplete; resuming it")
-        return last["round"], _resume_round(store_dir, manifest, last["round"], last["model"])
+    if "checkpoint" not in last and restart_round:
+        console.info(f"round {last['round']} is incomplete; dropping it and scoring its chunk with {model}")
+        shutil.rmtree(round_dir(Path(store_dir), last["round"]), ignore_errors=True)
+        manifest["rounds"].pop()
+        atomic_write_json(store.manifest_path, manifest)
+        if not manifest["rounds"]:  # round 0 itself: score its chunk again
+            return 0, _finish_round(store_dir, manifest, 0, model, last["chunk_ids"])
+        last = manifest["rounds"][-1]
+    elif restart_round:
+        raise GradselError(f"round {last['round']} is complete: --restart-round has nothing to restart",
+                           "leave --restart-round out to score the next round")
+    if "checkpoint" not in last:  # the last round never finished
+        started = last["model"]
+        if resolve_model_path(model) != resolve_model_path(started):
+            raise GradselError(f"round {last['round']} is incomplete: it was started with {started}, not {model}",
+                               f"rerun with --model {started} to finish it, or add --restart-round to drop it "
+                               f"and score its chunk with {model}")
+        if chunk_size is not None or reuse_unselected:
+            raise GradselError(f"round {last['round']} is incomplete; --chunk-size and --reuse-unselected apply "
+                               "to a new round", "rerun without them to finish this round, or add --restart-round")
+        console.info(f"round {last['round']} is incomplete; finishing it with {started}")
+        return last["round"], _resume_round(store_dir, manifest, last["round"], started)
     mode = manifest["run"]["ro"]["hash_mode"]
     new_hash = take_snapshot(model, mode=mode).content_hash
     if round_selection(Path(store_dir), last) is None:
@@ -155,6 +181,7 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
         raise GradselError(f"round {last['round']} has no selection yet, so the next chunk cannot be chosen",
                            f"run `gradsel select --store {store_dir} --top-k K --out FILE` for round {last['round']} "
                            "first (a selection inside refresh applies to the round it scores)")
+    _check_vocabulary(Path(store_dir), manifest, model)
     if new_hash == last["checkpoint"] and not force:
         raise GradselError(f"checkpoint {model} is identical to round {last['round']}'s ({new_hash[:19]})",
                            "pass the new checkpoint after training, or --force to rescore the same one")
@@ -164,6 +191,20 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
                            "pass --reuse-unselected to offer unselected problems again")
     index = last["round"] + 1
     return index, _finish_round(store_dir, manifest, index, model, chunk_ids)
+
+
+def _check_vocabulary(root: Path, manifest: dict, model: str) -> None:
+    """Refuse a checkpoint whose tokenizer maps tokens to other ids than round 0's: the store's
+    rollouts, chunks and history are token ids, which would then mean other tokens."""
+    from gradsel.models import vocabulary_digest
+
+    first = Store(round_dir(root, manifest["rounds"][0]["round"])).read_manifest().get("vocabulary")
+    if first is None:  # a store written before vocabularies were recorded
+        return
+    if vocabulary_digest(model) != first:
+        raise GradselError(f"checkpoint {model} has a different vocabulary from this store's round 0",
+                           "its token ids would mean other tokens: score it into a new store "
+                           "(`gradsel score --chunk-size M ...`)")
 
 
 def record_selection(store_dir: Path, round_store: Path, selected_ids: list[str]) -> None:

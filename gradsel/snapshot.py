@@ -50,6 +50,27 @@ def _hashed_files(directory: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
+def check_safetensors(directory: Path) -> None:
+    """Refuse a safetensors file whose header promises more bytes than the file holds: a
+    checkpoint the trainer is still writing, or a copy cut short. Reads only the headers."""
+    for path in sorted(directory.glob("*.safetensors")):
+        size = path.stat().st_size
+        ok = False
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if 0 < n <= size - 8:
+                try:
+                    header = json.loads(fh.read(n))
+                    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                    ok = 8 + n + end == size
+                except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                    ok = False
+        if not ok:
+            raise GradselError(f"{path} is incomplete or damaged ({size} bytes; its header does not match)",
+                               "if the trainer is still saving this checkpoint, wait for it to finish, then rerun")
+
+
 def content_hash(directory: Path, *, mode: str = "sha256") -> tuple[str, list[dict]]:
     """Hash a checkpoint directory. `fast` reads sizes and the first and last MiB of each file."""
     if mode not in {"sha256", "fast"}:
@@ -85,6 +106,7 @@ def take_snapshot(model: str | Path, *, mode: str = "sha256", copy_into: Path | 
         config = json.loads(adapter_config.read_text())
     else:
         config = json.loads((directory / "config.json").read_text())
+    check_safetensors(directory)
     digest, files = content_hash(directory, mode=mode)
     path = directory
     if copy_into is not None:
@@ -120,6 +142,18 @@ def _repoint_adapter(adapter_copy: Path, base_copy: Path) -> None:
     cfg["base_model_name_or_path"] = str(base_copy)
     cfg_path.unlink()
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def loadable_path(store, snap: Snapshot) -> Path:
+    """The directory engines load: the snapshot itself, or for a LoRA adapter the adapter merged
+    onto its base once, into `store/merged/<hash>` (vLLM and the gradient pass then load one plain
+    checkpoint, with the base model's tokenizer)."""
+    path = Path(snap.path)
+    if not (path / "adapter_config.json").is_file():
+        return path
+    from gradsel.models import save_merged
+
+    return save_merged(path, store.root / "merged" / snap.content_hash.split(":")[1][:16])
 
 
 def snapshot_into_store(store, model: str | Path, *, mode: str = "sha256", copy: bool = False) -> Snapshot:

@@ -182,47 +182,33 @@ def mark_stage_complete(stage: Path, key: str, **info) -> None:
 
 @contextmanager
 def writer_lock(root: Path):
-    """One writer per store. A second one fails at once, naming the holder; a lock left by a
-    dead process on this host is taken over. Readers (select, info) never take it."""
+    """One writer per store. A second one fails at once, naming the holder. The lock is the
+    `filelock` package's (an fcntl lock on `.lock`): the kernel releases it when its process dies,
+    however it dies, so no stale lock is ever left to take over, and no two processes can both
+    think they took one over. The holder's pid and host sit beside it in `.lock.json`, for the
+    message. Readers (select, info) never take it."""
     import os
     import socket
 
+    from filelock import FileLock, Timeout
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / ".lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise GradselError(
-                f"store {root} is locked by pid {holder.get('pid', '?')} on host {holder.get('host', '?')}",
-                "wait for that run to finish; if it is gone on another host, delete the .lock file") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(me))
-        break
+    lock = FileLock(root / ".lock")
+    holder_path = root / ".lock.json"
     try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = json.loads(holder_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            holder = {}
+        raise GradselError(
+            f"store {root} is locked by pid {holder.get('pid', '?')} on host {holder.get('host', '?')}",
+            "wait for that run to finish (the lock goes with its process)") from None
+    try:
+        atomic_write_json(holder_path, {"pid": os.getpid(), "host": socket.gethostname()})
         yield
     finally:
-        path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid) -> bool:
-    import os
-
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        holder_path.unlink(missing_ok=True)
+        lock.release()

@@ -265,7 +265,7 @@ def lora_adapter(tmp_path):
 
     base_dir = resolve_model_path("tiny-arith")
     lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                               peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+                               peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     lora.save_pretrained(tmp_path / "adapter")  # PEFT saves no tokenizer
     cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(base_dir)
@@ -305,3 +305,46 @@ def test_a_truncated_safetensors_file_is_a_user_error(tmp_path):
     proc = run_cli("score", "--model", str(model), "--pool", str(pool), "--val", str(val),
                    "--store", str(tmp_path / "store"), *SCORE, check=False)
     assert_user_error(proc, "is incomplete or damaged")
+
+
+# -- 16. Ctrl-C ------------------------------------------------------------------------------------------
+
+def test_an_interrupt_says_what_was_kept_even_when_started_in_the_background(tmp_path):
+    import signal
+    import time
+
+    pool, val = write_regime(tmp_path / "data", "clean", size=400, val_size=16, seed=2)
+    store = tmp_path / "store"
+    args = ["score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
+            "--engine", "hf", "--n", "8", "--shard-size", "16"]
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    # As `gradsel score ... &` in a script: the shell starts it with SIGINT ignored.
+    proc = subprocess.Popen([*GRADSEL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    marker = store / "rollouts" / "train" / "shard-00000.done.json"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    assert "interrupted: every finished shard is kept" in err and "Traceback" not in err
+    assert json.loads(run_cli(*args).stdout)["candidates"] == 400  # the rerun resumes and finishes
+
+
+# -- 7. the hint for a round without a selection -----------------------------------------------------
+
+def test_a_round_without_a_selection_names_the_select_that_helps(tmp_path):
+    from gradsel.models import resolve_model_path
+
+    pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
+    store = tmp_path / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
+            "--chunk-size", "10", *SCORE)
+    ckpt2 = tmp_path / "ckpt2"
+    shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
+    (ckpt2 / "generation_config.json").write_text("{}")  # a new content hash
+    proc = run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "2", "--format", "ids",
+                   check=False)
+    assert_user_error(proc, "round 0 has no selection yet")
+    assert f"gradsel select --store {store}" in proc.stderr and "within refresh" not in proc.stderr
