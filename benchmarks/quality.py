@@ -9,6 +9,8 @@ feature, then `select --ratio 0.25` with every mode. Metrics (mean +- std over s
                the mode's score over non-zero-advantage candidates
   imbalance    target-domain share among the selected, and its ratio to the pool's base rate
   low-utility  useful share among the selected, and its ratio to the base rate; the same AUROC
+  wrong-answer share of rows with a wrong reference answer among the selected (lower is better),
+               read from the side file `pool.truth.json`, which no selector sees; the same AUROC
 The `ceiling (oracle)` row is the best share any selector of non-zero-advantage problems can reach.
 Writes a Markdown report with a PNG plot.
 """
@@ -29,7 +31,7 @@ from gradsel.problems import read_problems
 from gradsel.score import ScoreConfig, parse_sketch
 from gradsel.select import MODES, SelectConfig, mode_scores, select
 from gradsel.store import open_store
-from gradsel.tasks import write_regime
+from gradsel.tasks import TRUTH_FILE, write_regime
 
 FEATURES = {"projected": {}, "head": {"feature": "head"}, "exact": {"feature": "exact", "modules": r"\.layers\.\d+\."}}
 VECTOR_FREE = ("gradalign", "dot", "accgreedy", "band", "simacc", "random", "reliable")
@@ -54,7 +56,11 @@ def truth_label(regime: str, extra: dict) -> bool:
 def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
             val_size: int = 40, sketch: tuple[int, int] = (16, 16), n_val: int | None = None) -> list[dict]:
     pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed)
-    truth = {p.problem_id: truth_label(regime, p.extra_info) for p in read_problems(pool).problems}
+    if regime == "wrong-answer":
+        wrong = set(json.loads((work / "data" / TRUTH_FILE).read_text())["wrong_answer_ids"])
+        truth = {p.problem_id: p.problem_id not in wrong for p in read_problems(pool).problems}
+    else:
+        truth = {p.problem_id: truth_label(regime, p.extra_info) for p in read_problems(pool).problems}
     base_rate = sum(truth.values()) / len(truth)
     ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=8, seed=seed)
     results = []
@@ -118,8 +124,9 @@ def write_report(summary: list[dict], out: Path, command: str, *, size: int, n: 
              "temperature 1.0 (transformers engine), select 25% of the pool. Mean +- std over seeds. A mode without "
              "`--target` in its name ranks with `--target mean` (the validation set's gradient, as the paper does).", ""]
     titles = {"noisy": ("corrupted share (lower is better)", True),
-              "imbalance": ("target-domain share", False), "low-utility": ("useful share", False)}
-    for regime in ("noisy", "imbalance", "low-utility"):
+              "imbalance": ("target-domain share", False), "low-utility": ("useful share", False),
+              "wrong-answer": ("wrong-label share (lower is better)", True)}
+    for regime in titles:
         rows = sorted((r for r in summary if r["regime"] == regime), key=lambda r: (r["feature"] != "projected", r["feature"], r["mode"]))
         if not rows:
             continue

@@ -29,6 +29,7 @@ class Regime(str, Enum):
     noisy = "noisy"
     imbalance = "imbalance"
     low_utility = "low-utility"
+    wrong_answer = "wrong-answer"
 
 
 class EngineName(str, Enum):

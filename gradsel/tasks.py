@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ABILITY = "arithmetic"
-REGIMES = ("clean", "noisy", "imbalance", "low-utility")
+REGIMES = ("clean", "noisy", "imbalance", "low-utility", "wrong-answer")
+# Beside the pool of the wrong-answer regime: which rows carry a wrong reference answer. Kept out
+# of the rows themselves, so that no selector can read it.
+TRUTH_FILE = "pool.truth.json"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,46 @@ def verl_row(
     }
 
 
+def _digits_slip(a: int, b: int, op: str) -> int:
+    """The answer with one carry (addition, multiplication) or borrow (subtraction) forgotten:
+    each column computed on its own, as a hurried pupil does. Equal to the true answer when
+    no column carries or borrows."""
+    if op == "-":
+        if a < b:
+            return -_digits_slip(b, a, op)
+        da, db = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0")
+        return int("".join(str(abs(int(x) - int(y))) for x, y in zip(da, db))[::-1])
+    if op == "+":
+        da, db = str(a)[::-1], str(b)[::-1]
+        width = max(len(da), len(db))
+        da, db = da.ljust(width, "0"), db.ljust(width, "0")
+        return int("".join(str((int(x) + int(y)) % 10) for x, y in zip(da, db))[::-1])
+    # a * b with b one digit: each digit of a times b, keeping only the units of each product
+    return int("".join(str(int(x) * b % 10) for x in str(a)))
+
+
+def wrong_answer(a: int, op: str, b: int, rng: random.Random) -> int:
+    """A plausible wrong answer, as a careless solution or a bad answer key holds it: a carry or
+    borrow slip, one digit off by one, or two adjacent digits swapped. Never the true answer."""
+    truth = answer_of(a, op, b)
+    sign, digits = ("-" if truth < 0 else ""), str(abs(truth))
+    candidates = {_digits_slip(a, b, op)}
+    for i in range(len(digits)):
+        for step in (-1, 1):
+            d = int(digits[i]) + step
+            if 0 <= d <= 9 and not (i == 0 and d == 0 and len(digits) > 1):
+                candidates.add(int(sign + digits[:i] + str(d) + digits[i + 1:]))
+    for i in range(len(digits) - 1):
+        if digits[i] != digits[i + 1] and not (i == 0 and digits[i + 1] == "0"):
+            candidates.add(int(sign + digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:]))
+    candidates.discard(truth)
+    slip = _digits_slip(a, b, op)
+    # The slip first where there is one: it is the error a model or an annotator actually makes.
+    if slip != truth and rng.random() < 0.5:
+        return slip
+    return rng.choice(sorted(candidates))
+
+
 def _mixed(rng: random.Random, domains: list[str]) -> tuple[str, int, str, int]:
     name = rng.choice(domains)
     dom = DOMAINS[name]
@@ -88,9 +131,13 @@ def _mixed(rng: random.Random, domains: list[str]) -> tuple[str, int, str, int]:
 def make_regime(
     regime: str, *, size: int = 400, val_size: int = 40, seed: int = 0,
     noise_fraction: float = 0.5, target_domain: str = "sub2", target_share: float = 0.1,
-    low_utility_share: float = 0.5,
+    low_utility_share: float = 0.5, wrong_share: float = 0.4,
 ) -> tuple[list[dict], list[dict]]:
-    """Return (pool rows, validation rows) for one regime. Pure function of its arguments."""
+    """Return (pool rows, validation rows) for one regime. Pure function of its arguments.
+
+    In the wrong-answer regime a `wrong_share` of the pool carries a plausible wrong reference
+    answer (`wrong_answer`), judged by the ordinary exact judge; the rows do not say which
+    (`wrong_answer_truth` does)."""
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
     rng = random.Random(f"gradsel-demo-data/{regime}/{seed}")
@@ -113,6 +160,8 @@ def make_regime(
             n_special = round(size * noise_fraction)
         elif regime == "low-utility":
             n_special = round(size * low_utility_share)
+        elif regime == "wrong-answer":
+            n_special = round(size * wrong_share)
         flags = [True] * n_special + [False] * (size - n_special)
         rng.shuffle(flags)
         for i, special in enumerate(flags):
@@ -123,8 +172,11 @@ def make_regime(
                 continue
             name, a, op, b = _mixed(rng, all_domains)
             corrupted = regime == "noisy" and special
-            pool.append(verl_row(a, op, b, domain=name, split="train", index=i,
-                                 style="random" if corrupted else "rule", corrupted=corrupted))
+            row = verl_row(a, op, b, domain=name, split="train", index=i,
+                           style="random" if corrupted else "rule", corrupted=corrupted)
+            if regime == "wrong-answer" and special:
+                row["reward_model"]["ground_truth"] = str(wrong_answer(a, op, b, rng))
+            pool.append(row)
         val_domains = all_domains
 
     for j in range(val_size):
@@ -134,8 +186,29 @@ def make_regime(
     return pool, val
 
 
+def wrong_answer_truth(pool: list[dict]) -> dict:
+    """The side file's content: the ids of the rows whose reference answer is wrong."""
+    wrong = []
+    for row in pool:
+        a, op, b = parse_prompt(row["prompt"][0]["content"])
+        if row["reward_model"]["ground_truth"] != str(answer_of(a, op, b)):
+            wrong.append(f"{row['data_source']}:{row['extra_info']['index']}")
+    return {"wrong_answer_ids": wrong, "pool_size": len(pool)}
+
+
+def parse_prompt(text: str) -> tuple[int, str, int]:
+    """`{a}{op}{b}=` back to (a, op, b)."""
+    body = text.removesuffix("=")
+    for i in range(1, len(body)):
+        if body[i] in "+-*":
+            return int(body[:i]), body[i], int(body[i + 1:])
+    raise ValueError(f"not an arithmetic prompt: {text!r}")
+
+
 def write_regime(out_dir: Path, regime: str, **kwargs) -> tuple[Path, Path]:
-    """Write ``pool.parquet`` and ``val.parquet`` (verl schema) into ``out_dir``."""
+    """Write ``pool.parquet`` and ``val.parquet`` (verl schema) into ``out_dir``; for the
+    wrong-answer regime also ``pool.truth.json`` (which rows are wrong)."""
+    from gradsel.fsutil import atomic_write_json
     from gradsel.problems import write_verl_parquet
 
     pool, val = make_regime(regime, **kwargs)
@@ -143,4 +216,8 @@ def write_regime(out_dir: Path, regime: str, **kwargs) -> tuple[Path, Path]:
     pool_path, val_path = out_dir / "pool.parquet", out_dir / "val.parquet"
     write_verl_parquet(pool, pool_path)
     write_verl_parquet(val, val_path)
+    if regime == "wrong-answer":
+        atomic_write_json(out_dir / TRUTH_FILE, wrong_answer_truth(pool))
+    else:
+        (out_dir / TRUTH_FILE).unlink(missing_ok=True)
     return pool_path, val_path

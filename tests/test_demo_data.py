@@ -1,10 +1,12 @@
+import json
+
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
 from gradsel.problems import read_problems
 from gradsel.schema import VERL_PROBLEMS
-from gradsel.tasks import DOMAINS, REGIMES, answer_of, make_regime
+from gradsel.tasks import DOMAINS, REGIMES, answer_of, make_regime, write_regime
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -18,10 +20,14 @@ def test_regime_schema_round_trip(tmp_path, regime):
     assert pool.to_pylist() == expected_pool and val.to_pylist() == expected_val
     indices = [r["extra_info"]["index"] for r in expected_pool + expected_val]
     assert len(set(indices)) == len(indices)
+    wrong = set()
+    if regime == "wrong-answer":  # its wrong labels are listed beside the pool (tested below)
+        wrong = set(json.loads((tmp_path / "pool.truth.json").read_text())["wrong_answer_ids"])
     for row in expected_pool + expected_val:
         text = row["prompt"][0]["content"]
         a, op, b = _parse(text)
-        assert row["reward_model"]["ground_truth"] == str(answer_of(a, op, b))
+        labelled_right = row["reward_model"]["ground_truth"] == str(answer_of(a, op, b))
+        assert labelled_right != (f"{row['data_source']}:{row['extra_info']['index']}" in wrong)
     assert all(not r["extra_info"]["corrupted"] for r in expected_val)
     problems = read_problems(tmp_path / "pool.parquet").problems
     assert [p.problem_id for p in problems] == [f"{r['data_source']}:{i}" for i, r in enumerate(expected_pool)]
@@ -58,3 +64,30 @@ def test_regime_labels():
     low = [r for r in pool if r["extra_info"]["low_utility"]]
     assert len(low) == 100 and all(r["data_source"] == "arith/identity" for r in low)
     assert {r["data_source"] for r in pool if not r["extra_info"]["low_utility"]} <= {f"arith/{d}" for d in DOMAINS}
+
+
+def test_wrong_answer_regime_hides_which_rows_are_wrong(tmp_path):
+    from gradsel.tasks import TRUTH_FILE, parse_prompt
+
+    pool_path, _ = write_regime(tmp_path, "wrong-answer", size=100, val_size=10, seed=0)
+    truth = json.loads((tmp_path / TRUTH_FILE).read_text())
+    wrong = set(truth["wrong_answer_ids"])
+    assert len(wrong) == 40 and truth["pool_size"] == 100
+    slips = 0
+    for p in read_problems(pool_path).problems:
+        a, op, b = parse_prompt(p.prompt[0]["content"])
+        right = answer_of(a, op, b)
+        assert (int(p.ground_truth) != right) == (p.problem_id in wrong)
+        assert not any(p.extra_info[k] for k in ("corrupted", "target", "low_utility"))  # the rows do not tell
+        if p.problem_id in wrong:
+            diff = abs(int(p.ground_truth) - right)
+            # A digit off by one (a power of ten), two digits swapped (a multiple of 9), a forgotten
+            # carry (a multiple of 10); a borrow slip (each column's smaller digit from its larger)
+            # can be anything.
+            assert diff in (1, 10, 100, 1000) or diff % 9 == 0 or diff % 10 == 0 or op == "-"
+            slips += diff % 10 == 0 or op == "-"
+    assert slips > 10
+    assert write_regime(tmp_path / "again", "wrong-answer", size=100, val_size=10, seed=0)  # byte-identical below
+    assert (tmp_path / "again" / TRUTH_FILE).read_bytes() == (tmp_path / TRUTH_FILE).read_bytes()
+    write_regime(tmp_path, "clean", size=10, val_size=2)
+    assert not (tmp_path / TRUTH_FILE).exists()  # no stale side file beside a pool of another regime

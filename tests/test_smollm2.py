@@ -42,7 +42,7 @@ def test_smollm2_gsm8k_check_score_select(smollm2, tmp_path):
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["rollouts"]["train"]["rewards_by_data_source"] == {"openai/gsm8k": "gsm8k"}
     rollouts = pq.read_table(store / "rollouts" / "train" / "shard-00000.parquet").to_pylist()
-    truth = {str(i): str(a + b) for i, (a, b) in enumerate(POOL)}
+    truth = {f"openai/gsm8k:{i}": str(a + b) for i, (a, b) in enumerate(POOL)}
     from gradsel.rewards import gsm8k_answer
 
     # The gsm8k route computed every reward: 1 exactly where the `#### N` answer is the reference.
