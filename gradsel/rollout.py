@@ -49,7 +49,7 @@ class Rollout:
     finish_reason: str
     response_logprobs: list[float] | None
     reward: float
-    answer_class: int | None  # rewards.answer_classes: equal within a problem when the answers are
+    answer_class: int | None  # rewards.answer_classes: one number per distinct answer of a problem; None: no answer
 
 
 class Engine(Protocol):
