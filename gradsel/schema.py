@@ -6,7 +6,7 @@ import pyarrow as pa
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
-# verl's RL data schema (DESIGN.md section 5), as `gradsel demo-data` writes it.
+# verl's RL data schema (the columns verl's examples/data_preprocess scripts write), as `gradsel demo-data` writes it.
 VERL_EXTRA_INFO = pa.struct([
     ("split", pa.string()),
     ("index", pa.int64()),

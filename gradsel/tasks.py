@@ -64,7 +64,7 @@ def verl_row(
     a: int, op: str, b: int, *, domain: str, split: str, index: int, style: str = "rule",
     corrupted: bool = False, target: bool = False, low_utility: bool = False,
 ) -> dict:
-    """One problem as a verl RL row (DESIGN.md section 5)."""
+    """One problem as a verl RL row (schema.VERL_PROBLEMS)."""
     return {
         "data_source": f"arith/{domain}",
         "prompt": [{"role": "user", "content": prompt_text(a, op, b)}],
