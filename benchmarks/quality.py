@@ -54,7 +54,8 @@ def truth_label(regime: str, extra: dict) -> bool:
 
 
 def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
-            val_size: int = 40, sketch: tuple[int, int] = (16, 16), n_val: int | None = None) -> list[dict]:
+            val_size: int = 40, sketch: tuple[int, int] = (16, 16), n_val: int | None = None,
+            model: str = "tiny-arith") -> list[dict]:
     pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed)
     if regime == "wrong-answer":
         wrong = set(json.loads((work / "data" / TRUTH_FILE).read_text())["wrong_answer_ids"])
@@ -65,7 +66,7 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
     ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=8, seed=seed)
     results = []
     for feature in features:
-        result = run_score(work / "store", model="tiny-arith", pool=pool, val=val, ro=ro,
+        result = run_score(work / "store", model=model, pool=pool, val=val, ro=ro,
                            sc=ScoreConfig(seed=seed, sketch=sketch, **FEATURES[feature]))
         store = open_store(work / "store")
         modes = VECTOR_FREE if feature == "exact" else MODES
@@ -177,17 +178,19 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="+", default=["noisy", "imbalance", "low-utility"])
     ap.add_argument("--features", nargs="+", default=list(FEATURES))
     ap.add_argument("--out", type=Path, default=Path("docs/quality.md"))
+    ap.add_argument("--model", default="tiny-arith", help="checkpoint to score with (default the bundled model)")
     args = ap.parse_args()
     console.set_verbosity(quiet=True)
     results = []
     for regime in args.regimes:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as work:
-                results += run_one(Path(work), regime, seed, args.size, args.n, args.features, args.val_size, args.sketch, args.n_val)
+                results += run_one(Path(work), regime, seed, args.size, args.n, args.features, args.val_size,
+                                   args.sketch, args.n_val, args.model)
             print(f"done {regime} seed {seed}", flush=True)
     summary = summarize(results)
     print(json.dumps(summary, indent=1))
-    command = (f".venv/bin/python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
+    command = (f".venv/bin/python benchmarks/quality.py{f' --model {args.model}' if args.model != 'tiny-arith' else ''} --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
                f"--n {args.n}{f' --n-val {args.n_val}' if args.n_val else ''} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
     write_report(summary, args.out, command, size=args.size, n=args.n, val_size=args.val_size)
 

@@ -110,6 +110,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("gradsel/assets/tiny-arith"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1100)
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="save after this many steps, with the learning rate --steps' schedule has then "
+                         "(a mid-training checkpoint, not yet decayed)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--d-model", type=int, default=192)
@@ -134,7 +137,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     model.train()
     start = time.time()
-    for step in range(1, args.steps + 1):
+    for step in range(1, (args.stop_at or args.steps) + 1):
         ids, labels = make_batch(rng, tok, args.batch_size, seq_len=12)
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
         opt.zero_grad(set_to_none=True)
