@@ -91,6 +91,29 @@ def parse_math(text: str) -> tuple:
     return tuple(parsed) if any(not isinstance(x, str) for x in parsed) else ()
 
 
+def math_key(answer: str) -> str | None:
+    """A canonical key for an answer with a plain numeric value (an exact integer, else 12
+    significant digits), so that equal values group without a pairwise check: `1/2`, `0.5`,
+    `\\frac{1}{2}` all key as `0.5`, `\\frac{\\sqrt{2}}{2}` and `\\frac{1}{\\sqrt{2}}` alike. None for
+    anything else (a variable, a set, an interval), which `math_equal` compares pairwise."""
+    parsed = parse_math(answer)
+    if not parsed:
+        return None
+    import sympy
+
+    expr = parsed[0]
+    try:
+        if isinstance(expr, sympy.Integer):
+            return str(int(expr))
+        if isinstance(expr, sympy.Expr) and not expr.free_symbols:
+            value = complex(expr.evalf(15))
+            if value.imag == 0 and math.isfinite(value.real):
+                return f"{value.real:.12g}"
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+    return None
+
+
 def math_equal(gold: str, answer: str) -> bool:
     """math-verify's equivalence of two answers (`1/2` = `0.5` = `\\frac{1}{2}`)."""
     parsed_gold, parsed = parse_math(gold), parse_math(answer)
@@ -167,6 +190,9 @@ class Reward:
     score: ScoreFn
     answer: Callable[[str], str | None]
     same: Callable[[str, str], bool] | None = None
+    # A canonical key where one exists (None: compare with `same`); groups k answers without
+    # k^2 checks, which for math-verify cost seconds per problem at k = 64.
+    key: Callable[[str], str | None] | None = None
     checks_ground_truth: bool = False  # a math judge: the reference must parse as math
     extracts: bool = True  # False for plugins: `answer` is only a generic guess
 
@@ -178,9 +204,9 @@ REGISTRY: dict[str, Reward] = {r.name: r for r in (
     Reward("int", int_reward, _last_int),
     Reward("exact", exact_reward, lambda text: text.strip()),
     Reward("random", random_reward, final_answer),
-    Reward("math", math_reward, last_boxed, math_equal, checks_ground_truth=True),
+    Reward("math", math_reward, last_boxed, math_equal, math_key, checks_ground_truth=True),
     Reward("gsm8k", gsm8k_reward, gsm8k_answer),
-    Reward("math_dapo", dapo_reward, dapo_answer, math_equal, checks_ground_truth=True),
+    Reward("math_dapo", dapo_reward, dapo_answer, math_equal, math_key, checks_ground_truth=True),
 )}
 
 # verl's generic styles: the reward is then chosen by data_source, as verl's default_compute_score does.
@@ -343,16 +369,26 @@ def answer_classes(reward: Reward, problem: Problem, responses: Sequence[str]) -
     a class number per response (first-seen order), None where a response commits to none."""
     judge = answer_judge(reward, problem)
     answers = [judge.answer(text) for text in responses]
-    class_of: dict[str, int] = {}
+    class_of: dict[str, int] = {}  # answer string -> class
+    class_of_key: dict[str, int] = {}  # canonical key -> class
+    representatives: list[tuple[str, int]] = []  # one keyless answer per class, for `same`
     n_classes = 0
     for a in answers:
         if a is None or a in class_of:
             continue
-        match = None
-        if judge.same is not None:  # distinct strings can still be one answer (`0.5`, `\frac12`)
-            match = next((c for d, c in class_of.items() if judge.same(d, a)), None)
+        key = judge.key(a) if judge.key is not None else None
+        if key is not None:
+            match = class_of_key.get(key)
+        elif judge.same is not None:  # distinct strings can still be one answer
+            match = next((c for d, c in representatives if judge.same(d, a)), None)
+        else:
+            match = None
         if match is None:
             match, n_classes = n_classes, n_classes + 1
+            if key is None:
+                representatives.append((a, match))
+        if key is not None:
+            class_of_key[key] = match
         class_of[a] = match
     return [None if a is None else class_of[a] for a in answers]
 

@@ -159,11 +159,14 @@ def test_math_answers_are_grouped_by_equivalence():
     p = verl_problem("lighteval/MATH", "\\frac{1}{2}")
     judge = resolve_reward(p)
     responses = ["$\\boxed{1/2}$", "$\\boxed{0.5}$", "$\\boxed{\\frac{1}{2}}$", "$\\boxed{3/2}$",
-                 "$\\boxed{\\frac{\\sqrt{2}}{2}}$", "$\\boxed{\\frac{\\sqrt{3}}{2}}$", "no box"]
+                 "$\\boxed{\\frac{\\sqrt{2}}{2}}$", "$\\boxed{\\frac{\\sqrt{3}}{2}}$", "no box",
+                 "$\\boxed{\\frac{1}{\\sqrt{2}}}$", "$\\boxed{x^2+1}$", "$\\boxed{1+x^{2}}$", "$\\boxed{x^2-1}$"]
     c = answer_classes(judge, p, responses)
     assert c[0] == c[1] == c[2]
     assert len({c[2], c[3], c[4], c[5]}) == 4
     assert c[6] is None
+    assert c[7] == c[4]  # equal values key alike, without a pairwise check
+    assert c[8] == c[9] != c[10]  # symbolic answers are compared pairwise by math-verify
 
 
 def test_gsm8k_and_plugin_answers_use_the_routes_extraction(tmp_path, monkeypatch):
