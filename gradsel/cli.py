@@ -147,8 +147,9 @@ def check(
                                  reward=reward, tokenizer=tokenizer, limit=limit)
                for split, path in (("train", pool), ("val", val)) if path is not None]
     show_reports(reports, limit)
-    _emit_json({"ok": not any(r.findings for r in reports), "files": [r.to_json() for r in reports]})
-    if any(r.findings for r in reports):
+    ok = not any(r.findings for r in reports)
+    _emit_json({"ok": ok, "files": [r.to_json() for r in reports]})
+    if not ok:
         raise typer.Exit(2)
 
 

@@ -33,16 +33,24 @@ def resolve_model_path(model: str | Path) -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def adapter_base(path: Path) -> str | None:
+    """A PEFT adapter directory's base model (`base_model_name_or_path`); None for a plain checkpoint."""
+    import json
+
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path") or None
+
+
 def tokenizer_path(model: str | Path) -> Path:
     """Where the model's tokenizer lives: its own directory, or for a PEFT adapter saved without
     one (PEFT does not save it) its base model's."""
     path = resolve_model_path(model)
-    if any((path / name).is_file() for name in TOKENIZER_FILES) or not (path / "adapter_config.json").is_file():
+    base = adapter_base(path)
+    if base is None or any((path / name).is_file() for name in TOKENIZER_FILES):
         return path
-    import json
-
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    return tokenizer_path(base) if base else path
+    return tokenizer_path(base)
 
 
 def load_tokenizer(model: str | Path):
@@ -100,8 +108,6 @@ def save_merged(adapter_dir: Path, dest: Path) -> Path:
 
 
 def load_peft_merged(adapter_dir: Path, torch_dtype):
-    import json
-
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -110,7 +116,10 @@ def load_peft_merged(adapter_dir: Path, torch_dtype):
         from peft import PeftModel
     except ImportError as exc:
         raise GradselError("loading a LoRA adapter needs the 'peft' package", "pip install peft") from exc
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = adapter_base(adapter_dir)
+    if base is None:
+        raise GradselError(f"{adapter_dir / 'adapter_config.json'} names no base_model_name_or_path",
+                           "set it to the local directory of the base model")
     base_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch_dtype)
     return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
 
@@ -134,7 +143,7 @@ def context_length(model: str | Path) -> int | None:
     path = resolve_model_path(model)
     config_path = path / "config.json"
     if not config_path.is_file():  # a PEFT adapter: its base model's config
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        base = adapter_base(path)
         return context_length(base) if base else None
     config = json.loads(config_path.read_text())
     config = config.get("text_config", config)  # multimodal wrappers keep the LM's under text_config
