@@ -179,13 +179,16 @@ def main() -> None:
     ap.add_argument("--features", nargs="+", default=list(FEATURES))
     ap.add_argument("--out", type=Path, default=Path("docs/quality.md"))
     ap.add_argument("--model", default="tiny-arith", help="checkpoint to score with (default the bundled model)")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep each regime's data and store under KEEP/REGIME-SEED, for offline analysis")
     args = ap.parse_args()
     console.set_verbosity(quiet=True)
     results = []
     for regime in args.regimes:
         for seed in args.seeds:
-            with tempfile.TemporaryDirectory() as work:
-                results += run_one(Path(work), regime, seed, args.size, args.n, args.features, args.val_size,
+            with tempfile.TemporaryDirectory() as tmp:
+                work = args.keep / f"{regime}-{seed}" if args.keep else Path(tmp)
+                results += run_one(work, regime, seed, args.size, args.n, args.features, args.val_size,
                                    args.sketch, args.n_val, args.model)
             print(f"done {regime} seed {seed}", flush=True)
     summary = summarize(results)

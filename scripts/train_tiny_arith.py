@@ -3,9 +3,11 @@
     .venv/bin/python scripts/train_tiny_arith.py --out gradsel/assets/tiny-arith
 
 A Llama-architecture causal LM (about 1.8M parameters) with a character-level tokenizer saved
-in Hugging Face format. It is trained on a mix of the task's domains and stopped early on
-purpose: sampled at temperature 1.0 it solves some problems but not all, which is what GRPO
-needs (every group all-right or all-wrong has zero advantage). Answers are written most
+in Hugging Face format. It is trained on a mix of the task's domains and saved half way through
+its learning-rate schedule, on purpose: sampled at temperature 1.0 it solves some problems but
+not all, which is what GRPO needs (every group all-right or all-wrong has zero advantage), and
+its learning rate is not yet decayed, so fine-tuning on some problems still moves others (a
+fully trained model has memorised its domains and transfers nothing, docs/quality.md). Answers are written most
 significant digit first, as the task format demands, so carries must be computed as a
 procedure over digit positions rather than looked up: the same circuit serves every problem
 of a domain, and that is what makes gradients of different problems align.
@@ -110,9 +112,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("gradsel/assets/tiny-arith"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1100)
-    ap.add_argument("--stop-at", type=int, default=None,
-                    help="save after this many steps, with the learning rate --steps' schedule has then "
-                         "(a mid-training checkpoint, not yet decayed)")
+    ap.add_argument("--stop-at", type=int, default=550,
+                    help="save after this many steps, with the learning rate --steps' schedule has then: a "
+                         "mid-training checkpoint, not yet decayed, on which learning some problems moves others "
+                         "(docs/tiny-arith.md); --stop-at 0 runs the whole schedule")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--d-model", type=int, default=192)
