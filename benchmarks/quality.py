@@ -27,11 +27,10 @@ import numpy as np
 
 from gradsel import console
 from gradsel.pipeline import RolloutOptions, run_score
-from gradsel.problems import read_problems
 from gradsel.score import ScoreConfig, parse_sketch
 from gradsel.select import MODES, SelectConfig, mode_scores, select
 from gradsel.store import open_store
-from gradsel.tasks import TRUTH_FILE, write_regime
+from gradsel.tasks import regime_truth, write_regime
 
 FEATURES = {"projected": {}, "head": {"feature": "head"}, "exact": {"feature": "exact", "modules": r"\.layers\.\d+\."}}
 VECTOR_FREE = ("gradalign", "dot", "accgreedy", "band", "simacc", "random", "reliable")
@@ -44,24 +43,11 @@ def auroc(good: list[float], bad: list[float]) -> float:
     return float(((g > b) + 0.5 * (g == b)).mean())
 
 
-def truth_label(regime: str, extra: dict) -> bool:
-    """True for the problems a selector should prefer."""
-    if regime == "noisy":
-        return not extra["corrupted"]
-    if regime == "imbalance":
-        return bool(extra["target"])
-    return not extra["low_utility"]
-
-
 def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
             val_size: int = 40, sketch: tuple[int, int] = (16, 16), n_val: int | None = None,
             model: str = "tiny-arith") -> list[dict]:
     pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed)
-    if regime == "wrong-answer":
-        wrong = set(json.loads((work / "data" / TRUTH_FILE).read_text())["wrong_answer_ids"])
-        truth = {p.problem_id: p.problem_id not in wrong for p in read_problems(pool).problems}
-    else:
-        truth = {p.problem_id: truth_label(regime, p.extra_info) for p in read_problems(pool).problems}
+    truth = regime_truth(work / "data", regime)
     base_rate = sum(truth.values()) / len(truth)
     ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=8, seed=seed)
     results = []

@@ -20,13 +20,12 @@ from pathlib import Path
 
 from gradsel import console
 from gradsel.pipeline import RolloutOptions, run_score
-from gradsel.problems import read_problems
 from gradsel.score import ScoreConfig
 from gradsel.select import SelectConfig, mode_scores, select
 from gradsel.store import open_store
-from gradsel.tasks import write_regime
+from gradsel.tasks import regime_truth, write_regime
 
-from quality import auroc, truth_label  # benchmarks/quality.py
+from quality import auroc  # benchmarks/quality.py
 
 MODES = ("gradalign", "reliable", "accgreedy", "random")
 
@@ -59,6 +58,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--sketches", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--out", type=Path, default=Path("docs/sweep.md"))
+    ap.add_argument("--model", default="tiny-arith", help="checkpoint to score with (default the bundled model)")
     args = ap.parse_args()
     console.set_verbosity(quiet=True)
     results: dict[tuple, list[dict]] = {}  # (regime, k, sketch, alignment) -> per-seed {mode: (metric, auroc)}
@@ -67,7 +67,7 @@ def main() -> None:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as work:
                 pool, val = write_regime(Path(work) / "data", regime, size=args.size, val_size=40, seed=seed)
-                wanted = {p.problem_id: truth_label(regime, p.extra_info) for p in read_problems(pool).problems}
+                wanted = regime_truth(Path(work) / "data", regime)
                 rate = sum(wanted.values()) / len(wanted)
                 base.setdefault(regime, []).append(1 - rate if regime == "noisy" else rate)
                 for k in args.ks:
@@ -77,7 +77,7 @@ def main() -> None:
                     if k == 8:
                         configs = [(s, a) for a in ("exact", "sketch") for s in args.sketches]
                     for sketch, alignment in configs:
-                        result = run_score(store, model="tiny-arith", pool=pool, val=val, ro=ro,
+                        result = run_score(store, model=args.model, pool=pool, val=val, ro=ro,
                                            sc=ScoreConfig(seed=seed, sketch=(sketch, sketch), alignment=alignment))
                         key = (regime, k, sketch, alignment)
                         results.setdefault(key, []).append(measure(store, result, wanted, regime, seed))

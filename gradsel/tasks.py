@@ -221,3 +221,20 @@ def write_regime(out_dir: Path, regime: str, **kwargs) -> tuple[Path, Path]:
     else:
         (out_dir / TRUTH_FILE).unlink(missing_ok=True)
     return pool_path, val_path
+
+
+def regime_truth(data_dir: Path, regime: str) -> dict[str, bool]:
+    """problem id -> True for the pool problems a selector should prefer, from what `write_regime`
+    wrote into data_dir: clean (noisy), of the target domain (imbalance), useful (low-utility),
+    correctly labelled (wrong-answer, from the side file). For benchmarks and oracles only."""
+    import json
+
+    from gradsel.problems import read_problems
+
+    problems = read_problems(data_dir / "pool.parquet").problems
+    if regime == "wrong-answer":
+        wrong = set(json.loads((data_dir / TRUTH_FILE).read_text())["wrong_answer_ids"])
+        return {p.problem_id: p.problem_id not in wrong for p in problems}
+    wanted = {"clean": lambda e: True, "noisy": lambda e: not e["corrupted"], "imbalance": lambda e: bool(e["target"]),
+              "low-utility": lambda e: not e["low_utility"]}[regime]
+    return {p.problem_id: wanted(p.extra_info) for p in problems}

@@ -91,3 +91,21 @@ def test_wrong_answer_regime_hides_which_rows_are_wrong(tmp_path):
     assert (tmp_path / "again" / TRUTH_FILE).read_bytes() == (tmp_path / TRUTH_FILE).read_bytes()
     write_regime(tmp_path, "clean", size=10, val_size=2)
     assert not (tmp_path / TRUTH_FILE).exists()  # no stale side file beside a pool of another regime
+
+
+def test_regime_truth_marks_exactly_the_wanted_rows(tmp_path):
+    """The benchmarks' and the loop oracle's ground truth: what write_regime made, read back."""
+    from gradsel.tasks import parse_prompt, regime_truth
+
+    for regime, size in (("noisy", 60), ("low-utility", 60), ("imbalance", 60), ("wrong-answer", 60)):
+        write_regime(tmp_path / regime, regime, size=size, val_size=5, seed=3)
+        truth = regime_truth(tmp_path / regime, regime)
+        problems = read_problems(tmp_path / regime / "pool.parquet").problems
+        assert set(truth) == {p.problem_id for p in problems}
+        for p in problems:
+            a, op, b = parse_prompt(p.prompt[0]["content"])
+            expected = {"noisy": p.reward_style != "random", "low-utility": p.data_source != "arith/identity",
+                        "imbalance": p.data_source == "arith/sub2",
+                        "wrong-answer": p.ground_truth == str(answer_of(a, op, b))}[regime]
+            assert truth[p.problem_id] == expected, (regime, p.problem_id)
+        assert 0 < sum(truth.values()) < size

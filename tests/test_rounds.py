@@ -97,19 +97,26 @@ def test_killed_refresh_resumes(setup):
 
 
 @pytest.mark.slow
-def test_one_round_trl_loop_on_tiny_arith(tmp_path):
-    """select -> TRL GRPOTrainer (gradsel's reward) -> checkpoint, on the CPU."""
+def test_trl_loop_learns_what_the_selection_teaches(tmp_path):
+    """select -> TRL GRPOTrainer (gradsel's reward) -> checkpoint -> held-out accuracy, on the CPU.
+    One round in the wrong-answer regime: the model trained on only the correctly labelled
+    problems must end above the one trained on only the wrongly labelled ones. This fails if the
+    selection, the verl rows, the reward or the trained checkpoint do not reach each other."""
     pytest.importorskip("trl")
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "examples/trl_loop.py"), "--rounds", "1", "--steps", "2",
-                           "--chunk-size", "40", "--top-k", "8", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/trl_loop.py"), "--regimes", "wrong-answer",
+                           "--arms", "oracle", "unwanted", "--rounds", "1", "--steps", "20", "--lr", "1e-4", "--chunk-size", "100",
+                           "--top-k", "24", "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "gradalign/results.json").read_text())
-    assert [r["round"] for r in results["rounds"]] == [0, 1]
-    assert all(0 <= r["heldout_accuracy"] <= 1 for r in results["rounds"])
-    assert (tmp_path / "gradalign/round0/checkpoint/model.safetensors").is_file()
+    runs = {arm: json.loads((tmp_path / f"wrong-answer/seed0/{arm}/results.json").read_text())["rounds"]
+            for arm in ("oracle", "unwanted")}
+    assert all([r["round"] for r in rounds] == [0, 1] and rounds[1]["trained_on"] > 0 for rounds in runs.values())
+    assert runs["oracle"][0] == runs["unwanted"][0]  # one round-0 store and checkpoint for both arms
+    assert all(0 <= r[key] <= 1 for rounds in runs.values() for r in rounds for key in ("sampled", "greedy"))
+    assert runs["oracle"][1]["sampled"] > runs["unwanted"][1]["sampled"] + 0.02, runs
+    assert (tmp_path / "wrong-answer/seed0/oracle/round0/checkpoint/model.safetensors").is_file()
