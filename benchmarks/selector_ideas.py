@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import auroc  # noqa: E402
 
-from gradsel.index import load_vectors, module_bases, read_ids  # noqa: E402
+from gradsel.index import load_vectors, module_bases  # noqa: E402
+from gradsel.select import load_scores  # noqa: E402
 from gradsel.store import open_store  # noqa: E402
 from gradsel.tasks import regime_truth  # noqa: E402
 
@@ -52,14 +52,14 @@ def ideas(X: np.ndarray, V: np.ndarray, units: int, live: np.ndarray, sources: n
     squared = np.einsum("nuw,nuw->nu", S, S)
     share = np.sqrt(np.divide((inside ** 2).sum(-1), squared, out=np.zeros_like(squared), where=squared > 0))
     pool_in_span = np.einsum("nuw,uwr->ur", unit(S[live]), bases)
+    preconditioned = unit(X / np.sqrt((X[live] ** 2).mean(0) + 1e-8))  # Adam-style: the pool's second moments
     sign_vs_pool = np.einsum("nur,ur->nu", unit(inside), unit(pool_in_span))  # per module, in the span
     out = {
         "subspace (the default)": share.mean(1),
         "validation mean (gradalign)": X @ unit(V.mean(0)),
         "pool mean (learnalign)": X @ unit(X[live].mean(0)),
         "pool mean, per module": np.einsum("nuw,uw->n", unit(S), unit(unit(S[live]).mean(0))) / units,
-        "pool mean, preconditioned": unit(X / np.sqrt((X[live] ** 2).mean(0) + 1e-8))
-        @ unit(unit(X[live] / np.sqrt((X[live] ** 2).mean(0) + 1e-8)).mean(0)),
+        "pool mean, preconditioned": preconditioned @ unit(preconditioned[live].mean(0)),
         "subspace x cos with the pool mean in the span": (share * sign_vs_pool).mean(1),
     }
     for k in (10, 50):
@@ -79,14 +79,12 @@ def ideas(X: np.ndarray, V: np.ndarray, units: int, live: np.ndarray, sources: n
 def measure(work: Path) -> tuple[str, dict[str, tuple[float, float]]]:
     regime = work.name.rsplit("-", 1)[0]
     truth = regime_truth(work / "data", regime)
-    store = open_store(work / "store")
-    directory = store.root / store.read_manifest()["features"]
-    rows = {r["problem_id"]: r for r in pq.read_table(directory / "scores.parquet").to_pylist() if r["split"] == "train"}
+    _, scores, directory = load_scores(open_store(work / "store"))
+    rows = {r["problem_id"]: r for r in scores if r["split"] == "train"}
     units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
     ids, X = load_vectors(directory, "train")
     V = load_vectors(directory, "val")[1]
     V = V[np.linalg.norm(V, axis=1) > 0]
-    assert ids == read_ids(directory, "train")
     live = np.array([not rows[p]["zero_advantage"] for p in ids])
     consistency = np.array([1.0 if rows[p].get("judge_consistency") is None else rows[p]["judge_consistency"] for p in ids])
     sources = np.array([rows[p]["data_source"] for p in ids])

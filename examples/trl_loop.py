@@ -113,6 +113,7 @@ def choose(arm: str, store: Path, data_dir: Path, regime: str, out: Path, top_k:
     """Write the round's subset as verl Parquet; return its size."""
     import pyarrow.parquet as pq
 
+    from gradsel.problems import problem_from_row
     from gradsel.tasks import regime_truth
 
     common = ["select", "--store", str(store), "--format", "verl", "--out", str(out), "--force", "--seed", str(seed)]
@@ -124,8 +125,8 @@ def choose(arm: str, store: Path, data_dir: Path, regime: str, out: Path, top_k:
         gradsel(*common, "--all", "--mode", "random")
         table = pq.read_table(out)
         truth = regime_truth(data_dir, regime)
-        keep = [i for i, row in enumerate(table.select(["data_source", "extra_info"]).to_pylist())
-                if truth[f"{row['data_source']}:{row['extra_info']['index']}"] == (arm == "oracle")][:top_k]
+        keep = [i for i, row in enumerate(table.to_pylist())
+                if truth[problem_from_row(row, i).problem_id] == (arm == "oracle")][:top_k]
         pq.write_table(table.take(keep), out)
     else:
         gradsel(*common, "--top-k", str(top_k), "--allow-fewer", *SELECT_ARGS.get(arm, ["--mode", arm]))

@@ -104,7 +104,8 @@ def wrong_answer(a: int, op: str, b: int, rng: random.Random) -> int:
     borrow slip, one digit off by one, or two adjacent digits swapped. Never the true answer."""
     truth = answer_of(a, op, b)
     sign, digits = ("-" if truth < 0 else ""), str(abs(truth))
-    candidates = {_digits_slip(a, b, op)}
+    slip = _digits_slip(a, b, op)
+    candidates = {slip}
     for i in range(len(digits)):
         for step in (-1, 1):
             d = int(digits[i]) + step
@@ -114,7 +115,6 @@ def wrong_answer(a: int, op: str, b: int, rng: random.Random) -> int:
         if digits[i] != digits[i + 1] and not (i == 0 and digits[i + 1] == "0"):
             candidates.add(int(sign + digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:]))
     candidates.discard(truth)
-    slip = _digits_slip(a, b, op)
     # The slip first where there is one: it is the error a model or an annotator actually makes.
     if slip != truth and rng.random() < 0.5:
         return slip
@@ -188,11 +188,13 @@ def make_regime(
 
 def wrong_answer_truth(pool: list[dict]) -> dict:
     """The side file's content: the ids of the rows whose reference answer is wrong."""
+    from gradsel.problems import problem_from_row
+
     wrong = []
-    for row in pool:
+    for i, row in enumerate(pool):
         a, op, b = parse_prompt(row["prompt"][0]["content"])
         if row["reward_model"]["ground_truth"] != str(answer_of(a, op, b)):
-            wrong.append(f"{row['data_source']}:{row['extra_info']['index']}")
+            wrong.append(problem_from_row(row, i).problem_id)
     return {"wrong_answer_ids": wrong, "pool_size": len(pool)}
 
 
