@@ -10,7 +10,10 @@ feature, then `select --ratio 0.25` with every mode. Metrics (mean +- std over s
   imbalance    target-domain share among the selected, and its ratio to the pool's base rate
   low-utility  useful share among the selected, and its ratio to the base rate; the same AUROC
   wrong-answer share of rows with a wrong reference answer among the selected (lower is better),
-               read from the side file `pool.truth.json`, which no selector sees; the same AUROC
+               read from the side file `pool.truth.json`, which no selector sees; the same AUROC.
+               `--wrong-keys model`: each wrong key is the scoring model's own commonest wrong
+               answer to the problem (32 samples at T=1), as a key written by a model is, instead
+               of a synthetic slip
 The `ceiling (oracle)` row is the best share any selector of non-zero-advantage problems can reach.
 Writes a Markdown report with a PNG plot.
 """
@@ -30,7 +33,7 @@ from gradsel.pipeline import RolloutOptions, run_score
 from gradsel.score import ScoreConfig, parse_sketch
 from gradsel.select import MODES, SelectConfig, mode_scores, select
 from gradsel.store import open_store
-from gradsel.tasks import regime_truth, write_regime
+from gradsel.tasks import model_wrong_key, regime_truth, write_regime
 
 FEATURES = {"projected": {}, "head": {"feature": "head"}, "exact": {"feature": "exact", "modules": r"\.layers\.\d+\."}}
 VECTOR_FREE = ("gradalign", "dot", "accgreedy", "band", "simacc", "random", "reliable")
@@ -45,8 +48,8 @@ def auroc(good: list[float], bad: list[float]) -> float:
 
 def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
             val_size: int = 40, sketch: tuple[int, int] = (16, 16), n_val: int | None = None,
-            model: str = "tiny-arith") -> list[dict]:
-    pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed)
+            model: str = "tiny-arith", wrong_key=None) -> list[dict]:
+    pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed, wrong_key=wrong_key)
     truth = regime_truth(work / "data", regime)
     base_rate = sum(truth.values()) / len(truth)
     ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=8, seed=seed)
@@ -167,20 +170,24 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-arith", help="checkpoint to score with (default the bundled model)")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each regime's data and store under KEEP/REGIME-SEED, for offline analysis")
+    ap.add_argument("--wrong-keys", choices=("slip", "model"), default="slip",
+                    help="wrong-answer regime: synthetic slips (default), or the model's own commonest wrong answers")
     args = ap.parse_args()
     console.set_verbosity(quiet=True)
     results = []
+    wrong_key = model_wrong_key(args.model) if args.wrong_keys == "model" else None
     for regime in args.regimes:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 work = args.keep / f"{regime}-{seed}" if args.keep else Path(tmp)
                 results += run_one(work, regime, seed, args.size, args.n, args.features, args.val_size,
-                                   args.sketch, args.n_val, args.model)
+                                   args.sketch, args.n_val, args.model, wrong_key)
             print(f"done {regime} seed {seed}", flush=True)
     summary = summarize(results)
     print(json.dumps(summary, indent=1))
     command = (f".venv/bin/python benchmarks/quality.py{f' --model {args.model}' if args.model != 'tiny-arith' else ''} --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
-               f"--n {args.n}{f' --n-val {args.n_val}' if args.n_val else ''} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}")
+               f"--n {args.n}{f' --n-val {args.n_val}' if args.n_val else ''} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}"
+               f"{' --wrong-keys model' if args.wrong_keys == 'model' else ''}")
     write_report(summary, args.out, command, size=args.size, n=args.n, val_size=args.val_size)
 
 

@@ -169,8 +169,14 @@ def prepare(base: Path, regime: str, seed: int, args) -> None:
     if (base / "round0.json").is_file():
         return
     model = resolve_model_path("tiny-arith")
-    gradsel("demo-data", "--regime", regime, "--out", str(base / "data"),
-            "--size", str(args.chunk_size * args.rounds), "--seed", str(seed))
+    if regime == "wrong-answer" and args.wrong_keys == "model":  # not a demo-data option: written here
+        from gradsel.tasks import model_wrong_key, write_regime
+
+        write_regime(base / "data", regime, size=args.chunk_size * args.rounds, seed=seed,
+                     wrong_key=model_wrong_key(str(model)))
+    else:
+        gradsel("demo-data", "--regime", regime, "--out", str(base / "data"),
+                "--size", str(args.chunk_size * args.rounds), "--seed", str(seed))
     shutil.rmtree(base / "store0", ignore_errors=True)
     gradsel("score", "--model", str(model), "--pool", str(base / "data/pool.parquet"), "--val", str(base / "data/val.parquet"),
             "--store", str(base / "store0"), "--chunk-size", str(args.chunk_size), "--engine", "hf", "--max-tokens", "8",
@@ -261,6 +267,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient")
     ap.add_argument("--chunk-size", type=int, default=200, help="new problems scored per round")
     ap.add_argument("--top-k", type=int, default=50, help="problems trained on per round")
+    ap.add_argument("--wrong-keys", choices=("slip", "model"), default="slip",
+                    help="wrong-answer regime: synthetic slips, or the bundled model's own commonest wrong answers")
     ap.add_argument("--out", type=Path, default=Path("runs/loop"))
     ap.add_argument("--report", type=Path, help="write the tables and plot of every run under --out to this file, then exit")
     args = ap.parse_args()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ABILITY = "arithmetic"
 REGIMES = ("clean", "noisy", "imbalance", "low-utility", "wrong-answer")
@@ -121,6 +122,33 @@ def wrong_answer(a: int, op: str, b: int, rng: random.Random) -> int:
     return rng.choice(sorted(candidates))
 
 
+def model_wrong_key(model: str, samples: int = 32) -> Callable[[int, str, int, random.Random], int]:
+    """A `wrong_key` for make_regime: the model's commonest wrong answer to a{op}b among
+    `samples` completions at temperature 1 (seeded from the regime's rng); the synthetic slip
+    where the model never errs."""
+    import collections
+    import re
+
+    import torch
+
+    from gradsel.models import load_causal_lm, load_tokenizer
+
+    tok, lm = load_tokenizer(model), load_causal_lm(model).eval()
+
+    def wrong_key(a: int, op: str, b: int, rng: random.Random) -> int:
+        enc = tok([prompt_text(a, op, b)], return_tensors="pt", add_special_tokens=False)
+        torch.manual_seed(rng.randrange(2**31))
+        with torch.no_grad():
+            out = lm.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples,
+                              max_new_tokens=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        wrong = collections.Counter(t.strip() for t in texts
+                                    if re.fullmatch(r"-?\d+", t.strip()) and int(t) != answer_of(a, op, b))
+        return int(wrong.most_common(1)[0][0]) if wrong else wrong_answer(a, op, b, rng)
+
+    return wrong_key
+
+
 def _mixed(rng: random.Random, domains: list[str]) -> tuple[str, int, str, int]:
     name = rng.choice(domains)
     dom = DOMAINS[name]
@@ -132,12 +160,14 @@ def make_regime(
     regime: str, *, size: int = 400, val_size: int = 40, seed: int = 0,
     noise_fraction: float = 0.5, target_domain: str = "sub2", target_share: float = 0.1,
     low_utility_share: float = 0.5, wrong_share: float = 0.4,
+    wrong_key: Callable[[int, str, int, random.Random], int] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Return (pool rows, validation rows) for one regime. Pure function of its arguments.
 
     In the wrong-answer regime a `wrong_share` of the pool carries a plausible wrong reference
-    answer (`wrong_answer`), judged by the ordinary exact judge; the rows do not say which
-    (`wrong_answer_truth` does)."""
+    answer (`wrong_answer`, or `wrong_key(a, op, b, rng)` when given: benchmarks/quality.py's
+    `--wrong-keys model` draws the model's own commonest wrong answer), judged by the ordinary
+    exact judge; the rows do not say which (`wrong_answer_truth` does)."""
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
     rng = random.Random(f"gradsel-demo-data/{regime}/{seed}")
@@ -175,7 +205,7 @@ def make_regime(
             row = verl_row(a, op, b, domain=name, split="train", index=i,
                            style="random" if corrupted else "rule", corrupted=corrupted)
             if regime == "wrong-answer" and special:
-                row["reward_model"]["ground_truth"] = str(wrong_answer(a, op, b, rng))
+                row["reward_model"]["ground_truth"] = str((wrong_key or wrong_answer)(a, op, b, rng))
             pool.append(row)
         val_domains = all_domains
 

@@ -109,3 +109,32 @@ def test_regime_truth_marks_exactly_the_wanted_rows(tmp_path):
                         "wrong-answer": p.ground_truth == str(answer_of(a, op, b))}[regime]
             assert truth[p.problem_id] == expected, (regime, p.problem_id)
         assert 0 < sum(truth.values()) < size
+
+
+def test_model_written_wrong_keys_are_answers_the_model_gives(tmp_path):
+    """benchmarks/quality.py --wrong-keys model: each wrong key is the model's own commonest wrong
+    answer, so unlike most slips the model writes it: a wrongly keyed row then has a GRPO signal."""
+    import torch
+
+    from gradsel.models import load_causal_lm, load_tokenizer
+    from gradsel.tasks import TRUTH_FILE, model_wrong_key, parse_prompt, prompt_text
+
+    write_regime(tmp_path, "wrong-answer", size=30, val_size=2, seed=1, wrong_key=model_wrong_key("tiny-arith"))
+    wrong = set(json.loads((tmp_path / TRUTH_FILE).read_text())["wrong_answer_ids"])
+    assert len(wrong) == 12
+    tok, lm = load_tokenizer("tiny-arith"), load_causal_lm("tiny-arith").eval()
+    key_prob = []
+    for p in read_problems(tmp_path / "pool.parquet").problems:
+        if p.problem_id not in wrong:
+            continue
+        a, op, b = parse_prompt(p.prompt[0]["content"])
+        assert int(p.ground_truth) != answer_of(a, op, b)
+        # The key's probability under the model (teacher-forced, EOS included).
+        ids = tok(prompt_text(a, op, b), add_special_tokens=False)["input_ids"]
+        answer = tok(p.ground_truth, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = lm(torch.tensor([ids + answer])).logits.log_softmax(-1)[0]
+        key_prob.append(float(sum(logp[len(ids) - 1 + i, t] for i, t in enumerate(answer)).exp()))
+    assert sum(q > 0.02 for q in key_prob) >= 10, key_prob  # the model writes it in at least 1 of 50 samples
+    write_regime(tmp_path / "again", "wrong-answer", size=30, val_size=2, seed=1, wrong_key=model_wrong_key("tiny-arith"))
+    assert (tmp_path / "again" / "pool.parquet").read_bytes() == (tmp_path / "pool.parquet").read_bytes()
