@@ -104,6 +104,16 @@ class HashMode(str, Enum):
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory (HF format), a PEFT adapter directory, or 'tiny-arith'.")]
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store directory; created when missing.")]
 HashOpt = Annotated[HashMode, typer.Option("--hash", help="sha256 of every weight byte, or fast: sizes plus first and last MiB.")]
+ShardOpt = Annotated[Optional[str], typer.Option(help="I/N: make only shards I, I+N, I+2N, ... of the candidates, beside other processes or machines filling the same store (docs/scale.md).")]
+
+
+def _store_access(store: Path, part):
+    """One writer per store, except `--shard` parts, which share it through per-shard locks."""
+    from contextlib import nullcontext
+
+    from gradsel.store import writer_lock
+
+    return nullcontext() if part is not None else writer_lock(store)
 
 
 @app.command()
@@ -171,22 +181,29 @@ def rollout(
     hash_mode: HashOpt = HashMode.sha256,
     copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
     shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard (a killed run redoes at most one).")] = 256,
+    shard: ShardOpt = None,
 ) -> None:
     """Sample k responses per problem and reward them, into the store (resumable)."""
     from gradsel.problems import read_problems
     from gradsel.rollout import SamplingConfig, run_rollout_stage, table_pass_rates
     from gradsel.snapshot import loadable_path, snapshot_into_store
-    from gradsel.store import open_store, writer_lock
+    from gradsel.store import open_store, parse_part
 
     console.protect_stdout()
+    part = parse_part(shard) if shard else None
     problem_set = read_problems(problems, prompt_key=prompt_key, answer_key=answer_key)
     st = open_store(store)
-    with writer_lock(store):
+    with _store_access(store, part):
         snap = snapshot_into_store(st, model, mode=hash_mode.value, copy=copy)
         cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        table = run_rollout_stage(st, split.value, problem_set, model_path=loadable_path(st, snap),
-                                  model_hash=snap.content_hash, cfg=cfg, engine=engine.value,
-                                  reward=reward, shard_size=shard_size)
+        shards = run_rollout_stage(st, split.value, problem_set, model_path=loadable_path(st, snap),
+                                   model_hash=snap.content_hash, cfg=cfg, engine=engine.value,
+                                   reward=reward, shard_size=shard_size, part=part)
+    if not shards.complete:
+        _emit_json({"store": str(store), "split": split.value, "part": str(part), "shards": shards.n_shards,
+                    "shards_done": sum(shards.done(i) for i in range(shards.n_shards))})
+        return
+    table = shards.table()
     rates = list(table_pass_rates(table).values())
     _emit_json({"store": str(store), "split": split.value, "problems": len(rates),
                 "rollouts": table.num_rows, "mean_reward": round(sum(rates) / len(rates), 4),
@@ -216,7 +233,7 @@ def score(
     answer_key: Annotated[Optional[str], typer.Option(help="Answer column override (dots reach into structs).")] = None,
     sketch: Annotated[str, typer.Option(help="Two-sided sketch per module, KOUTxKIN.")] = "16x16",
     sketch_blocks: Annotated[int, typer.Option(min=1, help="Independent KOUTxKIN sketches per module, averaged (lower variance).")] = 1,
-    alignment: Annotated[str, typer.Option(help="How <g_p, g_V> is computed for --feature projected. lowrank: in the same pass, against the validation gradient truncated by SVD, with ranks chosen over all modules to keep 95% of its norm at no more than 1/32 of the exact alignment's cost (dots: Spearman 0.99 with exact on tiny-arith); exact: against the full validation gradient (one more matmul per token); sketch: from the projected vectors alone.")] = "lowrank",
+    alignment: Annotated[str, typer.Option(help="How score_cos, the cosine with the validation gradient that `select --target mean` modes read, is computed for --feature projected. sketch (default): from the projected vectors, at no extra cost; lowrank: in the hooked pass, against the validation gradient truncated by SVD (docs/algorithm.md, section 4); exact: against the full validation gradient. lowrank and exact hold a full validation gradient (4 bytes per parameter).")] = "sketch",
     modules: Annotated[Optional[str], typer.Option(help="Regex over module names (default: every Linear, MoE router and fused expert weight in the decoder blocks).")] = None,
     feature: Annotated[Feature, typer.Option(help="projected (hooks), head (output layer, forward only) or exact (full gradients, small models).")] = Feature.projected,
     adv: Annotated[str, typer.Option(help="grpo or drgrpo (no std).")] = "grpo",
@@ -230,11 +247,12 @@ def score(
     copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Score only the first M problems of a seeded pool order as round 0; `refresh` takes the next chunks.")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard of rollouts and of vectors (a killed run redoes at most one).")] = 256,
+    shard: ShardOpt = None,
 ) -> None:
     """Roll out pool and validation set, compute projected GRPO gradients, score alignment."""
     from gradsel.pipeline import RolloutOptions, run_score
     from gradsel.score import ScoreConfig, parse_sketch
-    from gradsel.store import writer_lock
+    from gradsel.store import parse_part
 
     console.protect_stdout()
     ro = RolloutOptions(n=n, n_val=n_val, engine=engine.value, temperature=temperature, top_p=top_p,
@@ -243,9 +261,17 @@ def score(
     sc = ScoreConfig(feature=feature.value, sketch=parse_sketch(sketch), blocks=sketch_blocks,
                      alignment=alignment, modules=modules, adv=adv,
                      loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,
-                     max_tokens_per_batch=max_tokens_per_batch, seed=seed, shard_size=shard_size)
+                     max_tokens_per_batch=max_tokens_per_batch, seed=seed)
     sc.validate()  # a bad option fails here, before the rollouts
-    with writer_lock(store):
+    part = parse_part(shard) if shard else None
+    if part is not None and chunk_size is not None:
+        raise GradselError("--shard and --chunk-size do not combine", "score round 0 without --shard")
+    with _store_access(store, part):
+        if part is not None:
+            run_score(store, model=model, pool=pool, val=val, ro=ro, sc=sc, part=part)
+            _emit_json({"store": str(store), "part": str(part), "scores": "run `gradsel score` without --shard "
+                        "once every part is done"})
+            return
         if chunk_size is not None:
             from gradsel.rounds import start_rounds
 

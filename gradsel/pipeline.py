@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gradsel.problems import read_problems
 from gradsel.rewards import check_rewards
-from gradsel.rollout import LazyEngine, SamplingConfig, run_rollout_stage
+from gradsel.rollout import LazyEngine, SamplingConfig, rollout_stage, run_rollout_stage
 from gradsel.score import ScoreConfig, score_stage
 from gradsel.snapshot import loadable_path, snapshot_into_store
 from gradsel.store import open_store
@@ -36,12 +36,16 @@ class RolloutOptions:
 @dataclass(frozen=True)
 class ScoreResult:
     store: Path
-    scores: object  # pyarrow Table, schema.SCORES
+    scores: object  # pyarrow Table, schema.SCORES; None for a `--shard` part
     spec: object  # gradients.ProjectorSpec
 
 
 def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: RolloutOptions,
-              sc: ScoreConfig) -> ScoreResult:
+              sc: ScoreConfig, part=None) -> ScoreResult:
+    """Score `pool` against `val` into the store. `part` (store.Part, `--shard i/N`): make only that
+    part's train shards of rollouts and features (the validation set's too where the alignment
+    needs them, shared through their locks), and leave the scores, None in the result, to a run
+    without one."""
     sc.validate()
     pool_set = read_problems(pool, prompt_key=ro.prompt_key, answer_key=ro.answer_key)
     val_set = read_problems(val, prompt_key=ro.prompt_key, answer_key=ro.answer_key)
@@ -55,17 +59,22 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
         store.update_manifest(vocabulary=vocabulary_digest(snap.path))
     model_path = loadable_path(store, snap)  # a LoRA adapter: merged onto its base, once
     engine = LazyEngine(ro.engine, model_path)  # one engine for both splits, started only if needed
-    tables = {}
+    stages = {}
     # The small validation set first: its prompts are checked (and rolled out) before the pool's.
+    # A part rolls it out only where its alignment needs it in the pass.
+    val_now = part is None or (sc.feature == "projected" and sc.alignment != "sketch")
     for split, problem_set, n in (("val", val_set, ro.n_val or ro.n), ("train", pool_set, ro.n)):
         cfg = SamplingConfig(n=n, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens, seed=ro.seed)
-        tables[split] = run_rollout_stage(store, split, problem_set, model_path=model_path,
+        if split == "val" and not val_now:
+            stages[split] = rollout_stage(store, split, problem_set, model_hash=snap.content_hash, cfg=cfg,
+                                          engine_name=engine.name, reward=ro.reward, shard_size=ro.shard_size)
+            continue
+        stages[split] = run_rollout_stage(store, split, problem_set, model_path=model_path,
                                           model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward,
-                                          shard_size=ro.shard_size)
+                                          shard_size=ro.shard_size, part=part if split == "train" else None)
     # Per split: verl numbers extra_info.index from 0 in train and test files alike.
     sources = {split: {p.problem_id: p.data_source for p in problem_set.problems}
                for split, problem_set in (("train", pool_set), ("val", val_set))}
     scores, spec = score_stage(store, model_path=model_path, model_hash=snap.content_hash,
-                               train_rollouts=tables["train"], val_rollouts=tables["val"],
-                               data_sources=sources, cfg=sc)
+                               train=stages["train"], val=stages["val"], data_sources=sources, cfg=sc, part=part)
     return ScoreResult(store_dir, scores, spec)

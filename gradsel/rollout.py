@@ -20,6 +20,7 @@ from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.problems import Problem
 from gradsel.rewards import answer_classes, check_rewards, resolve_reward
+from gradsel.store import stable_key
 
 
 @dataclass(frozen=True)
@@ -305,86 +306,150 @@ def encode_checked(model_path: Path, problems: Sequence[Problem]) -> list[list[i
     return prompt_ids
 
 
-def read_rollouts(stage: Path, n_shards: int):
-    """A rollout stage's shards as one table (schema.ROLLOUTS). Shards written before rollouts
-    recorded `answer_class` get one from the generic answer key, as judge consistency then used."""
+def read_rollout_shard(stage: Path, index: int):
+    """One rollout shard (schema.ROLLOUTS). Shards written before rollouts recorded `answer_class`
+    get one from the generic answer key, as judge consistency then used."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from gradsel.rewards import final_answer
     from gradsel.schema import ROLLOUTS
-    from gradsel.store import read_shards, shard_path
+    from gradsel.store import shard_path
 
-    if n_shards == 0 or "answer_class" in pq.read_schema(shard_path(stage, 0)).names:
-        return read_shards(stage, n_shards, ROLLOUTS)
-    old = pa.schema([f for f in ROLLOUTS if f.name != "answer_class"])
-    table = read_shards(stage, n_shards, old)
+    path = shard_path(stage, index)
+    if "answer_class" in pq.read_schema(path).names:
+        return pq.read_table(path, schema=ROLLOUTS)
+    table = pq.read_table(path, schema=pa.schema([f for f in ROLLOUTS if f.name != "answer_class"]))
     keys: dict[tuple[str, str], int] = {}
     classes = [keys.setdefault((pid, final_answer(text)), len(keys)) for pid, text in
                zip(table.column("problem_id").to_pylist(), table.column("response_text").to_pylist())]
     return table.append_column("answer_class", pa.array(classes, pa.int32()))
 
 
+def read_rollouts(stage: Path, n_shards: int):
+    """A rollout stage's shards as one table (schema.ROLLOUTS)."""
+    import pyarrow as pa
+
+    from gradsel.schema import ROLLOUTS
+
+    tables = [read_rollout_shard(stage, i) for i in range(n_shards)]
+    return pa.concat_tables(tables) if tables else ROLLOUTS.empty_table()
+
+
+@dataclass(frozen=True)
+class RolloutShards:
+    """A rollout stage on disk: shard i holds problems [i * shard_size, (i + 1) * shard_size) in
+    problem order. The features stage reads it shard by shard: its shard i is made from this
+    stage's shard i."""
+    directory: Path
+    n_problems: int
+    shard_size: int
+    key: str  # the stage's input key (model, problems, sampling, engine, reward)
+
+    @property
+    def n_shards(self) -> int:
+        return (self.n_problems + self.shard_size - 1) // self.shard_size
+
+    def problems_in(self, index: int) -> int:
+        return min(self.shard_size, self.n_problems - index * self.shard_size)
+
+    def done(self, index: int) -> bool:
+        from gradsel.store import shard_done
+
+        return shard_done(self.directory, index)
+
+    @property
+    def complete(self) -> bool:
+        return all(self.done(i) for i in range(self.n_shards))
+
+    def checksum(self, index: int) -> str:
+        from gradsel.store import shard_record
+
+        return shard_record(self.directory, index)["sha256"]
+
+    def rows(self) -> int:
+        from gradsel.store import shard_record
+
+        return sum(shard_record(self.directory, i)["rows"] for i in range(self.n_shards))
+
+    def shard(self, index: int):
+        return read_rollout_shard(self.directory, index)
+
+    def table(self):
+        return read_rollouts(self.directory, self.n_shards)
+
+
+def rollout_stage(store, split: str, problem_set, *, model_hash: str, cfg: SamplingConfig, engine_name: str,
+                  reward: str | None = None, shard_size: int = 256, dtype: str = "float32") -> RolloutShards:
+    """Where `store/rollouts/<split>` is and the key of its inputs; nothing is read or made."""
+    key = stable_key({"model": model_hash, "problems": problem_set.content_hash, "n_problems":
+                      len(problem_set.problems), "sampling": cfg.__dict__, "engine": engine_name,
+                      "reward": reward, "shard_size": shard_size, "dtype": dtype})
+    return RolloutShards(store.stage_dir("rollouts", split), len(problem_set.problems), shard_size, key)
+
+
 def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model_hash: str,
                       cfg: SamplingConfig, engine: "str | Engine" = "auto", reward: str | None = None,
-                      shard_size: int = 256, dtype: str = "float32"):
+                      shard_size: int = 256, dtype: str = "float32", part=None) -> RolloutShards:
     """Roll out every problem of `problem_set` into `store/rollouts/<split>`, resumably.
 
     Finished shards are skipped; the engine is started only if some shard is missing. `engine`
     is a name ("auto", "vllm", "hf") or an engine already started (benchmarks reuse one).
-    Returns the rollouts table (schema.ROLLOUTS) in problem order.
+    `part` (store.Part, `--shard i/N`): make only this part's shards. Each shard is made under
+    its own lock, so processes sharing the store never make one twice. The stage is marked
+    complete by whichever run finds every shard done.
     """
     from gradsel.fsutil import atomic_write_table
-    from gradsel.store import (check_stage_key, mark_stage_complete, shard_done, stable_key, stage_complete,
-                               write_shard)
+    from gradsel.store import check_stage_key, mark_stage_complete, shard_lock, stage_complete, write_shard
 
-    if not isinstance(engine, str):
-        engine_name = engine.name
-    else:
-        engine_name = resolve_engine_name(engine)
-    key = stable_key({"model": model_hash, "problems": problem_set.content_hash, "n_problems":
-                      len(problem_set.problems), "sampling": cfg.__dict__, "engine": engine_name,
-                      "reward": reward, "shard_size": shard_size, "dtype": dtype})
-    stage = store.stage_dir("rollouts", split)
-    problems = problem_set.problems
-    n_shards = (len(problems) + shard_size - 1) // shard_size
+    engine_name = engine.name if not isinstance(engine, str) else resolve_engine_name(engine)
+    shards = rollout_stage(store, split, problem_set, model_hash=model_hash, cfg=cfg, engine_name=engine_name,
+                           reward=reward, shard_size=shard_size, dtype=dtype)
+    stage, key, n_shards, problems = shards.directory, shards.key, shards.n_shards, problem_set.problems
     if stage_complete(stage, key):
         console.info(f"rollouts/{split}: complete, reused ({len(problems)} problems)")
-        return read_rollouts(stage, n_shards)
+        return shards
     # Every check runs before anything is written, so a refused run leaves the store as it was.
     rewards_by_source = check_rewards(problems, reward)
-    todo = [i for i in range(n_shards) if not shard_done(stage, i)]
+    todo = [i for i in range(n_shards) if (part is None or part.owns(i)) and not shards.done(i)]
     todo_problems = [p for i in todo for p in problems[i * shard_size:(i + 1) * shard_size]]
     prompt_ids = encode_checked(model_path, todo_problems) if todo else []
     check_stage_key(stage, key, "rollouts")
     atomic_write_table(stage / "problems.parquet", problems_to_table(problems))
     console.debug(f"rollouts/{split}: {n_shards} shards of {shard_size} problems, {len(todo)} to do, key {key}")
-    if todo and len(todo) < n_shards:
+    if part is not None:
+        console.info(f"rollouts/{split}: part {part}, {len(todo)} of {n_shards} shards to make")
+    elif todo and len(todo) < n_shards:
         console.info(f"rollouts/{split}: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
     if todo:
-        eng = engine if not isinstance(engine, str) else make_engine(engine_name, model_path, dtype=dtype)
+        eng = engine if not isinstance(engine, str) else LazyEngine(engine_name, model_path, dtype=dtype)
         with console.progress() as bar:
-            task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})", total=len(problems),
-                                completed=(n_shards - len(todo)) * shard_size, rate="")
+            task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})",
+                                total=sum(shards.problems_in(i) for i in todo), rate="")
             start, done, tokens, offset = time.perf_counter(), 0, 0, 0
             for i in todo:
                 shard = problems[i * shard_size:(i + 1) * shard_size]
-                rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size,
-                                                       prompt_ids=prompt_ids[offset:offset + len(shard)])
-                        for r in batch]
+                ids = prompt_ids[offset:offset + len(shard)]
                 offset += len(shard)
-                write_shard(stage, i, rollouts_to_table(rows))
+                with shard_lock(stage, i):
+                    if shards.done(i):  # another process made it while this one waited
+                        bar.advance(task, len(shard))
+                        continue
+                    rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size,
+                                                           prompt_ids=ids) for r in batch]
+                    write_shard(stage, i, rollouts_to_table(rows))
                 done += len(shard)
                 tokens += sum(len(r.response_token_ids) for r in rows)
                 elapsed = time.perf_counter() - start
                 bar.update(task, advance=len(shard),
                            rate=f"{done / elapsed:.1f} problems/s, {tokens / elapsed:.0f} tokens/s")
         del eng
-    table = read_rollouts(stage, n_shards)
-    mark_stage_complete(stage, key, problems=len(problems), rollouts=table.num_rows, engine=engine_name)
+    if not shards.complete:
+        return shards
+    mark_stage_complete(stage, key, problems=len(problems), rollouts=shards.rows(), engine=engine_name)
     runs = store.read_manifest().get("rollouts", {})
     runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
                    "sampling": cfg.__dict__, "engine": engine_name, "reward": reward,
                    "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key}
     store.update_manifest(rollouts=runs)
-    return table
+    return shards

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from gradsel import console
@@ -88,7 +88,9 @@ def _score_round(root: Path, index: int, *, model: str, chunk_ids: list[str], ru
     directory.mkdir(parents=True, exist_ok=True)
     chunk = write_chunk(pool_path, [problems[pid].source_row for pid in chunk_ids], directory)
     ro = RolloutOptions(**run["ro"])
-    sc = ScoreConfig(**{**run["sc"], "sketch": tuple(run["sc"]["sketch"])})
+    # Stores written before the feature shards followed the rollout shards recorded a shard_size.
+    known = {f.name for f in fields(ScoreConfig)}
+    sc = ScoreConfig(**{k: v for k, v in run["sc"].items() if k in known} | {"sketch": tuple(run["sc"]["sketch"])})
     return run_score(directory, model=model, pool=chunk, val=Path(run["val"]), ro=ro, sc=sc)
 
 

@@ -27,9 +27,11 @@ from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.rewards import judge_consistency
 from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE,
-                               ProjectorSpec, exact_parameters, exact_problem_gradient, groups_from_table, head_features,
-                               low_rank_target, make_spec, projected_features, target_gradient,
-                               zero_validation_gradient)
+                               ProjectorSpec, exact_parameters, exact_problem_gradient, group_advantages,
+                               groups_from_table, head_features, low_rank_target, make_spec, projected_features,
+                               target_gradient, zero_validation_gradient)
+from gradsel.index import iter_vectors, load_vectors
+from gradsel.store import write_shard
 
 VAL_AGGS = ("batch", "mean-normalized")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,11 +52,11 @@ class ScoreConfig:
     max_tokens_per_batch: int | None = None  # None: 2048 on the CPU, 16384 on a GPU (measured, docs/benchmarks.md)
     seed: int = 0
     vector_dtype: str = "float16"
-    shard_size: int = 256  # problems per feature shard
-    # <g_p, g_V> in the hooked pass (projected feature only): exact, against the full validation
-    # gradient; lowrank, against its SVD truncation (gradients.low_rank_target); sketch: from the
-    # projected vectors alone.
-    alignment: str = "lowrank"
+    # <g_p, g_V> for the projected feature. sketch (the default): from the projected vectors, all
+    # the default selection reads; in the hooked pass, for `select --target mean` modes: exact,
+    # against the full validation gradient, or lowrank, against its SVD truncation
+    # (gradients.low_rank_target). Both of those hold a full validation gradient.
+    alignment: str = "sketch"
 
     def validate(self) -> None:
         for value, allowed, flag in ((self.adv, ADVANTAGES, "--adv"), (self.loss_agg, LOSS_AGGS, "--loss-agg"),
@@ -111,9 +113,12 @@ def validation_target(unit_vectors: np.ndarray, norms: np.ndarray, val_agg: str)
     return target / n
 
 
-def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val_rollouts,
-                data_sources: dict[str, dict[str, str]], cfg: ScoreConfig):
-    """Compute (or resume) features and scores; return the scores table (schema.SCORES)."""
+def score_stage(store, *, model_path: Path, model_hash: str, train, val,
+                data_sources: dict[str, dict[str, str]], cfg: ScoreConfig, part=None):
+    """Compute (or resume) features and scores from two rollout stages (rollout.RolloutShards);
+    return (scores table (schema.SCORES), projector spec). Feature shard i is made from rollout
+    shard i, under its own lock. With `part` (store.Part) only that part's train shards are made,
+    and the scores are left to a run without one: it returns (None, spec)."""
     import pyarrow as pa
 
     from gradsel.fsutil import atomic_write_json, atomic_write_table
@@ -124,6 +129,8 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
     cfg.validate()
     if cfg.feature != "projected":  # --alignment applies to the projected feature; record what the others do
         cfg = replace(cfg, alignment="exact" if cfg.feature == "exact" else "sketch")
+    if part is not None and cfg.feature == "exact":
+        raise GradselError("--shard does not apply to --feature exact", "score exact gradients in one process")
     device = resolve_device(cfg.device)
     if cfg.max_tokens_per_batch is None:
         # On the CPU, small packed batches are several times faster (cache-resident activations
@@ -135,14 +142,12 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
                      dtype=cfg.dtype, blocks=cfg.blocks)
     console.debug(f"projector: {cfg.feature}, {len(spec.modules)} modules, vector dim {spec.dim}, device {device}, "
                   f"{cfg.max_tokens_per_batch} tokens per packed pass")
-    train_groups = groups_from_table(train_rollouts, cfg.adv)
-    val_groups = groups_from_table(val_rollouts, cfg.adv)
     method = asdict(cfg) | {"device": None, "shard_size": None, "max_tokens_per_batch": None}  # numbers unchanged
     if cfg.alignment == "lowrank":  # the truncation rule sets the scores too
         method["low_rank"] = {"residual": LOW_RANK_RESIDUAL, "max_cost": LOW_RANK_MAX_COST, "tile": LOW_RANK_TILE,
                               "ranks": "global"}
-    key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": method,
-                      "train": _table_digest(train_rollouts), "val": _table_digest(val_rollouts)})
+    # Keyed on the rollout stages' keys; each feature shard also records its rollout shard's checksum.
+    key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": method, "train": train.key, "val": val.key})
     feature_id = stable_key({"spec": spec.to_dict(), "cfg": method})[:16]
     stage = store.stage_dir("features", feature_id)
     if stage_complete(stage, key):
@@ -155,39 +160,53 @@ def score_stage(store, *, model_path: Path, model_hash: str, train_rollouts, val
     atomic_write_json(stage / "spec.json", {"projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg},
                                             "val_agg": cfg.val_agg, "alignment": cfg.alignment,
                                             "vector_dtype": cfg.vector_dtype})
+    split = _FeatureSplit(model, spec, cfg, pad_id, device)
 
     if cfg.feature == "exact":
+        train_groups, val_groups = groups_from_table(train.table(), cfg.adv), groups_from_table(val.table(), cfg.adv)
         dots, norms_train, norms_val = _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device)
         cos = _safe_div(dots, norms_train)
         val_dots = np.zeros(len(val_groups))
         val_cos = np.zeros(len(val_groups))
-    elif cfg.alignment in ("exact", "lowrank") and cfg.feature == "projected":
-        # Vectors from the sketch (for the index); alignment against the full g_V or its truncation.
-        _, norms_val, _ = _feature_split(stage / "val", model, val_groups, spec, cfg, pad_id, device, "val")
+    elif cfg.alignment in ("exact", "lowrank"):
+        # Vectors from the sketch (for the index); alignment against the full g_V or its truncation,
+        # in the same pass. Every part computes the (small) validation target itself.
+        val_groups = groups_from_table(val.table(), cfg.adv)
+        split.make(stage / "val", val, "val")
+        norms_val, _ = _stored_norms(stage / "val", val.n_shards)
         scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
         target = target_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=pad_id,
                                  device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales)
         if cfg.alignment == "lowrank":
             target = low_rank_target(target)
-        _, norms_train, dots = _feature_split(stage / "train", model, train_groups, spec, cfg, pad_id, device,
-                                              "train", target=target)
+        split.make(stage / "train", train, "train", target=target, part=part)
+        if part is not None:
+            return None, spec
+        norms_train, dots = _stored_norms(stage / "train", train.n_shards)
         _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=pad_id,
                                          device=device, max_tokens=cfg.max_tokens_per_batch, target=target)
         cos = _safe_div(dots, norms_train)
         val_cos = _safe_div(val_dots, norms_val)
     else:
-        unit_train, norms_train, _ = _feature_split(stage / "train", model, train_groups, spec, cfg, pad_id, device, "train")
-        unit_val, norms_val, _ = _feature_split(stage / "val", model, val_groups, spec, cfg, pad_id, device, "val")
-        target = validation_target(unit_val, norms_val, cfg.val_agg)
-        cos = unit_train.astype(np.float64) @ target
+        if part is None:
+            split.make(stage / "val", val, "val")
+        split.make(stage / "train", train, "train", part=part)
+        if part is not None:
+            return None, spec
+        norms_val, _ = _stored_norms(stage / "val", val.n_shards)
+        _, unit_val = load_vectors(stage, "val")
+        direction = validation_target(unit_val, norms_val, cfg.val_agg)
+        # The candidates' vectors are streamed, a few hundred MB at a time, never held whole.
+        cos = np.concatenate([v.astype(np.float64) @ direction for v in iter_vectors(stage, "train")])
+        norms_train, _ = _stored_norms(stage / "train", train.n_shards)
         dots = cos * norms_train
-        val_cos = unit_val.astype(np.float64) @ target
+        val_cos = unit_val.astype(np.float64) @ direction
         val_dots = val_cos * norms_val
-    rows = _score_rows(train_groups, "train", norms_train, cos, dots, data_sources["train"])
-    rows += _score_rows(val_groups, "val", norms_val, val_cos, val_dots, data_sources["val"])
+    rows = _score_rows(train, "train", norms_train, cos, dots, data_sources["train"], cfg.adv)
+    rows += _score_rows(val, "val", norms_val, val_cos, val_dots, data_sources["val"], cfg.adv)
     table = pa.Table.from_pylist(rows, schema=SCORES)
     atomic_write_table(stage / "scores.parquet", table)
-    mark_stage_complete(stage, key, train=len(train_groups), val=len(val_groups))
+    mark_stage_complete(stage, key, train=train.n_problems, val=val.n_problems)
     _point_manifest_at(store, spec, cfg, feature_id)
     return table, spec
 
@@ -202,61 +221,71 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
-def _table_digest(table) -> str:
-    from gradsel.store import stable_key
+class _FeatureSplit:
+    """Makes a split's feature shards from its rollout shards, each under its own lock."""
 
-    cols = table.select(["problem_id", "sample", "reward"]).to_pydict()
-    return stable_key([cols, table.column("response_token_ids").to_pylist()])
+    def __init__(self, model, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int, device: str) -> None:
+        self.model, self.spec, self.cfg, self.pad_id, self.device = model, spec, cfg, pad_id, device
+
+    def make(self, directory: Path, rollouts, label: str, target=None, part=None) -> None:
+        """Feature shard i from rollout shard i, for every shard (of `part`) not done yet; `target`:
+        also store each problem's exact dot with it (`target_dot`)."""
+        from gradsel.store import shard_done, shard_lock
+
+        directory.mkdir(parents=True, exist_ok=True)
+        spec, cfg = self.spec, self.cfg
+        mine = [i for i in range(rollouts.n_shards) if part is None or part.owns(i)]
+        todo = [i for i in mine if not shard_done(directory, i, source=rollouts.checksum(i))]
+        if not todo:
+            return
+        compute = projected_features if spec.feature == "projected" else head_features
+        with console.progress() as bar:
+            task = bar.add_task(f"gradients/{label} ({spec.feature}, {spec.k_out}x{spec.k_in})",
+                                total=sum(rollouts.problems_in(i) for i in todo), rate="")
+            start, tokens = time.perf_counter(), 0
+
+            def tick(n_seqs: int, n_tokens: int) -> None:
+                nonlocal tokens
+                tokens += n_tokens
+                bar.update(task, rate=f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
+
+            for i in todo:
+                with shard_lock(directory, i):
+                    source = rollouts.checksum(i)
+                    if not shard_done(directory, i, source=source):  # else made while this process waited
+                        groups = groups_from_table(rollouts.shard(i), cfg.adv)
+                        kwargs = {"target": target} if target is not None else {}
+                        out = compute(self.model, groups, spec, loss_agg=cfg.loss_agg, pad_id=self.pad_id,
+                                      device=self.device, max_tokens=cfg.max_tokens_per_batch, progress=tick, **kwargs)
+                        write_shard(directory, i, self._table(groups, *(out if target is not None else (out, None))),
+                                    source=source)
+                bar.advance(task, rollouts.problems_in(i))
+
+    def _table(self, groups, feats: np.ndarray, dots: np.ndarray | None):
+        import pyarrow as pa
+
+        from gradsel.schema import vectors_schema
+
+        unit, norms = _unit(feats)
+        vector_type = np.float16 if self.cfg.vector_dtype == "float16" else np.float32
+        return pa.table({"problem_id": [g.problem_id for g in groups],
+                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1).astype(vector_type)),
+                                                                     self.spec.dim),
+                         "norm": norms,
+                         "target_dot": pa.array(dots, pa.float64()) if dots is not None
+                         else pa.nulls(len(groups), pa.float64())}).cast(vectors_schema(self.spec.dim, self.cfg.vector_dtype))
 
 
-def _feature_split(directory: Path, model, groups, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int,
-                   device: str, label: str, target=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Features of one split, shard by shard (resumable); returns (unit vectors, norms, exact
-    dots with `target` or None)."""
-    import pyarrow as pa
+def _stored_norms(directory: Path, n_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """(norms, target dots) of a split's feature shards, without reading the vectors; the dots
+    are NaN where none was stored."""
     import pyarrow.parquet as pq
 
-    from gradsel.schema import vectors_schema
-    from gradsel.store import shard_done, write_shard
+    from gradsel.store import shard_path
 
-    directory.mkdir(parents=True, exist_ok=True)
-    schema = vectors_schema(spec.dim, cfg.vector_dtype)
-    n_shards = max(1, (len(groups) + cfg.shard_size - 1) // cfg.shard_size)
-    compute = projected_features if spec.feature == "projected" else head_features
-    todo = [i for i in range(n_shards) if not shard_done(directory, i)]
-    with console.progress() as bar:
-        task = bar.add_task(f"gradients/{label} ({spec.feature}, {spec.k_out}x{spec.k_in})", total=len(groups),
-                            completed=(n_shards - len(todo)) * cfg.shard_size if todo else len(groups), rate="")
-        start, tokens = time.perf_counter(), 0
-
-        def tick(n_seqs: int, n_tokens: int) -> None:
-            nonlocal tokens
-            tokens += n_tokens
-            bar.update(task, rate=f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
-
-        for i in todo:
-            shard = groups[i * cfg.shard_size:(i + 1) * cfg.shard_size]
-            kwargs = {"target": target} if target is not None else {}
-            out = compute(model, shard, spec, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device,
-                          max_tokens=cfg.max_tokens_per_batch, progress=tick, **kwargs)
-            feats, dots = out if target is not None else (out, None)
-            unit, norms = _unit(feats)
-            table = pa.table({"problem_id": [g.problem_id for g in shard],
-                              "vector": pa.FixedSizeListArray.from_arrays(
-                                  pa.array(unit.reshape(-1).astype(np.float16 if cfg.vector_dtype == "float16" else np.float32)),
-                                  spec.dim),
-                              "norm": norms,
-                              "target_dot": pa.array(dots, pa.float64()) if dots is not None
-                              else pa.nulls(len(shard), pa.float64())}).cast(schema)
-            write_shard(directory, i, table)
-            bar.advance(task, len(shard))
-    tables = [pq.read_table(directory / f"shard-{i:05d}.parquet", memory_map=True) for i in range(n_shards)]
-    vectors = np.concatenate([t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-                              .reshape(t.num_rows, spec.dim) for t in tables]).astype(np.float32)
-    norms = np.concatenate([t.column("norm").to_numpy() for t in tables])
-    dots = (np.concatenate([t.column("target_dot").to_numpy(zero_copy_only=False) for t in tables])
-            if target is not None else None)
-    return vectors, norms, dots
+    tables = [pq.read_table(shard_path(directory, i), columns=["norm", "target_dot"]) for i in range(n_shards)]
+    return (np.concatenate([t.column("norm").to_numpy() for t in tables]),
+            np.concatenate([t.column("target_dot").to_numpy(zero_copy_only=False) for t in tables]))
 
 
 def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
@@ -286,15 +315,25 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
     return np.array(dots), np.array(norms), np.array(val_norms)
 
 
-def _score_rows(groups, split: str, norms, cos, dots, data_sources: dict[str, str]) -> list[dict]:
+def _score_rows(rollouts, split: str, norms, cos, dots, data_sources: dict[str, str], adv: str) -> list[dict]:
+    """One SCORES row per problem of a rollout stage (problem order), reading only its rewards
+    and answer classes."""
+    per_problem: dict[str, tuple[list[float], list]] = {}
+    for i in range(rollouts.n_shards):  # one shard in memory at a time
+        cols = rollouts.shard(i).select(["problem_id", "reward", "answer_class"]).to_pydict()
+        for pid, reward, answer in zip(cols["problem_id"], cols["reward"], cols["answer_class"]):
+            rewards, answers = per_problem.setdefault(pid, ([], []))
+            rewards.append(reward)
+            answers.append(answer)
     rows = []
-    for g, n, c, d in zip(groups, norms, cos, dots):
-        r = np.asarray(g.rewards, dtype=np.float64)
+    for (pid, (rewards, answers)), n, c, d in zip(per_problem.items(), norms, cos, dots):
+        r = np.asarray(rewards, dtype=np.float64)
+        zero_advantage = all(a == 0.0 for a in group_advantages(rewards, adv))
         rows.append({
-            "problem_id": g.problem_id, "split": split, "data_source": data_sources.get(g.problem_id, ""),
+            "problem_id": pid, "split": split, "data_source": data_sources.get(pid, ""),
             "n_rollouts": len(r), "pass_rate": float((r > 0).mean()), "reward_mean": float(r.mean()),
-            "reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0, "zero_advantage": g.zero_advantage,
+            "reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0, "zero_advantage": zero_advantage,
             "grad_norm": float(n), "score_cos": float(c) if n > 0 else 0.0, "score_dot": float(d) if n > 0 else 0.0,
-            "judge_consistency": judge_consistency(g.answer_classes, g.rewards),
+            "judge_consistency": judge_consistency(answers, rewards),
         })
     return rows

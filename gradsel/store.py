@@ -70,10 +70,14 @@ class Store:
         return manifest
 
     def update_manifest(self, **fields) -> dict:
-        manifest = self.read_manifest() or {"format_version": FORMAT_VERSION}
-        manifest.update(fields)
-        manifest["library_versions"] = library_versions()
-        atomic_write_json(self.manifest_path, manifest)
+        from filelock import FileLock
+
+        # Read, update and write under a lock: `--shard` processes share the store.
+        with FileLock(self.root / ".manifest.lock"):
+            manifest = self.read_manifest() or {"format_version": FORMAT_VERSION}
+            manifest.update(fields)
+            manifest["library_versions"] = library_versions()
+            atomic_write_json(self.manifest_path, manifest)
         return manifest
 
     def stage_dir(self, *parts: str) -> Path:
@@ -124,26 +128,69 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(stage: Path, index: int, table) -> None:
+def write_shard(stage: Path, index: int, table, source: str | None = None) -> None:
+    """Write shard `index` and then its marker. `source`: the checksum of the shard it was made
+    from (a feature shard's rollout shard), which shard_done checks."""
     data, marker = _shard_paths(stage, index)
     atomic_write_table(data, table)
-    atomic_write_json(marker, {"rows": table.num_rows, "sha256": _file_sha256(data)})
+    atomic_write_json(marker, {"rows": table.num_rows, "sha256": _file_sha256(data)}
+                      | ({"source": source} if source else {}))
 
 
-def shard_done(stage: Path, index: int) -> bool:
-    """True when the shard and its marker exist and agree; a damaged shard is removed."""
+def shard_done(stage: Path, index: int, source: str | None = None) -> bool:
+    """True when the shard and its marker exist and agree (and, with `source`, the shard was made
+    from that input); a damaged or outdated shard is removed."""
     data, marker = _shard_paths(stage, index)
     if not marker.is_file():
         return False
     try:
         expected = json.loads(marker.read_text())
         ok = data.is_file() and _file_sha256(data) == expected["sha256"]
+        ok = ok and (source is None or expected.get("source") == source)
     except (json.JSONDecodeError, KeyError, OSError):
         ok = False
     if not ok:
         marker.unlink(missing_ok=True)
         data.unlink(missing_ok=True)
     return ok
+
+
+def shard_record(stage: Path, index: int) -> dict:
+    """A done shard's marker: its row count, sha256 and source."""
+    return json.loads(shard_marker(shard_path(stage, index)).read_text())
+
+
+@contextmanager
+def shard_lock(stage: Path, index: int):
+    """Hold shard `index` of a stage while it is made. Blocking: a process reaching a shard that
+    another is making waits for it, then finds it done (shard_done) and skips it. The kernel
+    releases the lock with its process, however it dies."""
+    from filelock import FileLock
+
+    with FileLock(stage / f"shard-{index:05d}.lock"):
+        yield
+
+
+@dataclass(frozen=True)
+class Part:
+    """`--shard i/N`: this process makes the shards whose number is i modulo N."""
+    index: int
+    count: int
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_part(text: str) -> Part:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError) as exc:
+        raise GradselError(f"bad --shard {text!r}", "write I/N with 0 <= I < N, for example --shard 0/4") from exc
+    return Part(index, count)
 
 
 def read_shards(stage: Path, n_shards: int, schema):

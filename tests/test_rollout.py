@@ -21,7 +21,7 @@ def rollout_into(store_dir, pool, n=4, split="train"):
     snap = snapshot_into_store(store, "tiny-arith")
     return run_rollout_stage(store, split, read_problems(pool), model_path=Path(snap.path),
                              model_hash=snap.content_hash, cfg=SamplingConfig(n=n, max_tokens=8, seed=1),
-                             engine="hf", shard_size=16)
+                             engine="hf", shard_size=16).table()
 
 
 def check_rollout_records(table, pool, n):

@@ -25,7 +25,7 @@ def scored(tmp_path_factory):
               "--store", str(root / "store"), "--engine", "hf", "--max-tokens", "8", "--n", "8"]
     run_cli("score", *common)
     run_cli("score", *common, "--feature", "exact", "--modules", r"\.layers\.\d+\.")
-    run_cli("score", *common, "--alignment", "sketch")
+    run_cli("score", *common, "--alignment", "lowrank")
     return root, common
 
 
@@ -40,7 +40,7 @@ def feature_tables(store):
 def test_scores_table_and_fidelity_against_exact(scored):
     root, _ = scored
     tables = feature_tables(root / "store")
-    _, projected = tables[("projected", "lowrank")]  # the default
+    _, projected = tables[("projected", "lowrank")]  # the in-pass alignment `select --target mean` modes read
     _, exact = tables[("exact", "exact")]
     assert projected.schema.equals(SCORES)
     p_rows = [r for r in projected.to_pylist() if r["split"] == "train"]
@@ -77,7 +77,7 @@ def test_rescoring_is_deterministic_and_resumes(scored, tmp_path):
     d, before = feature_tables(root / "store")[("projected", "lowrank")]
     (d / "stage.json").unlink()
     (d / "train/shard-00000.parquet").write_bytes(b"damaged")
-    run_cli("score", *common)
+    run_cli("score", *common, "--alignment", "lowrank")
     after = pq.read_table(d / "scores.parquet")
     assert after.equals(before)
 
@@ -85,7 +85,7 @@ def test_rescoring_is_deterministic_and_resumes(scored, tmp_path):
 def test_moe_checkpoint_directory_scores_like_exact(tmp_path):
     """A Mixtral-style checkpoint (router and fused experts in every block), built in code and
     saved with the bundled tokenizer, goes through `gradsel score` from its directory; its
-    default scores rank the candidates as the exact full-gradient reference does."""
+    in-pass low-rank scores rank the candidates as the exact full-gradient reference does."""
     import torch
     import transformers
 
@@ -103,7 +103,7 @@ def test_moe_checkpoint_directory_scores_like_exact(tmp_path):
     common = ["--model", str(tmp_path / "model"), "--pool", str(tmp_path / "data/pool.parquet"),
               "--val", str(tmp_path / "data/val.parquet"), "--store", str(tmp_path / "store"), "--engine", "hf",
               "--max-tokens", "6", "--reward", "random"]  # a random model solves nothing: coin-flip rewards
-    run_cli("score", *common)
+    run_cli("score", *common, "--alignment", "lowrank")
     run_cli("score", *common, "--feature", "exact", "--modules", r"\.layers\.\d+\.")
     tables = feature_tables(tmp_path / "store")
     d, projected = tables[("projected", "lowrank")]
