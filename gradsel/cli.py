@@ -210,6 +210,11 @@ def rollout(
                 "nonzero_advantage_share": round(sum(0 < r < 1 for r in rates) / len(rates), 4)})
 
 
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Feature(str, Enum):
     projected = "projected"
     head = "head"
@@ -248,6 +253,8 @@ def score(
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Score only the first M problems of a seeded pool order as round 0; `refresh` takes the next chunks.")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard of rollouts and of vectors (a killed run redoes at most one).")] = 256,
     shard: ShardOpt = None,
+    executor: Annotated[Executor, typer.Option(help="local: this process (or the --shard part); ray: every shard as a Ray task, one GPU each where the cluster has GPUs (docs/scale.md).")] = Executor.local,
+    ray_address: Annotated[Optional[str], typer.Option(help="With --executor ray: an existing cluster's address (default: start a local one).")] = None,
 ) -> None:
     """Roll out pool and validation set, compute projected GRPO gradients, score alignment."""
     from gradsel.pipeline import RolloutOptions, run_score
@@ -266,13 +273,19 @@ def score(
     part = parse_part(shard) if shard else None
     if part is not None and chunk_size is not None:
         raise GradselError("--shard and --chunk-size do not combine", "score round 0 without --shard")
+    if executor is Executor.ray and (part is not None or chunk_size is not None):
+        raise GradselError("--executor ray makes every shard itself", "drop --shard and --chunk-size")
     with _store_access(store, part):
-        if part is not None:
+        if executor is Executor.ray:
+            from gradsel.ray_executor import run_score_ray
+
+            result = run_score_ray(store, model=model, pool=pool, val=val, ro=ro, sc=sc, address=ray_address)
+        elif part is not None:
             run_score(store, model=model, pool=pool, val=val, ro=ro, sc=sc, part=part)
             _emit_json({"store": str(store), "part": str(part), "scores": "run `gradsel score` without --shard "
                         "once every part is done"})
             return
-        if chunk_size is not None:
+        elif chunk_size is not None:
             from gradsel.rounds import start_rounds
 
             result = start_rounds(store, model=model, pool=pool, val=val, ro=ro, sc=sc, chunk_size=chunk_size,
