@@ -53,7 +53,7 @@ def too_long_error(problems: Sequence[Problem], lengths: Sequence[int], limit: i
     shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in long[:8])
     more = f" and {len(long) - 8} more" if len(long) > 8 else ""
     return GradselError(f"{len(long)} prompt(s) exceed {limit} tokens under the chat template: {shown}{more}",
-                        "drop or shorten those rows, or use a model with a longer context "
+                        "drop or shorten those rows, or give the model a longer context (--max-model-len, or another model) "
                         "(`gradsel check` lists every data source's prompt lengths)")
 
 

@@ -104,6 +104,9 @@ class HashMode(str, Enum):
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory (HF format), a PEFT adapter directory, or 'tiny-arith'.")]
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store directory; created when missing.")]
 HashOpt = Annotated[HashMode, typer.Option("--hash", help="sha256 of every weight byte, or fast: sizes plus first and last MiB.")]
+TensorParallelOpt = Annotated[int, typer.Option(min=1, help="vLLM tensor parallelism: GPUs per engine, for a model that does not fit on one.")]
+GpuMemoryOpt = Annotated[Optional[float], typer.Option(min=0.01, max=1.0, help="vLLM's share of each GPU's memory (default vLLM's; 0.3 on the CPU backend).")]
+MaxModelLenOpt = Annotated[Optional[int], typer.Option(min=2, help="vLLM's context length (default the model's); prompts longer than it are refused before any rollout.")]
 ShardOpt = Annotated[Optional[str], typer.Option(help="I/N: make only shards I, I+N, I+2N, ... of the candidates, beside other processes or machines filling the same store (docs/scale.md).")]
 
 
@@ -182,10 +185,13 @@ def rollout(
     copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
     shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard (a killed run redoes at most one).")] = 256,
     shard: ShardOpt = None,
+    tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
+    max_model_len: MaxModelLenOpt = None,
 ) -> None:
     """Sample k responses per problem and reward them, into the store (resumable)."""
     from gradsel.problems import read_problems
-    from gradsel.rollout import SamplingConfig, run_rollout_stage, table_pass_rates
+    from gradsel.rollout import SamplingConfig, VLLMOptions, run_rollout_stage, table_pass_rates
     from gradsel.snapshot import loadable_path, snapshot_into_store
     from gradsel.store import open_store, parse_part
 
@@ -198,7 +204,8 @@ def rollout(
         cfg = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         shards = run_rollout_stage(st, split.value, problem_set, model_path=loadable_path(st, snap),
                                    model_hash=snap.content_hash, cfg=cfg, engine=engine.value,
-                                   reward=reward, shard_size=shard_size, part=part)
+                                   reward=reward, shard_size=shard_size, part=part,
+                                   vllm=VLLMOptions(tensor_parallel_size, gpu_memory_utilization, max_model_len))
     if not shards.complete:
         _emit_json({"store": str(store), "split": split.value, "part": str(part), "shards": shards.n_shards,
                     "shards_done": sum(shards.done(i) for i in range(shards.n_shards))})
@@ -253,6 +260,9 @@ def score(
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Score only the first M problems of a seeded pool order as round 0; `refresh` takes the next chunks.")] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard of rollouts and of vectors (a killed run redoes at most one).")] = 256,
     shard: ShardOpt = None,
+    tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryOpt = None,
+    max_model_len: MaxModelLenOpt = None,
     executor: Annotated[Executor, typer.Option(help="local: this process (or the --shard part); ray: every shard as a Ray task, one GPU each where the cluster has GPUs (docs/scale.md).")] = Executor.local,
     ray_address: Annotated[Optional[str], typer.Option(help="With --executor ray: an existing cluster's address (default: start a local one).")] = None,
 ) -> None:
@@ -264,7 +274,9 @@ def score(
     console.protect_stdout()
     ro = RolloutOptions(n=n, n_val=n_val, engine=engine.value, temperature=temperature, top_p=top_p,
                         max_tokens=max_tokens, seed=seed, reward=reward, prompt_key=prompt_key,
-                        answer_key=answer_key, hash_mode=hash_mode.value, copy=copy, shard_size=shard_size)
+                        answer_key=answer_key, hash_mode=hash_mode.value, copy=copy, shard_size=shard_size,
+                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                        max_model_len=max_model_len)
     sc = ScoreConfig(feature=feature.value, sketch=parse_sketch(sketch), blocks=sketch_blocks,
                      alignment=alignment, modules=modules, adv=adv,
                      loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,

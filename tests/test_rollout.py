@@ -94,7 +94,8 @@ def test_vllm_rollouts_record_generated_tokens(tmp_path, noisy_data):
     pytest.importorskip("vllm")
     pool = noisy_data / "pool.parquet"
     proc = run_cli("rollout", "--model", "tiny-arith", "--problems", str(pool), "--store", str(tmp_path / "s"),
-                   "--n", "4", "--engine", "vllm", "--max-tokens", "8", "--seed", "1")
+                   "--n", "4", "--engine", "vllm", "--max-tokens", "8", "--seed", "1",
+                   "--gpu-memory-utilization", "0.25", "--max-model-len", "64")  # passed through to vLLM
     assert json.loads(proc.stdout)["rollouts"] == 4 * 60
     shards = sorted((tmp_path / "s/rollouts/train").glob("shard-*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in shards])
@@ -119,3 +120,15 @@ def test_bad_inputs_exit_2_and_keep_finished_work(tmp_path, noisy_data):
         assert needle in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr
     # The writers' lock file stays (filelock never deletes it, docs/store.md); nothing else may appear.
     assert sorted(p.name for p in (tmp_path / "s").rglob("*") if "val" not in p.parts and p.name != ".lock") == before
+
+
+def test_max_model_len_refuses_longer_prompts_before_any_rollout(tmp_path, noisy_data):
+    """--max-model-len is vLLM's context: a prompt that leaves no room in it is refused up front,
+    with the problems named, whatever the engine, and the store keeps no shard."""
+    pool = noisy_data / "pool.parquet"
+    args = ["rollout", "--model", "tiny-arith", "--problems", str(pool), "--store", str(tmp_path / "s"), "--n", "2",
+            "--engine", "hf", "--max-tokens", "4"]
+    proc = run_cli(*args, "--max-model-len", "5", check=False)
+    assert proc.returncode == 2 and "exceed 4 tokens" in proc.stderr, proc.stderr[-2000:]
+    assert not list((tmp_path / "s").rglob("shard-*.parquet"))
+    assert json.loads(run_cli(*args, "--max-model-len", "64").stdout)["rollouts"] == 2 * 60
