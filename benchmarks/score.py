@@ -85,7 +85,8 @@ def workload(model_name: str, n_problems: int, k: int):
     return model, groups, sum(len(p) + len(r) for g in groups for p, r in zip(g.prompt_ids, g.response_ids))
 
 
-def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int) -> dict:
+def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int,
+            device: str = "cpu", dtype: str = "float32") -> dict:
     import torch
 
     from gradsel.gradients import (_batch_tensors, _weighted_nll, alignment_cost, exact_parameters,
@@ -94,15 +95,18 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
 
     torch.manual_seed(0)
     model, groups, n_tokens = workload(model_name, n_problems, k)
+    model = model.to(device=device, dtype=getattr(torch, dtype))
     spec = make_spec(model, feature="head" if arm == "head" else "projected", modules=None, sketch=(16, 16),
-                     seed=0, dtype="float32")
+                     seed=0, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     target, extra = None, {}
     if arm in ("projected", "exact-align"):
         # the same packing budget as the pass itself, as `gradsel score` does; a validation set of
         # 8 problems. The default (`--alignment sketch`) computes none of this.
         t = time.perf_counter()
         target = target_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0,
-                                 max_tokens=budget)
+                                 max_tokens=budget, device=device)
+        sync()
         extra["target_s"] = time.perf_counter() - t
         extra["target_mib"] = sum(g.numel() * g.element_size() for g in target) / 2**20
         if arm == "projected":
@@ -117,17 +121,19 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
                 p.requires_grad_(True)
             model.zero_grad(set_to_none=True)
             for batch in pack_batches(groups, "seq-mean-token-mean", budget):
-                ids, mask, weights, _ = _batch_tensors(batch, 0, "cpu")
+                ids, mask, weights, _ = _batch_tensors(batch, 0, device)
                 _weighted_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, weights).backward()
         elif arm in ("projected", "exact-align", "sketch"):
             projected_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
-                               target=target)
+                               target=target, device=device)
         elif arm == "head":
-            head_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget)
+            head_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
+                          device=device)
         else:
             params = exact_parameters(model, [n for n, _ in model.named_parameters()])
             for g in groups:
-                exact_problem_gradient(model, g, params, loss_agg="seq-mean-token-mean", pad_id=0)
+                exact_problem_gradient(model, g, params, loss_agg="seq-mean-token-mean", pad_id=0, device=device)
+        sync()
 
     once()  # warm-up
     times = []
@@ -186,6 +192,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens-per-batch", type=int, default=2048, help="packing budget of the batched arms (gradsel's CPU default)")
     ap.add_argument("--bergson-python", help="python of an environment with bergson 2.5.1: adds the peer arm (v)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--arm", choices=ARMS + ("bergson",), help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = (args.model, args.problems, args.k, args.repeats, args.max_tokens_per_batch)
@@ -193,7 +201,7 @@ def main() -> None:
         print(json.dumps(run_bergson(args.bergson_python, *sizes)))
         return
     if args.arm:
-        print(json.dumps(run_arm(args.arm, *sizes)))
+        print(json.dumps(run_arm(args.arm, *sizes, device=args.device, dtype=args.dtype)))
         return
     # Interleaved rounds: every arm runs once per round (a fresh process, a warm-up, one timed
     # run), so a slow spell of this shared machine hits every arm alike rather than one of them.
@@ -202,7 +210,8 @@ def main() -> None:
         for arm in ARMS + (("bergson",) if args.bergson_python else ()):
             out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--problems",
                                   str(args.problems), "--k", str(args.k), "--repeats", "1",
-                                  "--max-tokens-per-batch", str(args.max_tokens_per_batch)]
+                                  "--max-tokens-per-batch", str(args.max_tokens_per_batch),
+                                  "--device", args.device, "--dtype", args.dtype]
                                  + (["--bergson-python", args.bergson_python] if args.bergson_python else []),
                                  capture_output=True, text=True)
             if out.returncode != 0:
