@@ -29,7 +29,7 @@ import pyarrow as pa
 
 def build_store(root: Path, n: int, dim: int, shard: int = 65536) -> None:
     from gradsel.fsutil import atomic_write_json, atomic_write_table
-    from gradsel.schema import PROBLEMS, SCORES, vectors_schema
+    from gradsel.schema import PROBLEMS, SCORES, vectors_table
     from gradsel.store import FORMAT_VERSION, write_shard
 
     rng = np.random.default_rng(0)
@@ -52,21 +52,14 @@ def build_store(root: Path, n: int, dim: int, shard: int = 65536) -> None:
         "problem_id": ids, "split": ["train"] * n, "data_source": ["bench"] * n, "n_rollouts": np.full(n, 8, np.int32),
         "pass_rate": pass_rate, "reward_mean": pass_rate, "reward_std": np.full(n, 0.5), "zero_advantage": np.zeros(n, bool),
         "grad_norm": np.ones(n), "score_cos": cos, "score_dot": cos, "judge_consistency": np.ones(n)}, schema=SCORES))
-    schema = vectors_schema(dim, "float16")
     for s, start in enumerate(range(0, n, shard)):
         m = min(shard, n - start)
         v = rng.standard_normal((m, dim), dtype=np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        table = pa.table({"problem_id": ids[start:start + m],
-                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.astype(np.float16).reshape(-1)), dim),
-                          "norm": np.ones(m), "target_dot": pa.nulls(m, pa.float64())}).cast(schema)
-        write_shard(features / "train", s, table)
+        write_shard(features / "train", s, vectors_table(ids[start:start + m], v, np.ones(m)))
     val = rng.standard_normal((64, dim), dtype=np.float32)
     val /= np.linalg.norm(val, axis=1, keepdims=True)
-    write_shard(features / "val", 0, pa.table({
-        "problem_id": [f"v{i}" for i in range(64)],
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(val.astype(np.float16).reshape(-1)), dim),
-        "norm": np.ones(64), "target_dot": pa.nulls(64, pa.float64())}).cast(schema))
+    write_shard(features / "val", 0, vectors_table([f"v{i}" for i in range(64)], val, np.ones(64)))
     # dim / 256 modules of 16 x 16 sketches, as a real store of that width would hold.
     n_modules = dim // 256 if dim % 256 == 0 else 1
     spec = {"feature": "projected", "seed": 0, "k_out": 16, "k_in": 16, "blocks": 1,

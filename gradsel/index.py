@@ -62,27 +62,44 @@ def vector_dim(directory: Path, split: str) -> int:
     """The vector width, from the first shard's schema (no data is read)."""
     import pyarrow.parquet as pq
 
-    return pq.read_schema(vector_shards(directory, split)[0]).field("vector").type.list_size
+    from gradsel.schema import vector_layout
+
+    return vector_layout(pq.read_schema(vector_shards(directory, split)[0]).field("vector"))[0]
 
 
 READ_ROWS = 16384
 READ_BYTES = 512 << 20  # a 7B model's ~200 modules x 256 would make 16,384 rows 3.3 GB of float32
 
 
-def iter_vectors(directory: Path, split: str) -> Iterator[np.ndarray]:
+def iter_vectors(directory: Path, split: str, reuse: bool = False) -> Iterator[np.ndarray]:
     """The unit vectors in store order, as float32 (rows, dim): READ_ROWS at a time, or fewer
     for vectors so wide that those would pass READ_BYTES. Memory stays a few hundred MB whatever
-    the pool's size."""
+    the pool's size. `reuse`: every batch is written into one buffer, valid until the next one
+    (for a consumer that keeps nothing): no page faults on fresh memory for every batch."""
+    import warnings
+
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
+    from gradsel.schema import stored_vectors, vector_layout
+
+    buffer = None
     for shard in vector_shards(directory, split):
         f = pq.ParquetFile(shard, memory_map=True)
-        dim = f.schema_arrow.field("vector").type.list_size
-        rows = max(1, min(READ_ROWS, READ_BYTES // (4 * dim)))
+        field = f.schema_arrow.field("vector")
+        rows = max(1, min(READ_ROWS, READ_BYTES // (4 * vector_layout(field)[0])))
         for batch in f.iter_batches(batch_size=rows, columns=["vector"]):
-            flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
-            yield flat.reshape(batch.num_rows, dim).astype(np.float32)
+            stored = stored_vectors(batch.column(0), field)
+            if buffer is None or not reuse or buffer.shape[0] < len(stored):
+                buffer = np.empty(stored.shape, dtype=np.float32)
+            out = buffer[:len(stored)]
+            with warnings.catch_warnings():  # a read-only view of the file's bytes: torch only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                source = torch.from_numpy(np.ascontiguousarray(stored, dtype=stored.dtype.newbyteorder("=")))
+            # torch converts float16 with the CPU's F16C instructions, on every thread: 6x numpy's astype.
+            torch.from_numpy(out).copy_(source)
+            yield out
         del f
         pa.default_memory_pool().release_unused()  # Arrow's allocator would keep every freed page
 
@@ -126,7 +143,7 @@ def subspace_share(directory: Path, split: str, queries: np.ndarray, units: int 
     bases, live = module_bases(queries, units, max_rank)  # a module with no live query has a zero basis
     n_live = max(int(live.sum()), 1)
     out = []
-    for chunk in iter_vectors(directory, split):
+    for chunk in iter_vectors(directory, split, reuse=True):
         slices = chunk.reshape(len(chunk), units, -1)  # (n, units, width): a view
         squared = np.einsum("nuw,nuw->nu", slices, slices)
         projected = np.matmul(slices.transpose(1, 0, 2), bases)  # (units, n, r): one batched matmul

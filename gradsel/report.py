@@ -8,17 +8,15 @@ import numpy as np
 from rich.table import Table
 
 from gradsel import console
-from gradsel.store import existing_store
+from gradsel.store import Store, existing_store
 
 
 def store_summary(path: Path) -> dict:
-    import json
-
     import pyarrow.parquet as pq
 
     from gradsel.rounds import latest_round_store, round_selection
 
-    top = json.loads((Path(path) / "manifest.json").read_text()) if (Path(path) / "manifest.json").is_file() else {}
+    top = Store(Path(path)).read_manifest()
     rounds = [{"round": r["round"], "checkpoint": r.get("checkpoint", "(incomplete)"), "model": r["model"],
                "offered": len(r["chunk_ids"]), "selected": len(round_selection(path, r) or [])}
               for r in top.get("rounds", [])]

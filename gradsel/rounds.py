@@ -30,7 +30,7 @@ from gradsel.pipeline import RolloutOptions, ScoreResult, run_score
 from gradsel.models import resolve_model_path
 from gradsel.problems import read_problems
 from gradsel.score import ScoreConfig
-from gradsel.store import Store, open_store
+from gradsel.store import FORMAT_VERSION, Store, open_store
 
 
 def round_dir(root: Path, index: int) -> Path:
@@ -104,7 +104,7 @@ def start_rounds(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Roll
         raise GradselError(f"--chunk-size {chunk_size} is larger than the pool ({len(ids)} problems)",
                            "use a smaller chunk, or leave --chunk-size out to score the whole pool at once")
     if not manifest:
-        manifest = {"format_version": 1, "rounds_store": True, "run": {
+        manifest = {"format_version": FORMAT_VERSION, "rounds_store": True, "run": {
             "pool": str(Path(pool).resolve()), "val": str(Path(val).resolve()), "ro": asdict(ro), "sc": asdict(sc)},
             "chunk_size": chunk_size, "pool_order": pool_order(ids, order_seed), "rounds": []}
         atomic_write_json(store.manifest_path, manifest)
@@ -250,17 +250,13 @@ def write_history(root: Path, manifest: dict) -> None:
 def latest_round_store(root: Path) -> Path:
     """Where `select` and `info` look: the latest complete round of a rounds store (a round that
     `refresh` is still writing is never read), else the store itself."""
-    path = Path(root) / "manifest.json"
-    if path.is_file():
-        manifest = json.loads(path.read_text())
-        rounds = manifest.get("rounds") if manifest.get("rounds_store") else None
-        if rounds:
-            complete = [r for r in rounds if "checkpoint" in r]
-            return round_dir(Path(root), (complete or rounds)[-1]["round"])
+    manifest = Store(Path(root)).read_manifest()
+    rounds = manifest.get("rounds") if manifest.get("rounds_store") else None
+    if rounds:
+        complete = [r for r in rounds if "checkpoint" in r]
+        return round_dir(Path(root), (complete or rounds)[-1]["round"])
     return Path(root)
 
 
 def _read_top(store: Store) -> dict:
-    if not store.manifest_path.is_file():
-        return {}
-    return json.loads(store.manifest_path.read_text())
+    return store.read_manifest()

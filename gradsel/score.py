@@ -262,18 +262,10 @@ class _FeatureSplit:
                 bar.advance(task, rollouts.problems_in(i))
 
     def _table(self, groups, feats: np.ndarray, dots: np.ndarray | None):
-        import pyarrow as pa
-
-        from gradsel.schema import vectors_schema
+        from gradsel.schema import vectors_table
 
         unit, norms = _unit(feats)
-        vector_type = np.float16 if self.cfg.vector_dtype == "float16" else np.float32
-        return pa.table({"problem_id": [g.problem_id for g in groups],
-                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1).astype(vector_type)),
-                                                                     self.spec.dim),
-                         "norm": norms,
-                         "target_dot": pa.array(dots, pa.float64()) if dots is not None
-                         else pa.nulls(len(groups), pa.float64())}).cast(vectors_schema(self.spec.dim, self.cfg.vector_dtype))
+        return vectors_table([g.problem_id for g in groups], unit, norms, dots, self.cfg.vector_dtype)
 
 
 def _stored_norms(directory: Path, n_shards: int) -> tuple[np.ndarray, np.ndarray]:

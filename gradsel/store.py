@@ -26,7 +26,10 @@ from pathlib import Path
 from gradsel.errors import GradselError
 from gradsel.fsutil import atomic_write_json, atomic_write_table
 
-FORMAT_VERSION = 1
+# 2: vectors as one fixed-size binary value per row (schema.vectors_schema). Version 1 stores,
+# with vectors as fixed-size lists, are read as they are; a store written to becomes version 2.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def library_versions() -> dict[str, str]:
@@ -62,7 +65,7 @@ class Store:
         except json.JSONDecodeError as exc:
             raise GradselError(f"{self.manifest_path} is not valid JSON", "restore it or start a new store") from exc
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             newer = isinstance(version, int) and version > FORMAT_VERSION
             raise GradselError(
                 f"store {self.root} has format version {version}, this gradsel reads {FORMAT_VERSION}",
@@ -74,8 +77,8 @@ class Store:
 
         # Read, update and write under a lock: `--shard` processes share the store.
         with FileLock(self.root / ".manifest.lock"):
-            manifest = self.read_manifest() or {"format_version": FORMAT_VERSION}
-            manifest.update(fields)
+            manifest = self.read_manifest()
+            manifest.update(fields, format_version=FORMAT_VERSION)
             manifest["library_versions"] = library_versions()
             atomic_write_json(self.manifest_path, manifest)
         return manifest

@@ -14,7 +14,7 @@ from gradsel.errors import GradselError
 from gradsel.fsutil import atomic_write_json, atomic_write_table
 from gradsel.problems import read_problems
 from gradsel.rollout import problems_to_table
-from gradsel.schema import SCORES, vectors_schema
+from gradsel.schema import SCORES, vectors_table
 from gradsel.select import SelectConfig, select
 from gradsel.store import FORMAT_VERSION, Store, write_shard
 
@@ -50,11 +50,9 @@ def store(tmp_path):
             for pid, (cos, dot, pr, zero, src, _) in HANDMADE.items()]
     rows.append({**rows[0], "problem_id": "v0", "split": "val"})
     atomic_write_table(features / "scores.parquet", pa.Table.from_pylist(rows, schema=SCORES))
-    vec = pa.Table.from_pylist([{"problem_id": pid, "vector": v[-1], "norm": float(any(v[-1])), "target_dot": None}
-                                for pid, v in HANDMADE.items()], schema=vectors_schema(4, "float32"))
-    write_shard(features / "train", 0, vec)
-    write_shard(features / "val", 0, pa.Table.from_pylist(
-        [{"problem_id": "v0", "vector": [0, 0, 1, 0], "norm": 1.0, "target_dot": None}], schema=vectors_schema(4, "float32")))
+    write_shard(features / "train", 0, vectors_table(list(HANDMADE), np.array([v[-1] for v in HANDMADE.values()]),
+                                                     [float(any(v[-1])) for v in HANDMADE.values()], dtype="float32"))
+    write_shard(features / "val", 0, vectors_table(["v0"], np.array([[0, 0, 1, 0]]), [1.0], dtype="float32"))
     atomic_write_json(features / "spec.json", {"projector": SPEC})
     atomic_write_json(root / "manifest.json", {
         "format_version": FORMAT_VERSION, "projector": SPEC, "features": "features/f0",
@@ -263,9 +261,8 @@ def test_every_index_kind_selects_on_the_handmade_store(store, kind):
 def _vector_dir(root, vectors, shard=1000):
     for s, start in enumerate(range(0, len(vectors), shard)):
         part = vectors[start:start + shard]
-        write_shard(root / "train", s, pa.Table.from_pylist(
-            [{"problem_id": f"p{start + i}", "vector": v.tolist(), "norm": 1.0, "target_dot": None}
-             for i, v in enumerate(part)], schema=vectors_schema(vectors.shape[1], "float16")))
+        write_shard(root / "train", s, vectors_table([f"p{start + i}" for i in range(len(part))], part,
+                                                     np.ones(len(part))))
     return root
 
 
@@ -277,11 +274,10 @@ def _clustered(n, dim, seed):
 
 
 def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
-    from gradsel.index import best_alignment, open_index
+    from gradsel.index import best_alignment, load_vectors, open_index
 
     directory = _vector_dir(tmp_path / "f", _clustered(3000, 64, 0))
-    exact = np.concatenate([pq.read_table(p).column("vector").to_numpy(zero_copy_only=False).tolist()
-                            for p in sorted((directory / "train").glob("shard-*.parquet"))]).astype(np.float32)
+    exact = load_vectors(directory, "train")[1]
     queries = exact[[5, 700, 2900]]
     truth = set(np.argsort(-(exact @ queries.T).max(axis=1))[:30])
     for kind, recall in (("flat", 1.0), ("ivf", 0.9), ("ivfpq", 0.8)):
@@ -299,8 +295,7 @@ def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
     _vector_dir(directory, _clustered(3000, 64, 1))  # new vectors: the saved index is stale
     index, _, params = open_index(directory, "train", "flat")
     assert saved.stat().st_mtime_ns == stamp  # only the kind asked for is rebuilt
-    fresh = np.concatenate([pq.read_table(p).column("vector").to_numpy(zero_copy_only=False).tolist()
-                            for p in sorted((directory / "train").glob("shard-*.parquet"))]).astype(np.float32)
+    fresh = load_vectors(directory, "train")[1]
     np.testing.assert_allclose(best_alignment(index, params, fresh[:1], fetch=1, directory=directory), (fresh @ fresh[0]), rtol=1e-5, atol=1e-6)
     (directory / "index/train.flat.faiss").write_bytes(b"not an index")  # damaged: rebuilt, not read
     index, _, params = open_index(directory, "train", "flat")
@@ -318,3 +313,23 @@ def test_wide_vectors_are_read_in_smaller_batches(store, monkeypatch):
     chunks = list(index.iter_vectors(directory, "train"))
     assert [len(c) for c in chunks] == [2, 2, 2]
     np.testing.assert_array_equal(np.concatenate(chunks), whole)
+
+
+def test_vectors_of_format_version_1_stores_read_as_before(tmp_path):
+    """Stores written before format version 2 hold vectors as fixed-size lists of floats; they read
+    exactly as the fixed-size binary vectors of version 2 do."""
+    from gradsel.index import load_vectors, vector_dim
+
+    v = _clustered(50, 8, 3)
+    ids = [f"p{i}" for i in range(50)]
+    element = pa.field("element", pa.float16(), nullable=False)
+    old_schema = pa.schema([("problem_id", pa.string()), ("vector", pa.list_(element, 8)), ("norm", pa.float64()),
+                            ("target_dot", pa.float64())])
+    write_shard(tmp_path / "old/train", 0, pa.table({
+        "problem_id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), 8),
+        "norm": np.ones(50), "target_dot": pa.nulls(50, pa.float64())}).cast(old_schema))
+    write_shard(tmp_path / "new/train", 0, vectors_table(ids, v, np.ones(50)))
+    old, new = (load_vectors(tmp_path / d, "train") for d in ("old", "new"))
+    assert old[0] == new[0] == ids and vector_dim(tmp_path / "old", "train") == vector_dim(tmp_path / "new", "train") == 8
+    np.testing.assert_array_equal(old[1], new[1])
+    np.testing.assert_array_equal(new[1], v.astype(np.float32))
