@@ -4,7 +4,7 @@
 
 Reads the store's rollouts, computes the exact validation gradient G_V (batch aggregation), and
 prints, for each cap on the alignment's multiply-adds and each rounding of the ranks
-(gradients.low_rank_target), the share of the exact alignment's work it uses, the ranks it
+(gradients.truncate_validation_gradient), the share of the exact alignment's work it uses, the ranks it
 keeps, and the Spearman correlation of the candidates' dot products <g_p, truncated G_V> with
 the exact <g_p, G_V>, over the candidates whose exact dot is non-zero. Same pass, same sketch, so the truncation is the only difference.
 If the store was also scored with `--feature exact --modules '\.layers\.\d+\.'`, it prints the
@@ -51,8 +51,8 @@ def main() -> None:
     import numpy as np
 
     from gradsel.demo import spearman
-    from gradsel.gradients import (LowRank, alignment_cost, groups_from_table, low_rank_target, make_spec,
-                                   projected_features, target_gradient)
+    from gradsel.gradients import (LowRank, alignment_cost, groups_from_table, truncate_validation_gradient, make_spec,
+                                   projected_features, validation_gradient)
     from gradsel.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm("tiny-arith")
@@ -60,8 +60,8 @@ def main() -> None:
     train = groups_from_table(read_split(args.store, "train"), "grpo")
     val = groups_from_table(read_split(args.store, "val"), "grpo")
     spec = make_spec(model, feature="projected", modules=None, sketch=(16, 16), seed=0, dtype="float32")
-    target = target_gradient(model, val, spec.modules, **kw)
-    features, exact = projected_features(model, train, spec, target=target, **kw)
+    val_grad = validation_gradient(model, val, spec.modules, **kw)
+    features, exact = projected_features(model, train, spec, val_grad=val_grad, **kw)
     live = exact != 0
     norms = np.linalg.norm(features, axis=1)
     full_cos = exact_cosines(args.store, [g.problem_id for g in train])
@@ -69,9 +69,9 @@ def main() -> None:
     rows = [("exact G_V", 1.0, "all", exact)]
     for cap in args.caps:
         for tile in args.tiles:
-            low = low_rank_target(target, max_cost=cap, tile=tile)
+            low = truncate_validation_gradient(val_grad, max_cost=cap, tile=tile)
             ranks = [t.out_factor.shape[1] for t in low if isinstance(t, LowRank)]
-            _, dots = projected_features(model, train, spec, target=low, **kw)
+            _, dots = projected_features(model, train, spec, val_grad=low, **kw)
             rows.append((f"{cap:g}, tile {tile}", alignment_cost(low), f"{min(ranks)}-{max(ranks)}", dots))
     print("| cap, tile | share used | ranks kept | Spearman of the dots | Spearman of the cosines vs exact feature |")
     print("| --- | ---: | --- | ---: | ---: |")

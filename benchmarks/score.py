@@ -90,8 +90,8 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
     import torch
 
     from gradsel.gradients import (_batch_tensors, _weighted_nll, alignment_cost, exact_parameters,
-                                   exact_problem_gradient, head_features, low_rank_target, make_spec, pack_batches,
-                                   projected_features, target_gradient)
+                                   exact_problem_gradient, head_features, truncate_validation_gradient, make_spec, pack_batches,
+                                   projected_features, validation_gradient)
 
     torch.manual_seed(0)
     model, groups, n_tokens = workload(model_name, n_problems, k)
@@ -99,21 +99,21 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
     spec = make_spec(model, feature="head" if arm == "head" else "projected", modules=None, sketch=(16, 16),
                      seed=0, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    target, extra = None, {}
+    val_grad, extra = None, {}
     if arm in ("projected", "exact-align"):
         # the same packing budget as the pass itself, as `gradsel score` does; a validation set of
         # 8 problems. The default (`--alignment sketch`) computes none of this.
         t = time.perf_counter()
-        target = target_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0,
+        val_grad = validation_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0,
                                  max_tokens=budget, device=device)
         sync()
         extra["target_s"] = time.perf_counter() - t
-        extra["target_mib"] = sum(g.numel() * g.element_size() for g in target) / 2**20
+        extra["target_mib"] = sum(g.numel() * g.element_size() for g in val_grad) / 2**20
         if arm == "projected":
             t = time.perf_counter()
-            target = low_rank_target(target)
+            val_grad = truncate_validation_gradient(val_grad)
             extra["svd_s"] = time.perf_counter() - t
-            extra["alignment_cost"] = alignment_cost(target)
+            extra["alignment_cost"] = alignment_cost(val_grad)
 
     def once():
         if arm == "train":
@@ -125,7 +125,7 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
                 _weighted_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, weights).backward()
         elif arm in ("projected", "exact-align", "sketch"):
             projected_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
-                               target=target, device=device)
+                               val_grad=val_grad, device=device)
         elif arm == "head":
             head_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
                           device=device)

@@ -361,8 +361,8 @@ def select_cmd(
     seed: SelectSeedOpt = 0,
 ) -> None:
     """Emit the best problems for the next round, unchanged, in the trainer's format."""
-    from gradsel.rounds import latest_round_store, record_selection
-    from gradsel.select import SelectConfig, parse_band, parse_weights, select, write_selection
+    from gradsel.rounds import latest_round_store, select_emit_record
+    from gradsel.select import SelectConfig, parse_band, parse_weights
     from gradsel.store import existing_store
 
     console.protect_stdout()
@@ -371,11 +371,9 @@ def select_cmd(
                        balance_weights=parse_weights(balance_weights) if balance_weights else None, diverse=diverse,
                        target=target, index=index, seed=seed, allow_fewer=allow_fewer)
     round_store = latest_round_store(store)
-    st = existing_store(round_store)
+    existing_store(round_store)  # a clear error where no store is
     _check_output(out, fmt, force)
-    selection = select(st, cfg)
-    n = write_selection(st, selection, fmt=fmt, out=out, annotate=annotate, force=force)
-    record_selection(store, round_store, selection.problem_ids)
+    selection, n = select_emit_record(store, round_store, cfg, fmt=fmt, out=out, annotate=annotate, force=force)
     console.info(f"selected {n} of {selection.eligible} eligible problems ({mode}) -> {'stdout' if out == '-' else out}")
 
 
@@ -408,9 +406,9 @@ def refresh(
     seed: SelectSeedOpt = 0,
 ) -> None:
     """Next round: snapshot the new checkpoint, score the next chunk, select, emit."""
-    from gradsel.rounds import record_selection, refresh as refresh_round, round_dir
-    from gradsel.select import SelectConfig, select, write_selection
-    from gradsel.store import Store, writer_lock
+    from gradsel.rounds import refresh as refresh_round, round_dir, select_emit_record
+    from gradsel.select import SelectConfig
+    from gradsel.store import writer_lock
 
     console.protect_stdout()
     wants_selection = top_k is not None or ratio is not None
@@ -423,10 +421,8 @@ def refresh(
                                       force=force, restart_round=restart_round)
     summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
     if wants_selection:
-        st = Store(round_dir(store, index))
-        selection = select(st, cfg)
-        write_selection(st, selection, fmt=fmt, out=out, annotate=False, force=force)
-        record_selection(store, st.root, selection.problem_ids)
+        selection, _ = select_emit_record(store, round_dir(store, index), cfg, fmt=fmt, out=out, annotate=False,
+                                          force=force)
         summary["selected"] = len(selection.problem_ids)
     if out != "-" or not wants_selection:
         _emit_json(summary)

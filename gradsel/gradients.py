@@ -397,22 +397,22 @@ def _require_grad(y):
     return y if y.requires_grad else y.requires_grad_(True).clone()
 
 
-def _unit_target(t):
-    """A unit's alignment target as the hooks use it: None where there is nothing to align
-    (no target, or a LowRank of rank 0, which adds nothing to the dot)."""
+def _unit_val_grad(t):
+    """A unit's validation gradient as the hooks use it: None where there is nothing to align
+    (no validation gradient, or a LowRank of rank 0, which adds nothing to the dot)."""
     return None if isinstance(t, LowRank) and t.in_factor.shape[1] == 0 else t
 
 
 def _token_observer(m_idx, r_in, r_out, acc, dots, blocks):
-    """For units that see flattened tokens (routers, experts): observe(x, y, slots, sign, target)
+    """For units that see flattened tokens (routers, experts): observe(x, y, slots, sign, val_grad)
     adds sum over each problem's tokens of sign (R_out^T delta_t)(R_in^T x_t)^T into acc[:, m_idx],
-    and <delta_t x_t^T, target> into dots, for x (n, d_in), the unit's output y (n, d_out) and
+    and <delta_t x_t^T, val_grad> into dots, for x (n, d_in), the unit's output y (n, d_out) and
     slots (n,) (-1 on padding, where delta_t is 0). Returns y, tracked by autograd."""
-    def observe(x, y, slots, sign=1.0, target=None):
-        target = _unit_target(target)
+    def observe(x, y, slots, sign=1.0, val_grad=None):
+        val_grad = _unit_val_grad(val_grad)
         x = x.detach().float()
         x_proj = x @ r_in  # (n, blocks * k_in)
-        x_low = x @ target.in_factor if isinstance(target, LowRank) else None  # (n, r)
+        x_low = x @ val_grad.in_factor if isinstance(val_grad, LowRank) else None  # (n, r)
         index = slots.clamp(min=0)
         real = (slots >= 0).unsqueeze(-1)
 
@@ -420,9 +420,9 @@ def _token_observer(m_idx, r_in, r_out, acc, dots, blocks):
             grad = grad.float() * real  # (n, d_out)
             acc[:, m_idx].index_add_(0, index, block_outer((grad @ r_out) * sign, x_proj, blocks))
             if x_low is not None:
-                dots.index_add_(0, index, ((grad @ target.out_factor) * x_low).sum(-1).double())
-            elif target is not None:
-                dots.index_add_(0, index, (grad * (x @ target.T)).sum(-1).double())
+                dots.index_add_(0, index, ((grad @ val_grad.out_factor) * x_low).sum(-1).double())
+            elif val_grad is not None:
+                dots.index_add_(0, index, (grad * (x @ val_grad.T)).sum(-1).double())
 
         y = _require_grad(y)
         y.register_hook(grad_hook)
@@ -477,9 +477,9 @@ def _token_major(shape, slots_shape) -> bool:
 
 
 @contextmanager
-def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, signs, target=None, dots=None):
+def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, signs, val_grad=None, dots=None):
     """Hooks that project x_t and delta_t of each unit and add the outer products into
-    acc[slot, unit] (n_slots, n_units, k_out * k_in). With a target per unit, they also add
+    acc[slot, unit] (n_slots, n_units, k_out * k_in). With a validation gradient per unit, they also add
     <delta_t x_t^T, G_V> into dots[slot]: exactly, delta_t . (G_V x_t), for a (d_out, d_in)
     tensor; as (B^T delta_t) . (A^T x_t) for a LowRank G_V ~= B A^T, where, for a Linear, the
     factors ride along with the projections in the same two matmuls. Always removed on exit.
@@ -492,8 +492,8 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
     handles, patched = [], {}
 
     def linear_hook(m_idx, r_in, r_out):
-        unit_target = _unit_target(target[m_idx]) if target is not None else None
-        low_rank = unit_target if isinstance(unit_target, LowRank) else None
+        unit_val_grad = _unit_val_grad(val_grad[m_idx]) if val_grad is not None else None
+        low_rank = unit_val_grad if isinstance(unit_val_grad, LowRank) else None
         k_in, k_out = r_in.shape[1], r_out.shape[1]  # blocks * k_in, blocks * k_out
         if low_rank is not None:  # (d_in, blocks k_in + r) and (d_out, blocks k_out + r)
             r_in = torch.cat([r_in, low_rank.in_factor], dim=1)
@@ -515,7 +515,7 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
                 x_proj, x_low = x_proj[..., :k_in], x_proj[..., k_in:]
             # With frozen weights autograd keeps no x for weight gradients; the exact alignment
             # holds the (shared) view until backward, where G_V x_t is formed and dropped.
-            x_held = x if unit_target is not None and low_rank is None else None
+            x_held = x if unit_val_grad is not None and low_rank is None else None
 
             def grad_hook(grad):
                 grad = grad.float().reshape(*slots.shape, -1)  # a no-op in float32; one copy in bfloat16
@@ -529,7 +529,7 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
                                        x_proj.reshape(B, T, blocks, -1))
                 acc[:, m_idx].index_add_(0, row_slot, per_row.reshape(B, -1))
                 if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
-                    gx = x_held.float() @ unit_target.T  # (B, T, d_out)
+                    gx = x_held.float() @ unit_val_grad.T  # (B, T, d_out)
                     dots.index_add_(0, row_slot, ((grad * gx).sum(-1) * real[..., 0]).sum(-1).double())
 
             output = _require_grad(output)
@@ -550,7 +550,7 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
                     or x.shape[0] != slots_ref[0].numel():
                 raise GradselError(f"router {units[m_idx].name} ({type(module).__name__}) does not return its "
                                    "per-token logits first", "exclude it with --modules")
-            observe(x, logits, slots_ref[0].reshape(-1), target=None if target is None else target[m_idx])
+            observe(x, logits, slots_ref[0].reshape(-1), val_grad=None if val_grad is None else val_grad[m_idx])
             return output
 
         return pre_hook, forward_hook
@@ -567,7 +567,7 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
         else:  # experts: expert e's delta is signed by signs[m_idx][e] (expert_signs)
             def expert_observer(e, x, y, slots, observe=observe, m_idx=m_idx):
                 return observe(x, y, slots, sign=float(signs[m_idx][e]),
-                               target=None if target is None else target[m_idx][e])
+                               val_grad=None if val_grad is None else val_grad[m_idx][e])
             patched.setdefault(unit.module, {})[unit.param] = expert_observer
     for module, observers in patched.items():
         module.forward = partial(_fused_experts_forward, module, observers=observers, slots_ref=slots_ref)
@@ -582,12 +582,12 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
 
 def projected_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
                        pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None,
-                       target: list | None = None):
+                       val_grad: list | None = None):
     """(n_problems, spec.dim) float32 array of projected gradients; zero rows for zero advantage.
 
-    With `target` (per unit, the validation gradient: a (d_out, d_in) tensor or its LowRank
+    With `val_grad` (per unit, the validation gradient: a (d_out, d_in) tensor or its LowRank
     factors; for experts, one of those per expert), also returns the inner products
-    <g_p, target> (float64), computed in the same pass.
+    <g_p, val_grad> (float64), computed in the same pass.
     """
     import torch
 
@@ -600,7 +600,7 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
     for p in model.parameters():
         p.requires_grad_(False)
     head_hooked = any(u.module is model.get_output_embeddings() for u in units)
-    with _capture(units, projections, acc, slots_ref, spec.blocks, signs, target, dots):
+    with _capture(units, projections, acc, slots_ref, spec.blocks, signs, val_grad, dots):
         for batch in pack_batches(groups, loss_agg, max_tokens):
             ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
             slots_ref[0] = slots
@@ -608,10 +608,10 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
             if progress:
                 progress(len(batch), int(mask.sum()))
     features = acc.reshape(len(groups), -1).cpu().numpy()
-    return (features, dots.cpu().numpy()) if target is not None else features
+    return (features, dots.cpu().numpy()) if val_grad is not None else features
 
 
-def target_gradient(model, groups: Sequence[ProblemRollouts], module_names: Sequence[str], *, loss_agg: str,
+def validation_gradient(model, groups: Sequence[ProblemRollouts], module_names: Sequence[str], *, loss_agg: str,
                     pad_id: int, device: str = "cpu", max_tokens: int = 8192, scales: Sequence[float] | None = None):
     """The exact gradient of sum_p scale_p * L_p for each unit's weight ((d_out, d_in), or
     (n_experts, d_out, d_in) for experts), scaled to unit Frobenius norm over all units together:
@@ -637,7 +637,7 @@ def target_gradient(model, groups: Sequence[ProblemRollouts], module_names: Sequ
 
 @dataclass(frozen=True)
 class LowRank:
-    """A module's target gradient as G ~= out_factor @ in_factor.T: (d_out, r) and (d_in, r)."""
+    """A module's validation gradient as G ~= out_factor @ in_factor.T: (d_out, r) and (d_in, r)."""
 
     out_factor: object
     in_factor: object
@@ -662,15 +662,15 @@ LOW_RANK_MAX_COST = 1 / 32
 LOW_RANK_TILE = 16
 
 
-def _matrices(target: Sequence) -> list:
-    """A per-unit target as one entry per matrix: an expert stack, a (n_experts, d_out, d_in)
+def _matrices(val_grad: Sequence) -> list:
+    """A per-unit validation gradient as one entry per matrix: an expert stack, a (n_experts, d_out, d_in)
     tensor or a list of per-expert entries, gives one per expert."""
-    return [m for t in target for m in (t if isinstance(t, list) or getattr(t, "ndim", 2) == 3 else [t])]
+    return [m for t in val_grad for m in (t if isinstance(t, list) or getattr(t, "ndim", 2) == 3 else [t])]
 
 
-def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
+def truncate_validation_gradient(val_grad: Sequence, residual: float = LOW_RANK_RESIDUAL,
                     max_cost: float = LOW_RANK_MAX_COST, tile: int = LOW_RANK_TILE) -> list:
-    """Truncate the target gradient by SVD, with the ranks chosen over all matrices at once.
+    """Truncate the validation gradient by SVD, with the ranks chosen over all matrices at once.
 
     The singular components of every matrix (each expert's its own) are taken in order of
     sigma^2 / (d_out + d_in), the squared norm a component keeps per multiply-add per token, until
@@ -684,7 +684,7 @@ def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
     """
     import torch
 
-    matrices = _matrices(target)
+    matrices = _matrices(val_grad)
     # singular values on the CPU, whatever the device: the choice is bookkeeping over small vectors;
     # the singular vectors come later, only where a rank is kept
     spectra = [torch.linalg.svdvals(m.double()).cpu() for m in matrices]
@@ -708,15 +708,15 @@ def low_rank_target(target: Sequence, residual: float = LOW_RANK_RESIDUAL,
         return LowRank((u[:, :rank] * s[:rank]).to(m.dtype), vh[:rank].T.contiguous().to(m.dtype))
 
     truncated = iter([truncate(m, r) for m, r in zip(matrices, ranks)])
-    return [[next(truncated) for _ in g] if g.dim() == 3 else next(truncated) for g in target]
+    return [[next(truncated) for _ in g] if g.dim() == 3 else next(truncated) for g in val_grad]
 
 
-def alignment_cost(target: Sequence) -> float:
-    """Multiply-adds per token of aligning against `target` (low_rank_target's output), as a share
+def alignment_cost(val_grad: Sequence) -> float:
+    """Multiply-adds per token of aligning against `val_grad` (truncate_validation_gradient's output), as a share
     of the exact alignment's: r (d_out + d_in) for a LowRank matrix, d_out d_in for a full one."""
     import torch
 
-    matrices = _matrices(target)
+    matrices = _matrices(val_grad)
     used = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.numel() + t.in_factor.numel()
                for t in matrices)
     full = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.shape[0] * t.in_factor.shape[0]

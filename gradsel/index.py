@@ -97,7 +97,7 @@ def iter_vectors(directory: Path, split: str, reuse: bool = False) -> Iterator[n
             with warnings.catch_warnings():  # a read-only view of the file's bytes: torch only reads it
                 warnings.simplefilter("ignore", UserWarning)
                 source = torch.from_numpy(np.ascontiguousarray(stored, dtype=stored.dtype.newbyteorder("=")))
-            # torch converts float16 with the CPU's F16C instructions, on every thread: 6x numpy's astype.
+            # torch converts float16 with the CPU's F16C instructions, on every thread (docs/benchmarks.md).
             torch.from_numpy(out).copy_(source)
             yield out
         del f

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsel.errors import GradselError
+from gradsel.fsutil import file_sha256
 
 
 
@@ -206,7 +207,7 @@ def read_problems(path: str | Path, *, prompt_key: str | None = None,
         raise _file_error(path, f"{label}{'s' if len(lines) > 1 else ''} {shown}: {message}",
                           "fix those rows, or point --prompt-key/--answer-key at the right columns")
     return ProblemSet(path=path.resolve(), format=fmt, problems=problems,
-                      content_hash=hashlib.sha256(path.read_bytes()).hexdigest())
+                      content_hash=file_sha256(path))
 
 
 def _check_columns(path: Path, first_row: dict, prompt_key: str | None, answer_key: str | None) -> None:

@@ -209,6 +209,19 @@ def _check_vocabulary(root: Path, manifest: dict, model: str) -> None:
                            "(`gradsel score --chunk-size M ...`)")
 
 
+def select_emit_record(store_dir: Path, round_store: Path, cfg, *, fmt: str, out: str, annotate: bool,
+                       force: bool):
+    """Select from a round's store (or a plain store), write the subset, and record the choice
+    for `refresh`: what `select` and `refresh` both do. Returns (Selection, rows written)."""
+    from gradsel.select import select, write_selection
+
+    st = Store(Path(round_store))
+    selection = select(st, cfg)
+    written = write_selection(st, selection, fmt=fmt, out=out, annotate=annotate, force=force)
+    record_selection(store_dir, round_store, selection.problem_ids)
+    return selection, written
+
+
 def record_selection(store_dir: Path, round_store: Path, selected_ids: list[str]) -> None:
     """Remember which problems a round's selection took (selection.json) and update the history."""
     import errno

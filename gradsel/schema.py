@@ -79,10 +79,9 @@ def vectors_schema(dim: int, dtype: str = "float16") -> pa.Schema:
 
     The direction is one fixed-size binary value per row: `dim` little-endian floats of `dtype`,
     which the field's metadata names. Parquet stores it as one fixed-length byte array a row, so
-    reading a shard is a copy and a view: a 65,536 x 2,048 float16 shard reads in 0.05 s, against
-    0.5-2 s for the fixed-size list of floats stores made before format version 2, which Parquet
-    keeps as a list with levels for each of its 134M elements (docs/benchmarks.md). Those read as
-    they did (`stored_vectors`)."""
+    reading a shard is a copy and a view, where the fixed-size list of floats of stores made
+    before format version 2 made Parquet decode levels for every element (docs/store.md). Those
+    read as they did (`stored_vectors`)."""
     if dtype not in VECTOR_DTYPES:
         raise ValueError(f"vector dtype {dtype!r}: choose one of {VECTOR_DTYPES}")
     vector = pa.field("vector", pa.binary(dim * np.dtype(dtype).itemsize), nullable=False,
@@ -125,9 +124,8 @@ def stored_vectors(column, field: pa.Field) -> np.ndarray:
 
 # How vector shards are written: without dictionary encoding or compression, in row groups of
 # about 64 MiB. Gradient entries neither repeat nor compress, and Parquet tries a dictionary of
-# every float16 before falling back; written plainly, a 65,536 x 2,048 shard reads 5x faster
-# (0.7 s instead of 3.9 s). A reader decodes a whole row group at once: one per shard would be
-# 1 GiB at 8,192 dimensions.
+# every value before falling back (docs/store.md). A reader decodes a whole row group at once:
+# one per shard would be 1 GiB at 8,192 dimensions.
 VECTOR_PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none"}
 VECTOR_ROW_GROUP_BYTES = 64 * 2**20
 

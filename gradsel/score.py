@@ -1,4 +1,4 @@
-"""The scoring stage: per-problem gradient features, the validation target, and alignment scores.
+"""The scoring stage: per-problem gradient features, the validation gradient, and alignment scores.
 
 Store layout under `features/<feature id>/` (a digest of the projector spec and the loss,
 validation and alignment options):
@@ -28,8 +28,8 @@ from gradsel.errors import GradselError
 from gradsel.rewards import judge_consistency
 from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE,
                                ProjectorSpec, exact_parameters, exact_problem_gradient, group_advantages,
-                               groups_from_table, head_features, low_rank_target, make_spec, projected_features,
-                               target_gradient, zero_validation_gradient)
+                               groups_from_table, head_features, truncate_validation_gradient, make_spec, projected_features,
+                               validation_gradient, zero_validation_gradient)
 from gradsel.index import iter_vectors, load_vectors
 from gradsel.store import write_shard
 
@@ -55,7 +55,7 @@ class ScoreConfig:
     # <g_p, g_V> for the projected feature. sketch (the default): from the projected vectors, all
     # the default selection reads; in the hooked pass, for `select --target mean` modes: exact,
     # against the full validation gradient, or lowrank, against its SVD truncation
-    # (gradients.low_rank_target). Both of those hold a full validation gradient.
+    # (gradients.truncate_validation_gradient). Both of those hold a full validation gradient.
     alignment: str = "sketch"
 
     def validate(self) -> None:
@@ -100,17 +100,17 @@ def _unit(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (vectors / safe[:, None]).astype(np.float32), norms
 
 
-def validation_target(unit_vectors: np.ndarray, norms: np.ndarray, val_agg: str) -> np.ndarray:
+def validation_direction(unit_vectors: np.ndarray, norms: np.ndarray, val_agg: str) -> np.ndarray:
     """The unit validation direction: normalised sum of gradients (`batch`) or normalised mean
     of the per-problem unit gradients (`mean-normalized`)."""
     if val_agg == "batch":
-        target = (unit_vectors.astype(np.float64) * norms[:, None]).sum(axis=0)
+        direction = (unit_vectors.astype(np.float64) * norms[:, None]).sum(axis=0)
     else:
-        target = unit_vectors[norms > 0].astype(np.float64).sum(axis=0)
-    n = np.linalg.norm(target)
+        direction = unit_vectors[norms > 0].astype(np.float64).sum(axis=0)
+    n = np.linalg.norm(direction)
     if n == 0:
         raise zero_validation_gradient()
-    return target / n
+    return direction / n
 
 
 def score_stage(store, *, model_path: Path, model_hash: str, train, val,
@@ -170,21 +170,21 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         val_cos = np.zeros(len(val_groups))
     elif cfg.alignment in ("exact", "lowrank"):
         # Vectors from the sketch (for the index); alignment against the full g_V or its truncation,
-        # in the same pass. Every part computes the (small) validation target itself.
+        # in the same pass. Every part computes the (small) validation gradient itself.
         val_groups = groups_from_table(val.table(), cfg.adv)
         split.make(stage / "val", val, "val")
         norms_val, _ = _stored_norms(stage / "val", val.n_shards)
         scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
-        target = target_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=pad_id,
+        val_grad = validation_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=pad_id,
                                  device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales)
         if cfg.alignment == "lowrank":
-            target = low_rank_target(target)
-        split.make(stage / "train", train, "train", target=target, part=part)
+            val_grad = truncate_validation_gradient(val_grad)
+        split.make(stage / "train", train, "train", val_grad=val_grad, part=part)
         if part is not None:
             return None, spec
         norms_train, dots = _stored_norms(stage / "train", train.n_shards)
         _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=pad_id,
-                                         device=device, max_tokens=cfg.max_tokens_per_batch, target=target)
+                                         device=device, max_tokens=cfg.max_tokens_per_batch, val_grad=val_grad)
         cos = _safe_div(dots, norms_train)
         val_cos = _safe_div(val_dots, norms_val)
     else:
@@ -195,7 +195,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
             return None, spec
         norms_val, _ = _stored_norms(stage / "val", val.n_shards)
         _, unit_val = load_vectors(stage, "val")
-        direction = validation_target(unit_val, norms_val, cfg.val_agg)
+        direction = validation_direction(unit_val, norms_val, cfg.val_agg)
         # The candidates' vectors are streamed, a few hundred MB at a time, never held whole.
         cos = np.concatenate([v.astype(np.float64) @ direction for v in iter_vectors(stage, "train")])
         norms_train, _ = _stored_norms(stage / "train", train.n_shards)
@@ -227,8 +227,8 @@ class _FeatureSplit:
     def __init__(self, model, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int, device: str) -> None:
         self.model, self.spec, self.cfg, self.pad_id, self.device = model, spec, cfg, pad_id, device
 
-    def make(self, directory: Path, rollouts, label: str, target=None, part=None) -> None:
-        """Feature shard i from rollout shard i, for every shard (of `part`) not done yet; `target`:
+    def make(self, directory: Path, rollouts, label: str, val_grad=None, part=None) -> None:
+        """Feature shard i from rollout shard i, for every shard (of `part`) not done yet; `val_grad`:
         also store each problem's exact dot with it (`target_dot`)."""
         from gradsel.store import shard_done, shard_lock
 
@@ -254,10 +254,10 @@ class _FeatureSplit:
                     source = rollouts.checksum(i)
                     if not shard_done(directory, i, source=source):  # else made while this process waited
                         groups = groups_from_table(rollouts.shard(i), cfg.adv)
-                        kwargs = {"target": target} if target is not None else {}
+                        kwargs = {"val_grad": val_grad} if val_grad is not None else {}
                         out = compute(self.model, groups, spec, loss_agg=cfg.loss_agg, pad_id=self.pad_id,
                                       device=self.device, max_tokens=cfg.max_tokens_per_batch, progress=tick, **kwargs)
-                        write_shard(directory, i, self._table(groups, *(out if target is not None else (out, None))),
+                        write_shard(directory, i, self._table(groups, *(out if val_grad is not None else (out, None))),
                                     source=source)
                 bar.advance(task, rollouts.problems_in(i))
 
@@ -269,7 +269,7 @@ class _FeatureSplit:
 
 
 def _stored_norms(directory: Path, n_shards: int) -> tuple[np.ndarray, np.ndarray]:
-    """(norms, target dots) of a split's feature shards, without reading the vectors; the dots
+    """(norms, validation-gradient dots) of a split's feature shards, without reading the vectors; the dots
     are NaN where none was stored."""
     import pyarrow.parquet as pq
 
@@ -284,7 +284,7 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
     """The reference algorithm: full gradients, one backward pass per problem, full-vector dots."""
     params = exact_parameters(model, spec.modules)
     val_norms = []
-    target = None
+    val_grad = None
     with console.progress() as bar:
         task = bar.add_task("exact gradients", total=len(val_groups) + len(train_groups), rate="")
         for g in val_groups:
@@ -292,15 +292,15 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
             n = float(grad.norm())
             val_norms.append(n)
             contrib = grad if cfg.val_agg == "batch" else (grad / n if n > 0 else grad)
-            target = contrib if target is None else target + contrib
+            val_grad = contrib if val_grad is None else val_grad + contrib
             bar.advance(task)
-        if target is None or float(target.norm()) == 0:
+        if val_grad is None or float(val_grad.norm()) == 0:
             raise zero_validation_gradient()
-        target = target / target.norm()
+        val_grad = val_grad / val_grad.norm()
         dots, norms = [], []
         for g in train_groups:
             grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device).double()
-            dots.append(float(grad @ target))
+            dots.append(float(grad @ val_grad))
             norms.append(float(grad.norm()))
             bar.advance(task)
     model.zero_grad(set_to_none=True)

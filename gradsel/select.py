@@ -434,7 +434,7 @@ def _parquet_bytes(table) -> bytes:
 
 def _source_file(store, manifest: dict) -> Path:
     """The candidates' original file, checked against the hash recorded when it was read."""
-    import hashlib
+    from gradsel.fsutil import file_sha256
 
     info = (manifest.get("rollouts") or {}).get("train")
     if not info:
@@ -442,7 +442,7 @@ def _source_file(store, manifest: dict) -> Path:
     path = Path(info["problems_file"])
     if not path.is_file():
         raise GradselError(f"the pool file {path} is gone", "restore it: selection emits its original rows")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != info["problems_sha256"]:
+    if file_sha256(path) != info["problems_sha256"]:
         raise GradselError(f"the pool file {path} changed since it was scored",
                            "restore the scored version, or rescore into a new store")
     return path

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradsel.errors import GradselError
-from gradsel.fsutil import atomic_write_json, atomic_write_table
+from gradsel.fsutil import atomic_write_json, atomic_write_table, file_sha256
 
 # 2: vectors as one fixed-size binary value per row (schema.vectors_schema). Version 1 stores,
 # with vectors as fixed-size lists, are read as they are; a store written to becomes version 2.
@@ -123,20 +123,12 @@ def _shard_paths(stage: Path, index: int) -> tuple[Path, Path]:
     return data, shard_marker(data)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(2**20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_shard(stage: Path, index: int, table, source: str | None = None) -> None:
     """Write shard `index` and then its marker. `source`: the checksum of the shard it was made
     from (a feature shard's rollout shard), which shard_done checks."""
     data, marker = _shard_paths(stage, index)
     atomic_write_table(data, table)
-    atomic_write_json(marker, {"rows": table.num_rows, "sha256": _file_sha256(data)}
+    atomic_write_json(marker, {"rows": table.num_rows, "sha256": file_sha256(data)}
                       | ({"source": source} if source else {}))
 
 
@@ -148,7 +140,7 @@ def shard_done(stage: Path, index: int, source: str | None = None) -> bool:
         return False
     try:
         expected = json.loads(marker.read_text())
-        ok = data.is_file() and _file_sha256(data) == expected["sha256"]
+        ok = data.is_file() and file_sha256(data) == expected["sha256"]
         ok = ok and (source is None or expected.get("source") == source)
     except (json.JSONDecodeError, KeyError, OSError):
         ok = False

@@ -204,27 +204,27 @@ def test_moe_units_hooked_alone_are_exact(modules):
 def test_moe_alignment_equals_full_gradient_dot():
     """Against a Qwen2-MoE validation gradient: the exact alignment equals the full-gradient dot,
     and the per-expert low-rank one equals the exact alignment against its truncated matrices."""
-    from gradsel.gradients import LowRank, low_rank_target, target_gradient
+    from gradsel.gradients import LowRank, truncate_validation_gradient, validation_gradient
 
     model = tiny_moe("qwen2_moe")
     groups = toy_groups(seed=5, n_problems=6, vocab=32)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
-    target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
-    exact = [sum(float((G * t.double()).sum()) for (_, G), t in zip(exact_unit_gradients(model, g, spec), target))
+    val_grad = validation_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
+    exact = [sum(float((G * t.double()).sum()) for (_, G), t in zip(exact_unit_gradients(model, g, spec), val_grad))
              for g in groups]
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
-    _, dots = projected_features(model, groups, spec, target=target, **kw)
+    _, dots = projected_features(model, groups, spec, val_grad=val_grad, **kw)
     np.testing.assert_allclose(dots, exact, rtol=1e-4, atol=1e-9)
     assert np.count_nonzero(dots) == sum(not g.zero_advantage for g in groups)
 
     def dense(t):
         return t.out_factor @ t.in_factor.T if isinstance(t, LowRank) else t
 
-    low = low_rank_target(target, residual=0.01, max_cost=1 / 4, tile=1)
+    low = truncate_validation_gradient(val_grad, residual=0.01, max_cost=1 / 4, tile=1)
     assert any(isinstance(e, LowRank) and e.out_factor.shape[1] > 0 for t in low if isinstance(t, list) for e in t)
     truncated = [torch.stack([dense(e) for e in t]) if isinstance(t, list) else dense(t) for t in low]
-    _, dots_low = projected_features(model, groups, spec, target=low, **kw)
-    _, dots_truncated = projected_features(model, groups, spec, target=truncated, **kw)
+    _, dots_low = projected_features(model, groups, spec, val_grad=low, **kw)
+    _, dots_truncated = projected_features(model, groups, spec, val_grad=truncated, **kw)
     np.testing.assert_allclose(dots_low, dots_truncated, rtol=1e-4, atol=1e-9)
 
 
@@ -239,15 +239,15 @@ def test_same_seed_same_vectors_other_seed_other_vectors():
 
 
 def test_exact_alignment_in_the_hooked_pass_equals_full_gradient_dot():
-    from gradsel.gradients import target_gradient
+    from gradsel.gradients import validation_gradient
 
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=5)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
-    target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
-    assert abs(float(sum((t.double() ** 2).sum() for t in target)) - 1) < 1e-6
-    _, dots = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=30, target=target)
-    flat_target = torch.cat([t.reshape(-1) for t in target]).double()
+    val_grad = validation_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
+    assert abs(float(sum((t.double() ** 2).sum() for t in val_grad)) - 1) < 1e-6
+    _, dots = projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=30, val_grad=val_grad)
+    flat_target = torch.cat([t.reshape(-1) for t in val_grad]).double()
     params = exact_parameters(model, [u.parameter_name for u in resolve_units(model, spec.modules)])
     for g, d in zip(groups, dots):
         exact = float(exact_problem_gradient(model, g, params, loss_agg=LOSS_AGG, pad_id=0).double() @ flat_target)
@@ -258,25 +258,25 @@ def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
     """The factors ride along with the projections: the dots equal the exact hooked pass run
     against the truncated matrices, and the truncation stays within LOW_RANK_MAX_COST of the exact
     alignment's work."""
-    from gradsel.gradients import LOW_RANK_MAX_COST, LowRank, alignment_cost, low_rank_target, target_gradient
+    from gradsel.gradients import LOW_RANK_MAX_COST, LowRank, alignment_cost, truncate_validation_gradient, validation_gradient
 
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=5)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
-    target = target_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
-    assert 0 < alignment_cost(low_rank_target(target, tile=1)) <= LOW_RANK_MAX_COST == 1 / 32
-    low = low_rank_target(target)  # ranks rounded up to whole tiles of 16
+    val_grad = validation_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
+    assert 0 < alignment_cost(truncate_validation_gradient(val_grad, tile=1)) <= LOW_RANK_MAX_COST == 1 / 32
+    low = truncate_validation_gradient(val_grad)  # ranks rounded up to whole tiles of 16
     assert any(isinstance(t, LowRank) and t.out_factor.shape[1] > 0 for t in low)
     assert all(t.out_factor.shape[1] % 16 == 0 for t in low if isinstance(t, LowRank))
-    assert alignment_cost(target) == 1
+    assert alignment_cost(val_grad) == 1
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
     # and a budget so small that some units get rank 0: they add nothing to the dot
-    tiny_budget = low_rank_target(target, max_cost=1 / 256)
+    tiny_budget = truncate_validation_gradient(val_grad, max_cost=1 / 256)
     assert {t.out_factor.shape[1] for t in tiny_budget} == {0, 16}
     for truncated in (low, tiny_budget):
         dense = [lr.out_factor @ lr.in_factor.T if isinstance(lr, LowRank) else lr for lr in truncated]
-        feats_low, dots_low = projected_features(model, groups, spec, target=truncated, **kw)
-        feats_dense, dots_dense = projected_features(model, groups, spec, target=dense, **kw)
+        feats_low, dots_low = projected_features(model, groups, spec, val_grad=truncated, **kw)
+        feats_dense, dots_dense = projected_features(model, groups, spec, val_grad=dense, **kw)
         np.testing.assert_allclose(dots_low, dots_dense, rtol=1e-4, atol=1e-9)
         np.testing.assert_allclose(feats_low, feats_dense, rtol=1e-4, atol=1e-5)  # the same sketch, in a wider matmul
         assert np.count_nonzero(dots_low) == sum(not g.zero_advantage for g in groups)
@@ -290,17 +290,17 @@ def with_spectrum(singular_values, shape=(64, 48), seed=0):
     return (u * torch.tensor(singular_values, dtype=torch.float64)) @ v.T
 
 
-def test_low_rank_target_spends_its_budget_where_the_norm_is():
+def test_truncate_validation_gradient_spends_its_budget_where_the_norm_is():
     """Ranks are chosen over all matrices at once, by squared norm kept per multiply-add: a steep
     spectrum gets the rank it needs before a flat one gets its second component, and each kept
     matrix is the best fit of its rank (Eckart-Young)."""
-    from gradsel.gradients import LowRank, alignment_cost, low_rank_target
+    from gradsel.gradients import LowRank, alignment_cost, truncate_validation_gradient
 
     steep = with_spectrum([10.0, 5.0, 1.0, 0.1, 0.1], seed=1)
     flat = with_spectrum([0.5] * 20, seed=2)
     # room for 4 components of width 64 + 48; one matrix per module, as the hooks see them
     budget = 4 * (64 + 48) / (2 * 64 * 48)
-    low = low_rank_target([steep.float(), flat.float()], residual=1e-6, max_cost=budget, tile=1)
+    low = truncate_validation_gradient([steep.float(), flat.float()], residual=1e-6, max_cost=budget, tile=1)
     assert [t.out_factor.shape[1] for t in low] == [3, 1]  # by sigma^2: 100, 25, 1, then 0.25 over 0.01
     assert alignment_cost(low) == pytest.approx(budget)
     for t, g in zip(low, (steep, flat)):
@@ -309,13 +309,13 @@ def test_low_rank_target_spends_its_budget_where_the_norm_is():
         residual = float((g - t.out_factor.double() @ t.in_factor.double().T).norm())
         assert residual == pytest.approx(float(torch.linalg.svdvals(g)[r:].norm()), rel=1e-4)
     # with budget to spare, the residual rule stops it: all but 5% of the norm of both together
-    low = low_rank_target([steep.float(), flat.float()], residual=0.05, max_cost=1.0, tile=1)
+    low = truncate_validation_gradient([steep.float(), flat.float()], residual=0.05, max_cost=1.0, tile=1)
     kept = [t.out_factor.shape[1] for t in low]
     total = float(steep.norm() ** 2 + flat.norm() ** 2)
     lost = float(sum(torch.linalg.svdvals(g)[r:].square().sum() for g, r in zip((steep, flat), kept)))
     assert lost <= 0.05**2 * total and kept[0] == 3 and 0 < kept[1] < 20
     # ranks fill whole tiles of columns (they cost no more time); a tile past the matrix stops at its rank
-    low = low_rank_target([steep.float(), flat.float(), with_spectrum([1e-3], seed=3).float()],
+    low = truncate_validation_gradient([steep.float(), flat.float(), with_spectrum([1e-3], seed=3).float()],
                           residual=1e-6, max_cost=budget, tile=16)
     assert [t.out_factor.shape[1] for t in low] == [16, 16, 0]
 
@@ -356,13 +356,13 @@ def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_low_rank_target_caps_the_rank_of_an_unstructured_gradient():
+def test_truncate_validation_gradient_caps_the_rank_of_an_unstructured_gradient():
     """A full-rank G_V would need nearly every singular value for a 5% residual; the cap keeps the
     alignment's cost bounded and keeps the top of the spectrum, the best approximation of that rank."""
-    from gradsel.gradients import low_rank_target
+    from gradsel.gradients import truncate_validation_gradient
 
     g = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
-    (low,) = low_rank_target([g], max_cost=1 / 8, tile=1)
+    (low,) = truncate_validation_gradient([g], max_cost=1 / 8, tile=1)
     rank = low.out_factor.shape[1]
     assert rank == int(64 * 48 / 8 / (64 + 48))
     s = torch.linalg.svdvals(g.double())
