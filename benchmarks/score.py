@@ -89,9 +89,9 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
             device: str = "cpu", dtype: str = "float32") -> dict:
     import torch
 
-    from gradsel.gradients import (_batch_tensors, _weighted_nll, alignment_cost, exact_parameters,
-                                   exact_problem_gradient, head_features, truncate_validation_gradient, make_spec, pack_batches,
-                                   projected_features, validation_gradient)
+    from gradsel.gradients import (alignment_cost, exact_parameters, exact_problem_gradient, head_features, make_spec,
+                                   pack_batches, projected_features, truncate_validation_gradient, validation_gradient)
+    from gradsel.gradients.loss import _batch_tensors, _weighted_nll
 
     torch.manual_seed(0)
     model, groups, n_tokens = workload(model_name, n_problems, k)

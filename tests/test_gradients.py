@@ -324,7 +324,7 @@ def test_weighted_nll_is_the_shifted_token_loss():
     """The fused loss equals sum_t w_t * -log softmax(logits_t)[ids_{t+1}], written out."""
     import torch
 
-    from gradsel.gradients import _weighted_nll
+    from gradsel.gradients.loss import _weighted_nll
 
     torch.manual_seed(0)
     logits, ids, w = torch.randn(3, 7, 11), torch.randint(0, 11, (3, 7)), torch.rand(3, 7)
@@ -336,7 +336,7 @@ def test_weighted_nll_is_the_shifted_token_loss():
 
 def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
     """Gathering the response positions before the output layer changes no value and no gradient."""
-    from gradsel.gradients import _batch_tensors, _weighted_nll, pack_batches, policy_loss
+    from gradsel.gradients.loss import _batch_tensors, _weighted_nll, pack_batches, policy_loss
 
     model = load_causal_lm("tiny-arith")
     batch = next(pack_batches(toy_groups(seed=3), LOSS_AGG, 200))

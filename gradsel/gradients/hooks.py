@@ -1,0 +1,265 @@
+"""The projected and head features from forward and backward hooks: one pass over a packed batch
+gives every problem's sketched gradient (and, with a validation gradient, its exact alignment)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import partial
+
+from gradsel.errors import GradselError
+from gradsel.gradients.alignment import LowRank
+from gradsel.gradients.loss import ProblemRollouts, _batch_tensors, _output_layer_sees, pack_batches, policy_loss
+from gradsel.gradients.sketch import ProjectorSpec, block_outer, expert_signs, module_projections
+from gradsel.gradients.units import CaptureUnit, resolve_units
+
+
+# -- projected feature from hooks -----------------------------------------------------------------
+
+def _require_grad(y):
+    """y itself if autograd tracks it; else a tracked copy. At the first hooked units nothing
+    upstream needs a gradient, so backward starts there (skipping the embedding's and their inputs'
+    gradients). The clone keeps the model's own in-place ops off a leaf tensor."""
+    return y if y.requires_grad else y.requires_grad_(True).clone()
+
+
+def _unit_val_grad(t):
+    """A unit's validation gradient as the hooks use it: None where there is nothing to align
+    (no validation gradient, or a LowRank of rank 0, which adds nothing to the dot)."""
+    return None if isinstance(t, LowRank) and t.in_factor.shape[1] == 0 else t
+
+
+def _token_observer(m_idx, r_in, r_out, acc, dots, blocks):
+    """For units that see flattened tokens (routers, experts): observe(x, y, slots, sign, val_grad)
+    adds sum over each problem's tokens of sign (R_out^T delta_t)(R_in^T x_t)^T into acc[:, m_idx],
+    and <delta_t x_t^T, val_grad> into dots, for x (n, d_in), the unit's output y (n, d_out) and
+    slots (n,) (-1 on padding, where delta_t is 0). Returns y, tracked by autograd."""
+    def observe(x, y, slots, sign=1.0, val_grad=None):
+        val_grad = _unit_val_grad(val_grad)
+        x = x.detach().float()
+        x_proj = x @ r_in  # (n, blocks * k_in)
+        x_low = x @ val_grad.in_factor if isinstance(val_grad, LowRank) else None  # (n, r)
+        index = slots.clamp(min=0)
+        real = (slots >= 0).unsqueeze(-1)
+
+        def grad_hook(grad):
+            grad = grad.float() * real  # (n, d_out)
+            acc[:, m_idx].index_add_(0, index, block_outer((grad @ r_out) * sign, x_proj, blocks))
+            if x_low is not None:
+                dots.index_add_(0, index, ((grad @ val_grad.out_factor) * x_low).sum(-1).double())
+            elif val_grad is not None:
+                dots.index_add_(0, index, (grad * (x @ val_grad.T)).sum(-1).double())
+
+        y = _require_grad(y)
+        y.register_hook(grad_hook)
+        return y
+
+    return observe
+
+
+def _fused_experts_forward(module, hidden_states, top_k_index, top_k_weights, *, observers, slots_ref):
+    """A transformers 5 fused-experts forward (hidden_states (n, d), top_k_index and
+    top_k_weights (n, top_k)), expert by expert as its eager form, with each hooked weight's input
+    and output shown to its observer: observers[param](expert, x, y, slots) -> y. The flags of
+    `use_experts_implementation` (gate, bias, transposed storage) and the module's own
+    `_apply_gate` are honoured, so any model it decorates computes what it computes unhooked."""
+    import torch
+    import torch.nn.functional as F
+
+    slots = slots_ref[0].reshape(-1)
+    if hidden_states.shape[0] != slots.numel():
+        raise GradselError(f"{type(module).__name__} sees {hidden_states.shape[0]} tokens, not the batch's "
+                           f"{slots.numel()}", "exclude its experts with --modules")
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+
+    def apply(param, e, x, token):
+        w = getattr(module, param)[e]
+        y = x @ w if module.is_transposed else F.linear(x, w)
+        if module.has_bias:
+            y = y + getattr(module, f"{param}_bias")[e]
+        observe = observers.get(param)
+        return observe(e, x, y, slots[token]) if observe else y
+
+    out = torch.zeros_like(hidden_states)
+    n_experts = getattr(module, up).shape[0]
+    for e in torch.unique(top_k_index).tolist():  # sorted: the same order every run
+        if e >= n_experts:  # an expert-parallel sentinel: not this rank's expert
+            continue
+        token, pos = torch.where(top_k_index == e)
+        h = apply(up, e, hidden_states[token], token)
+        h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+        y = apply("down_proj", e, h, token) * top_k_weights[token, pos, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def _token_major(shape, slots_shape) -> bool:
+    """Whether an input of `shape` (..., d) holds the batch's (B, T) tokens in order: (B, T, d) as
+    such, flattened (an MoE block's (B T, d)), or with singleton axes (DeepSeek's (B, 1, T, d))."""
+    lead = shape[:-1]
+    if len(lead) == 1:
+        return lead[0] == slots_shape.numel()
+    return tuple(s for s in lead if s != 1) == tuple(s for s in slots_shape if s != 1)
+
+
+@contextmanager
+def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, signs, val_grad=None, dots=None):
+    """Hooks that project x_t and delta_t of each unit and add the outer products into
+    acc[slot, unit] (n_slots, n_units, k_out * k_in). With a validation gradient per unit, they also add
+    <delta_t x_t^T, G_V> into dots[slot]: exactly, delta_t . (G_V x_t), for a (d_out, d_in)
+    tensor; as (B^T delta_t) . (A^T x_t) for a LowRank G_V ~= B A^T, where, for a Linear, the
+    factors ride along with the projections in the same two matmuls. Always removed on exit.
+
+    A Linear sees the batch's tokens as (batch, seq, d) or in another token-major layout
+    (`_token_major`); routers and experts see flattened tokens, and each token's problem comes
+    from slots_ref[0] flattened."""
+    import torch
+
+    handles, patched = [], {}
+
+    def linear_hook(m_idx, r_in, r_out):
+        unit_val_grad = _unit_val_grad(val_grad[m_idx]) if val_grad is not None else None
+        low_rank = unit_val_grad if isinstance(unit_val_grad, LowRank) else None
+        k_in, k_out = r_in.shape[1], r_out.shape[1]  # blocks * k_in, blocks * k_out
+        if low_rank is not None:  # (d_in, blocks k_in + r) and (d_out, blocks k_out + r)
+            r_in = torch.cat([r_in, low_rank.in_factor], dim=1)
+            r_out = torch.cat([r_out, low_rank.out_factor], dim=1)
+
+        def forward_hook(module, inputs, output):
+            x = inputs[0]
+            slots = slots_ref[0]  # (B, T): one sequence, so one problem, per row; -1 on padding
+            if not _token_major(x.shape, slots.shape):
+                raise GradselError(f"module {units[m_idx].name} sees inputs of shape {tuple(x.shape)}, not "
+                                   "(batch, seq, d)", "exclude it with --modules")
+            x = x.reshape(*slots.shape, -1)
+            row_slot = slots[:, 0]  # (B,)
+            real = (slots >= 0).unsqueeze(-1)  # (B, T, 1)
+            x = x.detach()  # a view: q, k and v share one input
+            x_proj = x.float() @ r_in  # (B, T, blocks * k_in [+ r])
+            x_low = None
+            if low_rank is not None:
+                x_proj, x_low = x_proj[..., :k_in], x_proj[..., k_in:]
+            # With frozen weights autograd keeps no x for weight gradients; the exact alignment
+            # holds the (shared) view until backward, where G_V x_t is formed and dropped.
+            x_held = x if unit_val_grad is not None and low_rank is None else None
+
+            def grad_hook(grad):
+                grad = grad.float().reshape(*slots.shape, -1)  # a no-op in float32; one copy in bfloat16
+                d_proj = (grad @ r_out) * real  # (B, T, blocks * k_out [+ r])
+                if x_low is not None:  # (B^T delta_t) . (A^T x_t), summed over each row's tokens
+                    d_proj, d_low = d_proj[..., :k_out], d_proj[..., k_out:]
+                    dots.index_add_(0, row_slot, (d_low * x_low).sum((1, 2)).double())
+                B, T = d_proj.shape[:2]
+                # Sum over a row's tokens inside the batched matmul: (B, blocks, k_out, k_in).
+                per_row = torch.einsum("rtbo,rtbi->rboi", d_proj.reshape(B, T, blocks, -1),
+                                       x_proj.reshape(B, T, blocks, -1))
+                acc[:, m_idx].index_add_(0, row_slot, per_row.reshape(B, -1))
+                if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
+                    gx = x_held.float() @ unit_val_grad.T  # (B, T, d_out)
+                    dots.index_add_(0, row_slot, ((grad * gx).sum(-1) * real[..., 0]).sum(-1).double())
+
+            output = _require_grad(output)
+            output.register_hook(grad_hook)
+            return output
+
+        return forward_hook
+
+    def router_hooks(m_idx, observe):
+        def pre_hook(module, args):  # so that the logits, and the scores made from them, are tracked
+            x = args[0]
+            return args if x.requires_grad else (x.detach().requires_grad_(True), *args[1:])
+
+        def forward_hook(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            logits = output[0] if isinstance(output, tuple) else None
+            if logits is None or logits.shape != (x.shape[0], module.weight.shape[0]) \
+                    or x.shape[0] != slots_ref[0].numel():
+                raise GradselError(f"router {units[m_idx].name} ({type(module).__name__}) does not return its "
+                                   "per-token logits first", "exclude it with --modules")
+            observe(x, logits, slots_ref[0].reshape(-1), val_grad=None if val_grad is None else val_grad[m_idx])
+            return output
+
+        return pre_hook, forward_hook
+
+    for m_idx, unit in enumerate(units):
+        r_in, r_out = projections[m_idx]
+        if unit.kind == "linear":
+            handles.append(unit.module.register_forward_hook(linear_hook(m_idx, r_in, r_out)))
+            continue
+        observe = _token_observer(m_idx, r_in, r_out, acc, dots, blocks)
+        if unit.kind == "router":
+            pre, post = router_hooks(m_idx, observe)
+            handles += [unit.module.register_forward_pre_hook(pre), unit.module.register_forward_hook(post)]
+        else:  # experts: expert e's delta is signed by signs[m_idx][e] (expert_signs)
+            def expert_observer(e, x, y, slots, observe=observe, m_idx=m_idx):
+                return observe(x, y, slots, sign=float(signs[m_idx][e]),
+                               val_grad=None if val_grad is None else val_grad[m_idx][e])
+            patched.setdefault(unit.module, {})[unit.param] = expert_observer
+    for module, observers in patched.items():
+        module.forward = partial(_fused_experts_forward, module, observers=observers, slots_ref=slots_ref)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module in patched:
+            del module.forward  # back to the class's forward
+
+
+def projected_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
+                       pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None,
+                       val_grad: list | None = None):
+    """(n_problems, spec.dim) float32 array of projected gradients; zero rows for zero advantage.
+
+    With `val_grad` (per unit, the validation gradient: a (d_out, d_in) tensor or its LowRank
+    factors; for experts, one of those per expert), also returns the inner products
+    <g_p, val_grad> (float64), computed in the same pass.
+    """
+    import torch
+
+    units = resolve_units(model, spec.modules)
+    projections = [module_projections(spec, u.name, u.d_out, u.d_in, device) for u in units]
+    signs = [expert_signs(spec, u.name, u.n_experts) for u in units]
+    acc = torch.zeros((len(groups), len(units), spec.block_dim), dtype=torch.float32, device=device)
+    dots = torch.zeros(len(groups), dtype=torch.float64, device=device)
+    slots_ref = [None]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head_hooked = any(u.module is model.get_output_embeddings() for u in units)
+    with _capture(units, projections, acc, slots_ref, spec.blocks, signs, val_grad, dots):
+        for batch in pack_batches(groups, loss_agg, max_tokens):
+            ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
+            slots_ref[0] = slots
+            policy_loss(model, ids, mask, weights, all_logits=head_hooked).backward()
+            if progress:
+                progress(len(batch), int(mask.sum()))
+    features = acc.reshape(len(groups), -1).cpu().numpy()
+    return (features, dots.cpu().numpy()) if val_grad is not None else features
+
+
+def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
+                  pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None):
+    """Output-layer gradient from the forward pass alone: delta_t = w_t (softmax_t - onehot_t)."""
+    import torch
+
+    (head,) = resolve_units(model, spec.modules)
+    r_in, r_out = module_projections(spec, head.name, head.d_out, head.d_in, device)
+    acc = torch.zeros((len(groups), spec.block_dim), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for batch in pack_batches(groups, loss_agg, max_tokens):
+            ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
+            rows, cols = torch.nonzero(weights, as_tuple=True)  # response positions only: (N,)
+            captured = {}
+            with _output_layer_sees(model, rows, cols, captured):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()  # (N, V)
+            if "h" not in captured:  # the model computed its logits without calling its output module
+                raise GradselError(f"{type(model).__name__} does not call its output layer as a module, so "
+                                   "--feature head cannot see its input", "use --feature projected")
+            probs = torch.softmax(logits, dim=-1)
+            probs[torch.arange(len(rows), device=probs.device), ids[rows, cols + 1]] -= 1
+            delta = probs * weights[rows, cols].unsqueeze(-1)  # d(sum w nll)/d logits
+            h = captured["h"][0].float() @ r_in
+            acc.index_add_(0, slots[rows, cols], block_outer(delta @ r_out, h, spec.blocks))
+            if progress:
+                progress(len(batch), int(mask.sum()))
+    return acc.cpu().numpy()
