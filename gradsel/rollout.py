@@ -8,6 +8,7 @@ re-tokenizes text.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import time
@@ -415,7 +416,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     complete by whichever run finds every shard done.
     """
     from gradsel.fsutil import atomic_write_table
-    from gradsel.store import check_stage_key, mark_stage_complete, shard_lock, stage_complete, write_shard
+    from gradsel.store import check_stage_key, make_shards, mark_stage_complete, stage_complete
 
     engine_name = engine.name if not isinstance(engine, str) else resolve_engine_name(engine)
     shards = rollout_stage(store, split, problem_set, model_hash=model_hash, cfg=cfg, engine_name=engine_name,
@@ -438,26 +439,27 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
         console.info(f"rollouts/{split}: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
     if todo:
         eng = engine if not isinstance(engine, str) else LazyEngine(engine_name, model_path, dtype=dtype, vllm=vllm)
+        starts = dict(zip(todo, itertools.accumulate((shards.problems_in(i) for i in todo), initial=0)))
+        made_tokens = 0
+
+        def make(i: int):
+            nonlocal made_tokens
+            shard = problems[i * shard_size:(i + 1) * shard_size]
+            ids = prompt_ids[starts[i]:starts[i] + len(shard)]
+            rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size,
+                                                   prompt_ids=ids) for r in batch]
+            made_tokens += sum(len(r.response_token_ids) for r in rows)
+            return rollouts_to_table(rows)
+
         with console.progress() as bar:
             task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})",
                                 total=sum(shards.problems_in(i) for i in todo), rate="")
-            start, done, tokens, offset = time.perf_counter(), 0, 0, 0
-            for i in todo:
-                shard = problems[i * shard_size:(i + 1) * shard_size]
-                ids = prompt_ids[offset:offset + len(shard)]
-                offset += len(shard)
-                with shard_lock(stage, i):
-                    if shards.done(i):  # another process made it while this one waited
-                        bar.advance(task, len(shard))
-                        continue
-                    rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size,
-                                                           prompt_ids=ids) for r in batch]
-                    write_shard(stage, i, rollouts_to_table(rows))
-                done += len(shard)
-                tokens += sum(len(r.response_token_ids) for r in rows)
+            start, made_problems = time.perf_counter(), 0
+            for i, made in make_shards(stage, todo, make):
+                made_problems += shards.problems_in(i) if made else 0
                 elapsed = time.perf_counter() - start
-                bar.update(task, advance=len(shard),
-                           rate=f"{done / elapsed:.1f} problems/s, {tokens / elapsed:.0f} tokens/s")
+                bar.update(task, advance=shards.problems_in(i),
+                           rate=f"{made_problems / elapsed:.1f} problems/s, {made_tokens / elapsed:.0f} tokens/s")
         del eng
     if not shards.complete:
         return shards

@@ -31,7 +31,6 @@ from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, LOW_RANK_MAX_COST, LOW_RAN
                                groups_from_table, head_features, truncate_validation_gradient, make_spec, projected_features,
                                validation_gradient, zero_validation_gradient)
 from gradsel.index import iter_vectors, load_vectors
-from gradsel.store import write_shard
 
 VAL_AGGS = ("batch", "mean-normalized")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -230,7 +229,7 @@ class _FeatureSplit:
     def make(self, directory: Path, rollouts, label: str, val_grad=None, part=None) -> None:
         """Feature shard i from rollout shard i, for every shard (of `part`) not done yet; `val_grad`:
         also store each problem's exact dot with it (`target_dot`)."""
-        from gradsel.store import shard_done, shard_lock
+        from gradsel.store import make_shards, shard_done
 
         directory.mkdir(parents=True, exist_ok=True)
         spec, cfg = self.spec, self.cfg
@@ -249,16 +248,14 @@ class _FeatureSplit:
                 tokens += n_tokens
                 bar.update(task, rate=f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
 
-            for i in todo:
-                with shard_lock(directory, i):
-                    source = rollouts.checksum(i)
-                    if not shard_done(directory, i, source=source):  # else made while this process waited
-                        groups = groups_from_table(rollouts.shard(i), cfg.adv)
-                        kwargs = {"val_grad": val_grad} if val_grad is not None else {}
-                        out = compute(self.model, groups, spec, loss_agg=cfg.loss_agg, pad_id=self.pad_id,
-                                      device=self.device, max_tokens=cfg.max_tokens_per_batch, progress=tick, **kwargs)
-                        write_shard(directory, i, self._table(groups, *(out if val_grad is not None else (out, None))),
-                                    source=source)
+            def make(i: int):
+                groups = groups_from_table(rollouts.shard(i), cfg.adv)
+                kwargs = {"val_grad": val_grad} if val_grad is not None else {}
+                out = compute(self.model, groups, spec, loss_agg=cfg.loss_agg, pad_id=self.pad_id, device=self.device,
+                              max_tokens=cfg.max_tokens_per_batch, progress=tick, **kwargs)
+                return self._table(groups, *(out if val_grad is not None else (out, None)))
+
+            for i, _ in make_shards(directory, todo, make, source=rollouts.checksum):
                 bar.advance(task, rollouts.problems_in(i))
 
     def _table(self, groups, feats: np.ndarray, dots: np.ndarray | None):

@@ -12,6 +12,8 @@ Layout (docs/store.md):
 
 A shard counts only when its marker exists and the file matches the marker's checksum, so a
 killed run redoes at most the shard it was writing, and a damaged file is redone, never read.
+Stages make their shards through `make_shards`: one lock per shard, so processes and machines
+sharing a store (`--shard I/N`, Ray) fill it together and never make a shard twice.
 """
 
 from __future__ import annotations
@@ -164,6 +166,20 @@ def shard_lock(stage: Path, index: int):
 
     with FileLock(stage / f"shard-{index:05d}.lock"):
         yield
+
+
+def make_shards(stage: Path, todo, make, *, source=lambda index: None):
+    """The stages' one loop over their shards (rollouts, features): each shard of `todo` is made
+    under its lock by `make(index) -> Table` and written with its marker, unless another process
+    made it while this one waited (checked against `source(index)`, the checksum of the input
+    shard it is made from, if any). Yields (index, made) after each shard, for progress."""
+    for index in todo:
+        with shard_lock(stage, index):
+            checksum = source(index)
+            made = not shard_done(stage, index, source=checksum)
+            if made:
+                write_shard(stage, index, make(index), source=checksum)
+        yield index, made
 
 
 @dataclass(frozen=True)
