@@ -117,7 +117,53 @@ class Selection:
 
 # -- reading the store -------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Candidates:
+    """Scored problems as columns, in store order: what the modes rank. A dict a row would cost
+    seconds at a million candidates."""
+    ids: list[str]
+    pass_rate: np.ndarray
+    score_cos: np.ndarray
+    score_dot: np.ndarray
+    consistency: np.ndarray  # judge_consistency; 1 where a store predates it
+    zero_advantage: np.ndarray
+    groups: dict  # column name -> values, for --balance (BALANCE_COLUMNS)
+
+    @classmethod
+    def from_table(cls, table) -> "Candidates":
+        def floats(name):
+            return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+        consistency = (np.nan_to_num(floats("judge_consistency"), nan=1.0) if "judge_consistency" in table.column_names
+                       else np.ones(table.num_rows))
+        return cls(table.column("problem_id").to_pylist(), floats("pass_rate"), floats("score_cos"),
+                   floats("score_dot"), consistency,
+                   np.asarray(table.column("zero_advantage").to_numpy(zero_copy_only=False), dtype=bool),
+                   {c: table.column(c).to_pylist() for c in BALANCE_COLUMNS if c in table.column_names})
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "Candidates":
+        import pyarrow as pa
+
+        from gradsel.schema import SCORES
+
+        return cls.from_table(pa.Table.from_pylist(rows, schema=SCORES))
+
+    def take(self, positions: np.ndarray) -> "Candidates":
+        return Candidates([self.ids[i] for i in positions], self.pass_rate[positions], self.score_cos[positions],
+                          self.score_dot[positions], self.consistency[positions], self.zero_advantage[positions],
+                          {c: [v[i] for i in positions] for c, v in self.groups.items()})
+
+
 def load_scores(store) -> tuple[dict, list[dict], Path]:
+    """(manifest, the scores table's rows, the features directory) of the store's current scores."""
+    manifest, table, directory = load_score_table(store)
+    return manifest, table.to_pylist(), directory
+
+
+def load_score_table(store):
+    """(manifest, the scores table (schema.SCORES), the features directory), checked against the
+    manifest's projector spec."""
     import pyarrow.parquet as pq
 
     manifest = store.read_manifest()
@@ -127,8 +173,7 @@ def load_scores(store) -> tuple[dict, list[dict], Path]:
     directory = store.root / features
     feature_spec = json.loads((directory / "spec.json").read_text())["projector"]
     check_same_spec(manifest.get("projector") or {}, feature_spec)
-    rows = pq.read_table(directory / "scores.parquet").to_pylist()
-    return manifest, rows, directory
+    return manifest, pq.read_table(directory / "scores.parquet"), directory
 
 
 def check_same_spec(expected: dict, found: dict) -> None:
@@ -142,38 +187,44 @@ def check_same_spec(expected: dict, found: dict) -> None:
 # -- ranking -------------------------------------------------------------------------------------
 
 def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int) -> dict[str, float]:
-    """The ranking score of every candidate under cfg.mode (higher is better). Modes that query
-    the candidate index need at least the `fetch` best of each query scored."""
+    """problem id -> the ranking score of every row under cfg.mode (higher is better)."""
+    candidates = Candidates.from_rows(rows)
+    return dict(zip(candidates.ids, mode_score_array(candidates, cfg, directory, fetch).tolist()))
+
+
+def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: int) -> np.ndarray:
+    """The ranking score of every candidate under cfg.mode (higher is better), in c's order.
+    Modes that query the candidate index need at least the `fetch` best of each query scored."""
     rng = random.Random(f"gradsel-select/{cfg.seed}")
     if cfg.target == "max" and cfg.mode in VALIDATION_MODES:
         # LESS-style: each candidate's best cosine with any single validation problem.
         best = _index_alignment(directory, cfg.index, _live_validation_vectors(directory), fetch)
-        base = {r["problem_id"]: best.get(r["problem_id"], 0.0) for r in rows}
+        base = np.array([best.get(pid, 0.0) for pid in c.ids], dtype=np.float64)
     elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
         units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
         shares = subspace_share(directory, "train", _live_validation_vectors(directory), units)
-        share = dict(zip(read_ids(directory, "train"), shares.tolist()))
-        base = {r["problem_id"]: share[r["problem_id"]] for r in rows}
+        position = {pid: i for i, pid in enumerate(read_ids(directory, "train"))}
+        base = shares[np.fromiter((position[pid] for pid in c.ids), dtype=np.int64, count=len(c.ids))]
     else:
-        base = {r["problem_id"]: r["score_cos"] for r in rows}
+        base = c.score_cos
     if cfg.mode == "gradalign":
         return base
     if cfg.mode == "reliable":
-        return {r["problem_id"]: base[r["problem_id"]] - 2 * (1 - _consistency(r)) for r in rows}
+        return base - 2 * (1 - c.consistency)
     if cfg.mode == "dot":
-        return {r["problem_id"]: r["score_dot"] for r in rows}
+        return c.score_dot
     if cfg.mode == "accgreedy":
-        return {r["problem_id"]: -abs(r["pass_rate"] - 0.5) for r in rows}
+        return -np.abs(c.pass_rate - 0.5)
     if cfg.mode == "simacc":
-        return {r["problem_id"]: base[r["problem_id"]] * 4 * r["pass_rate"] * (1 - r["pass_rate"])
-                if base[r["problem_id"]] > -np.inf else -np.inf for r in rows}
+        return np.where(base > -np.inf, base * 4 * c.pass_rate * (1 - c.pass_rate), -np.inf)
     if cfg.mode in ("band", "random"):
-        ids = sorted(r["problem_id"] for r in rows)
+        ids = sorted(c.ids)
         rng.shuffle(ids)
-        return {pid: -i for i, pid in enumerate(ids)}
+        rank = {pid: -i for i, pid in enumerate(ids)}
+        return np.array([rank[pid] for pid in c.ids], dtype=np.float64)
     if cfg.mode == "learnalign":
         found = _index_alignment(directory, cfg.index, mean_direction(directory, "train")[None], fetch)
-        return {r["problem_id"]: found[r["problem_id"]] for r in rows}
+        return np.array([found[pid] for pid in c.ids], dtype=np.float64)
     raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
 
 
@@ -192,11 +243,6 @@ def _live_validation_vectors(directory: Path) -> np.ndarray:
     """(m, dim) unit vectors of the validation problems with a GRPO signal (zero rows dropped)."""
     _, val = load_vectors(directory, "val")
     return val[np.linalg.norm(val, axis=1) > 0]
-
-
-def _consistency(row: dict) -> float:
-    value = row.get("judge_consistency")
-    return 1.0 if value is None else value
 
 
 def _index_alignment(directory: Path, kind: str, queries: np.ndarray, fetch: int) -> dict[str, float]:
@@ -225,42 +271,48 @@ def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, direct
 
 
 def select(store, cfg: SelectConfig) -> Selection:
+    import pyarrow.compute as pc
+
     cfg.validate()
-    manifest, rows, directory = load_scores(store)
+    manifest, table, directory = load_score_table(store)
     cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"]))
-    candidates = [r for r in rows if r["split"] == "train"]
-    eligible = [r for r in candidates if cfg.include_zero_advantage or not r["zero_advantage"]]
+    candidates = Candidates.from_table(table.filter(pc.equal(table.column("split"), "train")))
+    keep = np.ones(len(candidates.ids), dtype=bool) if cfg.include_zero_advantage else ~candidates.zero_advantage
     if cfg.mode == "band":
         lo, hi = cfg.band
-        eligible = [r for r in eligible if lo <= r["pass_rate"] <= hi]
-    if not eligible:
+        keep &= (lo <= candidates.pass_rate) & (candidates.pass_rate <= hi)
+    eligible = candidates.take(np.flatnonzero(keep))
+    if not eligible.ids:
         raise GradselError("no candidate is eligible: every problem has zero advantage"
                            if not cfg.include_zero_advantage else "no candidate is eligible",
                            "more rollouts per problem (--n), a different pool, or --include-zero-advantage")
-    wanted = cfg.top_k if cfg.top_k is not None else round((cfg.ratio or 1) * len(candidates))
+    n_candidates = len(candidates.ids)
+    wanted = cfg.top_k if cfg.top_k is not None else round((cfg.ratio or 1) * n_candidates)
     # Quotas and score floors reach past the top of the ranking: give them every candidate.
-    fetch = len(candidates) if cfg.all or cfg.min_score is not None or cfg.balance else max(10 * wanted, 1024)
-    scores = mode_scores(eligible, cfg, directory, fetch)
+    fetch = n_candidates if cfg.all or cfg.min_score is not None or cfg.balance else max(10 * wanted, 1024)
+    scores = mode_score_array(eligible, cfg, directory, fetch)
     if cfg.min_score is not None:
-        eligible = [r for r in eligible if scores[r["problem_id"]] >= cfg.min_score]
+        above = np.flatnonzero(scores >= cfg.min_score)
+        eligible, scores = eligible.take(above), scores[above]
     # Rank: score descending, ties by problem id so the order is deterministic.
-    ids = [r["problem_id"] for r in eligible]
-    order = np.lexsort((np.array(ids), -np.array([scores[p] for p in ids], dtype=np.float64)))
-    ranked = [ids[i] for i in order]
-    k = len(ranked) if cfg.all else cfg.top_k if cfg.top_k is not None else max(1, round(cfg.ratio * len(candidates)))
+    order = np.lexsort((np.array(eligible.ids, dtype=object).astype(str), -scores)) if eligible.ids else np.zeros(0, int)
+    ranked = [eligible.ids[i] for i in order]
+    k = len(ranked) if cfg.all else cfg.top_k if cfg.top_k is not None else max(1, round(cfg.ratio * n_candidates))
     if k > len(ranked):
         if not cfg.allow_fewer:
             raise GradselError(f"asked for {k} problems but only {len(ranked)} are eligible "
-                               f"(of {len(candidates)} candidates)", "ask for fewer, or pass --allow-fewer to take all eligible")
+                               f"(of {n_candidates} candidates)", "ask for fewer, or pass --allow-fewer to take all eligible")
         k = len(ranked)
+    if not cfg.balance and not (cfg.diverse is not None and cfg.diverse < 1):
+        return Selection(ranked[:k], scores[order[:k]].tolist(), len(ranked), cfg)
+    score_of = dict(zip(ranked, scores[order].tolist()))
     if cfg.balance:
-        chosen = _balanced(ranked, {r["problem_id"]: r for r in eligible}, cfg.balance, k,
+        column = eligible.groups.get(cfg.balance, [""] * len(eligible.ids))
+        chosen = _balanced(ranked, {pid: {cfg.balance: v} for pid, v in zip(eligible.ids, column)}, cfg.balance, k,
                            dict(cfg.balance_weights) if cfg.balance_weights else None)
-    elif cfg.diverse is not None and cfg.diverse < 1:
-        chosen = _mmr(ranked, scores, k, cfg.diverse, directory)
     else:
-        chosen = ranked[:k]
-    return Selection(chosen, [scores[p] for p in chosen], len(ranked), cfg)
+        chosen = _mmr(ranked, score_of, k, cfg.diverse, directory)
+    return Selection(chosen, [score_of[p] for p in chosen], len(ranked), cfg)
 
 
 def _balanced(ranked: list[str], rows: dict[str, dict], column: str, k: int,
