@@ -37,8 +37,12 @@ def run_score_ray(store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc,
         raise GradselError("--executor ray needs Ray", "pip install 'gradsel[ray]'") from exc
     from gradsel import console
     from gradsel.pipeline import run_score
+    from gradsel.problems import read_problems
+    from gradsel.rewards import check_rewards
     from gradsel.store import Part
 
+    for path in (val, pool):  # bad input is refused here, before a cluster starts
+        check_rewards(read_problems(path, prompt_key=ro.prompt_key, answer_key=ro.answer_key).problems, ro.reward)
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -54,7 +58,13 @@ def run_score_ray(store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc,
             pending = refs
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done)  # a part that failed for good raises here
+                try:
+                    ray.get(done)  # a part that failed for good raises here
+                except ray.exceptions.RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, GradselError):  # a user's mistake: the CLI's error and hint
+                        raise cause from None
+                    raise
                 bar.advance(progress)
     finally:
         if started:

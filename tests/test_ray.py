@@ -47,3 +47,12 @@ def test_ray_executor_matches_one_process_after_a_killed_worker(tmp_path):
     for split in ("train", "val"):
         for shard in sorted((one / split).glob("shard-*.parquet")):
             assert (ray_run / split / shard.name).read_bytes() == shard.read_bytes(), shard
+
+
+def test_ray_executor_refuses_bad_input_before_starting_a_cluster(tmp_path):
+    write_regime(tmp_path / "data", "clean", size=10, val_size=4, seed=4)
+    proc = run_cli("score", "--model", "tiny-arith", "--pool", str(tmp_path / "data/pool.parquet"), "--val",
+                   str(tmp_path / "data/val.parquet"), "--store", str(tmp_path / "s"), "--engine", "hf",
+                   "--executor", "ray", "--reward", "nosuch", check=False)
+    assert proc.returncode == 2 and "unknown reward 'nosuch'" in proc.stderr, proc.stderr[-2000:]
+    assert not list((tmp_path / "s").rglob("shard-*"))
