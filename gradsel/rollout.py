@@ -321,9 +321,10 @@ def encode_checked(model_path: Path, problems: Sequence[Problem], max_model_len:
     return prompt_ids
 
 
-def read_rollout_shard(stage: Path, index: int):
-    """One rollout shard (schema.ROLLOUTS). Shards written before rollouts recorded `answer_class`
-    get one from the generic answer key, as judge consistency then used."""
+def read_rollout_shard(stage: Path, index: int, columns: list[str] | None = None):
+    """One rollout shard (schema.ROLLOUTS, or just `columns` of it). Shards written before
+    rollouts recorded `answer_class` get one from the generic answer key, as judge consistency
+    then used."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -333,12 +334,13 @@ def read_rollout_shard(stage: Path, index: int):
 
     path = shard_path(stage, index)
     if "answer_class" in pq.read_schema(path).names:
-        return pq.read_table(path, schema=ROLLOUTS)
+        return pq.read_table(path, schema=ROLLOUTS, columns=columns)
     table = pq.read_table(path, schema=pa.schema([f for f in ROLLOUTS if f.name != "answer_class"]))
     keys: dict[tuple[str, str], int] = {}
     classes = [keys.setdefault((pid, final_answer(text)), len(keys)) for pid, text in
                zip(table.column("problem_id").to_pylist(), table.column("response_text").to_pylist())]
-    return table.append_column("answer_class", pa.array(classes, pa.int32()))
+    table = table.append_column("answer_class", pa.array(classes, pa.int32()))
+    return table.select(columns) if columns else table
 
 
 def read_rollouts(stage: Path, n_shards: int):
@@ -375,7 +377,10 @@ class RolloutShards:
 
     @property
     def complete(self) -> bool:
-        return all(self.done(i) for i in range(self.n_shards))
+        """Marked complete (stage.json) for these inputs, by whichever run found every shard done."""
+        from gradsel.store import stage_complete
+
+        return stage_complete(self.directory, self.key)
 
     def checksum(self, index: int) -> str:
         from gradsel.store import shard_record
@@ -387,8 +392,8 @@ class RolloutShards:
 
         return sum(shard_record(self.directory, i)["rows"] for i in range(self.n_shards))
 
-    def shard(self, index: int):
-        return read_rollout_shard(self.directory, index)
+    def shard(self, index: int, columns: list[str] | None = None):
+        return read_rollout_shard(self.directory, index, columns)
 
     def table(self):
         return read_rollouts(self.directory, self.n_shards)
@@ -427,7 +432,8 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
         return shards
     # Every check runs before anything is written, so a refused run leaves the store as it was.
     rewards_by_source = check_rewards(problems, reward)
-    todo = [i for i in range(n_shards) if (part is None or part.owns(i)) and not shards.done(i)]
+    owned = [i for i in range(n_shards) if part is None or part.owns(i)]
+    todo = [i for i in owned if not shards.done(i)]
     todo_problems = [p for i in todo for p in problems[i * shard_size:(i + 1) * shard_size]]
     prompt_ids = encode_checked(model_path, todo_problems, vllm.max_model_len) if todo else []
     check_stage_key(stage, key, "rollouts")
@@ -461,7 +467,9 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
                 bar.update(task, advance=shards.problems_in(i),
                            rate=f"{made_problems / elapsed:.1f} problems/s, {made_tokens / elapsed:.0f} tokens/s")
         del eng
-    if not shards.complete:
+    # This run's shards are all done now (checked above, or made); another part's only once made.
+    mine = set(owned)
+    if not all(shards.done(i) for i in range(n_shards) if i not in mine):
         return shards
     mark_stage_complete(stage, key, problems=len(problems), rollouts=shards.rows(), engine=engine_name)
     runs = store.read_manifest().get("rollouts", {})

@@ -309,7 +309,7 @@ def _score_rows(rollouts, split: str, norms, cos, dots, data_sources: dict[str, 
     and answer classes."""
     per_problem: dict[str, tuple[list[float], list]] = {}
     for i in range(rollouts.n_shards):  # one shard in memory at a time
-        cols = rollouts.shard(i).select(["problem_id", "reward", "answer_class"]).to_pydict()
+        cols = rollouts.shard(i, ["problem_id", "reward", "answer_class"]).to_pydict()
         for pid, reward, answer in zip(cols["problem_id"], cols["reward"], cols["answer_class"]):
             rewards, answers = per_problem.setdefault(pid, ([], []))
             rewards.append(reward)

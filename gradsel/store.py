@@ -204,14 +204,6 @@ def parse_part(text: str) -> Part:
     return Part(index, count)
 
 
-def read_shards(stage: Path, n_shards: int, schema):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(_shard_paths(stage, i)[0], schema=schema) for i in range(n_shards)]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
 def stage_complete(stage: Path, key: str) -> bool:
     marker = stage / "stage.json"
     return marker.is_file() and json.loads(marker.read_text()).get("key") == key

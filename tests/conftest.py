@@ -21,6 +21,22 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path |
     return proc
 
 
+# One torch thread per process, for runs whose features are compared byte for byte: parts running
+# side by side (two processes spinning on two cores would crawl) and Ray's CPU tasks use one, and
+# a reduction split across another thread count may round differently.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def assert_same_features(found: Path, reference: Path) -> None:
+    """Two feature directories hold the same scores and byte-identical vector shards."""
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(found / "scores.parquet").equals(pq.read_table(reference / "scores.parquet"))
+    for split in ("train", "val"):
+        for shard in sorted((reference / split).glob("shard-*.parquet")):
+            assert (found / split / shard.name).read_bytes() == shard.read_bytes(), shard
+
+
 @pytest.fixture(scope="session")
 def noisy_data(tmp_path_factory) -> Path:
     from gradsel.tasks import write_regime

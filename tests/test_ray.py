@@ -3,17 +3,13 @@ also when a worker is killed mid-shard (Ray retries its part, which redoes only 
 
 import os
 
-import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import ONE_THREAD, assert_same_features, run_cli
 from gradsel.tasks import write_regime
 
 pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'gradsel[ray]'")
 pytestmark = pytest.mark.slow
-
-# Ray runs each CPU task with one thread; the reference must too (docs/scale.md).
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # A verl-style reward plugin that SIGKILLs its own process once, while rewarding problem 20's
 # rollouts (shard 1 of 16-problem shards, so part 1 of 2), mid-shard.
@@ -43,10 +39,7 @@ def test_ray_executor_matches_one_process_after_a_killed_worker(tmp_path):
             env={**env, "KILL_ONCE_MARKER": str(marker)})
     assert marker.exists()  # a worker did die mid-shard, and its part was retried
     one, ray_run = (next((tmp_path / s / "features").iterdir()) for s in ("one", "ray"))
-    assert pq.read_table(ray_run / "scores.parquet").equals(pq.read_table(one / "scores.parquet"))
-    for split in ("train", "val"):
-        for shard in sorted((one / split).glob("shard-*.parquet")):
-            assert (ray_run / split / shard.name).read_bytes() == shard.read_bytes(), shard
+    assert_same_features(ray_run, one)
 
 
 def test_ray_executor_refuses_bad_input_before_starting_a_cluster(tmp_path):

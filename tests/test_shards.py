@@ -5,14 +5,8 @@ import json
 import os
 import subprocess
 
-import pyarrow.parquet as pq
-
-from conftest import GRADSEL, run_cli
+from conftest import GRADSEL, ONE_THREAD, assert_same_features, run_cli
 from gradsel.tasks import write_regime
-
-# One thread each: two torch processes spinning on two cores would crawl, and the reference must
-# use the thread count the parts use (a reduction split another way may round differently).
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def markers(store):
@@ -45,10 +39,7 @@ def test_two_concurrent_parts_then_a_plain_run_equal_one_process(tmp_path):
     assert {m: t for m, t in after.items() if m in made} == made  # no train shard made twice
     reference = next((tmp_path / "one" / "features").iterdir())
     assert reference.name == features.name
-    assert pq.read_table(features / "scores.parquet").equals(pq.read_table(reference / "scores.parquet"))
-    for split in ("train", "val"):
-        for shard in sorted((reference / split).glob("shard-*.parquet")):
-            assert (features / split / shard.name).read_bytes() == shard.read_bytes(), shard
+    assert_same_features(features, reference)
 
 
 def test_rollout_parts_fill_one_stage(tmp_path):
