@@ -51,11 +51,15 @@ def vector_shards(directory: Path, split: str) -> list[Path]:
     return shards
 
 
-def read_ids(directory: Path, split: str) -> list[str]:
+def read_ids(directory: Path, split: str, as_arrow: bool = False):
+    """The split's problem ids in store order: a list, or one pyarrow ChunkedArray."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return [pid for s in vector_shards(directory, split)
-            for pid in pq.read_table(s, columns=["problem_id"]).column("problem_id").to_pylist()]
+    ids = pa.chunked_array([chunk for s in vector_shards(directory, split)
+                            for chunk in pq.read_table(s, columns=["problem_id"]).column("problem_id").chunks],
+                           type=pa.string())
+    return ids if as_arrow else ids.to_pylist()
 
 
 def vector_dim(directory: Path, split: str) -> int:
@@ -140,16 +144,20 @@ def subspace_share(directory: Path, split: str, queries: np.ndarray, units: int 
     that module (P_u, from module_bases) holds, whatever its sign. A zero slice counts 0. Each
     module weighs the same, so one with a large gradient does not decide alone. One streaming
     pass; (n,) float64."""
+    import torch
+
     bases, live = module_bases(queries, units, max_rank)  # a module with no live query has a zero basis
+    bases_t = torch.from_numpy(bases)
     n_live = max(int(live.sum()), 1)
     out = []
     for chunk in iter_vectors(directory, split, reuse=True):
-        slices = chunk.reshape(len(chunk), units, -1)  # (n, units, width): a view
-        squared = np.einsum("nuw,nuw->nu", slices, slices)
-        projected = np.matmul(slices.transpose(1, 0, 2), bases)  # (units, n, r): one batched matmul
-        inside = np.einsum("unr,unr->nu", projected, projected)
-        shares = np.sqrt(np.divide(inside, squared, out=np.zeros_like(inside), where=squared > 0))
-        out.append(shares.sum(1, dtype=np.float64) / n_live)
+        slices = torch.from_numpy(chunk).view(len(chunk), units, -1)  # (n, units, width): a view
+        norms = torch.linalg.vector_norm(slices, dim=-1)  # (n, units)
+        inside = torch.empty_like(norms)
+        for u in range(units):  # one (n, width) x (width, r) matmul a module, on the strided slice
+            inside[:, u] = torch.linalg.vector_norm(slices[:, u] @ bases_t[u], dim=-1)
+        shares = torch.where(norms > 0, inside / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0)
+        out.append(shares.sum(1, dtype=torch.float64).numpy() / n_live)
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -128,6 +128,7 @@ class Candidates:
     consistency: np.ndarray  # judge_consistency; 1 where a store predates it
     zero_advantage: np.ndarray
     groups: dict  # column name -> values, for --balance (BALANCE_COLUMNS)
+    rows: np.ndarray  # each candidate's row in the table it was read from
 
     @classmethod
     def from_table(cls, table) -> "Candidates":
@@ -139,7 +140,8 @@ class Candidates:
         return cls(table.column("problem_id").to_pylist(), floats("pass_rate"), floats("score_cos"),
                    floats("score_dot"), consistency,
                    np.asarray(table.column("zero_advantage").to_numpy(zero_copy_only=False), dtype=bool),
-                   {c: table.column(c).to_pylist() for c in BALANCE_COLUMNS if c in table.column_names})
+                   {c: table.column(c).to_pylist() for c in BALANCE_COLUMNS if c in table.column_names},
+                   np.arange(table.num_rows))
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> "Candidates":
@@ -152,7 +154,7 @@ class Candidates:
     def take(self, positions: np.ndarray) -> "Candidates":
         return Candidates([self.ids[i] for i in positions], self.pass_rate[positions], self.score_cos[positions],
                           self.score_dot[positions], self.consistency[positions], self.zero_advantage[positions],
-                          {c: [v[i] for i in positions] for c, v in self.groups.items()})
+                          {c: [v[i] for i in positions] for c, v in self.groups.items()}, self.rows[positions])
 
 
 def load_scores(store) -> tuple[dict, list[dict], Path]:
@@ -203,8 +205,7 @@ def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: i
     elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
         units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
         shares = subspace_share(directory, "train", _live_validation_vectors(directory), units)
-        position = {pid: i for i, pid in enumerate(read_ids(directory, "train"))}
-        base = shares[np.fromiter((position[pid] for pid in c.ids), dtype=np.int64, count=len(c.ids))]
+        base = shares[_store_positions(c, directory)]
     else:
         base = c.score_cos
     if cfg.mode == "gradalign":
@@ -237,6 +238,19 @@ def resolve_target(target: str, feature: str) -> str:
                                "use --target mean, or select from a projected or head store")
         return "mean"
     return "subspace" if target == "auto" else target
+
+
+def _store_positions(c: Candidates, directory: Path) -> np.ndarray:
+    """Where each candidate's vector sits in the train split. The scores table lists that split
+    in store order, so a candidate's row is its position; that is checked, and a store whose
+    orders differ is looked up id by id (a dict of a million ids costs about a second)."""
+    import pyarrow as pa
+
+    stored = read_ids(directory, "train", as_arrow=True)
+    if len(c.ids) and len(stored) > c.rows.max() and stored.take(c.rows).equals(pa.chunked_array([pa.array(c.ids)])):
+        return c.rows
+    position = {pid: i for i, pid in enumerate(stored.to_pylist())}
+    return np.fromiter((position[pid] for pid in c.ids), dtype=np.int64, count=len(c.ids))
 
 
 def _live_validation_vectors(directory: Path) -> np.ndarray:
@@ -281,7 +295,7 @@ def select(store, cfg: SelectConfig) -> Selection:
     if cfg.mode == "band":
         lo, hi = cfg.band
         keep &= (lo <= candidates.pass_rate) & (candidates.pass_rate <= hi)
-    eligible = candidates.take(np.flatnonzero(keep))
+    eligible = candidates if keep.all() else candidates.take(np.flatnonzero(keep))
     if not eligible.ids:
         raise GradselError("no candidate is eligible: every problem has zero advantage"
                            if not cfg.include_zero_advantage else "no candidate is eligible",
@@ -296,15 +310,15 @@ def select(store, cfg: SelectConfig) -> Selection:
         eligible, scores = eligible.take(above), scores[above]
     # Rank: score descending, ties by problem id so the order is deterministic.
     order = np.lexsort((np.array(eligible.ids, dtype=object).astype(str), -scores)) if eligible.ids else np.zeros(0, int)
-    ranked = [eligible.ids[i] for i in order]
-    k = len(ranked) if cfg.all else cfg.top_k if cfg.top_k is not None else max(1, round(cfg.ratio * n_candidates))
-    if k > len(ranked):
+    k = len(order) if cfg.all else cfg.top_k if cfg.top_k is not None else max(1, round(cfg.ratio * n_candidates))
+    if k > len(order):
         if not cfg.allow_fewer:
-            raise GradselError(f"asked for {k} problems but only {len(ranked)} are eligible "
+            raise GradselError(f"asked for {k} problems but only {len(order)} are eligible "
                                f"(of {n_candidates} candidates)", "ask for fewer, or pass --allow-fewer to take all eligible")
-        k = len(ranked)
+        k = len(order)
     if not cfg.balance and not (cfg.diverse is not None and cfg.diverse < 1):
-        return Selection(ranked[:k], scores[order[:k]].tolist(), len(ranked), cfg)
+        return Selection([eligible.ids[i] for i in order[:k]], scores[order[:k]].tolist(), len(order), cfg)
+    ranked = [eligible.ids[i] for i in order]
     score_of = dict(zip(ranked, scores[order].tolist()))
     if cfg.balance:
         column = eligible.groups.get(cfg.balance, [""] * len(eligible.ids))

@@ -121,6 +121,17 @@ def test_subspace_share_weighs_every_module_alike(store):
                                [1.0, 1.0, 0.0, 0.0, 0.0, 0.6], atol=1e-6)
 
 
+def test_subspace_scores_follow_the_ids_when_the_scores_table_is_in_another_order(store):
+    """The scores table normally lists the train split in store order, and select uses a row as a
+    vector position; a table in any other order must still give each problem its own share."""
+    expected = picks(store, mode="gradalign", target="subspace", top_k=5)
+    assert expected[0] == "3"  # the one vector in the validation span (e2)
+    path = store.root / "features/f0/scores.parquet"
+    table = pq.read_table(path)
+    atomic_write_table(path, table.take(np.arange(table.num_rows)[::-1].copy()))
+    assert picks(store, mode="gradalign", target="subspace", top_k=5) == expected
+
+
 def test_refusals(store):
     with pytest.raises(GradselError, match="only 5 are eligible"):
         picks(store, top_k=6)
