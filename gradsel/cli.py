@@ -11,17 +11,40 @@ from typing import Annotated, Optional
 
 import typer
 
-from gradsel import __version__, console
+from gradsel import __version__, choices, console
 from gradsel.errors import GradselError
 
 app = typer.Typer(
     name="gradsel",
-    help="Gradient-aligned data selection for LLM reinforcement learning (GradAlign, offline).",
+    help="Gradient-aligned data selection for LLM reinforcement learning (GradAlign, offline).\n\n"
+         "Progress and logs go to stderr and only data to stdout, so every command can feed a pipe. A user "
+         "mistake prints `error:` and `hint:` lines and exits with code 2. NO_COLOR is respected. vLLM's, "
+         "transformers' and torch's own logs are silenced unless --verbose.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _choice(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """An Enum of a choice option's values (gradsel.choices), so that --help lists them."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+Mode = _choice("Mode", choices.MODES)
+Target = _choice("Target", choices.TARGETS)
+Format = _choice("Format", choices.FORMATS)
+IndexKind = _choice("IndexKind", choices.INDEX_KINDS)
+Advantage = _choice("Advantage", choices.ADVANTAGES)
+LossAgg = _choice("LossAgg", choices.LOSS_AGGS)
+ValAgg = _choice("ValAgg", choices.VAL_AGGS)
+Alignment = _choice("Alignment", choices.ALIGNMENTS)
+DType = _choice("DType", choices.DTYPES)
+
+# --help groups options into these panels.
+MODEL, DATA, ROLLOUTS, GRADIENTS, SCALE, SELECTION, OUTPUT = (
+    "Model", "Data", "Rollouts", "Gradients", "Scale", "Selection", "Output")
 
 
 class Regime(str, Enum):
@@ -101,13 +124,22 @@ class HashMode(str, Enum):
     fast = "fast"
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory (HF format), a PEFT adapter directory, or 'tiny-arith'.")]
-StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store directory; created when missing.")]
-HashOpt = Annotated[HashMode, typer.Option("--hash", help="sha256 of every weight byte, or fast: sizes plus first and last MiB.")]
-TensorParallelOpt = Annotated[int, typer.Option(min=1, help="vLLM tensor parallelism: GPUs per engine, for a model that does not fit on one.")]
-GpuMemoryOpt = Annotated[Optional[float], typer.Option(min=0.01, max=1.0, help="vLLM's share of each GPU's memory (default vLLM's; 0.3 on the CPU backend).")]
-MaxModelLenOpt = Annotated[Optional[int], typer.Option(min=2, help="vLLM's context length (default the model's); prompts longer than it are refused before any rollout.")]
-ShardOpt = Annotated[Optional[str], typer.Option(help="I/N: make only shards I, I+N, I+2N, ... of the candidates, beside other processes or machines filling the same store (docs/scale.md).")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory (HF format), a PEFT adapter directory, or 'tiny-arith'.", rich_help_panel=MODEL)]
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store directory; created when missing.", rich_help_panel=DATA)]
+HashOpt = Annotated[HashMode, typer.Option("--hash", help="How the checkpoint is identified: every weight byte, or sizes plus first and last MiB.", rich_help_panel=MODEL)]
+CopyOpt = Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store (hardlinks where possible).", rich_help_panel=MODEL)]
+PromptKeyOpt = Annotated[Optional[str], typer.Option(help="Column holding the prompt (default prompt, then input).", rich_help_panel=DATA)]
+AnswerKeyOpt = Annotated[Optional[str], typer.Option(help="Column holding the answer; dots reach into structs (default reward_model.ground_truth, then label).", rich_help_panel=DATA)]
+RewardOpt = Annotated[Optional[str], typer.Option(help="gsm8k, math, math_dapo, int, exact, random, verl or module:function (default: routed as verl routes data_source).", rich_help_panel=DATA)]
+EngineOpt = Annotated[EngineName, typer.Option(help="Generation engine; auto picks vLLM when installed.", rich_help_panel=ROLLOUTS)]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature.", rich_help_panel=ROLLOUTS)]
+TopPOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling threshold.", rich_help_panel=ROLLOUTS)]
+MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Response length limit in tokens.", rich_help_panel=ROLLOUTS)]
+ShardSizeOpt = Annotated[int, typer.Option(min=1, help="Problems per resumable shard (a killed run redoes at most one).", rich_help_panel=SCALE)]
+TensorParallelOpt = Annotated[int, typer.Option(min=1, help="vLLM tensor parallelism: GPUs per engine.", rich_help_panel=SCALE)]
+GpuMemoryOpt = Annotated[Optional[float], typer.Option(min=0.01, max=1.0, help="vLLM's share of each GPU's memory (default vLLM's; 0.3 on the CPU).", rich_help_panel=SCALE)]
+MaxModelLenOpt = Annotated[Optional[int], typer.Option(min=2, help="vLLM's context length; longer prompts are refused before any rollout.", rich_help_panel=SCALE)]
+ShardOpt = Annotated[Optional[str], typer.Option(help="I/N: make only shards I, I+N, ... beside other processes filling the same store.", rich_help_panel=SCALE)]
 
 
 def _store_access(store: Path, part):
@@ -123,7 +155,7 @@ def _store_access(store: Path, part):
 def snapshot(
     model: ModelOpt,
     store: StoreOpt,
-    copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store (hardlinks where possible).")] = False,
+    copy: CopyOpt = False,
     hash_mode: HashOpt = HashMode.sha256,
 ) -> None:
     """Record a checkpoint's identity (path, config, content hash) in a store."""
@@ -138,15 +170,20 @@ def snapshot(
 
 @app.command()
 def check(
-    pool: Annotated[Path, typer.Option(help="Candidate problems (verl Parquet or JSONL).")],
-    val: Annotated[Optional[Path], typer.Option(help="Validation problems, checked the same way.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint whose chat template and context measure the prompts.")] = None,
-    reward: Annotated[Optional[str], typer.Option(help="The --reward that score would get (default: by style, then data_source).")] = None,
-    max_prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Flag prompts longer than this (default: the model's context less one).")] = None,
-    prompt_key: Annotated[Optional[str], typer.Option(help="Prompt column override.")] = None,
-    answer_key: Annotated[Optional[str], typer.Option(help="Answer column override (dots reach into structs).")] = None,
+    pool: Annotated[Path, typer.Option(help="Candidate problems (verl Parquet or JSONL).", rich_help_panel=DATA)],
+    val: Annotated[Optional[Path], typer.Option(help="Validation problems, checked the same way.", rich_help_panel=DATA)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint whose chat template and context measure the prompts.", rich_help_panel=MODEL)] = None,
+    reward: RewardOpt = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Flag prompts longer than this (default: the model's context less one).", rich_help_panel=MODEL)] = None,
+    prompt_key: PromptKeyOpt = None,
+    answer_key: AnswerKeyOpt = None,
 ) -> None:
-    """Pre-flight: per data source, rows, reward, prompt token lengths; exit 2 on any problem."""
+    """Pre-flight: per data source, rows, reward, prompt token lengths; exit 2 on any problem.
+
+    Run it before any GPU time: a reward that does not recognise a data source's answers, or prompts that do not fit the model's context, are found here instead of as zero rewards.
+
+    A table per file on stderr: each data source's rows, the reward that will judge it (verl's routing, docs/trainers.md), and with --model its prompt token lengths (min / median / max) under the model's chat template and how many exceed --max-prompt-tokens. Then every problem found, as `problem:` and `hint:` lines: a data source no route knows, a math reference answer math-verify cannot parse, prompts too long. On stdout, one JSON object (ok, and per file its sources and problems). `rollout` and `score` run the same checks before they start an engine, and write nothing to the store when one fails.
+    """
     from gradsel.check import check_problem_set, prompt_limit, show_reports
     from gradsel.problems import read_problems
 
@@ -169,21 +206,21 @@ def check(
 @app.command()
 def rollout(
     model: ModelOpt,
-    problems: Annotated[Path, typer.Option("--problems", "-p", help="verl Parquet, or JSONL (verl rows or OpenRLHF input/label).")],
+    problems: Annotated[Path, typer.Option("--problems", "-p", help="verl Parquet, or JSONL (verl rows or OpenRLHF input/label).", rich_help_panel=DATA)],
     store: StoreOpt,
-    n: Annotated[int, typer.Option("--n", "-k", min=1, help="Rollouts per problem.")] = 8,
-    split: Annotated[Split, typer.Option(help="train for candidates, val for the trusted validation set.")] = Split.train,
-    engine: Annotated[EngineName, typer.Option(help="auto = vLLM when installed, else transformers.")] = EngineName.auto,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Response length limit in tokens.")] = 1024,
-    seed: Annotated[int, typer.Option(help="Sampling seed (per problem: sha256(seed/id)).")] = 0,
-    reward: Annotated[Optional[str], typer.Option(help="gsm8k, math, math_dapo, int, exact, random, verl (verl's own default_compute_score) or a plugin module:function. Default: by reward_model.style, then data_source as verl routes it.")] = None,
-    prompt_key: Annotated[Optional[str], typer.Option(help="Column holding the prompt (default prompt, then input).")] = None,
-    answer_key: Annotated[Optional[str], typer.Option(help="Column holding the answer; dots reach into structs (default reward_model.ground_truth, then label).")] = None,
+    n: Annotated[int, typer.Option("--n", "-k", min=1, help="Rollouts per problem.", rich_help_panel=ROLLOUTS)] = 8,
+    split: Annotated[Split, typer.Option(help="train for candidates, val for the trusted validation set.", rich_help_panel=DATA)] = Split.train,
+    engine: EngineOpt = EngineName.auto,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    max_tokens: MaxTokensOpt = 1024,
+    seed: Annotated[int, typer.Option(help="Sampling seed (per problem: sha256(seed/id)).", rich_help_panel=ROLLOUTS)] = 0,
+    reward: RewardOpt = None,
+    prompt_key: PromptKeyOpt = None,
+    answer_key: AnswerKeyOpt = None,
     hash_mode: HashOpt = HashMode.sha256,
-    copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
-    shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard (a killed run redoes at most one).")] = 256,
+    copy: CopyOpt = False,
+    shard_size: ShardSizeOpt = 256,
     shard: ShardOpt = None,
     tensor_parallel_size: TensorParallelOpt = 1,
     gpu_memory_utilization: GpuMemoryOpt = None,
@@ -231,42 +268,49 @@ class Feature(str, Enum):
 @app.command()
 def score(
     model: ModelOpt,
-    pool: Annotated[Path, typer.Option(help="Candidate problems (verl Parquet or JSONL).")],
-    val: Annotated[Path, typer.Option(help="Trusted validation problems (verl Parquet or JSONL).")],
+    pool: Annotated[Path, typer.Option(help="Candidate problems (verl Parquet or JSONL).", rich_help_panel=DATA)],
+    val: Annotated[Path, typer.Option(help="Trusted validation problems (verl Parquet or JSONL).", rich_help_panel=DATA)],
     store: StoreOpt,
-    n: Annotated[int, typer.Option("--n", "-k", min=2, help="Rollouts per candidate problem.")] = 8,
-    n_val: Annotated[Optional[int], typer.Option(min=2, help="Rollouts per validation problem (default --n).")] = None,
-    engine: Annotated[EngineName, typer.Option(help="auto = vLLM when installed, else transformers.")] = EngineName.auto,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Response length limit in tokens.")] = 1024,
-    reward: Annotated[Optional[str], typer.Option(help="gsm8k, math, math_dapo, int, exact, random, verl or module:function. Default: by reward_model.style, then data_source as verl routes it.")] = None,
-    prompt_key: Annotated[Optional[str], typer.Option(help="Prompt column override.")] = None,
-    answer_key: Annotated[Optional[str], typer.Option(help="Answer column override (dots reach into structs).")] = None,
-    sketch: Annotated[str, typer.Option(help="Two-sided sketch per module, KOUTxKIN.")] = "16x16",
-    sketch_blocks: Annotated[int, typer.Option(min=1, help="Independent KOUTxKIN sketches per module, averaged (lower variance).")] = 1,
-    alignment: Annotated[str, typer.Option(help="How score_cos, the cosine with the validation gradient that `select --target mean` modes read, is computed for --feature projected. sketch (default): from the projected vectors, at no extra cost; lowrank: in the hooked pass, against the validation gradient truncated by SVD (docs/algorithm.md, section 4); exact: against the full validation gradient. lowrank and exact hold a full validation gradient (4 bytes per parameter).")] = "sketch",
-    modules: Annotated[Optional[str], typer.Option(help="Regex over module names (default: every Linear, MoE router and fused expert weight in the decoder blocks).")] = None,
-    feature: Annotated[Feature, typer.Option(help="projected (hooks), head (output layer, forward only) or exact (full gradients, small models).")] = Feature.projected,
-    adv: Annotated[str, typer.Option(help="grpo or drgrpo (no std).")] = "grpo",
-    loss_agg: Annotated[str, typer.Option(help="verl's loss_agg_mode: seq-mean-token-mean, token-mean or seq-mean-token-sum.")] = "seq-mean-token-mean",
-    val_agg: Annotated[str, typer.Option(help="batch (normalised summed gradient) or mean-normalized.")] = "batch",
-    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 on a GPU.")] = "float32",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    max_tokens_per_batch: Annotated[Optional[int], typer.Option(min=16, help="Token budget of one packed forward/backward pass (default 2048 on the CPU, 16384 on a GPU).")] = None,
-    seed: Annotated[int, typer.Option(help="Sampling and projection seed.")] = 0,
+    n: Annotated[int, typer.Option("--n", "-k", min=2, help="Rollouts per candidate problem.", rich_help_panel=ROLLOUTS)] = 8,
+    n_val: Annotated[Optional[int], typer.Option(min=2, help="Rollouts per validation problem (default --n).", rich_help_panel=ROLLOUTS)] = None,
+    engine: EngineOpt = EngineName.auto,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    max_tokens: MaxTokensOpt = 1024,
+    reward: RewardOpt = None,
+    prompt_key: PromptKeyOpt = None,
+    answer_key: AnswerKeyOpt = None,
+    sketch: Annotated[str, typer.Option(help="Two-sided sketch per module, KOUTxKIN.", rich_help_panel=GRADIENTS)] = "16x16",
+    sketch_blocks: Annotated[int, typer.Option(min=1, help="Independent sketches per module, averaged (lower variance).", rich_help_panel=GRADIENTS)] = 1,
+    alignment: Annotated[Alignment, typer.Option(help="How score_cos (read by --target mean) is computed: from the sketch, or in the pass against a truncated or full validation gradient.", rich_help_panel=GRADIENTS)] = Alignment("sketch"),
+    modules: Annotated[Optional[str], typer.Option(help="Regex over module names (default: every Linear, router and fused expert in the decoder blocks).", rich_help_panel=GRADIENTS)] = None,
+    feature: Annotated[Feature, typer.Option(help="projected (hooks), head (output layer, forward only) or exact (full gradients, small models).", rich_help_panel=GRADIENTS)] = Feature.projected,
+    adv: Annotated[Advantage, typer.Option(help="Advantage: GRPO, or Dr. GRPO (no std).", rich_help_panel=GRADIENTS)] = Advantage("grpo"),
+    loss_agg: Annotated[LossAgg, typer.Option(help="verl's loss_agg_mode.", rich_help_panel=GRADIENTS)] = LossAgg("seq-mean-token-mean"),
+    val_agg: Annotated[ValAgg, typer.Option(help="Validation direction: normalised summed gradient, or mean of unit gradients.", rich_help_panel=GRADIENTS)] = ValAgg("batch"),
+    dtype: Annotated[DType, typer.Option(help="Model dtype for the gradient pass (bfloat16 on a GPU).", rich_help_panel=MODEL)] = DType("float32"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL)] = "auto",
+    max_tokens_per_batch: Annotated[Optional[int], typer.Option(min=16, help="Tokens in one packed forward/backward pass (default 2048 on the CPU, 16384 on a GPU).", rich_help_panel=GRADIENTS)] = None,
+    seed: Annotated[int, typer.Option(help="Sampling and projection seed.", rich_help_panel=ROLLOUTS)] = 0,
     hash_mode: HashOpt = HashMode.sha256,
-    copy: Annotated[bool, typer.Option("--copy", help="Freeze the checkpoint into the store.")] = False,
-    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Score only the first M problems of a seeded pool order as round 0; `refresh` takes the next chunks.")] = None,
-    shard_size: Annotated[int, typer.Option(min=1, help="Problems per resumable shard of rollouts and of vectors (a killed run redoes at most one).")] = 256,
+    copy: CopyOpt = False,
+    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Score only the first M problems of a seeded pool order as round 0; `refresh` takes the next.", rich_help_panel=DATA)] = None,
+    shard_size: ShardSizeOpt = 256,
     shard: ShardOpt = None,
     tensor_parallel_size: TensorParallelOpt = 1,
     gpu_memory_utilization: GpuMemoryOpt = None,
     max_model_len: MaxModelLenOpt = None,
-    executor: Annotated[Executor, typer.Option(help="local: this process (or the --shard part); ray: every shard as a Ray task, one GPU each where the cluster has GPUs (docs/scale.md).")] = Executor.local,
-    ray_address: Annotated[Optional[str], typer.Option(help="With --executor ray: an existing cluster's address (default: start a local one).")] = None,
+    executor: Annotated[Executor, typer.Option(help="local: this process; ray: every shard as a Ray task, one GPU each where there are GPUs.", rich_help_panel=SCALE)] = Executor.local,
+    ray_address: Annotated[Optional[str], typer.Option(help="With --executor ray: an existing cluster (default: start a local one).", rich_help_panel=SCALE)] = None,
 ) -> None:
-    """Roll out pool and validation set, compute projected GRPO gradients, score alignment."""
+    """Roll out pool and validation set, compute projected GRPO gradients, score alignment.
+
+    Every stage is resumable: rerun the same command after a crash and only missing shards are made (--shard-size problems each). --shard I/N makes only shards I, I+N, ... of the candidates, beside other processes or machines filling the same store; a plain `score` afterwards writes the scores (docs/scale.md). --executor ray runs those parts as Ray tasks, one per GPU (else per CPU), on a local cluster or the one at --ray-address.
+
+    --alignment sketch (the default) computes score_cos, which the --target mean modes read, from the projected vectors at no extra cost; lowrank and exact compute it in the gradient pass against the truncated or full validation gradient, which holds 4 bytes per captured parameter (docs/algorithm.md, section 4). --tensor-parallel-size, --gpu-memory-utilization and --max-model-len go to vLLM; the last also caps the prompt check.
+
+    Each stage's cost (seconds, tokens/s, bytes, peak memory) is recorded in the store; `gradsel info` shows it. Prints one JSON line: store, feature, vector dimension, candidates, non-zero-advantage count.
+    """
     from gradsel.pipeline import RolloutOptions, run_score
     from gradsel.score import ScoreConfig, parse_sketch
     from gradsel.store import parse_part
@@ -278,8 +322,8 @@ def score(
                         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                         max_model_len=max_model_len)
     sc = ScoreConfig(feature=feature.value, sketch=parse_sketch(sketch), blocks=sketch_blocks,
-                     alignment=alignment, modules=modules, adv=adv,
-                     loss_agg=loss_agg, val_agg=val_agg, dtype=dtype, device=device,
+                     alignment=alignment.value, modules=modules, adv=adv.value,
+                     loss_agg=loss_agg.value, val_agg=val_agg.value, dtype=dtype.value, device=device,
                      max_tokens_per_batch=max_tokens_per_batch, seed=seed)
     sc.validate()  # a bad option fails here, before the rollouts
     part = parse_part(shard) if shard else None
@@ -308,20 +352,46 @@ def score(
     _emit_json({"store": str(store), "feature": feature.value, "dim": result.spec.dim,
                 "candidates": len(train), "nonzero_advantage": sum(not r["zero_advantage"] for r in train)})
 
-TopKOpt = Annotated[Optional[int], typer.Option(help="Select this many problems.")]
-RatioOpt = Annotated[Optional[float], typer.Option(help="Select this share of the candidates (0-1].")]
-ModeOpt = Annotated[str, typer.Option(help="reliable (the default: alignment, minus a penalty where the judge gave identical answers "
-                                           "different rewards), gradalign (the paper's cosine), dot, accgreedy, band, simacc, "
-                                           "learnalign or random.")]
-TargetOpt = Annotated[str, typer.Option(help="What reliable, gradalign and simacc align with. max: the best single validation "
-                                             "problem (LESS-style, through the FAISS index); mean: the validation set's gradient "
-                                             "(the paper's); subspace: per module, the share of the candidate's gradient in the span of the validation "
-                                             "gradients, averaged over modules; "
-                                             "auto (the default): subspace where the store holds vectors, else mean (--feature exact).")]
-FormatOpt = Annotated[str, typer.Option("--format", help="verl (Parquet), jsonl (original rows), openrlhf (input/label) or ids.")]
-OutOpt = Annotated[str, typer.Option(help="Output file, or - for stdout.")]
-AllowFewerOpt = Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.")]
-SelectSeedOpt = Annotated[int, typer.Option(help="Seed for the random and band modes.")]
+
+# The selection options: `select`, `refresh` and `report` take the same ones (_select_config).
+TopKOpt = Annotated[Optional[int], typer.Option(help="Select this many problems.", rich_help_panel=SELECTION)]
+RatioOpt = Annotated[Optional[float], typer.Option(help="Select this share of the candidates (0-1].", rich_help_panel=SELECTION)]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every eligible problem, ranked (a curriculum order).", rich_help_panel=SELECTION)]
+ModeOpt = Annotated[Mode, typer.Option(help="How candidates are ranked (the modes are described above).", rich_help_panel=SELECTION)]
+TargetOpt = Annotated[Target, typer.Option(help="What the alignment modes align with; auto is subspace where the store holds vectors.", rich_help_panel=SELECTION)]
+BandOpt = Annotated[str, typer.Option(help="Pass-rate band LO,HI for --mode band.", rich_help_panel=SELECTION)]
+MinScoreOpt = Annotated[Optional[float], typer.Option(help="Drop candidates whose mode score is below this.", rich_help_panel=SELECTION)]
+ZeroAdvantageOpt = Annotated[bool, typer.Option(help="Keep problems whose rewards are all equal (no GRPO signal).", rich_help_panel=SELECTION)]
+BalanceOpt = Annotated[Optional[str], typer.Option(help="Per-group quotas proportional to the pool, e.g. data_source.", rich_help_panel=SELECTION)]
+BalanceWeightsOpt = Annotated[Optional[str], typer.Option(help="Quotas from weights instead, e.g. 'gsm8k=0.7,math=0.3'.", rich_help_panel=SELECTION)]
+DiverseOpt = Annotated[Optional[float], typer.Option(help="MMR trade-off in (0, 1]: lower trades score for gradient diversity.", rich_help_panel=SELECTION)]
+IndexOpt = Annotated[IndexKind, typer.Option(help="FAISS index for learnalign and --target max; saved in the store.", rich_help_panel=SELECTION)]
+AllowFewerOpt = Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.", rich_help_panel=SELECTION)]
+SelectSeedOpt = Annotated[int, typer.Option(help="Seed for the random and band modes.", rich_help_panel=SELECTION)]
+FormatOpt = Annotated[Format, typer.Option("--format", help="verl Parquet, the original rows as JSONL, OpenRLHF input/label, or ids.", rich_help_panel=OUTPUT)]
+OutOpt = Annotated[str, typer.Option(help="Output file, or - for stdout.", rich_help_panel=OUTPUT)]
+AnnotateOpt = Annotated[bool, typer.Option(help="Add gradsel_rank, gradsel_score and gradsel_mode columns.", rich_help_panel=OUTPUT)]
+
+SELECT_MODES_HELP = (
+    "Modes: reliable (the default) is the alignment below minus 2 x (1 - judge consistency), so problems whose "
+    "judge gave identical answers different rewards sink; gradalign is the paper's cosine with the validation "
+    "gradient; dot its inner product; accgreedy puts pass rates nearest 0.5 first; band takes a pass-rate band in "
+    "seeded random order; simacc is cosine x 4p(1-p); learnalign is the cosine with the pool's mean gradient (no "
+    "validation set); random is seeded.\n\n"
+    "Targets (for reliable, gradalign and simacc): subspace, per module the share of the candidate's gradient in "
+    "the span of the validation gradients, averaged over modules; mean, the cosine with the validation set's "
+    "gradient; max, the best cosine with any single validation problem (LESS-style, through the FAISS index); "
+    "auto, subspace where the store holds vectors, else mean.")
+
+
+def _select_config(*, mode, top_k, ratio, all_, band, min_score, include_zero_advantage, balance,
+                   balance_weights, diverse, target, index, seed, allow_fewer):
+    from gradsel.select import SelectConfig, parse_band, parse_weights
+
+    return SelectConfig(mode=mode.value, top_k=top_k, ratio=ratio, all=all_, band=parse_band(band),
+                        min_score=min_score, include_zero_advantage=include_zero_advantage, balance=balance,
+                        balance_weights=parse_weights(balance_weights) if balance_weights else None,
+                        diverse=diverse, target=target.value, index=index.value, seed=seed, allow_fewer=allow_fewer)
 
 
 def _check_output(out: str, fmt: str, force: bool) -> None:
@@ -338,49 +408,56 @@ def _check_output(out: str, fmt: str, force: bool) -> None:
                            "openrlhf or ids")
 
 
-@app.command("select")
+@app.command("select", help="Emit the best problems for the next round, unchanged, in the trainer's format.\n\n"
+             "Rows come out in rank order, best first, exactly as they came in: verl Parquet rows are taken from the "
+             "original table, JSONL lines are copied byte for byte. A file output gets a selection manifest beside it "
+             "(OUT.gradsel.json: mode, parameters, spec, checkpoint, counts). With the defaults (--format verl --out -) "
+             "the Parquet bytes go to stdout for a pipe; in a terminal gradsel refuses before any work.\n\n"
+             + SELECT_MODES_HELP + "\n\n"
+             "--balance data_source keeps per-group quotas proportional to the eligible pool; --balance-weights "
+             "gsm8k=0.7,math=0.3 sets them instead (groups not named get none), and a group short of its quota gives "
+             "the rest to the others. --index chooses the FAISS index over the candidate vectors for learnalign and "
+             "--target max: saved in the store and rebuilt when the vectors change (docs/store.md).")
 def select_cmd(
-    store: Annotated[Path, typer.Option("--store", "-s", help="A scored store.")],
+    store: Annotated[Path, typer.Option("--store", "-s", help="A scored store.", rich_help_panel=DATA)],
     top_k: TopKOpt = None,
     ratio: RatioOpt = None,
-    all_: Annotated[bool, typer.Option("--all", help="Emit every eligible problem, ranked (a curriculum order).")] = False,
-    mode: ModeOpt = "reliable",
-    band: Annotated[str, typer.Option(help="Pass-rate band LO,HI for --mode band.")] = "0.0,1.0",
-    min_score: Annotated[Optional[float], typer.Option(help="Drop candidates whose mode score is below this.")] = None,
-    include_zero_advantage: Annotated[bool, typer.Option(help="Keep problems whose rewards are all equal (no GRPO signal).")] = False,
-    balance: Annotated[Optional[str], typer.Option(help="Keep per-group quotas proportional to the pool, e.g. data_source.")] = None,
-    balance_weights: Annotated[Optional[str], typer.Option(help="Quotas from weights instead of pool shares, e.g. 'gsm8k=0.7,math=0.3' (groups not named get none).")] = None,
-    diverse: Annotated[Optional[float], typer.Option(help="MMR trade-off in (0, 1]: lower trades score for gradient diversity.")] = None,
-    target: TargetOpt = "auto",
-    index: Annotated[str, typer.Option(help="FAISS index for the vector queries (learnalign, --target max): auto (flat up to 200k candidates, else ivfpq), flat, ivf or ivfpq. Saved in the store, rebuilt when stale.")] = "auto",
-    fmt: FormatOpt = "verl",
-    out: OutOpt = "-",
-    annotate: Annotated[bool, typer.Option(help="Add gradsel_rank, gradsel_score and gradsel_mode columns.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.")] = False,
+    all_: AllOpt = False,
+    mode: ModeOpt = Mode("reliable"),
+    target: TargetOpt = Target("auto"),
+    band: BandOpt = "0.0,1.0",
+    min_score: MinScoreOpt = None,
+    include_zero_advantage: ZeroAdvantageOpt = False,
+    balance: BalanceOpt = None,
+    balance_weights: BalanceWeightsOpt = None,
+    diverse: DiverseOpt = None,
+    index: IndexOpt = IndexKind("auto"),
     allow_fewer: AllowFewerOpt = False,
     seed: SelectSeedOpt = 0,
+    fmt: FormatOpt = Format("verl"),
+    out: OutOpt = "-",
+    annotate: AnnotateOpt = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
-    """Emit the best problems for the next round, unchanged, in the trainer's format."""
     from gradsel.rounds import latest_round_store, select_emit_record
-    from gradsel.select import SelectConfig, parse_band, parse_weights
     from gradsel.store import existing_store
 
     console.protect_stdout()
-    cfg = SelectConfig(mode=mode, top_k=top_k, ratio=ratio, all=all_, band=parse_band(band), min_score=min_score,
-                       include_zero_advantage=include_zero_advantage, balance=balance,
-                       balance_weights=parse_weights(balance_weights) if balance_weights else None, diverse=diverse,
-                       target=target, index=index, seed=seed, allow_fewer=allow_fewer)
+    cfg = _select_config(mode=mode, top_k=top_k, ratio=ratio, all_=all_, band=band, min_score=min_score,
+                         include_zero_advantage=include_zero_advantage, balance=balance,
+                         balance_weights=balance_weights, diverse=diverse, target=target, index=index, seed=seed,
+                         allow_fewer=allow_fewer)
     round_store = latest_round_store(store)
     existing_store(round_store)  # a clear error where no store is
-    _check_output(out, fmt, force)
-    selection, n = select_emit_record(store, round_store, cfg, fmt=fmt, out=out, annotate=annotate, force=force)
-    console.info(f"selected {n} of {selection.eligible} eligible problems ({mode}) -> {'stdout' if out == '-' else out}")
+    _check_output(out, fmt.value, force)
+    selection, n = select_emit_record(store, round_store, cfg, fmt=fmt.value, out=out, annotate=annotate, force=force)
+    console.info(f"selected {n} of {selection.eligible} eligible problems ({mode.value}) -> {'stdout' if out == '-' else out}")
 
 
 @app.command()
-def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store directory.")]) -> None:
-    """Show what a store holds: checkpoint, rollouts, spec, pass rates, rounds."""
-    from gradsel.report import store_summary, show_store
+def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store directory.", rich_help_panel=DATA)]) -> None:
+    """Show what a store holds: checkpoint, rollouts, spec, pass rates, per-stage cost, rounds."""
+    from gradsel.summary import store_summary, show_store
 
     console.protect_stdout()
     summary = store_summary(store)
@@ -388,41 +465,93 @@ def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store dire
     _emit_json(summary)
 
 
-@app.command()
-def refresh(
-    store: Annotated[Path, typer.Option("--store", "-s", help="A store made by `score --chunk-size`.")],
-    model: ModelOpt,
-    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Problems in the next chunk (default: the store's).")] = None,
+@app.command(help="Write a self-contained HTML report of a store, with plots.\n\n"
+             "Pass rates, the selection's scores, what each mode would keep, judge consistency and alignment, "
+             "rounds, per-stage cost and provenance. The file needs no network to view. The selection options choose what the report marks as selected "
+             "(default: --ratio 0.1 of the default mode).\n\n" + SELECT_MODES_HELP)
+def report(
+    store: Annotated[Path, typer.Option("--store", "-s", help="A scored store.", rich_help_panel=DATA)],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.", rich_help_panel=OUTPUT)] = Path("gradsel-report.html"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.", rich_help_panel=OUTPUT)] = False,
     top_k: TopKOpt = None,
     ratio: RatioOpt = None,
-    mode: ModeOpt = "reliable",
-    target: TargetOpt = "auto",
-    fmt: FormatOpt = "verl",
-    out: OutOpt = "-",
-    reuse_unselected: Annotated[bool, typer.Option(help="Offer problems that earlier rounds scored but did not select again.")] = False,
-    force: Annotated[bool, typer.Option(help="Rescore even when the checkpoint is identical to the last round's; overwrite --out.")] = False,
-    restart_round: Annotated[bool, typer.Option(help="Drop an incomplete last round (a refresh that failed) and score its chunk with --model.")] = False,
+    all_: AllOpt = False,
+    mode: ModeOpt = Mode("reliable"),
+    target: TargetOpt = Target("auto"),
+    band: BandOpt = "0.0,1.0",
+    min_score: MinScoreOpt = None,
+    include_zero_advantage: ZeroAdvantageOpt = False,
+    balance: BalanceOpt = None,
+    balance_weights: BalanceWeightsOpt = None,
+    diverse: DiverseOpt = None,
+    index: IndexOpt = IndexKind("auto"),
     allow_fewer: AllowFewerOpt = False,
     seed: SelectSeedOpt = 0,
 ) -> None:
-    """Next round: snapshot the new checkpoint, score the next chunk, select, emit."""
+    from gradsel.report import write_report
+    from gradsel.store import existing_store
+
+    console.protect_stdout()
+    if top_k is None and ratio is None and not all_:
+        ratio = 0.1
+    cfg = _select_config(mode=mode, top_k=top_k, ratio=ratio, all_=all_, band=band, min_score=min_score,
+                         include_zero_advantage=include_zero_advantage, balance=balance,
+                         balance_weights=balance_weights, diverse=diverse, target=target, index=index, seed=seed,
+                         allow_fewer=allow_fewer)
+    cfg.validate()
+    existing_store(store)
+    size = write_report(store, out, cfg, force=force)
+    console.info(f"wrote {out} ({size / 1024:.0f} KiB)")
+    _emit_json({"store": str(store), "report": str(out), "bytes": size})
+
+
+@app.command(help="Next round: snapshot the new checkpoint, score the next chunk, select, emit.\n\n"
+             "With --top-k, --ratio or --all it also selects from the new round, with the same options as "
+             "`gradsel select`.\n\n" + SELECT_MODES_HELP)
+def refresh(
+    store: Annotated[Path, typer.Option("--store", "-s", help="A store made by `score --chunk-size`.", rich_help_panel=DATA)],
+    model: ModelOpt,
+    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Problems in the next chunk (default: the store's).", rich_help_panel=DATA)] = None,
+    reuse_unselected: Annotated[bool, typer.Option(help="Offer problems that earlier rounds scored but did not select again.", rich_help_panel=DATA)] = False,
+    restart_round: Annotated[bool, typer.Option(help="Drop an incomplete last round (a refresh that failed) and score its chunk with --model.", rich_help_panel=DATA)] = False,
+    top_k: TopKOpt = None,
+    ratio: RatioOpt = None,
+    all_: AllOpt = False,
+    mode: ModeOpt = Mode("reliable"),
+    target: TargetOpt = Target("auto"),
+    band: BandOpt = "0.0,1.0",
+    min_score: MinScoreOpt = None,
+    include_zero_advantage: ZeroAdvantageOpt = False,
+    balance: BalanceOpt = None,
+    balance_weights: BalanceWeightsOpt = None,
+    diverse: DiverseOpt = None,
+    index: IndexOpt = IndexKind("auto"),
+    allow_fewer: AllowFewerOpt = False,
+    seed: SelectSeedOpt = 0,
+    fmt: FormatOpt = Format("verl"),
+    out: OutOpt = "-",
+    annotate: AnnotateOpt = False,
+    force: Annotated[bool, typer.Option(help="Rescore even when the checkpoint is identical to the last round's; overwrite --out.", rich_help_panel=OUTPUT)] = False,
+) -> None:
     from gradsel.rounds import refresh as refresh_round, round_dir, select_emit_record
-    from gradsel.select import SelectConfig
     from gradsel.store import writer_lock
 
     console.protect_stdout()
-    wants_selection = top_k is not None or ratio is not None
-    cfg = SelectConfig(mode=mode, top_k=top_k, ratio=ratio, target=target, seed=seed, allow_fewer=allow_fewer)
+    wants_selection = top_k is not None or ratio is not None or all_
+    cfg = _select_config(mode=mode, top_k=top_k, ratio=ratio, all_=all_, band=band, min_score=min_score,
+                         include_zero_advantage=include_zero_advantage, balance=balance,
+                         balance_weights=balance_weights, diverse=diverse, target=target, index=index, seed=seed,
+                         allow_fewer=allow_fewer)
     if wants_selection:
         cfg.validate()  # fail before any work
-        _check_output(out, fmt, force)
+        _check_output(out, fmt.value, force)
     with writer_lock(store):
-        index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
-                                      force=force, restart_round=restart_round)
-    summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
+        index_, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
+                                       force=force, restart_round=restart_round)
+    summary = {"store": str(store), "round": index_, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
     if wants_selection:
-        selection, _ = select_emit_record(store, round_dir(store, index), cfg, fmt=fmt, out=out, annotate=False,
-                                          force=force)
+        selection, _ = select_emit_record(store, round_dir(store, index_), cfg, fmt=fmt.value, out=out,
+                                          annotate=annotate, force=force)
         summary["selected"] = len(selection.problem_ids)
     if out != "-" or not wants_selection:
         _emit_json(summary)

@@ -15,6 +15,25 @@ _verbosity = 1  # 0 quiet, 1 normal, 2 verbose
 def set_verbosity(*, quiet: bool = False, verbose: bool = False) -> None:
     global _verbosity
     _verbosity = 0 if quiet else 2 if verbose else 1
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Silence vLLM's, transformers' and torch's own logs and warnings, here and in the worker
+    processes they start (which inherit the environment): gradsel reports progress itself, and
+    `--verbose` brings them back. A variable the user has set is left as it is."""
+    import os
+    import warnings
+
+    for name, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("TORCH_CPP_LOG_LEVEL", "ERROR"), ("TORCH_LOGS", "-torch"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                        ("TOKENIZERS_PARALLELISM", "false"),
+                        ("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")):
+        os.environ.setdefault(name, value)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def is_verbose() -> bool:

@@ -24,10 +24,10 @@ from typing import Iterator
 import numpy as np
 
 from gradsel import console
+from gradsel.choices import INDEX_KINDS
 from gradsel.errors import GradselError
 from gradsel.store import shard_marker
 
-INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq")
 AUTO_FLAT_MAX = 200_000  # a flat index of 200k x 2048 float32 is 1.6 GB; above that, compress
 INDEX_VERSION = 1
 

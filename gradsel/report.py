@@ -1,72 +1,290 @@
-"""Reports: what a store holds (`gradsel info`) and tables for the demo."""
+"""`gradsel report`: one self-contained HTML file that shows a store.
+
+The plots are matplotlib figures inlined as SVG (text as text; a scatter of many points as one
+embedded PNG): the file needs no script, no font and no network to view, and is a few hundred
+KB. Sections: the pool's pass rates, the selection's scores, what each mode would keep, judge
+consistency and validation alignment, the rounds, per-stage cost, and provenance.
+"""
 
 from __future__ import annotations
 
+import html
+import io
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from rich.table import Table
 
-from gradsel import console
-from gradsel.store import Store, existing_store
+from gradsel.errors import GradselError
+from gradsel.select import SelectConfig
+
+# Modes compared in "what each mode would keep": those that need no FAISS index (learnalign
+# and --target max build one, which a report should not pay for).
+COMPARED_MODES = ("reliable", "gradalign", "dot", "simacc", "accgreedy", "random")
+RASTER_POINTS = 5000  # above this many points a scatter is embedded as one PNG, not one SVG path each
 
 
-def store_summary(path: Path) -> dict:
+@dataclass(frozen=True)
+class Section:
+    title: str
+    body: str  # HTML
+    note: str = ""
+
+
+def build_report(store_dir: Path, cfg: SelectConfig) -> str:
+    """The report's HTML for a store (its latest round for a rounds store), with the selection
+    `cfg` marked."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from gradsel.rounds import latest_round_store, round_selection
+    from gradsel.rounds import latest_round_store
+    from gradsel.select import Candidates, load_score_table, mode_score_array, resolve_target, select
+    from gradsel.store import existing_store
+    from gradsel.summary import store_summary
 
-    top = Store(Path(path)).read_manifest()
-    rounds = [{"round": r["round"], "checkpoint": r.get("checkpoint", "(incomplete)"), "model": r["model"],
-               "offered": len(r["chunk_ids"]), "selected": len(round_selection(path, r) or [])}
-              for r in top.get("rounds", [])]
-    store = existing_store(latest_round_store(path))
-    manifest = store.read_manifest()
-    snap = manifest.get("snapshot") or {}
-    summary: dict = {
-        "store": str(path), "format_version": manifest.get("format_version"),
-        "checkpoint": {"path": snap.get("source_path"), "content_hash": snap.get("content_hash")},
-        "rollouts": {split: {"problems_file": r["problems_file"], "n": r["sampling"]["n"], "engine": r["engine"],
-                             "rewards": r.get("rewards_by_data_source")}
-                     for split, r in (manifest.get("rollouts") or {}).items()},
-        "rounds": rounds,
-    }
-    spec = manifest.get("projector")
-    if spec:
-        summary["projector"] = {"feature": spec["feature"], "sketch": f"{spec['k_out']}x{spec['k_in']}",
-                                "blocks": spec.get("blocks", 1), "modules": len(spec["modules"]), "seed": spec["seed"],
-                                "alignment": manifest.get("alignment"), "val_agg": manifest.get("val_agg")}
-    features = manifest.get("features")
-    if features and (store.root / features / "scores.parquet").is_file():
-        rows = [r for r in pq.read_table(store.root / features / "scores.parquet").to_pylist() if r["split"] == "train"]
-        rates = np.array([r["pass_rate"] for r in rows])
-        hist, _ = np.histogram(rates, bins=10, range=(0, 1))
-        summary["candidates"] = {"scored": len(rows), "zero_advantage": sum(r["zero_advantage"] for r in rows),
-                                 "pass_rate_histogram": hist.tolist()}
-    return summary
+    summary = store_summary(store_dir)
+    store = existing_store(latest_round_store(store_dir))
+    manifest, table, directory = load_score_table(store)
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    candidates = Candidates.from_table(train)
+    sources = np.array(candidates.groups.get("data_source", [""] * len(candidates.ids)), dtype=object)
+    cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"]))
+    selection = select(store, cfg)
+    chosen = np.isin(np.array(candidates.ids, dtype=object), np.array(selection.problem_ids, dtype=object))
+    scores = mode_score_array(candidates, cfg, directory, fetch=len(candidates.ids))
+    k = len(selection.problem_ids)
+    by_mode = {}
+    for mode in COMPARED_MODES:
+        try:
+            by_mode[mode] = select(store, replace(cfg, mode=mode, top_k=k, ratio=None, all=False, allow_fewer=True)).problem_ids
+        except GradselError:  # a mode with nothing eligible is left out of the comparison
+            continue
+    history = Path(store_dir) / "history.parquet"
+    sections = [
+        _pass_rates(candidates, sources),
+        _scores(candidates, sources, scores, chosen, cfg),
+        _modes(by_mode, dict(zip(candidates.ids, sources)), cfg.mode),
+        _distributions(candidates, sources, directory, manifest),
+        _rounds(summary, pq.read_table(history).to_pylist() if history.is_file() else []),
+        _costs(summary.get("costs", {})),
+        _provenance(summary, manifest),
+    ]
+    title = f"gradsel report: {Path(store_dir).name}"
+    lead = (f"{len(candidates.ids):,} candidates from {len(set(sources)):,} data sources; "
+            f"<b>{k:,}</b> selected by <code>--mode {cfg.mode} --target {cfg.target}</code> "
+            f"({_how_many(cfg)}), of {selection.eligible:,} eligible.")
+    return _page(title, lead, sections)
 
 
-def show_store(summary: dict) -> None:
-    table = Table(title=f"store {summary['store']}", show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value")
-    ck = summary["checkpoint"]
-    table.add_row("checkpoint", f"{ck['path']}  {str(ck['content_hash'])[:23]}")
+def write_report(store_dir: Path, out: Path, cfg: SelectConfig, force: bool = False) -> int:
+    """Write the report; return its size in bytes. An existing file needs `force`."""
+    from gradsel.fsutil import atomic_write_bytes
+
+    if out.exists() and not force:
+        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+    data = build_report(store_dir, cfg).encode()
+    atomic_write_bytes(out, data)
+    return len(data)
+
+
+def _how_many(cfg: SelectConfig) -> str:
+    return "--all" if cfg.all else f"--top-k {cfg.top_k}" if cfg.top_k is not None else f"--ratio {cfg.ratio}"
+
+
+# -- sections -------------------------------------------------------------------------------------
+
+def _pass_rates(c, sources: np.ndarray) -> Section:
+    plt = _pyplot()
+    groups = sorted(set(sources))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    bins = np.linspace(0, 1, 11)
+    labels = []
+    for g in groups:
+        mask = sources == g
+        zero = c.zero_advantage[mask].mean() if mask.any() else 0.0
+        labels.append(f"{g or '(none)'} (n={mask.sum():,}, zero advantage {zero:.0%})")
+    ax.hist([c.pass_rate[sources == g] for g in groups], bins=bins, stacked=True, label=labels)
+    ax.set_xlabel("pass rate (share of the k rollouts rewarded)")
+    ax.set_ylabel("problems")
+    ax.legend(fontsize=7, frameon=False)
+    note = (f"{c.zero_advantage.mean():.0%} of the pool has zero advantage (every rollout rewarded alike): "
+            "no GRPO signal, left out of every selection unless --include-zero-advantage.")
+    return Section("Pass rates by data source", _svg(fig), note)
+
+
+def _scores(c, sources: np.ndarray, scores: np.ndarray, chosen: np.ndarray, cfg: SelectConfig) -> Section:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    # Pass rates are multiples of 1/k: a fixed jitter keeps the points apart.
+    jitter = np.random.default_rng(0).uniform(-0.012, 0.012, len(scores))
+    finite = np.isfinite(scores)
+    raster = len(scores) > RASTER_POINTS
+    for g in sorted(set(sources)):
+        mask = (sources == g) & finite
+        ax.scatter(c.pass_rate[mask] + jitter[mask], scores[mask], s=9, alpha=0.7, label=g or "(none)",
+                   rasterized=raster, linewidths=0)
+    ax.scatter(c.pass_rate[chosen & finite] + jitter[chosen & finite], scores[chosen & finite], s=36,
+               facecolors="none", edgecolors="black", linewidths=0.8, label="selected", rasterized=raster)
+    ax.set_xlabel("pass rate")
+    ax.set_ylabel(f"{cfg.mode} score (target {cfg.target})")
+    ax.legend(fontsize=7, frameon=False, loc="best")
+    return Section("Score against pass rate", _svg(fig), "Rings mark the selected problems.")
+
+
+def _modes(by_mode: dict[str, list[str]], source_of: dict[str, str], current: str) -> Section:
+    plt = _pyplot()
+    modes = list(by_mode)
+    groups = sorted(set(source_of.values()))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [1.3, 1]})
+    shares = np.array([[sum(source_of[p] == g for p in by_mode[m]) / max(len(by_mode[m]), 1) for g in groups]
+                       for m in modes])
+    base = np.zeros(len(modes))
+    for j, g in enumerate(groups):
+        left.barh(modes, shares[:, j], left=base, label=g or "(none)")
+        base += shares[:, j]
+    left.invert_yaxis()
+    left.set_xlabel("share of the selection")
+    left.set_xlim(0, 1)
+    left.legend(fontsize=7, frameon=False, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    sets = [set(by_mode[m]) for m in modes]
+    overlap = np.array([[len(a & b) / max(len(a | b), 1) for b in sets] for a in sets])
+    im = right.imshow(overlap, vmin=0, vmax=1, cmap="viridis")
+    right.set_xticks(range(len(modes)), modes, rotation=45, ha="right", fontsize=8)
+    right.set_yticks(range(len(modes)), modes, fontsize=8)
+    for i in range(len(modes)):
+        for j in range(len(modes)):
+            right.text(j, i, f"{overlap[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                       color="white" if overlap[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=right, label="Jaccard overlap")
+    note = (f"Each mode takes as many problems as --mode {current} did. Left: data sources in each "
+            "selection; right: how much two selections share. learnalign and --target max query a "
+            "FAISS index and are not compared here.")
+    return Section("What each mode would keep", _svg(fig), note)
+
+
+def _distributions(c, sources: np.ndarray, directory: Path, manifest: dict) -> Section:
+    plt = _pyplot()
+    from gradsel.index import vector_shards
+
+    has_vectors = bool(vector_shards(directory, "train"))
+    fig, axes = plt.subplots(1, 3 if has_vectors else 2, figsize=(10, 3.0))
+    live = ~c.zero_advantage
+    axes[0].hist(c.consistency[live], bins=np.linspace(0, 1, 21), color="tab:purple")
+    axes[0].set_xlabel("judge consistency")
+    axes[0].set_ylabel("problems (non-zero advantage)")
+    axes[1].hist(c.score_cos[live], bins=40, color="tab:green")
+    axes[1].set_xlabel(f"cosine with the validation gradient\n(--alignment {manifest.get('alignment')})")
+    if has_vectors:
+        from gradsel.select import subspace_scores
+
+        axes[2].hist(subspace_scores(c, directory)[live], bins=40, color="tab:orange")
+        axes[2].set_xlabel("share in the validation span\n(--target subspace)")
+    note = ("Judge consistency is 1 where identical answers always got the same reward; below 1 the "
+            "reference or the judge disagrees with itself. Alignment: how the candidates' gradients "
+            "relate to the validation set's.")
+    return Section("Judge consistency and validation alignment", _svg(fig), note)
+
+
+def _rounds(summary: dict, history: list[dict]) -> Section:
+    rounds = summary["rounds"]
+    if not rounds:
+        return Section("Rounds", "<p>This store has one round: `gradsel score --chunk-size M` and "
+                       "`gradsel refresh` make more.</p>")
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    names = [f"round {r['round']}" for r in rounds]
+    left.bar(names, [r["offered"] for r in rounds], color="lightgray", label="offered")
+    left.bar(names, [r["selected"] for r in rounds], color="tab:blue", label="selected")
+    left.set_ylabel("problems")
+    left.legend(fontsize=7, frameon=False)
+    by_round = [[h["score_cos"] for h in history if h["round"] == r["round"]] for r in rounds]
+    right.boxplot([v if v else [np.nan] for v in by_round], tick_labels=names)
+    right.set_ylabel("score_cos")
+    right.set_title("scores at each round's checkpoint", fontsize=9)
+    rows = "".join(f"<tr><td>{r['round']}</td><td>{html.escape(str(r['model']))}</td>"
+                   f"<td><code>{html.escape(str(r['checkpoint'])[:23])}</code></td><td>{r['offered']}</td>"
+                   f"<td>{r['selected']}</td></tr>" for r in rounds)
+    table = f"<table><tr><th>round</th><th>model</th><th>checkpoint</th><th>offered</th><th>selected</th></tr>{rows}</table>"
+    return Section("Rounds", _svg(fig) + table,
+                   "Score drift: each round is scored at its own checkpoint (history.parquet).")
+
+
+def _costs(costs: dict) -> Section:
+    from gradsel.summary import describe_cost, ordered_costs
+
+    if not costs:
+        return Section("Cost per stage", "<p>This store predates cost records.</p>")
+    plt = _pyplot()
+    costs = ordered_costs(costs)
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(costs) + 0.8))
+    ax.barh(list(costs), [c["wall_s"] for c in costs.values()], color="tab:gray")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (summed over processes)")
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(describe_cost(c))}</td></tr>"
+                   for name, c in costs.items())
+    return Section("Cost per stage", _svg(fig) + f"<table>{rows}</table>",
+                   "Recorded when each stage completed; shards made by several processes sum their seconds.")
+
+
+def _provenance(summary: dict, manifest: dict) -> Section:
+    import json
+
+    rows = {"store": summary["store"], "format version": summary["format_version"],
+            "checkpoint": summary["checkpoint"]["path"], "content hash": summary["checkpoint"]["content_hash"]}
     for split, r in summary["rollouts"].items():
-        table.add_row(f"rollouts/{split}", f"k={r['n']} via {r['engine']} from {r['problems_file']}")
-        if r.get("rewards"):
-            table.add_row(f"rewards/{split}", ", ".join(f"{source or '(empty)'}: {name}"
-                                                        for source, name in r["rewards"].items()))
-    if "projector" in summary:
-        p = summary["projector"]
-        table.add_row("feature", f"{p['feature']} {p['sketch']} x{p['blocks']} over {p['modules']} modules, "
-                      f"seed {p['seed']}, alignment {p['alignment']}, val {p['val_agg']}")
-    if "candidates" in summary:
-        c = summary["candidates"]
-        table.add_row("candidates", f"{c['scored']} scored, {c['zero_advantage']} with zero advantage")
-        bars = " ".join(f"{i / 10:.1f}:{n}" for i, n in enumerate(c["pass_rate_histogram"]))
-        table.add_row("pass-rate histogram", bars)
-    for r in summary["rounds"]:
-        table.add_row(f"round {r['round']}", f"{r['model']} {str(r['checkpoint'])[:19]}: "
-                      f"{r['offered']} offered, {r['selected']} selected")
-    console.stderr.print(table)
+        rows[f"rollouts/{split}"] = f"k={r['n']} via {r['engine']} from {r['problems_file']}"
+    rows["projector"] = json.dumps({k: v for k, v in (manifest.get("projector") or {}).items() if k not in ("modules", "dims")})
+    rows["modules"] = f"{len((manifest.get('projector') or {}).get('modules', []))}"
+    rows["loss"] = json.dumps(manifest.get("loss"))
+    rows["library versions"] = json.dumps(manifest.get("library_versions"))
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>"
+                   for k, v in rows.items())
+    return Section("Projector and provenance", f"<table>{body}</table>")
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: figures go to SVG
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "gradsel", "font.size": 8,
+                         "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def _svg(fig) -> str:
+    """The figure as inline SVG markup, deterministic (no date, fixed ids)."""
+    plt = _pyplot()
+    buffer = io.StringIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="svg", metadata={"Date": None}, dpi=110)
+    plt.close(fig)
+    text = buffer.getvalue()
+    svg = re.sub(r"<metadata>.*?</metadata>", "", text[text.index("<svg"):], flags=re.S)  # RDF, no content
+    return '<figure class="plot">' + svg + "</figure>"
+
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; max-width: 1080px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+figure.plot { margin: 0.5em 0; } figure.plot svg { max-width: 100%; height: auto; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-align: top; }
+code { font-size: 0.9em; word-break: break-all; } p.note { color: #555; }
+"""
+
+
+def _page(title: str, lead: str, sections: list[Section]) -> str:
+    parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{lead}</p>"]
+    for s in sections:
+        parts.append(f"<section><h2>{html.escape(s.title)}</h2>{s.body}")
+        if s.note:
+            parts.append(f'<p class="note">{html.escape(s.note)}</p>')
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    return "".join(parts)

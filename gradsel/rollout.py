@@ -154,7 +154,7 @@ class VLLMEngine:
         # On the CPU backend the KV cache size comes from this variable (GiB); the default
         # asks for most of the machine's memory, which a shared 2-core box does not have.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if console.is_verbose() else "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if console.is_verbose() else "ERROR")
         kwargs = {"gpu_memory_utilization": options.gpu_memory_utilization} if options.gpu_memory_utilization else {}
         if options.tensor_parallel_size != 1:
             kwargs["tensor_parallel_size"] = options.tensor_parallel_size
@@ -168,7 +168,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.llm = LLM(model=str(model_path), dtype=dtype, seed=0, max_model_len=options.max_model_len,
-                       enforce_eager=_on_cpu(), **kwargs)
+                       enforce_eager=_on_cpu(), use_tqdm_on_load=console.is_verbose(), **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts, seeds, cfg):
@@ -421,7 +421,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     complete by whichever run finds every shard done.
     """
     from gradsel.fsutil import atomic_write_table
-    from gradsel.store import check_stage_key, make_shards, mark_stage_complete, stage_complete
+    from gradsel.store import check_stage_key, make_shards, mark_stage_complete, stage_complete, stage_cost
 
     engine_name = engine.name if not isinstance(engine, str) else resolve_engine_name(engine)
     shards = rollout_stage(store, split, problem_set, model_hash=model_hash, cfg=cfg, engine_name=engine_name,
@@ -461,7 +461,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
             task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})",
                                 total=sum(shards.problems_in(i) for i in todo), rate="")
             start, made_problems = time.perf_counter(), 0
-            for i, made in make_shards(stage, todo, make):
+            for i, made in make_shards(stage, todo, make, tokens=lambda: made_tokens):
                 made_problems += shards.problems_in(i) if made else 0
                 elapsed = time.perf_counter() - start
                 bar.update(task, advance=shards.problems_in(i),
@@ -471,10 +471,11 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     mine = set(owned)
     if not all(shards.done(i) for i in range(n_shards) if i not in mine):
         return shards
-    mark_stage_complete(stage, key, problems=len(problems), rollouts=shards.rows(), engine=engine_name)
+    cost = stage_cost(stage, n_shards)
+    mark_stage_complete(stage, key, problems=len(problems), rollouts=shards.rows(), engine=engine_name, cost=cost)
     runs = store.read_manifest().get("rollouts", {})
     runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
                    "sampling": cfg.__dict__, "engine": engine_name, "reward": reward,
                    "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key}
-    store.update_manifest(rollouts=runs)
+    store.update_manifest(rollouts=runs, costs={f"rollouts/{split}": cost})
     return shards

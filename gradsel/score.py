@@ -16,6 +16,7 @@ the stored vectors, so a resumed run gives exactly the scores of an uninterrupte
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,17 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from gradsel import console
+from gradsel.choices import ADVANTAGES, ALIGNMENTS, DTYPES, LOSS_AGGS, VAL_AGGS
 from gradsel.errors import GradselError
 from gradsel.rewards import judge_consistency
-from gradsel.gradients import (ADVANTAGES, LOSS_AGGS, LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE,
+from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE,
                                ProjectorSpec, exact_parameters, exact_problem_gradient, group_advantages,
                                groups_from_table, head_features, truncate_validation_gradient, make_spec, projected_features,
                                validation_gradient, zero_validation_gradient)
 from gradsel.index import iter_vectors, load_vectors
-
-VAL_AGGS = ("batch", "mean-normalized")
-DTYPES = ("float32", "bfloat16", "float16")
-ALIGNMENTS = ("lowrank", "exact", "sketch")
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     from gradsel.fsutil import atomic_write_json, atomic_write_table
     from gradsel.models import load_causal_lm, load_tokenizer
     from gradsel.schema import SCORES
-    from gradsel.store import check_stage_key, mark_stage_complete, stable_key, stage_complete
+    from gradsel.store import check_stage_key, mark_stage_complete, peak_memory, stable_key, stage_complete, stage_cost
 
     cfg.validate()
     if cfg.feature != "projected":  # --alignment applies to the projected feature; record what the others do
@@ -161,9 +159,13 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
                                             "vector_dtype": cfg.vector_dtype})
     split = _FeatureSplit(model, spec, cfg, pad_id, device)
 
+    costs = {}  # stage name -> what it cost (store.stage_cost), recorded in the manifest
     if cfg.feature == "exact":
         train_groups, val_groups = groups_from_table(train.table(), cfg.adv), groups_from_table(val.table(), cfg.adv)
+        start = time.perf_counter()
         dots, norms_train, norms_val = _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device)
+        costs["gradients"] = {"wall_s": round(time.perf_counter() - start, 3), **peak_memory()}
+        start = time.perf_counter()  # the scores' own cost starts here, in every branch
         cos = _safe_div(dots, norms_train)
         val_dots = np.zeros(len(val_groups))
         val_cos = np.zeros(len(val_groups))
@@ -174,13 +176,16 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         split.make(stage / "val", val, "val")
         norms_val, _ = _stored_norms(stage / "val", val.n_shards)
         scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
+        start = time.perf_counter()
         val_grad = validation_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=pad_id,
                                  device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales)
         if cfg.alignment == "lowrank":
             val_grad = truncate_validation_gradient(val_grad)
+        costs["validation-gradient"] = {"wall_s": round(time.perf_counter() - start, 3), **peak_memory()}
         split.make(stage / "train", train, "train", val_grad=val_grad, part=part)
         if part is not None:
             return None, spec
+        start = time.perf_counter()
         norms_train, dots = _stored_norms(stage / "train", train.n_shards)
         _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=pad_id,
                                          device=device, max_tokens=cfg.max_tokens_per_batch, val_grad=val_grad)
@@ -192,6 +197,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         split.make(stage / "train", train, "train", part=part)
         if part is not None:
             return None, spec
+        start = time.perf_counter()
         norms_val, _ = _stored_norms(stage / "val", val.n_shards)
         _, unit_val = load_vectors(stage, "val")
         direction = validation_direction(unit_val, norms_val, cfg.val_agg)
@@ -205,15 +211,23 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     rows += _score_rows(val, "val", norms_val, val_cos, val_dots, data_sources["val"], cfg.adv)
     table = pa.Table.from_pylist(rows, schema=SCORES)
     atomic_write_table(stage / "scores.parquet", table)
-    mark_stage_complete(stage, key, train=train.n_problems, val=val.n_problems)
+    if cfg.feature != "exact":
+        costs |= {f"gradients/{name}": stage_cost(stage / name, shards.n_shards)
+                  for name, shards in (("train", train), ("val", val))}
+    costs["scores"] = {"wall_s": round(time.perf_counter() - start, 3),
+                       "bytes": (stage / "scores.parquet").stat().st_size, **peak_memory()}
+    mark_stage_complete(stage, key, train=train.n_problems, val=val.n_problems, costs=costs)
     _point_manifest_at(store, spec, cfg, feature_id)
     return table, spec
 
 
 def _point_manifest_at(store, spec: ProjectorSpec, cfg: ScoreConfig, feature_id: str) -> None:
-    """Make these features the store's current ones (what `select` and `info` read)."""
+    """Make these features the store's current ones (what `select` and `info` read), with what
+    making them cost."""
+    costs = json.loads((store.root / "features" / feature_id / "stage.json").read_text()).get("costs", {})
     store.update_manifest(projector=spec.to_dict(), loss={"adv": cfg.adv, "loss_agg": cfg.loss_agg},
-                          val_agg=cfg.val_agg, alignment=cfg.alignment, features=f"features/{feature_id}")
+                          val_agg=cfg.val_agg, alignment=cfg.alignment, features=f"features/{feature_id}",
+                          costs=costs)
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -255,7 +269,7 @@ class _FeatureSplit:
                               max_tokens=cfg.max_tokens_per_batch, progress=tick, **kwargs)
                 return self._table(groups, *(out if val_grad is not None else (out, None)))
 
-            for i, _ in make_shards(directory, todo, make, source=rollouts.checksum):
+            for i, _ in make_shards(directory, todo, make, source=rollouts.checksum, tokens=lambda: tokens):
                 bar.advance(task, rollouts.problems_in(i))
 
     def _table(self, groups, feats: np.ndarray, dots: np.ndarray | None):

@@ -30,14 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from gradsel import console
+from gradsel.choices import FORMATS, MODES, TARGETS
 from gradsel.errors import GradselError
 from gradsel.problems import jsonl_lines
 from gradsel.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
                            subspace_share, take_vectors)
 
-MODES = ("reliable", "gradalign", "dot", "accgreedy", "band", "simacc", "learnalign", "random")
-FORMATS = ("verl", "jsonl", "openrlhf", "ids")
-TARGETS = ("auto", "mean", "max", "subspace")
 VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
 
 
@@ -203,9 +201,7 @@ def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: i
         best = _index_alignment(directory, cfg.index, _live_validation_vectors(directory), fetch)
         base = np.array([best.get(pid, 0.0) for pid in c.ids], dtype=np.float64)
     elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
-        units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
-        shares = subspace_share(directory, "train", _live_validation_vectors(directory), units)
-        base = shares[_store_positions(c, directory)]
+        base = subspace_scores(c, directory)
     else:
         base = c.score_cos
     if cfg.mode == "gradalign":
@@ -238,6 +234,13 @@ def resolve_target(target: str, feature: str) -> str:
                                "use --target mean, or select from a projected or head store")
         return "mean"
     return "subspace" if target == "auto" else target
+
+
+def subspace_scores(c: Candidates, directory: Path) -> np.ndarray:
+    """Each candidate's share in the validation span (index.subspace_share), in c's order."""
+    units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
+    shares = subspace_share(directory, "train", _live_validation_vectors(directory), units)
+    return shares[_store_positions(c, directory)]
 
 
 def _store_positions(c: Candidates, directory: Path) -> np.ndarray:

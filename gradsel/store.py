@@ -74,13 +74,17 @@ class Store:
                 "upgrade gradsel" if newer else "rescore into a new --store with this version")
         return manifest
 
-    def update_manifest(self, **fields) -> dict:
+    def update_manifest(self, costs: dict | None = None, **fields) -> dict:
+        """Set top-level fields; `costs` (stage name -> stage_cost) are merged into the
+        manifest's costs, not replacing other stages'."""
         from filelock import FileLock
 
         # Read, update and write under a lock: `--shard` processes share the store.
         with FileLock(self.root / ".manifest.lock"):
             manifest = self.read_manifest()
             manifest.update(fields, format_version=FORMAT_VERSION)
+            if costs:
+                manifest["costs"] = manifest.get("costs", {}) | costs
             manifest["library_versions"] = library_versions()
             atomic_write_json(self.manifest_path, manifest)
         return manifest
@@ -125,13 +129,14 @@ def _shard_paths(stage: Path, index: int) -> tuple[Path, Path]:
     return data, shard_marker(data)
 
 
-def write_shard(stage: Path, index: int, table, source: str | None = None) -> None:
+def write_shard(stage: Path, index: int, table, source: str | None = None, cost: dict | None = None) -> None:
     """Write shard `index` and then its marker. `source`: the checksum of the shard it was made
-    from (a feature shard's rollout shard), which shard_done checks."""
+    from (a feature shard's rollout shard), which shard_done checks. `cost`: what making it took
+    (make_shards), summed into the stage's cost by stage_cost."""
     data, marker = _shard_paths(stage, index)
     atomic_write_table(data, table)
     atomic_write_json(marker, {"rows": table.num_rows, "sha256": file_sha256(data)}
-                      | ({"source": source} if source else {}))
+                      | ({"source": source} if source else {}) | ({"cost": cost} if cost else {}))
 
 
 def shard_done(stage: Path, index: int, source: str | None = None) -> bool:
@@ -168,18 +173,55 @@ def shard_lock(stage: Path, index: int):
         yield
 
 
-def make_shards(stage: Path, todo, make, *, source=lambda index: None):
+def make_shards(stage: Path, todo, make, *, source=lambda index: None, tokens=lambda: 0):
     """The stages' one loop over their shards (rollouts, features): each shard of `todo` is made
     under its lock by `make(index) -> Table` and written with its marker, unless another process
     made it while this one waited (checked against `source(index)`, the checksum of the input
-    shard it is made from, if any). Yields (index, made) after each shard, for progress."""
+    shard it is made from, if any). The marker records what making the shard cost: seconds,
+    tokens (the growth of the `tokens()` counter) and the process's peak memory. Yields
+    (index, made) after each shard, for progress."""
+    import time
+
     for index in todo:
         with shard_lock(stage, index):
             checksum = source(index)
             made = not shard_done(stage, index, source=checksum)
             if made:
-                write_shard(stage, index, make(index), source=checksum)
+                start, tokens_before = time.perf_counter(), tokens()
+                table = make(index)
+                cost = {"wall_s": round(time.perf_counter() - start, 3), "tokens": tokens() - tokens_before,
+                        **peak_memory()}
+                write_shard(stage, index, table, source=checksum, cost=cost)
         yield index, made
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory so far, and its peak CUDA allocation where torch has
+    a GPU, in bytes."""
+    import resource
+    import sys
+
+    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB on Linux
+    torch = sys.modules.get("torch")  # never imported for this
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+    return peak
+
+
+def stage_cost(stage: Path, n_shards: int) -> dict:
+    """What a stage's shards cost, from their markers, whichever processes made them: seconds
+    and tokens summed (process-seconds where parts ran side by side), bytes on disk, and the
+    largest peak memory of any process that made one."""
+    costs = [shard_record(stage, i).get("cost") or {} for i in range(n_shards)]
+    wall = sum(c.get("wall_s", 0.0) for c in costs)
+    tokens = sum(c.get("tokens", 0) for c in costs)
+    out = {"shards": n_shards, "wall_s": round(wall, 3), "tokens": tokens,
+           "tokens_per_s": round(tokens / wall, 1) if wall > 0 and tokens else None,
+           "bytes": sum(shard_path(stage, i).stat().st_size for i in range(n_shards))}
+    for key in ("peak_rss_bytes", "peak_gpu_bytes"):
+        if any(key in c for c in costs):
+            out[key] = max(c.get(key, 0) for c in costs)
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The bundled tiny-arith model loads like any Hugging Face model and does some arithmetic."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ def test_vllm_engine_loads_and_generates(tmp_path):
     pytest.importorskip("vllm")
     proc = run_cli("demo", "--out", str(tmp_path), "--engine", "vllm", "--size", "16", "--n", "4")
     assert "rollouts/train (vllm, k=4)" in proc.stderr
+    # vLLM's, torch's and transformers' own logs are silenced without --verbose (console.quiet_libraries).
+    noise = [line for line in proc.stderr.splitlines()
+             if re.search(r"WARNING|INFO|Warning|Triton|safetensors|^\[?[WI]\d{4} ", line)]
+    assert noise == [], noise
     result = json.loads(proc.stdout)
     assert set(result["modes"]) == {"gradalign", "reliable", "accgreedy", "random"}
     assert (tmp_path / "selections/gradalign.parquet").is_file()

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradsel.choices import ADVANTAGES, LOSS_AGGS  # noqa: F401  (re-exported)
 from gradsel.errors import GradselError
 
-
-ADVANTAGES = ("grpo", "drgrpo")
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
 EPS = 1e-6
 
 

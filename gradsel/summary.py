@@ -1,0 +1,106 @@
+"""What a store holds, as `gradsel info` prints it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from gradsel import console
+from gradsel.store import Store, existing_store
+
+
+def store_summary(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from gradsel.rounds import latest_round_store, round_selection
+
+    top = Store(Path(path)).read_manifest()
+    rounds = [{"round": r["round"], "checkpoint": r.get("checkpoint", "(incomplete)"), "model": r["model"],
+               "offered": len(r["chunk_ids"]), "selected": len(round_selection(path, r) or [])}
+              for r in top.get("rounds", [])]
+    store = existing_store(latest_round_store(path))
+    manifest = store.read_manifest()
+    snap = manifest.get("snapshot") or {}
+    summary: dict = {
+        "store": str(path), "format_version": manifest.get("format_version"),
+        "checkpoint": {"path": snap.get("source_path"), "content_hash": snap.get("content_hash")},
+        "rollouts": {split: {"problems_file": r["problems_file"], "n": r["sampling"]["n"], "engine": r["engine"],
+                             "rewards": r.get("rewards_by_data_source")}
+                     for split, r in (manifest.get("rollouts") or {}).items()},
+        "rounds": rounds,
+        "costs": manifest.get("costs", {}),
+    }
+    spec = manifest.get("projector")
+    if spec:
+        summary["projector"] = {"feature": spec["feature"], "sketch": f"{spec['k_out']}x{spec['k_in']}",
+                                "blocks": spec.get("blocks", 1), "modules": len(spec["modules"]), "seed": spec["seed"],
+                                "alignment": manifest.get("alignment"), "val_agg": manifest.get("val_agg")}
+    features = manifest.get("features")
+    if features and (store.root / features / "scores.parquet").is_file():
+        rows = [r for r in pq.read_table(store.root / features / "scores.parquet").to_pylist() if r["split"] == "train"]
+        rates = np.array([r["pass_rate"] for r in rows])
+        hist, _ = np.histogram(rates, bins=10, range=(0, 1))
+        summary["candidates"] = {"scored": len(rows), "zero_advantage": sum(r["zero_advantage"] for r in rows),
+                                 "pass_rate_histogram": hist.tolist()}
+    return summary
+
+
+def show_store(summary: dict) -> None:
+    table = Table(title=f"store {summary['store']}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    ck = summary["checkpoint"]
+    table.add_row("checkpoint", f"{ck['path']}  {str(ck['content_hash'])[:23]}")
+    for split, r in summary["rollouts"].items():
+        table.add_row(f"rollouts/{split}", f"k={r['n']} via {r['engine']} from {r['problems_file']}")
+        if r.get("rewards"):
+            table.add_row(f"rewards/{split}", ", ".join(f"{source or '(empty)'}: {name}"
+                                                        for source, name in r["rewards"].items()))
+    if "projector" in summary:
+        p = summary["projector"]
+        table.add_row("feature", f"{p['feature']} {p['sketch']} x{p['blocks']} over {p['modules']} modules, "
+                      f"seed {p['seed']}, alignment {p['alignment']}, val {p['val_agg']}")
+    if "candidates" in summary:
+        c = summary["candidates"]
+        table.add_row("candidates", f"{c['scored']} scored, {c['zero_advantage']} with zero advantage")
+        bars = " ".join(f"{i / 10:.1f}:{n}" for i, n in enumerate(c["pass_rate_histogram"]))
+        table.add_row("pass-rate histogram", bars)
+    for stage, cost in ordered_costs(summary["costs"]).items():
+        table.add_row(f"cost {stage}", describe_cost(cost))
+    for r in summary["rounds"]:
+        table.add_row(f"round {r['round']}", f"{r['model']} {str(r['checkpoint'])[:19]}: "
+                      f"{r['offered']} offered, {r['selected']} selected")
+    console.stderr.print(table)
+
+
+def describe_cost(cost: dict) -> str:
+    """One line for a stage's cost (store.stage_cost): seconds, tokens/s, bytes, peak memory."""
+    parts = [f"{cost['wall_s']:.1f} s"]
+    if cost.get("tokens_per_s"):
+        parts.append(f"{cost['tokens']:,} tokens at {cost['tokens_per_s']:,.0f}/s")
+    if "bytes" in cost:
+        parts.append(f"{human_bytes(cost['bytes'])} written")
+    if "peak_rss_bytes" in cost:
+        parts.append(f"peak RSS {human_bytes(cost['peak_rss_bytes'])}")
+    if "peak_gpu_bytes" in cost:
+        parts.append(f"peak GPU {human_bytes(cost['peak_gpu_bytes'])}")
+    return ", ".join(parts)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+STAGE_ORDER = ("rollouts/train", "rollouts/val", "gradients", "validation-gradient", "gradients/val",
+               "gradients/train", "scores")
+
+
+def ordered_costs(costs: dict) -> dict:
+    """Stage costs in pipeline order (the manifest keeps them sorted by name)."""
+    rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+    return dict(sorted(costs.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
