@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import typing
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -353,7 +355,7 @@ def score(
                 "candidates": len(train), "nonzero_advantage": sum(not r["zero_advantage"] for r in train)})
 
 
-# The selection options: `select`, `refresh` and `report` take the same ones (_select_config).
+# The selection options: `select`, `refresh` and `report` take the same ones (with_selection_options).
 TopKOpt = Annotated[Optional[int], typer.Option(help="Select this many problems.", rich_help_panel=SELECTION)]
 RatioOpt = Annotated[Optional[float], typer.Option(help="Select this share of the candidates (0-1].", rich_help_panel=SELECTION)]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every eligible problem, ranked (a curriculum order).", rich_help_panel=SELECTION)]
@@ -384,14 +386,70 @@ SELECT_MODES_HELP = (
     "auto, subspace where the store holds vectors, else mean.")
 
 
-def _select_config(*, mode, top_k, ratio, all_, band, min_score, include_zero_advantage, balance,
-                   balance_weights, diverse, target, index, seed, allow_fewer):
-    from gradsel.select import SelectConfig, parse_band, parse_weights
+@dataclass(frozen=True)
+class SelectionOptions:
+    """What a user asked `select`, `refresh` or `report` to select, as parsed by typer."""
+    top_k: Optional[int]
+    ratio: Optional[float]
+    all_: bool
+    mode: Enum
+    target: Enum
+    band: str
+    min_score: Optional[float]
+    include_zero_advantage: bool
+    balance: Optional[str]
+    balance_weights: Optional[str]
+    diverse: Optional[float]
+    index: Enum
+    allow_fewer: bool
+    seed: int
 
-    return SelectConfig(mode=mode.value, top_k=top_k, ratio=ratio, all=all_, band=parse_band(band),
-                        min_score=min_score, include_zero_advantage=include_zero_advantage, balance=balance,
-                        balance_weights=parse_weights(balance_weights) if balance_weights else None,
-                        diverse=diverse, target=target.value, index=index.value, seed=seed, allow_fewer=allow_fewer)
+    @property
+    def asked(self) -> bool:
+        """Whether a size was given (--top-k, --ratio or --all)."""
+        return self.top_k is not None or self.ratio is not None or self.all_
+
+    def config(self, default_ratio: float | None = None):
+        from gradsel.select import SelectConfig, parse_band, parse_weights
+
+        ratio = self.ratio if self.asked else default_ratio
+        return SelectConfig(mode=self.mode.value, top_k=self.top_k, ratio=ratio, all=self.all_,
+                            band=parse_band(self.band), min_score=self.min_score,
+                            include_zero_advantage=self.include_zero_advantage, balance=self.balance,
+                            balance_weights=parse_weights(self.balance_weights) if self.balance_weights else None,
+                            diverse=self.diverse, target=self.target.value, index=self.index.value, seed=self.seed,
+                            allow_fewer=self.allow_fewer)
+
+
+SELECTION_OPTIONS = {  # parameter: (annotation, default), in --help's order
+    "top_k": (TopKOpt, None), "ratio": (RatioOpt, None), "all_": (AllOpt, False), "mode": (ModeOpt, Mode("reliable")),
+    "target": (TargetOpt, Target("auto")), "band": (BandOpt, "0.0,1.0"), "min_score": (MinScoreOpt, None),
+    "include_zero_advantage": (ZeroAdvantageOpt, False), "balance": (BalanceOpt, None),
+    "balance_weights": (BalanceWeightsOpt, None), "diverse": (DiverseOpt, None),
+    "index": (IndexOpt, IndexKind("auto")), "allow_fewer": (AllowFewerOpt, False), "seed": (SelectSeedOpt, 0),
+}
+
+
+def with_selection_options(command):
+    """Give a command every selection option, declared once here: typer reads the signature
+    built below, and the command receives them as one `selection: SelectionOptions`."""
+    import functools
+    import inspect
+
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values()
+           if p.name != "selection"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+             for name, (annotation, default) in SELECTION_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        chosen = {name: kwargs.pop(name) for name in SELECTION_OPTIONS}
+        return command(**kwargs, selection=SelectionOptions(**chosen))
+
+    wrapper.__signature__ = inspect.Signature([*own, *added])
+    wrapper.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+    return wrapper
 
 
 def _check_output(out: str, fmt: str, force: bool) -> None:
@@ -418,40 +476,25 @@ def _check_output(out: str, fmt: str, force: bool) -> None:
              "gsm8k=0.7,math=0.3 sets them instead (groups not named get none), and a group short of its quota gives "
              "the rest to the others. --index chooses the FAISS index over the candidate vectors for learnalign and "
              "--target max: saved in the store and rebuilt when the vectors change (docs/store.md).")
+@with_selection_options
 def select_cmd(
     store: Annotated[Path, typer.Option("--store", "-s", help="A scored store.", rich_help_panel=DATA)],
-    top_k: TopKOpt = None,
-    ratio: RatioOpt = None,
-    all_: AllOpt = False,
-    mode: ModeOpt = Mode("reliable"),
-    target: TargetOpt = Target("auto"),
-    band: BandOpt = "0.0,1.0",
-    min_score: MinScoreOpt = None,
-    include_zero_advantage: ZeroAdvantageOpt = False,
-    balance: BalanceOpt = None,
-    balance_weights: BalanceWeightsOpt = None,
-    diverse: DiverseOpt = None,
-    index: IndexOpt = IndexKind("auto"),
-    allow_fewer: AllowFewerOpt = False,
-    seed: SelectSeedOpt = 0,
     fmt: FormatOpt = Format("verl"),
     out: OutOpt = "-",
     annotate: AnnotateOpt = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.", rich_help_panel=OUTPUT)] = False,
+    selection: SelectionOptions = None,
 ) -> None:
     from gradsel.rounds import latest_round_store, select_emit_record
     from gradsel.store import existing_store
 
     console.protect_stdout()
-    cfg = _select_config(mode=mode, top_k=top_k, ratio=ratio, all_=all_, band=band, min_score=min_score,
-                         include_zero_advantage=include_zero_advantage, balance=balance,
-                         balance_weights=balance_weights, diverse=diverse, target=target, index=index, seed=seed,
-                         allow_fewer=allow_fewer)
+    cfg = selection.config()
     round_store = latest_round_store(store)
     existing_store(round_store)  # a clear error where no store is
     _check_output(out, fmt.value, force)
-    selection, n = select_emit_record(store, round_store, cfg, fmt=fmt.value, out=out, annotate=annotate, force=force)
-    console.info(f"selected {n} of {selection.eligible} eligible problems ({mode.value}) -> {'stdout' if out == '-' else out}")
+    chosen, n = select_emit_record(store, round_store, cfg, fmt=fmt.value, out=out, annotate=annotate, force=force)
+    console.info(f"selected {n} of {chosen.eligible} eligible problems ({cfg.mode}) -> {'stdout' if out == '-' else out}")
 
 
 @app.command()
@@ -469,35 +512,18 @@ def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store dire
              "Pass rates, the selection's scores, what each mode would keep, judge consistency and alignment, "
              "rounds, per-stage cost and provenance. The file needs no network to view. The selection options choose what the report marks as selected "
              "(default: --ratio 0.1 of the default mode).\n\n" + SELECT_MODES_HELP)
+@with_selection_options
 def report(
     store: Annotated[Path, typer.Option("--store", "-s", help="A scored store.", rich_help_panel=DATA)],
     out: Annotated[Path, typer.Option(help="The HTML file to write.", rich_help_panel=OUTPUT)] = Path("gradsel-report.html"),
     force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.", rich_help_panel=OUTPUT)] = False,
-    top_k: TopKOpt = None,
-    ratio: RatioOpt = None,
-    all_: AllOpt = False,
-    mode: ModeOpt = Mode("reliable"),
-    target: TargetOpt = Target("auto"),
-    band: BandOpt = "0.0,1.0",
-    min_score: MinScoreOpt = None,
-    include_zero_advantage: ZeroAdvantageOpt = False,
-    balance: BalanceOpt = None,
-    balance_weights: BalanceWeightsOpt = None,
-    diverse: DiverseOpt = None,
-    index: IndexOpt = IndexKind("auto"),
-    allow_fewer: AllowFewerOpt = False,
-    seed: SelectSeedOpt = 0,
+    selection: SelectionOptions = None,
 ) -> None:
     from gradsel.report import write_report
     from gradsel.store import existing_store
 
     console.protect_stdout()
-    if top_k is None and ratio is None and not all_:
-        ratio = 0.1
-    cfg = _select_config(mode=mode, top_k=top_k, ratio=ratio, all_=all_, band=band, min_score=min_score,
-                         include_zero_advantage=include_zero_advantage, balance=balance,
-                         balance_weights=balance_weights, diverse=diverse, target=target, index=index, seed=seed,
-                         allow_fewer=allow_fewer)
+    cfg = selection.config(default_ratio=0.1)
     cfg.validate()
     existing_store(store)
     size = write_report(store, out, cfg, force=force)
@@ -508,52 +534,36 @@ def report(
 @app.command(help="Next round: snapshot the new checkpoint, score the next chunk, select, emit.\n\n"
              "With --top-k, --ratio or --all it also selects from the new round, with the same options as "
              "`gradsel select`.\n\n" + SELECT_MODES_HELP)
+@with_selection_options
 def refresh(
     store: Annotated[Path, typer.Option("--store", "-s", help="A store made by `score --chunk-size`.", rich_help_panel=DATA)],
     model: ModelOpt,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Problems in the next chunk (default: the store's).", rich_help_panel=DATA)] = None,
     reuse_unselected: Annotated[bool, typer.Option(help="Offer problems that earlier rounds scored but did not select again.", rich_help_panel=DATA)] = False,
     restart_round: Annotated[bool, typer.Option(help="Drop an incomplete last round (a refresh that failed) and score its chunk with --model.", rich_help_panel=DATA)] = False,
-    top_k: TopKOpt = None,
-    ratio: RatioOpt = None,
-    all_: AllOpt = False,
-    mode: ModeOpt = Mode("reliable"),
-    target: TargetOpt = Target("auto"),
-    band: BandOpt = "0.0,1.0",
-    min_score: MinScoreOpt = None,
-    include_zero_advantage: ZeroAdvantageOpt = False,
-    balance: BalanceOpt = None,
-    balance_weights: BalanceWeightsOpt = None,
-    diverse: DiverseOpt = None,
-    index: IndexOpt = IndexKind("auto"),
-    allow_fewer: AllowFewerOpt = False,
-    seed: SelectSeedOpt = 0,
     fmt: FormatOpt = Format("verl"),
     out: OutOpt = "-",
     annotate: AnnotateOpt = False,
     force: Annotated[bool, typer.Option(help="Rescore even when the checkpoint is identical to the last round's; overwrite --out.", rich_help_panel=OUTPUT)] = False,
+    selection: SelectionOptions = None,
 ) -> None:
     from gradsel.rounds import refresh as refresh_round, round_dir, select_emit_record
     from gradsel.store import writer_lock
 
     console.protect_stdout()
-    wants_selection = top_k is not None or ratio is not None or all_
-    cfg = _select_config(mode=mode, top_k=top_k, ratio=ratio, all_=all_, band=band, min_score=min_score,
-                         include_zero_advantage=include_zero_advantage, balance=balance,
-                         balance_weights=balance_weights, diverse=diverse, target=target, index=index, seed=seed,
-                         allow_fewer=allow_fewer)
-    if wants_selection:
+    cfg = selection.config()
+    if selection.asked:
         cfg.validate()  # fail before any work
         _check_output(out, fmt.value, force)
     with writer_lock(store):
-        index_, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
-                                       force=force, restart_round=restart_round)
-    summary = {"store": str(store), "round": index_, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
-    if wants_selection:
-        selection, _ = select_emit_record(store, round_dir(store, index_), cfg, fmt=fmt.value, out=out,
-                                          annotate=annotate, force=force)
-        summary["selected"] = len(selection.problem_ids)
-    if out != "-" or not wants_selection:
+        index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
+                                      force=force, restart_round=restart_round)
+    summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
+    if selection.asked:
+        chosen, _ = select_emit_record(store, round_dir(store, index), cfg, fmt=fmt.value, out=out,
+                                       annotate=annotate, force=force)
+        summary["selected"] = len(chosen.problem_ids)
+    if out != "-" or not selection.asked:
         _emit_json(summary)
     else:
         console.info(json.dumps(summary))
