@@ -51,7 +51,8 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     sources = np.array(candidates.groups.get("data_source", [""] * len(candidates.ids)), dtype=object)
     cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"]))
     selection = select(store, cfg)
-    chosen = np.isin(np.array(candidates.ids, dtype=object), np.array(selection.problem_ids, dtype=object))
+    picked = set(selection.problem_ids)
+    chosen = np.fromiter((pid in picked for pid in candidates.ids), dtype=bool, count=len(candidates.ids))
     scores = mode_score_array(candidates, cfg, directory, fetch=len(candidates.ids))
     k = len(selection.problem_ids)
     by_mode = {}

@@ -22,6 +22,7 @@ cosine with the validation set's gradient) for the `exact` feature, which stores
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import asdict, dataclass, replace
@@ -34,7 +35,7 @@ from gradsel.choices import FORMATS, MODES, TARGETS
 from gradsel.errors import GradselError
 from gradsel.problems import jsonl_lines
 from gradsel.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
-                           subspace_share, take_vectors)
+                           subspace_share, take_vectors, vectors_fingerprint)
 
 VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
 
@@ -238,9 +239,18 @@ def resolve_target(target: str, feature: str) -> str:
 
 def subspace_scores(c: Candidates, directory: Path) -> np.ndarray:
     """Each candidate's share in the validation span (index.subspace_share), in c's order."""
+    shares = _subspace_shares(directory, vectors_fingerprint(directory, "train"), vectors_fingerprint(directory, "val"))
+    return shares[_store_positions(c, directory)]
+
+
+@functools.lru_cache(maxsize=1)
+def _subspace_shares(directory: Path, train_fingerprint: str, val_fingerprint: str) -> np.ndarray:
+    """The shares in store order, computed once per version of the vectors (the fingerprints):
+    the report selects with several modes, each of which would read every vector again."""
     units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
     shares = subspace_share(directory, "train", _live_validation_vectors(directory), units)
-    return shares[_store_positions(c, directory)]
+    shares.flags.writeable = False  # shared between callers
+    return shares
 
 
 def _store_positions(c: Candidates, directory: Path) -> np.ndarray:
