@@ -93,7 +93,10 @@ def demo_data(
     val_size: Annotated[int, typer.Option(min=1, help="Validation-set size (always clean).")] = 40,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical files.")] = 0,
 ) -> None:
-    """Write a bundled arithmetic pool and validation set (verl Parquet) for one regime."""
+    """Write a bundled arithmetic pool and validation set (verl Parquet) for one regime.
+
+    The paper's regimes over tiny-arith's tasks: clean; noisy (half the pool judged by a coin flip); imbalance (the validation set's domain is 10% of the pool); low-utility (half the pool trivial identities); wrong-answer (40% of the pool with a plausible wrong reference answer). The rows' extra_info marks the corrupted ones, except in wrong-answer, whose wrong rows are listed only in pool.truth.json beside the pool; benchmarks read these, gradsel never does.
+    """
     from gradsel.tasks import write_regime
 
     pool, val = write_regime(out, regime.value, size=size, val_size=val_size, seed=seed)
@@ -109,7 +112,10 @@ def demo(
     engine: Annotated[EngineName, typer.Option(help="Generation engine; auto picks vLLM when installed.")] = EngineName.auto,
     seed: Annotated[int, typer.Option(help="Data and sampling seed.")] = 0,
 ) -> None:
-    """Run the whole pipeline on the bundled tiny model and a noisy arithmetic pool."""
+    """Run the whole pipeline on the bundled tiny model and a noisy arithmetic pool.
+
+    Writes the data, scores it (vLLM when installed), scores it again with exact full gradients as the reference, and selects a quarter of the pool four ways; prints how much of each selection is coin-flip problems, and one JSON object on stdout. About a minute on a 2-core CPU.
+    """
     from gradsel.demo import run_demo
 
     console.protect_stdout()
