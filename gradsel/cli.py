@@ -379,6 +379,7 @@ SelectSeedOpt = Annotated[int, typer.Option(help="Seed for the random and band m
 FormatOpt = Annotated[Format, typer.Option("--format", help="verl Parquet, the original rows as JSONL, OpenRLHF input/label, or ids.", rich_help_panel=OUTPUT)]
 OutOpt = Annotated[str, typer.Option(help="Output file, or - for stdout.", rich_help_panel=OUTPUT)]
 AnnotateOpt = Annotated[bool, typer.Option(help="Add gradsel_rank, gradsel_score and gradsel_mode columns.", rich_help_panel=OUTPUT)]
+ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --out file.", rich_help_panel=OUTPUT)]
 
 SELECT_MODES_HELP = (
     "Modes: reliable (the default) is the alignment below minus 2 x (1 - judge consistency), so problems whose "
@@ -488,7 +489,7 @@ def select_cmd(
     fmt: FormatOpt = Format("verl"),
     out: OutOpt = "-",
     annotate: AnnotateOpt = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.", rich_help_panel=OUTPUT)] = False,
+    force: ForceOpt = False,
     selection: SelectionOptions = None,
 ) -> None:
     from gradsel.rounds import latest_round_store, select_emit_record
@@ -522,18 +523,19 @@ def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store dire
 def report(
     store: Annotated[Path, typer.Option("--store", "-s", help="A scored store.", rich_help_panel=DATA)],
     out: Annotated[Path, typer.Option(help="The HTML file to write.", rich_help_panel=OUTPUT)] = Path("gradsel-report.html"),
-    force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.", rich_help_panel=OUTPUT)] = False,
+    force: ForceOpt = False,
     selection: SelectionOptions = None,
 ) -> None:
     from gradsel.report import write_report
     from gradsel.store import existing_store
+    from gradsel.summary import human_bytes
 
     console.protect_stdout()
     cfg = selection.config(default_ratio=0.1)
     cfg.validate()
     existing_store(store)
     size = write_report(store, out, cfg, force=force)
-    console.info(f"wrote {out} ({size / 1024:.0f} KiB)")
+    console.info(f"wrote {out} ({human_bytes(size)})")
     _emit_json({"store": str(store), "report": str(out), "bytes": size})
 
 

@@ -57,6 +57,9 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     k = len(selection.problem_ids)
     by_mode = {}
     for mode in COMPARED_MODES:
+        if mode == cfg.mode:  # the selection above, of that size already
+            by_mode[mode] = selection.problem_ids
+            continue
         try:
             by_mode[mode] = select(store, replace(cfg, mode=mode, top_k=k, ratio=None, all=False, allow_fewer=True)).problem_ids
         except GradselError:  # a mode with nothing eligible is left out of the comparison
@@ -67,7 +70,7 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
         _scores(candidates, sources, scores, chosen, cfg),
         _modes(by_mode, dict(zip(candidates.ids, sources)), cfg.mode),
         _distributions(candidates, sources, directory, manifest),
-        _rounds(summary, pq.read_table(history).to_pylist() if history.is_file() else []),
+        _rounds(summary, pq.read_table(history, columns=["round", "score_cos"]) if history.is_file() else None),
         _costs(summary.get("costs", {})),
         _provenance(summary, manifest),
     ]
@@ -79,11 +82,12 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
 
 
 def write_report(store_dir: Path, out: Path, cfg: SelectConfig, force: bool = False) -> int:
-    """Write the report; return its size in bytes. An existing file needs `force`."""
+    """Write the report; return its size in bytes. An existing file needs `force`; an `out`
+    that cannot be written is refused before any work, as `select` refuses one."""
     from gradsel.fsutil import atomic_write_bytes
+    from gradsel.select import check_out_path
 
-    if out.exists() and not force:
-        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
+    check_out_path(str(out), force)
     data = build_report(store_dir, cfg).encode()
     atomic_write_bytes(out, data)
     return len(data)
@@ -187,7 +191,8 @@ def _distributions(c, sources: np.ndarray, directory: Path, manifest: dict) -> S
     return Section("Judge consistency and validation alignment", _svg(fig), note)
 
 
-def _rounds(summary: dict, history: list[dict]) -> Section:
+def _rounds(summary: dict, history) -> Section:
+    """`history`: the rounds' scores (history.parquet's round and score_cos columns), or None."""
     rounds = summary["rounds"]
     if not rounds:
         return Section("Rounds", "<p>This store has one round: `gradsel score --chunk-size M` and "
@@ -199,8 +204,10 @@ def _rounds(summary: dict, history: list[dict]) -> Section:
     left.bar(names, [r["selected"] for r in rounds], color="tab:blue", label="selected")
     left.set_ylabel("problems")
     left.legend(fontsize=7, frameon=False)
-    by_round = [[h["score_cos"] for h in history if h["round"] == r["round"]] for r in rounds]
-    right.boxplot([v if v else [np.nan] for v in by_round], tick_labels=names)
+    numbers = history.column("round").to_numpy() if history is not None else np.zeros(0, int)
+    scores = history.column("score_cos").to_numpy() if history is not None else np.zeros(0)
+    by_round = [scores[numbers == r["round"]] for r in rounds]
+    right.boxplot([v if len(v) else [np.nan] for v in by_round], tick_labels=names)
     right.set_ylabel("score_cos")
     right.set_title("scores at each round's checkpoint", fontsize=9)
     rows = "".join(f"<tr><td>{r['round']}</td><td>{html.escape(str(r['model']))}</td>"

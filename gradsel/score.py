@@ -121,7 +121,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     from gradsel.fsutil import atomic_write_json, atomic_write_table
     from gradsel.models import load_causal_lm, load_tokenizer
     from gradsel.schema import SCORES
-    from gradsel.store import check_stage_key, mark_stage_complete, peak_memory, stable_key, stage_complete, stage_cost
+    from gradsel.store import check_stage_key, cost_since, mark_stage_complete, stable_key, stage_complete, stage_cost
 
     cfg.validate()
     if cfg.feature != "projected":  # --alignment applies to the projected feature; record what the others do
@@ -164,7 +164,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         train_groups, val_groups = groups_from_table(train.table(), cfg.adv), groups_from_table(val.table(), cfg.adv)
         start = time.perf_counter()
         dots, norms_train, norms_val = _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device)
-        costs["gradients"] = {"wall_s": round(time.perf_counter() - start, 3), **peak_memory()}
+        costs["gradients"] = cost_since(start)
         start = time.perf_counter()  # the scores' own cost starts here, in every branch
         cos = _safe_div(dots, norms_train)
         val_dots = np.zeros(len(val_groups))
@@ -181,7 +181,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
                                  device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales)
         if cfg.alignment == "lowrank":
             val_grad = truncate_validation_gradient(val_grad)
-        costs["validation-gradient"] = {"wall_s": round(time.perf_counter() - start, 3), **peak_memory()}
+        costs["validation-gradient"] = cost_since(start)
         split.make(stage / "train", train, "train", val_grad=val_grad, part=part)
         if part is not None:
             return None, spec
@@ -214,8 +214,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     if cfg.feature != "exact":
         costs |= {f"gradients/{name}": stage_cost(stage / name, shards.n_shards)
                   for name, shards in (("train", train), ("val", val))}
-    costs["scores"] = {"wall_s": round(time.perf_counter() - start, 3),
-                       "bytes": (stage / "scores.parquet").stat().st_size, **peak_memory()}
+    costs["scores"] = cost_since(start, bytes=(stage / "scores.parquet").stat().st_size)
     mark_stage_complete(stage, key, train=train.n_problems, val=val.n_problems, costs=costs)
     _point_manifest_at(store, spec, cfg, feature_id)
     return table, spec

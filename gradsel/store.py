@@ -189,10 +189,17 @@ def make_shards(stage: Path, todo, make, *, source=lambda index: None, tokens=la
             if made:
                 start, tokens_before = time.perf_counter(), tokens()
                 table = make(index)
-                cost = {"wall_s": round(time.perf_counter() - start, 3), "tokens": tokens() - tokens_before,
-                        **peak_memory()}
-                write_shard(stage, index, table, source=checksum, cost=cost)
+                write_shard(stage, index, table, source=checksum,
+                            cost=cost_since(start, tokens=tokens() - tokens_before))
         yield index, made
+
+
+def cost_since(start: float, **measured) -> dict:
+    """What work begun at `start` (time.perf_counter()) cost: its seconds, what the caller
+    `measured` (tokens, bytes), and the process's peak memory (peak_memory)."""
+    import time
+
+    return {"wall_s": round(time.perf_counter() - start, 3), **measured, **peak_memory()}
 
 
 def peak_memory() -> dict:

@@ -12,6 +12,7 @@ from gradsel.store import Store, existing_store
 
 
 def store_summary(path: Path) -> dict:
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from gradsel.rounds import latest_round_store, round_selection
@@ -39,10 +40,12 @@ def store_summary(path: Path) -> dict:
                                 "alignment": manifest.get("alignment"), "val_agg": manifest.get("val_agg")}
     features = manifest.get("features")
     if features and (store.root / features / "scores.parquet").is_file():
-        rows = [r for r in pq.read_table(store.root / features / "scores.parquet").to_pylist() if r["split"] == "train"]
-        rates = np.array([r["pass_rate"] for r in rows])
-        hist, _ = np.histogram(rates, bins=10, range=(0, 1))
-        summary["candidates"] = {"scored": len(rows), "zero_advantage": sum(r["zero_advantage"] for r in rows),
+        # Three columns, not a dict a row: `report` reads this summary of a million candidates too.
+        table = pq.read_table(store.root / features / "scores.parquet", columns=["split", "pass_rate", "zero_advantage"])
+        train = table.filter(pc.equal(table.column("split"), "train"))
+        hist, _ = np.histogram(train.column("pass_rate").to_numpy(), bins=10, range=(0, 1))
+        summary["candidates"] = {"scored": train.num_rows,
+                                 "zero_advantage": int(pc.sum(train.column("zero_advantage")).as_py() or 0),
                                  "pass_rate_histogram": hist.tolist()}
     return summary
 

@@ -33,13 +33,13 @@ from gradsel.gradients.alignment import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, L
                                          truncate_validation_gradient, validation_gradient, zero_validation_gradient)
 from gradsel.gradients.exact import exact_parameters, exact_problem_gradient
 from gradsel.gradients.hooks import head_features, projected_features
-from gradsel.gradients.loss import (ADVANTAGES, LOSS_AGGS, LossConfig, ProblemRollouts, group_advantages,
-                                    groups_from_table, pack_batches, policy_loss, token_weights)
+from gradsel.gradients.loss import (LossConfig, ProblemRollouts, group_advantages, groups_from_table, pack_batches,
+                                    policy_loss, token_weights)
 from gradsel.gradients.sketch import (FEATURES, ProjectorSpec, expert_signs, make_spec, module_projections,
                                       projection_matrix)
 from gradsel.gradients.units import CaptureUnit, resolve_units, select_units
 
-__all__ = ["ADVANTAGES", "FEATURES", "LOSS_AGGS", "LOW_RANK_MAX_COST", "LOW_RANK_RESIDUAL", "LOW_RANK_TILE",
+__all__ = ["FEATURES", "LOW_RANK_MAX_COST", "LOW_RANK_RESIDUAL", "LOW_RANK_TILE",
            "CaptureUnit", "LossConfig", "LowRank", "ProblemRollouts", "ProjectorSpec", "alignment_cost",
            "exact_parameters", "exact_problem_gradient", "expert_signs", "group_advantages", "groups_from_table",
            "head_features", "make_spec", "module_projections", "pack_batches", "policy_loss", "projected_features",

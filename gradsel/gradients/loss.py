@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradsel.choices import ADVANTAGES, LOSS_AGGS  # noqa: F401  (re-exported)
+from gradsel.choices import LOSS_AGGS
 from gradsel.errors import GradselError
 
 EPS = 1e-6
