@@ -599,8 +599,10 @@ def handoff(
     done = prepare_relaunch(store, checkpoints, out, train_batch_size=train_batch_size, epochs=epochs, force=force)
     console.info(f"wrote {done.parquet}: round {done.round}'s selection, {done.rows} problems, "
                  f"{done.steps_per_epoch} steps an epoch")
-    console.info(f"resuming {done.checkpoint.name}: " + (f"moved its dataloader state aside to {done.moved_state}"
-                                                        if done.moved_state else "it holds no dataloader state (data.pt)"))
+    moved = (f"moved its dataloader state aside to {done.moved_state}" if done.moved_state else
+             f"its dataloader state was already moved aside to {done.moved_before}" if done.moved_before else
+             "it holds no dataloader state (data.pt)")
+    console.info(f"resuming {done.checkpoint.name}: {moved}")
     print(" ".join(done.overrides), file=console.data_out(), flush=True)
 
 

@@ -90,7 +90,7 @@ def test_handoff_writes_the_selection_moves_the_stale_state_and_prints_the_overr
     again = handoff(store, ckpts, "--train-batch-size", "2", check=False)
     assert again.returncode == 2 and "exists" in again.stderr and "hint:" in again.stderr
     forced = handoff(store, ckpts, "--train-batch-size", "2", "--force")
-    assert "holds no dataloader state" in forced.stderr and moved.read_bytes() == state
+    assert f"already moved aside to {moved}" in forced.stderr and moved.read_bytes() == state
 
 
 @pytest.mark.parametrize("case", ["no-store", "no-checkpoints", "no-tracker", "tracker-names-missing-step",
@@ -124,7 +124,7 @@ def test_bad_input_exits_2_and_touches_nothing(store, tmp_path, case):
         assert (ckpts / "global_step_6/data.pt").is_file()
 
 
-VERL_CHECK = textwrap.dedent("""
+VERL_LOADER = textwrap.dedent("""
     import json, sys, torch
     from omegaconf import OmegaConf
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -132,23 +132,36 @@ VERL_CHECK = textwrap.dedent("""
     from verl.trainer.ppo.utils import create_rl_sampler
     from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
 
-    new_file, model, state = sys.argv[1:4]
     config = OmegaConf.create({"prompt_key": "prompt", "max_prompt_length": 256, "filter_overlong_prompts": True,
                                "truncation": "error", "return_raw_chat": True, "shuffle": True, "seed": 1,
                                "dataloader_num_workers": 0})
-    dataset = RLHFDataset(data_files=[new_file], tokenizer=AutoTokenizer.from_pretrained(model), config=config)
 
-    def loader():
+    def loader(data_file, model):  # verl's train dataloader (ray_trainer._create_dataloader), batch 2
+        dataset = RLHFDataset(data_files=[data_file], tokenizer=AutoTokenizer.from_pretrained(model), config=config)
         return StatefulDataLoader(dataset, batch_size=2, drop_last=True, collate_fn=collate_fn,
                                   sampler=create_rl_sampler(config, dataset))
 
-    fresh = [i for batch in loader() for i in batch["index"].tolist()]
-    # What verl's _load_checkpoint does when data.pt is still there: the new file from the old position.
-    stale = loader()
-    stale.load_state_dict(torch.load(state, weights_only=False))
-    resumed = [i for batch in stale for i in batch["index"].tolist()]
-    print(json.dumps({"rows": len(dataset), "fresh": fresh, "resumed": resumed}))
+    def indices(batches):
+        return [i for batch in batches for i in batch["index"].tolist()]
+
+    command, data_file, model, state = sys.argv[1:5]
+    if command == "save":  # verl's _save_checkpoint, one batch into the old file
+        old = loader(data_file, model)
+        next(iter(old))
+        torch.save(old.state_dict(), state)
+    else:
+        fresh = loader(data_file, model)  # the resumed run without data.pt
+        stale = loader(data_file, model)  # what _load_checkpoint does when data.pt is still there
+        stale.load_state_dict(torch.load(state, weights_only=False))
+        print(json.dumps({"rows": len(fresh.dataset), "fresh": indices(fresh), "stale": indices(stale)}))
 """)
+
+
+def run_verl(*args: str) -> str:
+    proc = subprocess.run([str(VERL_PYTHON), "-c", VERL_LOADER, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def test_the_handed_off_parquet_loads_in_verls_own_dataset_and_the_moved_state_would_skip_it(store, tmp_path):
@@ -161,24 +174,61 @@ def test_the_handed_off_parquet_loads_in_verls_own_dataset_and_the_moved_state_w
         pytest.skip(f"verl is not importable by {VERL_PYTHON} (set GRADSEL_VERL_PYTHON; docs/trainers.md)")
     from gradsel.models import resolve_model_path
 
-    ckpts = tmp_path / "ckpts"
-    verl_checkpoints(ckpts)
-    state = ckpts / "global_step_6/data.pt"
-    proc = subprocess.run([str(VERL_PYTHON), "-c", textwrap.dedent("""
-        import sys, torch
-        from torchdata.stateful_dataloader import StatefulDataLoader
-        loader = StatefulDataLoader(list(range(4)), batch_size=2, drop_last=True)
-        it = iter(loader); next(it)
-        torch.save(loader.state_dict(), sys.argv[1])  # one batch of the old file consumed
-    """), str(state)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = str(resolve_model_path("tiny-arith"))
+    ckpts = verl_checkpoints(tmp_path / "ckpts")
+    run_verl("save", str(store / "rounds/round-000/chunk.parquet"), model, str(ckpts / "global_step_6/data.pt"))
     handoff(store, ckpts, "--train-batch-size", "2")
-    check = subprocess.run([str(VERL_PYTHON), "-c", VERL_CHECK, str(ckpts / "gradsel-round-000.parquet"),
-                            str(resolve_model_path("tiny-arith")), str(ckpts / "global_step_6/data.pt.stale-before-round-000")],
-                           capture_output=True, text=True, cwd=ROOT, timeout=600,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    assert check.returncode == 0, check.stderr[-3000:]
-    seen = json.loads(check.stdout.strip().splitlines()[-1])
+    seen = json.loads(run_verl("check", str(ckpts / "gradsel-round-000.parquet"), model,
+                               str(ckpts / "global_step_6/data.pt.stale-before-round-000")).splitlines()[-1])
     selected = sorted(int(pid.rsplit(":", 1)[1]) for pid in recorded_selection(store).problem_ids)
     assert seen["rows"] == 4 and sorted(seen["fresh"]) == selected  # every selected row, from the beginning
-    assert len(seen["resumed"]) == 2  # from the stale position: only the new file's second batch
+    assert len(seen["stale"]) == 2, seen  # from the old file's position: only the new file's second batch
+
+
+# -- OpenRLHF --------------------------------------------------------------------------------------
+
+OPENRLHF_PYTHON = Path(os.environ.get("GRADSEL_OPENRLHF_PYTHON", "/tmp/orlhfenv/bin/python"))
+OPENRLHF_READER = textwrap.dedent("""
+    import json, sys
+    from types import SimpleNamespace
+    from transformers import AutoTokenizer
+    from openrlhf.datasets.prompts_dataset import PromptDataset
+    from openrlhf.datasets.utils import blending_datasets
+
+    data_file, model = sys.argv[1:3]
+    # The arguments OpenRLHF's train_ppo_ray passes (--data.input_key input --data.label_key label
+    # --data.apply_chat_template); the strategy object carries only them here.
+    args = SimpleNamespace(data=SimpleNamespace(input_key="input", label_key="label", apply_chat_template=True),
+                           use_ms=False)
+    strategy = SimpleNamespace(args=args, print=lambda *a: None, is_rank_0=lambda: False)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    data = blending_datasets(data_file, None, strategy, 42, dataset_split="train")  # as prepare_datasets calls it
+    dataset = PromptDataset(data, tokenizer, strategy)
+    print(json.dumps([dataset[i][1:3] for i in range(len(dataset))]))
+""")
+
+
+def test_openrlhf_reads_the_selection_with_its_own_prompt_reader(store, tmp_path):
+    """`--format openrlhf` through OpenRLHF's own blending_datasets + PromptDataset, as its PPO
+    trainer reads --data.prompt_dataset: every selected problem's chat, templated by the model's
+    tokenizer, and its reference answer as the label its reward function receives."""
+    if not OPENRLHF_PYTHON.is_file() or subprocess.run([str(OPENRLHF_PYTHON), "-c", "import openrlhf.datasets.utils"],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip(f"openrlhf is not importable by {OPENRLHF_PYTHON} (set GRADSEL_OPENRLHF_PYTHON; docs/trainers.md)")
+    from transformers import AutoTokenizer
+
+    from gradsel.models import resolve_model_path
+
+    out = tmp_path / "round0.jsonl"
+    run_cli("select", "--store", str(store), "--top-k", "4", "--allow-fewer", "--include-zero-advantage",
+            "--format", "openrlhf", "--out", str(out))
+    model = str(resolve_model_path("tiny-arith"))
+    proc = subprocess.run([str(OPENRLHF_PYTHON), "-c", OPENRLHF_READER, str(out), model], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    read = json.loads(proc.stdout.strip().splitlines()[-1])
+    problems = {p.problem_id: p for p in read_problems(store / "rounds/round-000/chunk.parquet").problems}
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    expected = [[tokenizer.apply_chat_template(problems[pid].prompt, tokenize=False, add_generation_prompt=True),
+                 problems[pid].ground_truth] for pid in recorded_selection(store).problem_ids]
+    assert read == expected

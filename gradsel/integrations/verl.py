@@ -41,7 +41,8 @@ class Handoff:
     steps_per_epoch: int
     total_epochs: int
     total_training_steps: int
-    moved_state: Path | None  # where the stale data.pt now is (None: there was none)
+    moved_state: Path | None  # where this hand-off moved the stale data.pt (None: it moved none)
+    moved_before: Path | None  # where an earlier hand-off of this round had moved it
     overrides: list[str]
 
 
@@ -105,6 +106,7 @@ def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_
     atomic_write_json(sidecar, json.loads(sidecar.read_text()) | {
         "mode": None, "config": None, "recorded_selection": str(selection.path), "round": selection.round,
         "handoff": {"trainer": "verl", "checkpoint": str(folder), "global_step": step}})
+    moved_before = moved if moved.exists() else None
     if stale.exists():
         stale.rename(moved)
     total_epochs = step // steps_per_epoch + epochs
@@ -113,4 +115,4 @@ def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_
                  f"trainer.default_local_dir={Path(checkpoints).resolve()}",
                  f"trainer.total_epochs={total_epochs}", f"trainer.total_training_steps={total_steps}"]
     return Handoff(out, rows, selection.round, folder, step, steps_per_epoch, total_epochs, total_steps,
-                   moved if moved.exists() else None, overrides)
+                   None if moved_before else moved if moved.exists() else None, moved_before, overrides)
