@@ -114,12 +114,11 @@ def weights(model) -> dict:
 @pytest.mark.slow
 def test_grpo_trainer_follows_a_refresh_between_epochs(tmp_path):
     """One GRPOTrainer run: epoch 1 draws round 0's selection; between the epochs, another process
-    refreshes the store with the checkpoint of epoch 1 and selects again; epoch 2 draws exactly
-    that selection. Then two separate runs given the same two selections (the second resuming the
+    (`gradsel refresh`, started by the callback) scores the next chunk with the checkpoint of epoch 1
+    and selects from it; epoch 2 draws exactly that selection. Then two separate runs given the same two selections (the second resuming the
     first's checkpoint, as a relaunch does) end with the same weights, bit for bit."""
     pytest.importorskip("trl")
     import torch
-    from transformers import TrainerCallback
 
     model = resolve_model_path("tiny-arith")
     pool, val = write_regime(tmp_path / "data", "clean", size=40, val_size=4, seed=3)
@@ -128,22 +127,15 @@ def test_grpo_trainer_follows_a_refresh_between_epochs(tmp_path):
             "--chunk-size", "8", *SCORE)
     run_cli("select", "--store", str(store), *SELECT, "--out", str(tmp_path / "round0.txt"))
 
-    class RefreshBetweenEpochs(TrainerCallback):
-        """What a user's second terminal does: save the policy, `gradsel refresh`, `gradsel select`."""
-
-        def on_epoch_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-            if state.global_step == 2:
-                model.save_pretrained(tmp_path / "epoch1")
-                processing_class.save_pretrained(tmp_path / "epoch1")
-                run_cli("refresh", "--store", str(store), "--model", str(tmp_path / "epoch1"), *SELECT,
-                        "--out", str(tmp_path / "round1.txt"))
-
     drawn: list[list[str]] = []
-    following = trainer(model, pool, store, tmp_path / "a", drawn, epochs=2, callbacks=[RefreshBetweenEpochs()])
+    # follow="epoch" + refresh: at the end of epoch 1 the callback saves the policy and runs
+    # `gradsel refresh` (another process) on it, then swaps in what that refresh selected.
+    following = trainer(model, pool, store, tmp_path / "a", drawn, epochs=2, follow="epoch", refresh=SELECT)
     initial = weights(following.model)
     following.train()
     rounds = [recorded_selection(store, r).problem_ids for r in (0, 1)]
     assert len(drawn) == 4 and following.gradsel.history == [(2, 1)]
+    assert recorded_selection(store).round == 1 and (tmp_path / "a/gradsel-step-2/model.safetensors").is_file()
     assert sorted(set(drawn[0] + drawn[1])) == sorted(rounds[0])  # epoch 1: round 0's selection, each once
     assert sorted(set(drawn[2] + drawn[3])) == sorted(rounds[1])  # epoch 2: what the refresh selected
     assert not set(rounds[0]) & set(rounds[1])

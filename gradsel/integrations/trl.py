@@ -128,14 +128,24 @@ def rank_weights(n: int) -> list[float]:
 class FollowSelection(TrainerCallback):
     """Re-read the store's latest selection at the end of each epoch (or every `every_n_steps`
     optimizer steps) and swap it into the sampler. A latest round without a selection yet (a
-    refresh done, its `select` not) keeps the current selection."""
+    refresh done, its `select` not) keeps the current selection.
 
-    def __init__(self, store: str | Path, *, every_n_steps: int | None = None, weighting: str = "uniform") -> None:
+    With `refresh` (the selection options of `gradsel refresh`, e.g. ["--top-k", "256"]) the
+    callback first saves the policy to OUTPUT_DIR/gradsel-step-N through the trainer and runs
+    `gradsel refresh --store S --model OUTPUT_DIR/gradsel-step-N ...` itself (on the main process;
+    the others wait), so the next round is scored with the checkpoint being trained."""
+
+    def __init__(self, store: str | Path, *, every_n_steps: int | None = None, weighting: str = "uniform",
+                 refresh: Sequence[str] | None = None) -> None:
         if weighting not in ("uniform", "rank"):
             raise GradselError(f"unknown weighting {weighting!r}", "use 'uniform' or 'rank'")
         if every_n_steps is not None and every_n_steps < 1:
             raise GradselError(f"every_n_steps must be at least 1, got {every_n_steps}", "or None: every epoch")
         self.store, self.every_n_steps, self.weighting = Path(store), every_n_steps, weighting
+        self.refresh = None if refresh is None else [str(a) for a in refresh]
+        if self.refresh is not None and "--format" not in self.refresh:
+            self.refresh += ["--format", "ids"]  # refresh writes its selection to stdout, which is dropped
+        self.trainer = None  # set by GradselGRPOTrainer: saving a checkpoint needs it
         self.sampler: SelectionSampler | None = None
         self.position_of: dict[str, int] = {}
         self.current: RecordedSelection | None = None
@@ -150,17 +160,38 @@ class FollowSelection(TrainerCallback):
         positions = [self.position_of[pid] for pid in selection.problem_ids]
         return positions, rank_weights(len(positions)) if self.weighting == "rank" else None
 
+    def run_refresh(self, global_step: int) -> None:
+        """Save the policy and score the store's next round with it (`gradsel refresh`)."""
+        import subprocess
+        import sys
+
+        checkpoint = Path(self.trainer.args.output_dir) / f"gradsel-step-{global_step}"
+        self.trainer.save_model(str(checkpoint))  # every rank: FSDP and DeepSpeed gather the weights here
+        if self.trainer.is_world_process_zero():
+            proc = subprocess.run([sys.executable, "-m", "gradsel.cli", "-q", "refresh", "--store", str(self.store),
+                                   "--model", str(checkpoint), *self.refresh], capture_output=True, text=True)
+            if proc.returncode != 0:
+                lines = proc.stderr.strip().splitlines()
+                console.warn(f"gradsel refresh on {checkpoint} failed (exit {proc.returncode}): "
+                             + next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else ""))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
     def reload(self, global_step: int) -> bool:
         """Swap in the store's latest selection if it is new; True if it was."""
+        if self.refresh is not None:
+            self.run_refresh(global_step)
+        latest = _latest_on_every_rank(self.store)
+        if isinstance(latest, str):
+            console.warn(f"keeping round {self.current.round}'s selection: {latest}")
+            return False
+        if (latest.round, latest.problem_ids) == (self.current.round, self.current.problem_ids):
+            return False
         try:
-            latest = _same_on_every_rank(recorded_selection(self.store))
-        except GradselError as exc:
+            self.sampler.set_selection(*self.positions(latest))
+        except GradselError as exc:  # mid-run: keep training on what it has rather than lose the run
             console.warn(f"keeping round {self.current.round}'s selection: {exc.message}")
             return False
-        if self.current is not None and (latest.round, latest.problem_ids) == (self.current.round,
-                                                                               self.current.problem_ids):
-            return False
-        self.sampler.set_selection(*self.positions(latest))
         self.current = latest
         self.history.append((global_step, latest.round))
         console.info(f"gradsel: step {global_step}: drawing round {latest.round}'s selection "
@@ -176,14 +207,19 @@ class FollowSelection(TrainerCallback):
             self.reload(state.global_step)
 
 
-def _same_on_every_rank(selection: RecordedSelection) -> RecordedSelection:
-    """Rank 0's reading, on every rank: a `select` landing between two ranks' reads must not give
-    them different selections (their groups would no longer line up)."""
+def _latest_on_every_rank(store: Path) -> RecordedSelection | str:
+    """Rank 0's reading of the store's latest selection (or why there is none), on every rank: a
+    `select` landing between two ranks' reads must not give them different selections (their
+    groups would no longer line up)."""
+    try:
+        found: RecordedSelection | str = recorded_selection(store)
+    except GradselError as exc:
+        found = exc.message
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [selection]
+        box = [found]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
-    return selection
+    return found
 
 
 def _grpo_trainer_class():
@@ -204,20 +240,22 @@ def make_trainer_class(base=None):
 
         store: a gradsel store with rounds. selection_round: the round whose selection to start
         from (default: the latest). follow: re-read the latest selection at the end of each epoch
-        ("epoch"), every N optimizer steps (an int), or never (None). weighting: "uniform" or
-        "rank". prompts_per_epoch: prompts an epoch draws (default: the first selection's size).
+        ("epoch"), every N optimizer steps (an int), or never (None). refresh: run `gradsel refresh`
+        with these selection options on the saved policy first (FollowSelection). weighting:
+        "uniform" or "rank". prompts_per_epoch: prompts an epoch draws (default: the first selection's size).
         problem_ids: the dataset rows' gradsel ids, if the rows no longer carry the columns they
         were scored from."""
 
         def __init__(self, *args, store: str | Path, selection_round: int | None = None, follow="epoch",
-                     weighting: str = "uniform", prompts_per_epoch: int | None = None,
-                     problem_ids: list[str] | None = None, **kwargs):
+                     weighting: str = "uniform", refresh: Sequence[str] | None = None,
+                     prompts_per_epoch: int | None = None, problem_ids: list[str] | None = None, **kwargs):
             self.gradsel = FollowSelection(store, every_n_steps=None if follow in ("epoch", None) else int(follow),
-                                           weighting=weighting)
+                                           weighting=weighting, refresh=refresh)
             self.gradsel_follow = follow is not None
             self.gradsel.current = recorded_selection(store, selection_round)
             self.gradsel_prompts_per_epoch = prompts_per_epoch
             super().__init__(*args, **kwargs)
+            self.gradsel.trainer = self
             ids = problem_ids if problem_ids is not None else dataset_problem_ids(self.train_dataset)
             self.gradsel.position_of = {pid: i for i, pid in enumerate(ids)}
             self.gradsel.positions(self.gradsel.current)  # refuse a selection the dataset lacks now, not mid-run
