@@ -163,3 +163,39 @@ def test_trainer_refuses_a_store_without_a_selection(tmp_path):
     (store / "manifest.json").write_text(json.dumps({"format_version": 2, "rounds_store": True, "rounds": []}))
     with pytest.raises(GradselError, match="no complete round"):
         trainer(resolve_model_path("tiny-arith"), pool, store, tmp_path / "a", [], epochs=1)
+
+
+# -- the callback's reading of the store ---------------------------------------------------------
+
+def rounds_store(root: Path, selections: dict[int, list[str] | None]) -> Path:
+    """A store's round lineage as `score --chunk-size` and `refresh` record it: complete rounds
+    (with their checkpoint hash) and each round's selection.json where `select` ran."""
+    rounds = []
+    for index, ids in selections.items():
+        directory = root / "rounds" / f"round-{index:03d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        rounds.append({"round": index, "dir": f"rounds/round-{index:03d}", "chunk_ids": ids or [],
+                       "model": "m", "checkpoint": f"sha256:{index}"})
+        if ids is not None:
+            (directory / "selection.json").write_text(json.dumps({"selected_ids": ids}))
+    (root / "manifest.json").write_text(json.dumps({"format_version": 2, "rounds_store": True, "rounds": rounds}))
+    return root
+
+
+def test_callback_waits_for_a_selection_then_swaps_it_in(tmp_path, capfd):
+    from gradsel.integrations.trl import FollowSelection
+
+    ids = [f"arith/add1:{i}" for i in range(12)]
+    store = rounds_store(tmp_path / "store", {0: ids[:4], 1: None})  # refresh done, its select not yet
+    follow = FollowSelection(store)
+    follow.position_of = {pid: i for i, pid in enumerate(ids)}
+    follow.current = recorded_selection(store, 0)
+    follow.sampler = SelectionSampler(follow.positions(follow.current)[0], mini_repeat_count=2, batch_size=2)
+    assert not follow.reload(global_step=2) and set(follow.sampler) == {0, 1, 2, 3}
+    assert "warning: keeping round 0's selection: round 1" in capfd.readouterr().err
+    rounds_store(tmp_path / "store", {0: ids[:4], 1: ids[6:10]})  # `gradsel select` ran
+    assert follow.reload(global_step=4) and set(follow.sampler) == {6, 7, 8, 9}
+    assert not follow.reload(global_step=6) and follow.history == [(4, 1)]  # nothing new: no swap
+    rounds_store(tmp_path / "store", {0: ids[:4], 1: ids[6:10], 2: ["gsm8k:1"] * 4})  # not in the dataset
+    assert not follow.reload(global_step=8) and set(follow.sampler) == {6, 7, 8, 9}
+    assert "(first: gsm8k:1)" in capfd.readouterr().err
