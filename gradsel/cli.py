@@ -577,6 +577,35 @@ def refresh(
         console.info(json.dumps(summary))
 
 
+class Trainer(str, Enum):
+    verl = "verl"
+
+
+@app.command(help="Hand the store's latest selection to a trainer's relaunch. `gradsel handoff verl`: write the "
+             "latest round's recorded selection as verl Parquet, move the stale dataloader state of the latest "
+             "checkpoint (global_step_N/data.pt) aside, kept, so that the resumed run reads the new file from its "
+             "beginning, and print the overrides for verl's launcher on stdout (docs/trainers.md).")
+def handoff(
+    trainer: Annotated[Trainer, typer.Argument(help="The trainer to relaunch.")],
+    store: Annotated[Path, typer.Option("--store", "-s", help="A store with rounds whose latest round has a selection.", rich_help_panel=DATA)],
+    checkpoints: Annotated[Path, typer.Option(help="verl's trainer.default_local_dir: holds latest_checkpointed_iteration.txt and global_step_N/.", rich_help_panel=DATA)],
+    train_batch_size: Annotated[int, typer.Option(min=1, help="The data.train_batch_size (or data.gen_batch_size) you launch verl with: sets the steps per epoch of the new file.", rich_help_panel=DATA)],
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the new file before the resumed run stops.", rich_help_panel=DATA)] = 1,
+    out: Annotated[Optional[Path], typer.Option(help="The Parquet to write (default: CHECKPOINTS/gradsel-round-NNN.parquet).", rich_help_panel=OUTPUT)] = None,
+    force: ForceOpt = False,
+) -> None:
+    from gradsel.integrations.verl import prepare_relaunch
+
+    done = prepare_relaunch(store, checkpoints, out, train_batch_size=train_batch_size, epochs=epochs, force=force)
+    console.info(f"wrote {done.parquet}: round {done.round}'s selection, {done.rows} problems, "
+                 f"{done.steps_per_epoch} steps an epoch")
+    moved = (f"moved its dataloader state aside to {done.moved_state}" if done.moved_state else
+             f"its dataloader state was already moved aside to {done.moved_before}" if done.moved_before else
+             "it holds no dataloader state (data.pt)")
+    console.info(f"resuming {done.checkpoint.name}: {moved}")
+    print(" ".join(done.overrides), file=console.data_out(), flush=True)
+
+
 def _emit_json(obj) -> None:
     """Data goes to stdout, one JSON object, so it can be piped."""
     print(json.dumps(obj), file=console.data_out(), flush=True)
