@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gradsel-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean trainer-envs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,28 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# verl and OpenRLHF, each in its own venv that sees BASE_VENV's packages through a .pth file, for
+# tests/test_handoff_verl.py's checks with the trainers' own readers (docs/trainers.md). Pinned as
+# checked there. Never fails: where an install fails, the tests skip with its reason.
+BASE_VENV ?= $(VENV)
+TRAINER_ENVS := .trainer-envs
+VERL_PACKAGES := verl==0.9.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 torchdata==0.11.0 \
+	tensordict==0.15.3 pyvers==0.2.3 codetiming==1.4.0 orjson==3.13.0
+OPENRLHF_PACKAGES := openrlhf==0.11.2 pylatexenc==2.11
+
+$(TRAINER_ENVS)/verl/.installed: Makefile scripts/trainer_env.sh | $(BASE_VENV)/bin/python
+	scripts/trainer_env.sh $(BASE_VENV)/bin/python $(TRAINER_ENVS)/verl $(VERL_PACKAGES)
+
+$(TRAINER_ENVS)/openrlhf/.installed: Makefile scripts/trainer_env.sh | $(BASE_VENV)/bin/python
+	scripts/trainer_env.sh $(BASE_VENV)/bin/python $(TRAINER_ENVS)/openrlhf $(OPENRLHF_PACKAGES)
+
+trainer-envs: $(TRAINER_ENVS)/verl/.installed $(TRAINER_ENVS)/openrlhf/.installed
+
 demo: install
 	$(VENV)/bin/gradsel demo
 
-test: install
+test: install trainer-envs
 	$(VENV)/bin/python -m pytest
 
 clean:
-	rm -rf $(VENV) gradsel-demo .pytest_cache
+	rm -rf $(VENV) $(TRAINER_ENVS) gradsel-demo .pytest_cache

@@ -20,8 +20,21 @@ from gradsel.problems import read_problems
 from gradsel.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
-# A separate environment where verl is installed (never gradsel's own venv): see docs/trainers.md.
-VERL_PYTHON = Path(os.environ.get("GRADSEL_VERL_PYTHON", "/tmp/verlenv/bin/python"))
+# Separate environments where verl and OpenRLHF are installed (never gradsel's own venv), made by
+# `make trainer-envs` (a dependency of `make test`; docs/trainers.md), or named by these variables.
+TRAINER_ENVS = ROOT / ".trainer-envs"
+VERL_PYTHON = Path(os.environ.get("GRADSEL_VERL_PYTHON", TRAINER_ENVS / "verl/bin/python"))
+OPENRLHF_PYTHON = Path(os.environ.get("GRADSEL_OPENRLHF_PYTHON", TRAINER_ENVS / "openrlhf/bin/python"))
+
+
+def skip_unless_importable(python: Path, module: str, env: str, variable: str) -> None:
+    """Skip where `module` does not import in `python`, saying why: the reason `make trainer-envs`
+    recorded when its install failed, else how to make the environment."""
+    if python.is_file() and subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0:
+        return
+    failed = TRAINER_ENVS / f"{env}.install-failed"
+    why = failed.read_text().strip() if variable not in os.environ and failed.is_file() else "run `make trainer-envs`"
+    pytest.skip(f"{module} is not importable by {python}: {why} (or set {variable}; docs/trainers.md)")
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +182,7 @@ def test_the_handed_off_parquet_loads_in_verls_own_dataset_and_the_moved_state_w
     verl's sampler over a fresh StatefulDataLoader yields every selected row, and a loader that
     loads the moved-aside state (what verl's resume does with data.pt) would skip some: the hazard
     the hand-off removes. Runs in a separate environment where verl is installed."""
-    if not VERL_PYTHON.is_file() or subprocess.run([str(VERL_PYTHON), "-c", "import verl.utils.dataset.rl_dataset"],
-                                                   capture_output=True).returncode != 0:
-        pytest.skip(f"verl is not importable by {VERL_PYTHON} (set GRADSEL_VERL_PYTHON; docs/trainers.md)")
+    skip_unless_importable(VERL_PYTHON, "verl.utils.dataset.rl_dataset", "verl", "GRADSEL_VERL_PYTHON")
     from gradsel.models import resolve_model_path
 
     model = str(resolve_model_path("tiny-arith"))
@@ -187,7 +198,6 @@ def test_the_handed_off_parquet_loads_in_verls_own_dataset_and_the_moved_state_w
 
 # -- OpenRLHF --------------------------------------------------------------------------------------
 
-OPENRLHF_PYTHON = Path(os.environ.get("GRADSEL_OPENRLHF_PYTHON", "/tmp/orlhfenv/bin/python"))
 OPENRLHF_READER = textwrap.dedent("""
     import json, sys
     from types import SimpleNamespace
@@ -212,9 +222,7 @@ def test_openrlhf_reads_the_selection_with_its_own_prompt_reader(store, tmp_path
     """`--format openrlhf` through OpenRLHF's own blending_datasets + PromptDataset, as its PPO
     trainer reads --data.prompt_dataset: every selected problem's chat, templated by the model's
     tokenizer, and its reference answer as the label its reward function receives."""
-    if not OPENRLHF_PYTHON.is_file() or subprocess.run([str(OPENRLHF_PYTHON), "-c", "import openrlhf.datasets.utils"],
-                                                       capture_output=True).returncode != 0:
-        pytest.skip(f"openrlhf is not importable by {OPENRLHF_PYTHON} (set GRADSEL_OPENRLHF_PYTHON; docs/trainers.md)")
+    skip_unless_importable(OPENRLHF_PYTHON, "openrlhf.datasets.utils", "openrlhf", "GRADSEL_OPENRLHF_PYTHON")
     from transformers import AutoTokenizer
 
     from gradsel.models import resolve_model_path
