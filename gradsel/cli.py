@@ -366,7 +366,7 @@ TopKOpt = Annotated[Optional[int], typer.Option(help="Select this many problems.
 RatioOpt = Annotated[Optional[float], typer.Option(help="Select this share of the candidates (0-1].", rich_help_panel=SELECTION)]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every eligible problem, ranked (a curriculum order).", rich_help_panel=SELECTION)]
 ModeOpt = Annotated[Mode, typer.Option(help="How candidates are ranked (the modes are described above).", rich_help_panel=SELECTION)]
-TargetOpt = Annotated[Target, typer.Option(help="What the alignment modes align with; auto is subspace where the store holds vectors.", rich_help_panel=SELECTION)]
+TargetOpt = Annotated[Target, typer.Option(help="What the alignment modes align with; auto is mean for gradalign, dot and simacc (the paper's), subspace for reliable where the store holds vectors.", rich_help_panel=SELECTION)]
 BandOpt = Annotated[str, typer.Option(help="Pass-rate band LO,HI for --mode band.", rich_help_panel=SELECTION)]
 MinScoreOpt = Annotated[Optional[float], typer.Option(help="Drop candidates whose mode score is below this.", rich_help_panel=SELECTION)]
 ZeroAdvantageOpt = Annotated[bool, typer.Option(help="Keep problems whose rewards are all equal (no GRPO signal).", rich_help_panel=SELECTION)]
@@ -390,7 +390,10 @@ SELECT_MODES_HELP = (
     "Targets (for reliable, gradalign and simacc): subspace, per module the share of the candidate's gradient in "
     "the span of the validation gradients, averaged over modules; mean, the cosine with the validation set's "
     "gradient; max, the best cosine with any single validation problem (LESS-style, through the FAISS index); "
-    "auto, subspace where the store holds vectors, else mean.")
+    "auto, the default, is mean for the paper's modes (gradalign, dot, simacc), so that --mode gradalign is the "
+    "paper's method as published, and subspace for reliable, gradsel's own default (mean where the store holds no "
+    "vectors: the exact feature). dot always ranks by the inner product with the validation gradient; accgreedy, "
+    "band, learnalign and random read no target.")
 
 
 @dataclass(frozen=True)
