@@ -35,7 +35,7 @@ import numpy as np
 from gradsel import console
 from gradsel.choices import FORMATS, MODES, TARGETS
 from gradsel.errors import GradselError
-from gradsel.problems import jsonl_lines
+from gradsel.problems import is_jsonl, original_rows
 from gradsel.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
                            subspace_share, take_vectors, vectors_fingerprint)
 
@@ -414,15 +414,15 @@ def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate
         payload = "".join(json.dumps({"input": json.loads(by_id[pid]["prompt_messages_json"]),
                                       "label": by_id[pid]["ground_truth"], **(extra if annotate else {})}) + "\n"
                           for pid, extra in zip(selection.problem_ids, rank_extra)).encode()
-    elif source.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
-        lines = jsonl_lines(source.read_bytes())  # the reader's own split: source_row is a line index
+    elif is_jsonl(source):
+        lines = original_rows(source, rows_idx)
         if fmt == "jsonl":
-            payload = b"".join(_annotated_line(lines[i], e, annotate) + b"\n" for i, e in zip(rows_idx, rank_extra))
+            payload = b"".join(_annotated_line(line, e, annotate) + b"\n" for line, e in zip(lines, rank_extra))
         else:
-            payload = _parquet_bytes(_rows_table([json.loads(lines[i]) | (e if annotate else {})
-                                                  for i, e in zip(rows_idx, rank_extra)]))
+            payload = _parquet_bytes(_rows_table([json.loads(line) | (e if annotate else {})
+                                                  for line, e in zip(lines, rank_extra)]))
     else:
-        table = pq.read_table(source).take(pa.array(rows_idx, pa.int64()))
+        table = original_rows(source, rows_idx)
         if annotate:
             for name in ("gradsel_rank", "gradsel_score", "gradsel_mode"):
                 table = table.append_column(name, pa.array([e[name] for e in rank_extra]))

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import run_cli
 from gradsel.models import resolve_model_path
+from gradsel.problems import read_problems
 from gradsel.rounds import round_selection
 from gradsel.tasks import write_regime
 
@@ -32,6 +33,48 @@ def manifest(store):
     for r in m["rounds"]:
         r["selected_ids"] = round_selection(store, r)
     return m
+
+
+def messy_jsonl(pool, dest, pad: int = 0):
+    """The Parquet pool's rows as JSON lines the way editors and exports leave them: a UTF-8 BOM,
+    CRLF line ends, blank and whitespace-only lines between rows, no newline at the end. `pad`
+    bytes of an extra top-level field per row (gradsel ignores it). Returns (path, the bytes of
+    each problem's line without its line end, by problem id)."""
+    ids = [p.problem_id for p in read_problems(pool).problems]
+    lines = [json.dumps({**row, **({"notes": "x" * pad} if pad else {})}).encode()
+             for row in pq.read_table(pool).to_pylist()]
+    physical = []
+    for i, line in enumerate(lines):
+        if i in (1, 7, 30):
+            physical += [b"", b"   "]  # blank lines still count as line indices for the reader
+        physical.append(line)
+    dest.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(physical))
+    return dest, dict(zip(ids, lines))
+
+
+def lines_of(line_of: dict, ids) -> bytes:
+    return b"".join(line_of[pid] + b"\n" for pid in ids)
+
+
+def test_rounds_cut_jsonl_chunks_from_the_pools_own_rows(setup):
+    """A round's chunk and its selection hold the pool's lines for the chunk's problems, byte for
+    byte, on a JSONL pool with a BOM, CRLF and blank lines (the chunk once split the file its own
+    way, and cut other problems' rows)."""
+    tmp, pool, val, ckpt2 = setup
+    jsonl, line_of = messy_jsonl(pool, tmp / "pool.jsonl")
+    store = tmp / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(jsonl), "--val", str(val), "--store", str(store),
+            "--chunk-size", "20", *SCORE)
+    run_cli("select", "--store", str(store), "--top-k", "5", "--allow-fewer", "--format", "jsonl",
+            "--out", str(tmp / "r0.jsonl"))
+    run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "5", "--allow-fewer",
+            "--format", "jsonl", "--out", str(tmp / "r1.jsonl"))
+    rounds = manifest(store)["rounds"]
+    assert len(rounds) == 2
+    for r in rounds:
+        assert (store / r["dir"] / "chunk.jsonl").read_bytes() == lines_of(line_of, r["chunk_ids"]), r["round"]
+        assert r["selected_ids"]
+        assert (tmp / f"r{r['round']}.jsonl").read_bytes() == lines_of(line_of, r["selected_ids"])
 
 
 def test_rounds_take_disjoint_chunks_and_record_history(setup):
