@@ -566,14 +566,17 @@ def refresh(
     if selection.asked:
         cfg.validate()  # fail before any work
         _check_output(out, fmt.value, force)
+    # The selection is made and recorded under the lock the round was scored under: released in
+    # between, another writer could change the round before its selection is recorded into it.
     with writer_lock(store):
         index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
                                       force=force, restart_round=restart_round)
-    summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
-    if selection.asked:
-        chosen, _ = select_emit_record(store, round_dir(store, index), cfg, fmt=fmt.value, out=out,
-                                       annotate=annotate, force=force)
-        summary["selected"] = len(chosen.problem_ids)
+        summary = {"store": str(store), "round": index,
+                   "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
+        if selection.asked:
+            chosen, _ = select_emit_record(store, round_dir(store, index), cfg, fmt=fmt.value, out=out,
+                                           annotate=annotate, force=force)
+            summary["selected"] = len(chosen.problem_ids)
     if out != "-" or not selection.asked:
         _emit_json(summary)
     else:

@@ -1,15 +1,19 @@
 """Rounds: chunks, refresh, reuse of unselected problems, resume, and the identical-checkpoint refusal."""
 
 import json
+import os
 import shutil
+import subprocess
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import GRADSEL, ROOT, run_cli
+from gradsel.errors import GradselError
 from gradsel.models import resolve_model_path
 from gradsel.problems import read_problems
 from gradsel.rounds import round_selection
+from gradsel.store import writer_lock
 from gradsel.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]
@@ -75,6 +79,36 @@ def test_rounds_cut_jsonl_chunks_from_the_pools_own_rows(setup):
         assert (store / r["dir"] / "chunk.jsonl").read_bytes() == lines_of(line_of, r["chunk_ids"]), r["round"]
         assert r["selected_ids"]
         assert (tmp / f"r{r['round']}.jsonl").read_bytes() == lines_of(line_of, r["selected_ids"])
+
+
+def test_refresh_selects_and_records_under_the_lock_it_scored_under(setup):
+    """Between refresh's scoring and the selection it records, no other writer may take the store.
+    refresh writing to a pipe a selection larger than the pipe holds waits for the reader; while
+    it waits, mid-selection, a second writer must be refused."""
+    tmp, pool, val, ckpt2 = setup
+    # Rows of 150 KB: one selected row alone is more than twice a Linux pipe's 64 KiB.
+    jsonl, line_of = messy_jsonl(pool, tmp / "pool.jsonl", pad=150_000)
+    store = tmp / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(jsonl), "--val", str(val), "--store", str(store),
+            "--chunk-size", "20", *SCORE)
+    run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(tmp / "refresh.err", "w") as err:
+        proc = subprocess.Popen([*GRADSEL, "refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "3",
+                                 "--allow-fewer", "--format", "jsonl"], stdout=subprocess.PIPE, stderr=err,
+                                cwd=ROOT, env=env)
+        try:
+            first = proc.stdout.read(1)  # the round is scored; its selection is being written
+            assert first == b"{", (tmp / "refresh.err").read_text()[-3000:]
+            with pytest.raises(GradselError, match="is locked by pid"):
+                with writer_lock(store):
+                    pass
+        finally:
+            rest = proc.stdout.read()
+            code = proc.wait()
+    assert code == 0, (tmp / "refresh.err").read_text()[-3000:]
+    selected = manifest(store)["rounds"][1]["selected_ids"]
+    assert selected and first + rest == lines_of(line_of, selected)
 
 
 def test_rounds_take_disjoint_chunks_and_record_history(setup):
