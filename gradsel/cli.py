@@ -190,7 +190,7 @@ def check(
 
     Run it before any GPU time: a reward that does not recognise a data source's answers, or prompts that do not fit the model's context, are found here instead of as zero rewards.
 
-    A table per file on stderr: each data source's rows, the reward that will judge it (verl's routing, docs/trainers.md), and with --model its prompt token lengths (min / median / max) under the model's chat template and how many exceed --max-prompt-tokens. Then every problem found, as `problem:` and `hint:` lines: a data source no route knows, a math reference answer math-verify cannot parse, prompts too long. On stdout, one JSON object (ok, and per file its sources and problems). `rollout` and `score` run the same checks before they start an engine, and write nothing to the store when one fails.
+    A table per file on stderr: each data source's rows, the reward that will judge them (verl's routing, docs/trainers.md; every reward with its rows where a row's reward_model.style names another), and with --model its prompt token lengths (min / median / max) under the model's chat template and how many exceed --max-prompt-tokens. Then every problem found, as `problem:` and `hint:` lines: a data source no route knows, a math reference answer math-verify cannot parse, prompts too long. On stdout, one JSON object (ok, and per file its sources and problems). `rollout` and `score` run the same checks before they start an engine, and write nothing to the store when one fails.
     """
     from gradsel.check import check_problem_set, prompt_limit, show_reports
     from gradsel.problems import read_problems

@@ -240,10 +240,14 @@ def _costs(costs: dict) -> Section:
 def _provenance(summary: dict, manifest: dict) -> Section:
     import json
 
+    from gradsel.summary import describe_rewards_by_source
+
     rows = {"store": summary["store"], "format version": summary["format_version"],
             "checkpoint": summary["checkpoint"]["path"], "content hash": summary["checkpoint"]["content_hash"]}
     for split, r in summary["rollouts"].items():
         rows[f"rollouts/{split}"] = f"k={r['n']} via {r['engine']} from {r['problems_file']}"
+        if r.get("rewards"):
+            rows[f"rewards/{split}"] = describe_rewards_by_source(r["rewards"])
     rows["projector"] = json.dumps({k: v for k, v in (manifest.get("projector") or {}).items() if k not in ("modules", "dims")})
     rows["modules"] = f"{len((manifest.get('projector') or {}).get('modules', []))}"
     rows["loss"] = json.dumps(manifest.get("loss"))
