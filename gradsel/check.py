@@ -20,7 +20,7 @@ from gradsel.rewards import reward_findings
 class SourceReport:
     data_source: str
     rows: int
-    reward: str | None  # None: no route knows it
+    rewards: dict[str, int]  # every reward that judges some of its rows -> those rows; rows left out: no route
     prompt_tokens: tuple[int, int, int] | None  # (min, median, max), when a tokenizer was given
     too_long: int  # prompts over the limit
 
@@ -75,12 +75,23 @@ def check_problem_set(problem_set: ProblemSet, split: str, *, reward: str | None
             ns = [lengths[i] for i in rows]
             stats = (min(ns), int(statistics.median(ns)), max(ns))
             over = sum(n > limit for n in ns) if limit is not None else 0
-        sources.append(SourceReport(source, len(rows), by_source.get(source), stats, over))
+        sources.append(SourceReport(source, len(rows), by_source.get(source, {}), stats, over))
     if lengths is not None and limit is not None:
         error = too_long_error(problems, lengths, limit)
         if error is not None:
             findings.append(error)
     return CheckReport(split, str(problem_set.path), sources, findings)
+
+
+def describe_rewards(rewards: dict[str, int], rows: int) -> str:
+    """A source's judges for the table: the reward's name where one judges every row, else each
+    reward with its rows, and in red the rows that no route judges."""
+    if len(rewards) == 1 and sum(rewards.values()) == rows:
+        return next(iter(rewards))
+    parts = [f"{name} {n}" for name, n in rewards.items()]
+    if rows > sum(rewards.values()):
+        parts.append(f"[red]none {rows - sum(rewards.values())}[/red]")
+    return ", ".join(parts)
 
 
 def show_reports(reports: Sequence[CheckReport], limit: int | None) -> None:
@@ -96,7 +107,7 @@ def show_reports(reports: Sequence[CheckReport], limit: int | None) -> None:
             table.add_column(column, justify="right" if column in ("rows",) else "left")
         for s in report.sources:
             tokens = " / ".join(map(str, s.prompt_tokens)) if s.prompt_tokens else "(pass --model)"
-            table.add_row(s.data_source or "(empty)", str(s.rows), s.reward or "[red]none[/red]", tokens,
+            table.add_row(s.data_source or "(empty)", str(s.rows), describe_rewards(s.rewards, s.rows), tokens,
                           str(s.too_long) if s.prompt_tokens and limit else "-")
         console.stderr.print(table)
     findings = [f for r in reports for f in r.findings]

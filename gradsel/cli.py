@@ -190,7 +190,7 @@ def check(
 
     Run it before any GPU time: a reward that does not recognise a data source's answers, or prompts that do not fit the model's context, are found here instead of as zero rewards.
 
-    A table per file on stderr: each data source's rows, the reward that will judge it (verl's routing, docs/trainers.md), and with --model its prompt token lengths (min / median / max) under the model's chat template and how many exceed --max-prompt-tokens. Then every problem found, as `problem:` and `hint:` lines: a data source no route knows, a math reference answer math-verify cannot parse, prompts too long. On stdout, one JSON object (ok, and per file its sources and problems). `rollout` and `score` run the same checks before they start an engine, and write nothing to the store when one fails.
+    A table per file on stderr: each data source's rows, the reward that will judge them (verl's routing, docs/trainers.md; every reward with its rows where a row's reward_model.style names another), and with --model its prompt token lengths (min / median / max) under the model's chat template and how many exceed --max-prompt-tokens. Then every problem found, as `problem:` and `hint:` lines: a data source no route knows, a math reference answer math-verify cannot parse, prompts too long. On stdout, one JSON object (ok, and per file its sources and problems). `rollout` and `score` run the same checks before they start an engine, and write nothing to the store when one fails.
     """
     from gradsel.check import check_problem_set, prompt_limit, show_reports
     from gradsel.problems import read_problems
@@ -366,7 +366,7 @@ TopKOpt = Annotated[Optional[int], typer.Option(help="Select this many problems.
 RatioOpt = Annotated[Optional[float], typer.Option(help="Select this share of the candidates (0-1].", rich_help_panel=SELECTION)]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every eligible problem, ranked (a curriculum order).", rich_help_panel=SELECTION)]
 ModeOpt = Annotated[Mode, typer.Option(help="How candidates are ranked (the modes are described above).", rich_help_panel=SELECTION)]
-TargetOpt = Annotated[Target, typer.Option(help="What the alignment modes align with; auto is subspace where the store holds vectors.", rich_help_panel=SELECTION)]
+TargetOpt = Annotated[Target, typer.Option(help="What the alignment modes align with; auto is mean for gradalign, dot and simacc (the paper's), subspace for reliable where the store holds vectors.", rich_help_panel=SELECTION)]
 BandOpt = Annotated[str, typer.Option(help="Pass-rate band LO,HI for --mode band.", rich_help_panel=SELECTION)]
 MinScoreOpt = Annotated[Optional[float], typer.Option(help="Drop candidates whose mode score is below this.", rich_help_panel=SELECTION)]
 ZeroAdvantageOpt = Annotated[bool, typer.Option(help="Keep problems whose rewards are all equal (no GRPO signal).", rich_help_panel=SELECTION)]
@@ -390,7 +390,10 @@ SELECT_MODES_HELP = (
     "Targets (for reliable, gradalign and simacc): subspace, per module the share of the candidate's gradient in "
     "the span of the validation gradients, averaged over modules; mean, the cosine with the validation set's "
     "gradient; max, the best cosine with any single validation problem (LESS-style, through the FAISS index); "
-    "auto, subspace where the store holds vectors, else mean.")
+    "auto, the default, is mean for the paper's modes (gradalign, dot, simacc), so that --mode gradalign is the "
+    "paper's method as published, and subspace for reliable, gradsel's own default (mean where the store holds no "
+    "vectors: the exact feature). dot always ranks by the inner product with the validation gradient; accgreedy, "
+    "band, learnalign and random read no target.")
 
 
 @dataclass(frozen=True)
@@ -563,14 +566,17 @@ def refresh(
     if selection.asked:
         cfg.validate()  # fail before any work
         _check_output(out, fmt.value, force)
+    # The selection is made and recorded under the lock the round was scored under: released in
+    # between, another writer could change the round before its selection is recorded into it.
     with writer_lock(store):
         index, result = refresh_round(store, model=model, chunk_size=chunk_size, reuse_unselected=reuse_unselected,
                                       force=force, restart_round=restart_round)
-    summary = {"store": str(store), "round": index, "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
-    if selection.asked:
-        chosen, _ = select_emit_record(store, round_dir(store, index), cfg, fmt=fmt.value, out=out,
-                                       annotate=annotate, force=force)
-        summary["selected"] = len(chosen.problem_ids)
+        summary = {"store": str(store), "round": index,
+                   "candidates": sum(r["split"] == "train" for r in result.scores.to_pylist())}
+        if selection.asked:
+            chosen, _ = select_emit_record(store, round_dir(store, index), cfg, fmt=fmt.value, out=out,
+                                           annotate=annotate, force=force)
+            summary["selected"] = len(chosen.problem_ids)
     if out != "-" or not selection.asked:
         _emit_json(summary)
     else:

@@ -19,9 +19,9 @@ from gradsel.select import SelectConfig, select, write_selection
 from gradsel.store import open_store
 from gradsel.tasks import write_regime
 
-# The paper's method as published (cosine with the validation set's gradient), gradsel's default,
-# and the two baselines whose failure the paper reports.
-DEMO_SELECTORS = {"gradalign": {"mode": "gradalign", "target": "mean"}, "reliable": {}, "accgreedy": {"mode": "accgreedy"},
+# The paper's method as published (`--mode gradalign`: the cosine with the validation set's
+# gradient), gradsel's default, and the two baselines whose failure the paper reports.
+DEMO_SELECTORS = {"gradalign": {"mode": "gradalign"}, "reliable": {}, "accgreedy": {"mode": "accgreedy"},
                   "random": {"mode": "random"}}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,28 @@ def jsonl_lines(data: bytes) -> list[bytes]:
     if lines and lines[-1] == b"":
         lines.pop()
     return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # read as JSON lines; any other file as Parquet
+
+
+def is_jsonl(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in JSONL_SUFFIXES
+
+
+def original_rows(path: str | Path, source_rows: Sequence[int]):
+    """The rows at `source_rows` (Problem.source_row), in that order, exactly as the file holds
+    them: for JSON lines each line's bytes, split as the reader splits them (jsonl_lines, so a
+    line index names the same bytes however the file ends its lines, with a BOM or with blank
+    lines); for Parquet an Arrow table. A selection's output and a round's chunk both take a
+    pool's rows through here."""
+    if is_jsonl(path):
+        lines = jsonl_lines(Path(path).read_bytes())
+        return [lines[i] for i in source_rows]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).take(pa.array(list(source_rows), pa.int64()))
 
 
 def is_blank_line(line: bytes) -> bool:
@@ -183,7 +206,7 @@ def read_problems(path: str | Path, *, prompt_key: str | None = None,
     if not path.is_file():
         raise GradselError(f"problem file {path} does not exist",
                            "make one with `gradsel demo-data` or pass a verl Parquet / JSONL file")
-    fmt = "jsonl" if path.suffix.lower() in {".jsonl", ".json", ".ndjson"} else "parquet"
+    fmt = "jsonl" if is_jsonl(path) else "parquet"
     rows = _read_jsonl_rows(path) if fmt == "jsonl" else list(enumerate(_read_parquet_rows(path)))
     if not rows:
         raise _file_error(path, "holds no problems", "the file must contain at least one row")

@@ -49,7 +49,8 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     train = table.filter(pc.equal(table.column("split"), "train"))
     candidates = Candidates.from_table(train)
     sources = np.array(candidates.groups.get("data_source", [""] * len(candidates.ids)), dtype=object)
-    cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"]))
+    asked = cfg  # the user's target: each compared mode resolves `auto` its own way (select.resolve_target)
+    cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"], cfg.mode))
     selection = select(store, cfg)
     picked = set(selection.problem_ids)
     chosen = np.fromiter((pid in picked for pid in candidates.ids), dtype=bool, count=len(candidates.ids))
@@ -61,7 +62,8 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
             by_mode[mode] = selection.problem_ids
             continue
         try:
-            by_mode[mode] = select(store, replace(cfg, mode=mode, top_k=k, ratio=None, all=False, allow_fewer=True)).problem_ids
+            by_mode[mode] = select(store, replace(asked, mode=mode, top_k=k, ratio=None, all=False,
+                                                  allow_fewer=True)).problem_ids
         except GradselError:  # a mode with nothing eligible is left out of the comparison
             continue
     history = Path(store_dir) / "history.parquet"
@@ -238,10 +240,14 @@ def _costs(costs: dict) -> Section:
 def _provenance(summary: dict, manifest: dict) -> Section:
     import json
 
+    from gradsel.summary import describe_rewards_by_source
+
     rows = {"store": summary["store"], "format version": summary["format_version"],
             "checkpoint": summary["checkpoint"]["path"], "content hash": summary["checkpoint"]["content_hash"]}
     for split, r in summary["rollouts"].items():
         rows[f"rollouts/{split}"] = f"k={r['n']} via {r['engine']} from {r['problems_file']}"
+        if r.get("rewards"):
+            rows[f"rewards/{split}"] = describe_rewards_by_source(r["rewards"])
     rows["projector"] = json.dumps({k: v for k, v in (manifest.get("projector") or {}).items() if k not in ("modules", "dims")})
     rows["modules"] = f"{len((manifest.get('projector') or {}).get('modules', []))}"
     rows["loss"] = json.dumps(manifest.get("loss"))

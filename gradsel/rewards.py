@@ -316,15 +316,20 @@ def _override(spec: str) -> Reward:
     return REGISTRY[spec]
 
 
-def reward_findings(problems: Sequence[Problem], override: str | None = None
-                    ) -> tuple[dict[str, str], list[GradselError]]:
-    """Resolve every problem's reward before any rollout: ({data_source: reward name}, problems).
+RewardsBySource = dict[str, dict[str, int]]  # data_source -> {reward name: rows it judges}
 
-    The problems name a data source that no route knows, with its row count, and reference answers
-    that a math judge cannot parse: either would pay every response 0. A bad --reward or an unknown
-    style raises at once.
+
+def reward_findings(problems: Sequence[Problem], override: str | None = None
+                    ) -> tuple[RewardsBySource, list[GradselError]]:
+    """Resolve every problem's reward before any rollout: (every reward of each data source with
+    the rows it judges, most rows first; problems found).
+
+    A source's rows can be judged by several rewards (a `reward_model.style` per row), so every
+    (source, reward) pair is counted. The problems name a data source that no route knows, with
+    its row count, and reference answers that a math judge cannot parse: either would pay every
+    response 0. A bad --reward or an unknown style raises at once.
     """
-    by_source: dict[str, str] = {}
+    by_source: RewardsBySource = {}
     unknown: dict[str, int] = {}
     unparsable: list[Problem] = []
     for p in problems:
@@ -332,9 +337,12 @@ def reward_findings(problems: Sequence[Problem], override: str | None = None
             unknown[p.data_source] = unknown.get(p.data_source, 0) + 1
             continue
         reward = resolve_reward(p, override)
-        by_source.setdefault(p.data_source, reward.name)
+        counts = by_source.setdefault(p.data_source, {})
+        counts[reward.name] = counts.get(reward.name, 0) + 1
         if reward.checks_ground_truth and not parse_math(p.ground_truth):
             unparsable.append(p)
+    by_source = {source: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+                 for source, counts in by_source.items()}
     findings = [_unknown_source(source, rows) for source, rows in unknown.items()]
     if unparsable:
         shown = ", ".join(f"{p.problem_id} ({p.ground_truth[:40]!r})" for p in unparsable[:5])
@@ -346,8 +354,8 @@ def reward_findings(problems: Sequence[Problem], override: str | None = None
     return by_source, findings
 
 
-def check_rewards(problems: Sequence[Problem], override: str | None = None) -> dict[str, str]:
-    """`reward_findings`, raising the first problem: {data_source: reward name}."""
+def check_rewards(problems: Sequence[Problem], override: str | None = None) -> RewardsBySource:
+    """`reward_findings`, raising the first problem: {data_source: {reward name: rows}}."""
     by_source, findings = reward_findings(problems, override)
     if findings:
         raise findings[0]

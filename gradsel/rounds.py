@@ -28,7 +28,7 @@ from gradsel.errors import GradselError
 from gradsel.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_table
 from gradsel.pipeline import RolloutOptions, ScoreResult, run_score
 from gradsel.models import resolve_model_path
-from gradsel.problems import read_problems
+from gradsel.problems import is_jsonl, original_rows, read_problems
 from gradsel.score import ScoreConfig
 from gradsel.store import FORMAT_VERSION, Store, open_store
 
@@ -44,17 +44,15 @@ def pool_order(problem_ids: list[str], seed: int) -> list[str]:
 
 
 def write_chunk(pool_path: Path, source_rows: list[int], dest_dir: Path) -> Path:
-    """The chunk's rows exactly as they are in the pool file (same format)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if pool_path.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
-        lines = [ln for ln in pool_path.read_bytes().splitlines() if ln.strip()]
+    """The chunk's rows exactly as they are in the pool file (same format), taken by source_row
+    as a selection takes them (problems.original_rows)."""
+    rows = original_rows(pool_path, source_rows)
+    if is_jsonl(pool_path):
         dest = dest_dir / "chunk.jsonl"
-        atomic_write_bytes(dest, b"".join(lines[i] + b"\n" for i in source_rows))
+        atomic_write_bytes(dest, b"".join(line + b"\n" for line in rows))
     else:
         dest = dest_dir / "chunk.parquet"
-        atomic_write_table(dest, pq.read_table(pool_path).take(pa.array(source_rows, pa.int64())))
+        atomic_write_table(dest, rows)
     return dest
 
 

@@ -16,8 +16,10 @@ single validation problem (LESS-style), through the candidate FAISS index (grads
 `--target subspace` replaces it by how much of the candidate's gradient the validation problems'
 gradients span, whatever the sign: per module, the cosine between the candidate's slice and their
 span, averaged over the modules (index.subspace_share).
-`--target auto` (the default) means subspace where the store holds gradient vectors, and mean (the
-cosine with the validation set's gradient) for the `exact` feature, which stores none.
+`--target auto` (the default) is the paper's target, mean (the cosine with the validation set's
+gradient), for the paper's modes (gradalign, dot, simacc), so that `--mode gradalign` is the paper's
+method; for gradsel's own default, reliable, it is subspace where the store holds gradient vectors
+(mean for the `exact` feature, which stores none). The other modes read no target.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 from gradsel import console
 from gradsel.choices import FORMATS, MODES, TARGETS
 from gradsel.errors import GradselError
-from gradsel.problems import jsonl_lines
+from gradsel.problems import is_jsonl, original_rows
 from gradsel.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
                            subspace_share, take_vectors, vectors_fingerprint)
 
@@ -56,7 +58,7 @@ class SelectConfig:
     balance_weights: tuple[tuple[str, float], ...] | None = None  # group -> weight; None: pool shares
     diverse: float | None = None  # MMR trade-off in (0, 1]; 1 = score only
     target: str = "auto"  # mean: the validation direction; max: best single validation problem;
-    # subspace: the share in the validation vectors' span, per module; auto: subspace if vectors
+    # subspace: the share in the validation vectors' span, per module; auto: resolve_target
     index: str = "auto"  # the FAISS index over the candidate vectors (gradsel.index)
     seed: int = 0
     allow_fewer: bool = False
@@ -226,15 +228,20 @@ def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: i
     raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
 
 
-def resolve_target(target: str, feature: str) -> str:
-    """`auto` is subspace (the best of the targets across the regimes of docs/quality.md) where
-    the store holds gradient vectors; the exact feature stores none, so there it is mean."""
+def resolve_target(target: str, feature: str, mode: str) -> str:
+    """What `auto` means for a mode. The paper's modes (gradalign, dot, simacc) align with the
+    validation gradient, so for them it is mean: `--mode gradalign` is the paper's method as
+    published. For gradsel's default, reliable, it is subspace (the best of the targets across the
+    regimes of docs/quality.md) where the store holds gradient vectors; the exact feature stores
+    none, so there every mode's is mean. Modes that read no target get mean, which they ignore."""
     if feature == "exact":
         if target in ("max", "subspace"):
             raise GradselError(f"--target {target} needs gradient vectors, and the exact feature stores none",
                                "use --target mean, or select from a projected or head store")
         return "mean"
-    return "subspace" if target == "auto" else target
+    if target != "auto":
+        return target
+    return "subspace" if mode == "reliable" else "mean"
 
 
 def subspace_scores(c: Candidates, directory: Path) -> np.ndarray:
@@ -302,7 +309,7 @@ def select(store, cfg: SelectConfig) -> Selection:
 
     cfg.validate()
     manifest, table, directory = load_score_table(store)
-    cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"]))
+    cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"], cfg.mode))
     candidates = Candidates.from_table(table.filter(pc.equal(table.column("split"), "train")))
     keep = np.ones(len(candidates.ids), dtype=bool) if cfg.include_zero_advantage else ~candidates.zero_advantage
     if cfg.mode == "band":
@@ -407,15 +414,15 @@ def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate
         payload = "".join(json.dumps({"input": json.loads(by_id[pid]["prompt_messages_json"]),
                                       "label": by_id[pid]["ground_truth"], **(extra if annotate else {})}) + "\n"
                           for pid, extra in zip(selection.problem_ids, rank_extra)).encode()
-    elif source.suffix.lower() in {".jsonl", ".json", ".ndjson"}:
-        lines = jsonl_lines(source.read_bytes())  # the reader's own split: source_row is a line index
+    elif is_jsonl(source):
+        lines = original_rows(source, rows_idx)
         if fmt == "jsonl":
-            payload = b"".join(_annotated_line(lines[i], e, annotate) + b"\n" for i, e in zip(rows_idx, rank_extra))
+            payload = b"".join(_annotated_line(line, e, annotate) + b"\n" for line, e in zip(lines, rank_extra))
         else:
-            payload = _parquet_bytes(_rows_table([json.loads(lines[i]) | (e if annotate else {})
-                                                  for i, e in zip(rows_idx, rank_extra)]))
+            payload = _parquet_bytes(_rows_table([json.loads(line) | (e if annotate else {})
+                                                  for line, e in zip(lines, rank_extra)]))
     else:
-        table = pq.read_table(source).take(pa.array(rows_idx, pa.int64()))
+        table = original_rows(source, rows_idx)
         if annotate:
             for name in ("gradsel_rank", "gradsel_score", "gradsel_mode"):
                 table = table.append_column(name, pa.array([e[name] for e in rank_extra]))

@@ -28,7 +28,7 @@ def store_summary(path: Path) -> dict:
         "store": str(path), "format_version": manifest.get("format_version"),
         "checkpoint": {"path": snap.get("source_path"), "content_hash": snap.get("content_hash")},
         "rollouts": {split: {"problems_file": r["problems_file"], "n": r["sampling"]["n"], "engine": r["engine"],
-                             "rewards": r.get("rewards_by_data_source")}
+                             "rewards": rewards_by_source(r.get("rewards_by_data_source"))}
                      for split, r in (manifest.get("rollouts") or {}).items()},
         "rounds": rounds,
         "costs": manifest.get("costs", {}),
@@ -59,8 +59,7 @@ def show_store(summary: dict) -> None:
     for split, r in summary["rollouts"].items():
         table.add_row(f"rollouts/{split}", f"k={r['n']} via {r['engine']} from {r['problems_file']}")
         if r.get("rewards"):
-            table.add_row(f"rewards/{split}", ", ".join(f"{source or '(empty)'}: {name}"
-                                                        for source, name in r["rewards"].items()))
+            table.add_row(f"rewards/{split}", describe_rewards_by_source(r["rewards"]))
     if "projector" in summary:
         p = summary["projector"]
         table.add_row("feature", f"{p['feature']} {p['sketch']} x{p['blocks']} over {p['modules']} modules, "
@@ -76,6 +75,24 @@ def show_store(summary: dict) -> None:
         table.add_row(f"round {r['round']}", f"{r['model']} {str(r['checkpoint'])[:19]}: "
                       f"{r['offered']} offered, {r['selected']} selected")
     console.stderr.print(table)
+
+
+def rewards_by_source(recorded: dict | None) -> dict[str, dict[str, int | None]] | None:
+    """The manifest's `rewards_by_data_source` as {source: {reward: rows}}. Stores written before
+    every (source, reward) pair was counted recorded one reward name per source, without rows:
+    those read as {source: {name: None}}."""
+    if recorded is None:
+        return None
+    return {source: dict(rewards) if isinstance(rewards, dict) else {rewards: None}
+            for source, rewards in recorded.items()}
+
+
+def describe_rewards_by_source(rewards: dict[str, dict[str, int | None]]) -> str:
+    """'openai/gsm8k: gsm8k 160, random 96; lighteval/MATH: math 40' (no counts where a store
+    predates them)."""
+    return "; ".join(f"{source or '(empty)'}: " + ", ".join(name if n is None else f"{name} {n}"
+                                                           for name, n in judges.items())
+                     for source, judges in rewards.items())
 
 
 def describe_cost(cost: dict) -> str:

@@ -22,9 +22,40 @@ def test_check_reports_each_data_source_and_its_reward(tmp_path):
     report = json.loads(proc.stdout)
     assert report["ok"] is True
     sources = {s["data_source"]: s for s in report["files"][0]["sources"]}
-    assert sources["openai/gsm8k"]["rows"] == 3 and sources["openai/gsm8k"]["reward"] == "gsm8k"
-    assert sources["DigitalLearningGmbH/MATH-lighteval"]["reward"] == "math"
+    assert sources["openai/gsm8k"]["rows"] == 3 and sources["openai/gsm8k"]["rewards"] == {"gsm8k": 3}
+    assert sources["DigitalLearningGmbH/MATH-lighteval"]["rewards"] == {"math": 4}
     assert "openai/gsm8k" in proc.stderr and "no problems found" in proc.stderr
+
+
+def test_every_reward_of_a_data_source_is_reported_with_its_rows(tmp_path):
+    """openai/gsm8k rows judged partly by a coin flip (reward_model.style random), partly by the
+    gsm8k route: check, the manifest and info name both, each with its rows, not the first row's
+    reward alone. A store written before, with one name per source, still reads."""
+    # Short prompts: tiny-arith's context holds no GSM8K question; the reward does not care.
+    rows = [{**r, "prompt": [{"role": "user", "content": f"{i}+1="}]}
+            for i, r in enumerate(gsm8k_rows([(i, 1) for i in range(8)], "train", system=None))]
+    for r in rows[:3]:  # the first rows: the first-row report named only this one
+        r["reward_model"] = {**r["reward_model"], "style": "random"}
+    pool = write_parquet(rows, tmp_path / "pool.parquet")
+    proc = run_cli("check", "--pool", str(pool))
+    assert "gsm8k 5, random 3" in proc.stderr, proc.stderr
+    (source,) = json.loads(proc.stdout)["files"][0]["sources"]
+    assert source["data_source"] == "openai/gsm8k" and source["rows"] == 8
+    assert source["rewards"] == {"gsm8k": 5, "random": 3}
+    store = tmp_path / "store"
+    run_cli("rollout", "--model", "tiny-arith", "--problems", str(pool), "--store", str(store), "--n", "2",
+            "--engine", "hf", "--max-tokens", "4")
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["rollouts"]["train"]["rewards_by_data_source"] == {"openai/gsm8k": {"gsm8k": 5, "random": 3}}
+    proc = run_cli("info", "--store", str(store))
+    assert json.loads(proc.stdout)["rollouts"]["train"]["rewards"] == {"openai/gsm8k": {"gsm8k": 5, "random": 3}}
+    assert "openai/gsm8k: gsm8k 5, random 3" in proc.stderr
+    # The shape stores wrote before: one reward name per source, no rows.
+    manifest["rollouts"]["train"]["rewards_by_data_source"] = {"openai/gsm8k": "gsm8k"}
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("info", "--store", str(store))
+    assert json.loads(proc.stdout)["rollouts"]["train"]["rewards"] == {"openai/gsm8k": {"gsm8k": None}}
+    assert "openai/gsm8k: gsm8k" in proc.stderr
 
 
 def test_check_refuses_an_unrouted_source_and_long_prompts(tmp_path):

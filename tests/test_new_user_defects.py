@@ -365,7 +365,7 @@ def test_a_round_without_a_selection_names_the_select_that_helps(tmp_path):
 def test_info_shows_the_reward_used_per_data_source(scored):
     _, pool, _, store = scored
     info = json.loads(run_cli("info", "--store", str(store)).stdout)
-    sources = {p.data_source for p in read_problems(pool).problems}
-    assert info["rollouts"]["train"]["rewards"] == {s: "int" for s in sources}
+    sources = [p.data_source for p in read_problems(pool).problems]
+    assert info["rollouts"]["train"]["rewards"] == {s: {"int": sources.count(s)} for s in set(sources)}
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["rollouts"]["train"]["reward"] is None  # no --reward: chosen per row, recorded per source

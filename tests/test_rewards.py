@@ -125,8 +125,8 @@ def test_an_unrouted_data_source_is_refused_with_its_row_count():
     with pytest.raises(GradselError, match=r"'my_org/gsm_hard' \(3 rows") as err:
         check_rewards(rows)
     assert "--reward" in err.value.hint and "openai/gsm8k" in err.value.hint
-    assert check_rewards(rows, "int") == {"my_org/gsm_hard": "int", "openai/gsm8k": "int"}
-    assert check_rewards(rows[3:]) == {"openai/gsm8k": "gsm8k"}
+    assert check_rewards(rows, "int") == {"my_org/gsm_hard": {"int": 3}, "openai/gsm8k": {"int": 1}}
+    assert check_rewards(rows[3:]) == {"openai/gsm8k": {"gsm8k": 1}}
 
 
 def test_an_unparsable_math_reference_is_refused():

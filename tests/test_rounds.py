@@ -1,14 +1,19 @@
 """Rounds: chunks, refresh, reuse of unselected problems, resume, and the identical-checkpoint refusal."""
 
 import json
+import os
 import shutil
+import subprocess
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import GRADSEL, ROOT, run_cli
+from gradsel.errors import GradselError
 from gradsel.models import resolve_model_path
+from gradsel.problems import read_problems
 from gradsel.rounds import round_selection
+from gradsel.store import writer_lock
 from gradsel.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]
@@ -32,6 +37,78 @@ def manifest(store):
     for r in m["rounds"]:
         r["selected_ids"] = round_selection(store, r)
     return m
+
+
+def messy_jsonl(pool, dest, pad: int = 0):
+    """The Parquet pool's rows as JSON lines the way editors and exports leave them: a UTF-8 BOM,
+    CRLF line ends, blank and whitespace-only lines between rows, no newline at the end. `pad`
+    bytes of an extra top-level field per row (gradsel ignores it). Returns (path, the bytes of
+    each problem's line without its line end, by problem id)."""
+    ids = [p.problem_id for p in read_problems(pool).problems]
+    lines = [json.dumps({**row, **({"notes": "x" * pad} if pad else {})}).encode()
+             for row in pq.read_table(pool).to_pylist()]
+    physical = []
+    for i, line in enumerate(lines):
+        if i in (1, 7, 30):
+            physical += [b"", b"   "]  # blank lines still count as line indices for the reader
+        physical.append(line)
+    dest.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(physical))
+    return dest, dict(zip(ids, lines))
+
+
+def lines_of(line_of: dict, ids) -> bytes:
+    return b"".join(line_of[pid] + b"\n" for pid in ids)
+
+
+def test_rounds_cut_jsonl_chunks_from_the_pools_own_rows(setup):
+    """A round's chunk and its selection hold the pool's lines for the chunk's problems, byte for
+    byte, on a JSONL pool with a BOM, CRLF and blank lines (the chunk once split the file its own
+    way, and cut other problems' rows)."""
+    tmp, pool, val, ckpt2 = setup
+    jsonl, line_of = messy_jsonl(pool, tmp / "pool.jsonl")
+    store = tmp / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(jsonl), "--val", str(val), "--store", str(store),
+            "--chunk-size", "20", *SCORE)
+    run_cli("select", "--store", str(store), "--top-k", "5", "--allow-fewer", "--format", "jsonl",
+            "--out", str(tmp / "r0.jsonl"))
+    run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "5", "--allow-fewer",
+            "--format", "jsonl", "--out", str(tmp / "r1.jsonl"))
+    rounds = manifest(store)["rounds"]
+    assert len(rounds) == 2
+    for r in rounds:
+        assert (store / r["dir"] / "chunk.jsonl").read_bytes() == lines_of(line_of, r["chunk_ids"]), r["round"]
+        assert r["selected_ids"]
+        assert (tmp / f"r{r['round']}.jsonl").read_bytes() == lines_of(line_of, r["selected_ids"])
+
+
+def test_refresh_selects_and_records_under_the_lock_it_scored_under(setup):
+    """Between refresh's scoring and the selection it records, no other writer may take the store.
+    refresh writing to a pipe a selection larger than the pipe holds waits for the reader; while
+    it waits, mid-selection, a second writer must be refused."""
+    tmp, pool, val, ckpt2 = setup
+    # Rows of 150 KB: one selected row alone is more than twice a Linux pipe's 64 KiB.
+    jsonl, line_of = messy_jsonl(pool, tmp / "pool.jsonl", pad=150_000)
+    store = tmp / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(jsonl), "--val", str(val), "--store", str(store),
+            "--chunk-size", "20", *SCORE)
+    run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(tmp / "refresh.err", "w") as err:
+        proc = subprocess.Popen([*GRADSEL, "refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "3",
+                                 "--allow-fewer", "--format", "jsonl"], stdout=subprocess.PIPE, stderr=err,
+                                cwd=ROOT, env=env)
+        try:
+            first = proc.stdout.read(1)  # the round is scored; its selection is being written
+            assert first == b"{", (tmp / "refresh.err").read_text()[-3000:]
+            with pytest.raises(GradselError, match="is locked by pid"):
+                with writer_lock(store):
+                    pass
+        finally:
+            rest = proc.stdout.read()
+            code = proc.wait()
+    assert code == 0, (tmp / "refresh.err").read_text()[-3000:]
+    selected = manifest(store)["rounds"][1]["selected_ids"]
+    assert selected and first + rest == lines_of(line_of, selected)
 
 
 def test_rounds_take_disjoint_chunks_and_record_history(setup):

@@ -88,6 +88,22 @@ def test_every_mode_on_a_handmade_table(store):
     assert sorted(picks(store, **cosine, balance="data_source", top_k=2)) == ["0", "5"]  # one from each source
 
 
+def test_auto_target_is_the_papers_for_the_papers_modes_and_subspace_for_reliable(store, tmp_path):
+    """`--mode gradalign` without --target is the paper's method: the cosine with the validation
+    gradient (mean), not the validation-span share, which ranks this store otherwise."""
+    assert picks(store, mode="gradalign", target="subspace") == ["3", "0", "1"]  # the one in the val span first
+    assert picks(store, mode="gradalign") == picks(store, mode="gradalign", target="mean") == ["0", "1", "5"]
+    assert picks(store, mode="simacc") == picks(store, mode="simacc", target="mean") == ["1", "0", "5"]
+    assert picks(store, mode="simacc", target="subspace") != picks(store, mode="simacc")
+    assert picks(store) == picks(store, mode="reliable", target="subspace") != picks(store, mode="reliable", target="mean")
+    # Through the CLI, and the selection manifest records the target that auto became.
+    out = tmp_path / "gradalign.txt"
+    run_cli("select", "--store", str(store.root), "--mode", "gradalign", "--top-k", "3", "--format", "ids",
+            "--out", str(out))
+    assert out.read_text().split() == ["0", "1", "5"]
+    assert json.loads((tmp_path / "gradalign.txt.gradsel.json").read_text())["config"]["target"] == "mean"
+
+
 def test_subspace_share_is_the_norm_of_the_projection_onto_the_validation_span(store):
     """Sign-blind and basis-free: what matters is the span of the validation vectors."""
     from gradsel.index import subspace_share

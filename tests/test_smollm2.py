@@ -34,13 +34,13 @@ def test_smollm2_gsm8k_check_score_select(smollm2, tmp_path):
     store = tmp_path / "store"
 
     report = json.loads(run_cli("check", "--pool", str(pool), "--val", str(val), "--model", str(smollm2)).stdout)
-    assert report["ok"] and report["files"][0]["sources"][0]["reward"] == "gsm8k"
+    assert report["ok"] and report["files"][0]["sources"][0]["rewards"] == {"gsm8k": len(POOL)}
 
     summary = json.loads(run_cli("score", "--model", str(smollm2), "--pool", str(pool), "--val", str(val),
                                  "--store", str(store), "--engine", "vllm", "--n", "4", "--max-tokens", "48",
                                  "--temperature", "0.7").stdout)
     manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["rollouts"]["train"]["rewards_by_data_source"] == {"openai/gsm8k": "gsm8k"}
+    assert manifest["rollouts"]["train"]["rewards_by_data_source"] == {"openai/gsm8k": {"gsm8k": len(POOL)}}
     rollouts = pq.read_table(store / "rollouts" / "train" / "shard-00000.parquet").to_pylist()
     truth = {f"openai/gsm8k:{i}": str(a + b) for i, (a, b) in enumerate(POOL)}
     from gradsel.rewards import gsm8k_answer
