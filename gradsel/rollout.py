@@ -92,7 +92,8 @@ def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
 
 
 class HFEngine:
-    """transformers `generate`: batched, left-padded, seeded per prompt."""
+    """transformers `generate`, one prompt per call, seeded per prompt: the prompt is prefilled once
+    and its cache copied for the k samples, which are drawn in one batched `generate`."""
 
     name = "hf"
 
@@ -105,6 +106,21 @@ class HFEngine:
         self.device = device
         self.batch_size = batch_size
 
+    def prefilled_cache(self, ids: list[int], copies: int):
+        """The KV cache of all but the prompt's last token, computed once and repeated `copies`
+        times along the batch; None for a one-token prompt (nothing to prefill). `generate` then
+        feeds only the last token per sample, so a prompt's forward pass is paid once, not k times."""
+        import torch
+        from transformers import DynamicCache
+
+        if len(ids) < 2:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(input_ids=torch.tensor([ids[:-1]], device=self.device), past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(copies)
+        return cache
+
     def generate(self, prompts, seeds, cfg):
         import torch
 
@@ -113,11 +129,12 @@ class HFEngine:
         # One prompt per call, its n samples batched: a problem's rollouts then depend only on
         # its own seed, never on which other problems share its batch.
         for ids, seed in zip(prompts, seeds):
+            cache = self.prefilled_cache(ids, cfg.n)
             torch.manual_seed(seed)
             input_ids = torch.tensor([ids] * cfg.n, device=self.device)
             with torch.no_grad():
                 out = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
                     do_sample=cfg.temperature > 0, temperature=max(cfg.temperature, 1e-5),
                     top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_tokens,
                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
