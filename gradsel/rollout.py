@@ -483,6 +483,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
                 elapsed = time.perf_counter() - start
                 bar.update(task, advance=shards.problems_in(i),
                            rate=f"{made_problems / elapsed:.1f} problems/s, {made_tokens / elapsed:.0f} tokens/s")
+                bar.shard_done(task)
         del eng
     # This run's shards are all done now (checked above, or made); another part's only once made.
     mine = set(owned)
