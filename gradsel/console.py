@@ -57,7 +57,11 @@ def debug(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/yellow] {message}")
+    """`warning:` and the message on one line however long (a log is grepped), the message taken
+    literally: a quoted response's `[...]` is text, not rich markup."""
+    from rich.markup import escape
+
+    stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 class BarProgress(Progress):

@@ -446,6 +446,9 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     stage, key, n_shards, problems = shards.directory, shards.key, shards.n_shards, problem_set.problems
     if stage_complete(stage, key):
         console.info(f"rollouts/{split}: complete, reused ({len(problems)} problems)")
+        recorded = store.read_manifest().get("rollouts", {}).get(split, {})
+        for warning in recorded.get("warnings", []) if recorded.get("key") == key else []:
+            console.warn(warning["message"])  # reused rollouts still hold the problem
         return shards
     # Every check runs before anything is written, so a refused run leaves the store as it was.
     rewards_by_source = check_rewards(problems, reward)
@@ -491,9 +494,24 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
         return shards
     cost = stage_cost(stage, n_shards)
     mark_stage_complete(stage, key, problems=len(problems), rollouts=shards.rows(), engine=engine_name, cost=cost)
+    warnings = uniform_pay_warnings(shards, problems, reward, f"rollouts/{split}")
     runs = store.read_manifest().get("rollouts", {})
     runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
                    "sampling": cfg.__dict__, "engine": engine_name, "reward": reward,
-                   "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key}
+                   "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key,
+                   "warnings": warnings}
     store.update_manifest(rollouts=runs, costs={f"rollouts/{split}": cost})
     return shards
+
+
+def uniform_pay_warnings(shards: RolloutShards, problems: Sequence[Problem], reward: str | None,
+                         where: str) -> list[dict]:
+    """Warn of every data source that no rollout of the stage was paid on, or every one was
+    (payouts.py); the records are what the manifest keeps."""
+    from gradsel.payouts import stage_pay, uniform_pay
+
+    records = []
+    for pay in uniform_pay(stage_pay(shards, problems, reward)):
+        console.warn(pay.warning(where))
+        records.append(pay.record(where))
+    return records

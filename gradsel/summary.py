@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from gradsel import console
@@ -32,6 +33,7 @@ def store_summary(path: Path) -> dict:
                      for split, r in (manifest.get("rollouts") or {}).items()},
         "rounds": rounds,
         "costs": manifest.get("costs", {}),
+        "warnings": data_warnings(manifest),
     }
     spec = manifest.get("projector")
     if spec:
@@ -61,6 +63,7 @@ def show_store(summary: dict) -> None:
         if r.get("rewards"):
             table.add_row(f"rewards/{split}", ", ".join(f"{source or '(empty)'}: {name}"
                                                         for source, name in r["rewards"].items()))
+    add_warning_rows(table, summary)
     if "projector" in summary:
         p = summary["projector"]
         table.add_row("feature", f"{p['feature']} {p['sketch']} x{p['blocks']} over {p['modules']} modules, "
@@ -76,6 +79,17 @@ def show_store(summary: dict) -> None:
         table.add_row(f"round {r['round']}", f"{r['model']} {str(r['checkpoint'])[:19]}: "
                       f"{r['offered']} offered, {r['selected']} selected")
     console.stderr.print(table)
+
+
+def data_warnings(manifest: dict) -> list[str]:
+    """The warnings the stages recorded about the data (e.g. a data source no rollout was paid on,
+    payouts.py), each one line naming its stage."""
+    return [w["message"] for run in (manifest.get("rollouts") or {}).values() for w in run.get("warnings", [])]
+
+
+def add_warning_rows(table: Table, summary: dict) -> None:
+    for message in summary.get("warnings", []):
+        table.add_row("[yellow]warning[/yellow]", escape(message))
 
 
 def describe_cost(cost: dict) -> str:
