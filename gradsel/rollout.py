@@ -110,14 +110,19 @@ class HFEngine:
         """The KV cache of all but the prompt's last token, computed once and repeated `copies`
         times along the batch; None for a one-token prompt (nothing to prefill). `generate` then
         feeds only the last token per sample, so a prompt's forward pass is paid once, not k times."""
+        import inspect
+
         import torch
         from transformers import DynamicCache
 
         if len(ids) < 2:
             return None
         cache = DynamicCache(config=self.model.config)
+        # Only the cache is wanted: no logits over the prompt (a vocabulary-wide row per token).
+        kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
         with torch.no_grad():
-            self.model(input_ids=torch.tensor([ids[:-1]], device=self.device), past_key_values=cache, use_cache=True)
+            self.model(input_ids=torch.tensor([ids[:-1]], device=self.device), past_key_values=cache, use_cache=True,
+                       **kwargs)
         cache.batch_repeat_interleave(copies)
         return cache
 
