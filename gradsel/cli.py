@@ -233,7 +233,7 @@ def _check_sample(problem_sets, reports, files: list[dict], *, model: str, per_s
     from gradsel.rollout import SamplingConfig
 
     cfg = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens)
-    started = None
+    sampler = None  # the engine, started for the first file that is rolled out
     out = []
     for (split, problem_set), report, file in zip(problem_sets, reports, files):
         if report.findings:  # would fail the rollouts; the problems are listed above
@@ -241,8 +241,8 @@ def _check_sample(problem_sets, reports, files: list[dict], *, model: str, per_s
             continue
         chosen = sample_problems(problem_set.problems, per_source)
         console.info(f"check --sample: {split}, {len(chosen)} problems x {n} rollouts")
-        started = started or sample_engine(engine, model)
-        out.append(file | {"sample": show_sample(split, sample_pay(chosen, started, cfg, reward), per_source)})
+        sampler = sampler or sample_engine(engine, model)
+        out.append(file | {"sample": show_sample(split, sample_pay(chosen, sampler, cfg, reward), per_source)})
     return out
 
 
