@@ -115,3 +115,70 @@ def show_reports(reports: Sequence[CheckReport], limit: int | None) -> None:
         console.stderr.print(f"problem: {f.message}\nhint: {f.hint}", markup=False, highlight=False, soft_wrap=True)
     if not findings:
         console.stderr.print("no problems found", markup=False)
+
+
+# -- check --sample: a few rollouts per data source -------------------------------------------------
+
+def sample_problems(problems: Sequence[Problem], per_source: int) -> list[Problem]:
+    """Up to `per_source` problems of each data source, a seeded choice (the same every run, and
+    not just a file's first rows, which may be sorted by difficulty), in file order."""
+    import random
+
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(problems):
+        groups.setdefault(p.data_source, []).append(i)
+    chosen = [i for source, rows in groups.items()
+              for i in random.Random(f"gradsel-check/{source}").sample(rows, min(per_source, len(rows)))]
+    return [problems[i] for i in sorted(chosen)]
+
+
+def sample_pay(problems: Sequence[Problem], engine, cfg, reward: str | None = None):
+    """Roll out `problems` k times (rollout.rollout_batches, rewards included) and tally each
+    (data source, reward) pair's paid rollouts (payouts.SourcePay)."""
+    from gradsel.payouts import tally_pay
+    from gradsel.rollout import rollout_batches
+
+    rollouts = (r for batch in rollout_batches(problems, engine, cfg, reward=reward) for r in batch)
+    return tally_pay(problems, reward, ((r.problem_id, r.sample, r.reward, r.response_text) for r in rollouts))
+
+
+def sample_engine(name: str, model: str):
+    """The engine `check --sample` rolls out with: a PEFT adapter goes through transformers, which
+    merges it on load (vLLM would need the merged checkpoint that `score` writes into its store)."""
+    from gradsel.models import adapter_base, resolve_model_path
+    from gradsel.rollout import make_engine, resolve_engine_name
+
+    path = resolve_model_path(model)
+    name = resolve_engine_name(name)
+    if adapter_base(path) is not None:
+        if name == "vllm":
+            raise GradselError("check --sample rolls a PEFT adapter out with transformers, not vLLM",
+                               "pass --engine hf (or auto)")
+        name = "hf"
+    return make_engine(name, path)
+
+
+def show_sample(split: str, pays, per_source: int) -> list[dict]:
+    """Each (data source, reward) pair's pass rate on stderr, then the warning of every pair that no
+    sampled rollout was paid on (or every one was; payouts.py, with the threshold lowered to the
+    sample's size); returns the pairs as JSON."""
+    from rich.table import Table
+
+    from gradsel import console
+    from gradsel.payouts import MIN_PROBLEMS, uniform_pay
+
+    table = Table(title=f"{split}: sampled rollouts", title_justify="left")
+    for column in ("data_source", "reward", "problems", "rollouts", "paid", "pass rate"):
+        table.add_column(column, justify="left" if column in ("data_source", "reward") else "right")
+    for pay in pays:
+        table.add_row(pay.data_source or "(empty)", pay.reward, str(pay.problems), str(pay.rollouts), str(pay.paid),
+                      f"{pay.pass_rate:.2f}")
+    console.stderr.print(table)
+    flagged = uniform_pay(pays, min(MIN_PROBLEMS, per_source))
+    for pay in flagged:
+        console.warn(pay.warning(f"check --sample {per_source} ({split})"))
+    return [{"data_source": pay.data_source, "reward": pay.reward, "problems": pay.problems,
+             "rollouts": pay.rollouts, "paid": pay.paid, "pass_rate": round(pay.pass_rate, 4),
+             "warning": pay.warning(f"check --sample {per_source} ({split})") if pay in flagged else None}
+            for pay in pays]
+

@@ -185,12 +185,19 @@ def check(
     max_prompt_tokens: Annotated[Optional[int], typer.Option(min=1, help="Flag prompts longer than this (default: the model's context less one).", rich_help_panel=MODEL)] = None,
     prompt_key: PromptKeyOpt = None,
     answer_key: AnswerKeyOpt = None,
+    sample: Annotated[int, typer.Option(min=0, help="Roll out this many problems per data source with --model and print each source's pass rate (0: none).", rich_help_panel=ROLLOUTS)] = 0,
+    n: Annotated[int, typer.Option("--n", "-k", min=1, help="Rollouts per sampled problem.", rich_help_panel=ROLLOUTS)] = 8,
+    engine: EngineOpt = EngineName.auto,
+    temperature: TemperatureOpt = 1.0,
+    max_tokens: MaxTokensOpt = 1024,
 ) -> None:
     """Pre-flight: per data source, rows, reward, prompt token lengths; exit 2 on any problem.
 
     Run it before any GPU time: a reward that does not recognise a data source's answers, or prompts that do not fit the model's context, are found here instead of as zero rewards.
 
     A table per file on stderr: each data source's rows, the reward that will judge them (verl's routing, docs/trainers.md; every reward with its rows where a row's reward_model.style names another), and with --model its prompt token lengths (min / median / max) under the model's chat template and how many exceed --max-prompt-tokens. Then every problem found, as `problem:` and `hint:` lines: a data source no route knows, a math reference answer math-verify cannot parse, prompts too long. On stdout, one JSON object (ok, and per file its sources and problems). `rollout` and `score` run the same checks before they start an engine, and write nothing to the store when one fails.
+
+    With --sample N (and --model), a file without problems is also rolled out: N problems per data source (a seeded choice), k = --n times each, judged as `score` judges them. Each data source's pass rate is printed, and a `warning:` names every source none of whose sampled rollouts was paid (or all were), with the answer form its reward reads and two responses: a model that never writes `#### N` for a GSM8K judge would lose that whole source from the candidates. `score` gives the same warning after its rollouts (sources with 8 problems or more) and records it in the store.
     """
     from gradsel.check import check_problem_set, prompt_limit, show_reports
     from gradsel.problems import read_problems
@@ -201,14 +208,42 @@ def check(
         from gradsel.models import context_length, load_tokenizer
 
         tokenizer, limit = load_tokenizer(model), prompt_limit(context_length(model), max_prompt_tokens)
-    reports = [check_problem_set(read_problems(path, prompt_key=prompt_key, answer_key=answer_key), split,
-                                 reward=reward, tokenizer=tokenizer, limit=limit)
-               for split, path in (("train", pool), ("val", val)) if path is not None]
+    if sample and model is None:
+        raise GradselError("--sample rolls problems out with a model, and no --model was given",
+                           "pass --model DIR, or drop --sample")
+    problem_sets = [(split, read_problems(path, prompt_key=prompt_key, answer_key=answer_key))
+                    for split, path in (("train", pool), ("val", val)) if path is not None]
+    reports = [check_problem_set(problem_set, split, reward=reward, tokenizer=tokenizer, limit=limit)
+               for split, problem_set in problem_sets]
     show_reports(reports, limit)
     ok = not any(r.findings for r in reports)
-    _emit_json({"ok": ok, "files": [r.to_json() for r in reports]})
+    files = [r.to_json() for r in reports]
+    if sample:
+        files = _check_sample(problem_sets, reports, files, model=model, per_source=sample, reward=reward,
+                              engine=engine.value, n=n, temperature=temperature, max_tokens=max_tokens)
+    _emit_json({"ok": ok, "files": files})
     if not ok:
         raise typer.Exit(2)
+
+
+def _check_sample(problem_sets, reports, files: list[dict], *, model: str, per_source: int, reward, engine: str,
+                  n: int, temperature: float, max_tokens: int) -> list[dict]:
+    """`check --sample`: each file without problems gets its sampled pass rates as `sample`."""
+    from gradsel.check import sample_engine, sample_pay, sample_problems, show_sample
+    from gradsel.rollout import SamplingConfig
+
+    cfg = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens)
+    sampler = None  # the engine, started for the first file that is rolled out
+    out = []
+    for (split, problem_set), report, file in zip(problem_sets, reports, files):
+        if report.findings:  # would fail the rollouts; the problems are listed above
+            out.append(file | {"sample": None})
+            continue
+        chosen = sample_problems(problem_set.problems, per_source)
+        console.info(f"check --sample: {split}, {len(chosen)} problems x {n} rollouts")
+        sampler = sampler or sample_engine(engine, model)
+        out.append(file | {"sample": show_sample(split, sample_pay(chosen, sampler, cfg, reward), per_source)})
+    return out
 
 
 @app.command()
@@ -509,7 +544,7 @@ def select_cmd(
 
 @app.command()
 def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store directory.", rich_help_panel=DATA)]) -> None:
-    """Show what a store holds: checkpoint, rollouts, spec, pass rates, per-stage cost, rounds."""
+    """Show what a store holds: checkpoint, rollouts, warnings about the data, spec, pass rates, per-stage cost, rounds."""
     from gradsel.summary import store_summary, show_store
 
     console.protect_stdout()

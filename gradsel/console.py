@@ -1,9 +1,15 @@
 """Logs and progress on stderr through rich; stdout is reserved for data.
 
-rich honours NO_COLOR (and a non-terminal stderr) on its own, so nothing here checks it.
+rich honours NO_COLOR (and a non-terminal stderr) on its own, so nothing here checks it. Progress
+is a bar on a terminal, and plain lines in a log (PlainProgress).
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -51,16 +57,94 @@ def debug(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/yellow] {message}")
+    """`warning:` and the message on one line however long (a log is grepped), the message taken
+    literally: a quoted response's `[...]` is text, not rich markup."""
+    from rich.markup import escape
+
+    stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
-def progress() -> Progress:
-    """A progress bar on stderr; silent under --quiet. Tasks carry a free-text `rate` field."""
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[rate]}"),
-        console=stderr, disable=_verbosity == 0, transient=False,
-    )
+class BarProgress(Progress):
+    """rich's bar, with the one call PlainProgress adds (a bar shows every step anyway)."""
+
+    def shard_done(self, task) -> None:
+        pass
+
+
+def progress() -> "BarProgress | PlainProgress":
+    """Progress on stderr: a bar on a terminal, plain lines where stderr is a file or a pipe
+    (nohup, Slurm, Ray), where a bar is never drawn; silent under --quiet. Tasks carry a free-text
+    `rate` field; a stage calls `shard_done(task)` after each of its shards."""
+    if _verbosity == 0 or stderr.is_terminal or stderr.is_jupyter:
+        return BarProgress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"),
+            console=stderr, disable=_verbosity == 0, transient=False,
+        )
+    return PlainProgress(lambda line: stderr.print(line, markup=False, highlight=False, soft_wrap=True))
+
+
+PLAIN_INTERVAL_S = 30.0  # a log gets a progress line at most this often, besides shard ends
+
+
+@dataclass
+class _PlainTask:
+    description: str
+    total: float | None
+    rate: str
+    started: float
+    last_line: float  # clock time of the task's last line (its start before any)
+    completed: float = 0
+    printed: float | None = None  # `completed` when the last line was printed
+
+
+class PlainProgress:
+    """Progress for a log: `stage: done/total, rate, elapsed` lines, one at the end of each shard
+    (`shard_done`), one when a task completes, and otherwise at most one every `interval` seconds.
+    The calls are rich Progress's that the stages use (add_task, update, advance), so a stage
+    drives a bar and a log alike. `clock` and `write` are injectable (tests)."""
+
+    def __init__(self, write: Callable[[str], None], *, clock: Callable[[], float] = time.monotonic,
+                 interval: float = PLAIN_INTERVAL_S) -> None:
+        self.write, self.clock, self.interval = write, clock, interval
+        self.tasks: list[_PlainTask] = []
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, rate: str = "") -> int:
+        now = self.clock()
+        self.tasks.append(_PlainTask(description, total, rate, started=now, last_line=now))
+        return len(self.tasks) - 1
+
+    def update(self, task: int, *, advance: float = 0, rate: str | None = None) -> None:
+        t = self.tasks[task]
+        t.completed += advance
+        if rate is not None:
+            t.rate = rate
+        now = self.clock()
+        finished = t.total is not None and t.completed >= t.total
+        if now - t.last_line >= self.interval or (finished and t.printed != t.completed):
+            self._line(t, now)
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def shard_done(self, task: int) -> None:
+        t = self.tasks[task]
+        if t.printed != t.completed:
+            self._line(t, self.clock())
+
+    def _line(self, t: _PlainTask, now: float) -> None:
+        elapsed = now - t.started
+        done = f"{t.completed:g}/{t.total:g}" if t.total is not None else f"{t.completed:g}"
+        rate = t.rate or (f"{t.completed / elapsed:.1f}/s" if elapsed > 0 else "")
+        parts = [done, rate, f"{timedelta(seconds=int(elapsed))} elapsed"]
+        self.write(f"{t.description}: " + ", ".join(p for p in parts if p))
+        t.last_line, t.printed = now, t.completed
 
 
 _data_out = None

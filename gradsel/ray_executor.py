@@ -66,6 +66,7 @@ def run_score_ray(store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc,
                         raise cause from None
                     raise
                 bar.advance(progress)
+                bar.shard_done(progress)  # a part is a shard of the run: a line per part in a log
     finally:
         if started:
             ray.shutdown()

@@ -2,8 +2,9 @@
 
 The plots are matplotlib figures inlined as SVG (text as text; a scatter of many points as one
 embedded PNG): the file needs no script, no font and no network to view, and is a few hundred
-KB. Sections: the pool's pass rates, the selection's scores, what each mode would keep, judge
-consistency and validation alignment, the rounds, per-stage cost, and provenance.
+KB. Sections: warnings about the data (where the stages recorded some), the pool's pass rates,
+the selection's scores, what each mode would keep, judge consistency and validation alignment,
+the rounds, per-stage cost, and provenance.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
             continue
     history = Path(store_dir) / "history.parquet"
     sections = [
+        *_warnings(summary),
         _pass_rates(candidates, sources),
         _scores(candidates, sources, scores, chosen, cfg),
         _modes(by_mode, dict(zip(candidates.ids, sources)), cfg.mode),
@@ -220,6 +222,14 @@ def _rounds(summary: dict, history) -> Section:
                    "Score drift: each round is scored at its own checkpoint (history.parquet).")
 
 
+def _warnings(summary: dict) -> list[Section]:
+    """The warnings recorded about the data, first, where there are any."""
+    if not summary.get("warnings"):
+        return []
+    items = "".join(f"<li>{html.escape(message)}</li>" for message in summary["warnings"])
+    return [Section("Warnings", f'<ul class="warnings">{items}</ul>')]
+
+
 def _costs(costs: dict) -> Section:
     from gradsel.summary import describe_cost, ordered_costs
 
@@ -289,6 +299,7 @@ figure.plot { margin: 0.5em 0; } figure.plot svg { max-width: 100%; height: auto
 table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-align: top; }
 code { font-size: 0.9em; word-break: break-all; } p.note { color: #555; }
+ul.warnings li { color: #8a4b00; margin: 0.3em 0; }
 """
 
 

@@ -25,7 +25,7 @@ import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gradsel.errors import GradselError, missing_extra
 from gradsel.problems import Problem
@@ -195,18 +195,27 @@ class Reward:
     key: Callable[[str], str | None] | None = None
     checks_ground_truth: bool = False  # a math judge: the reference must parse as math
     extracts: bool = True  # False for plugins: `answer` is only a generic guess
+    # What the judge reads in a response, in words, required of every reward: the warning for a
+    # data source that no rollout was paid on names it (payouts.py), since a model that never
+    # writes that form is never paid.
+    answer_form: str = field(kw_only=True)
 
     def __call__(self, problem: Problem, response: str, sample: int, seed: int) -> float:
         return self.score(problem, response, sample, seed)
 
 
 REGISTRY: dict[str, Reward] = {r.name: r for r in (
-    Reward("int", int_reward, _last_int),
-    Reward("exact", exact_reward, lambda text: text.strip()),
-    Reward("random", random_reward, final_answer),
-    Reward("math", math_reward, last_boxed, math_equal, math_key, checks_ground_truth=True),
-    Reward("gsm8k", gsm8k_reward, gsm8k_answer),
-    Reward("math_dapo", dapo_reward, dapo_answer, math_equal, math_key, checks_ground_truth=True),
+    Reward("int", int_reward, _last_int, answer_form="the last integer in the response"),
+    Reward("exact", exact_reward, lambda text: text.strip(),
+           answer_form="the whole response, equal to the reference once stripped of surrounding whitespace"),
+    Reward("random", random_reward, final_answer, answer_form="nothing: a seeded coin flip, whatever the response"),
+    Reward("math", math_reward, last_boxed, math_equal, math_key, checks_ground_truth=True,
+           answer_form="\\boxed{...}: the last \\boxed{} answer, equal to the reference under math-verify"),
+    Reward("gsm8k", gsm8k_reward, gsm8k_answer,
+           answer_form=f"#### N: the number after the last '#### ' in the response's last {_TAIL_CHARS} characters"),
+    Reward("math_dapo", dapo_reward, dapo_answer, math_equal, math_key, checks_ground_truth=True,
+           answer_form=f"Answer: ...: the text after the last 'Answer:' in the response's last {_TAIL_CHARS} "
+                       "characters, equal to the reference under math-verify (pays 1, else -1)"),
 )}
 
 # verl's generic styles: the reward is then chosen by data_source, as verl's default_compute_score does.
@@ -275,7 +284,9 @@ def _verl_style(name: str, func) -> Reward:
                                "rewards must be finite numbers")
         return float(out)
 
-    return Reward(name, call, final_answer, extracts=False)
+    form = ("what verl's default_compute_score reads for the row's data_source" if name == "verl"
+            else f"whatever the plugin {name} reads")
+    return Reward(name, call, final_answer, extracts=False, answer_form=form)
 
 
 def _verl_default() -> Reward:

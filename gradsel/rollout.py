@@ -92,7 +92,8 @@ def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
 
 
 class HFEngine:
-    """transformers `generate`: batched, left-padded, seeded per prompt."""
+    """transformers `generate`, one prompt per call, seeded per prompt: the prompt is prefilled once
+    and its cache copied for the k samples, which are drawn in one batched `generate`."""
 
     name = "hf"
 
@@ -105,6 +106,26 @@ class HFEngine:
         self.device = device
         self.batch_size = batch_size
 
+    def prefilled_cache(self, ids: list[int], copies: int):
+        """The KV cache of all but the prompt's last token, computed once and repeated `copies`
+        times along the batch; None for a one-token prompt (nothing to prefill). `generate` then
+        feeds only the last token per sample, so a prompt's forward pass is paid once, not k times."""
+        import inspect
+
+        import torch
+        from transformers import DynamicCache
+
+        if len(ids) < 2:
+            return None
+        cache = DynamicCache(config=self.model.config)
+        # Only the cache is wanted: no logits over the prompt (a vocabulary-wide row per token).
+        kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        with torch.no_grad():
+            self.model(input_ids=torch.tensor([ids[:-1]], device=self.device), past_key_values=cache, use_cache=True,
+                       **kwargs)
+        cache.batch_repeat_interleave(copies)
+        return cache
+
     def generate(self, prompts, seeds, cfg):
         import torch
 
@@ -113,11 +134,12 @@ class HFEngine:
         # One prompt per call, its n samples batched: a problem's rollouts then depend only on
         # its own seed, never on which other problems share its batch.
         for ids, seed in zip(prompts, seeds):
+            cache = self.prefilled_cache(ids, cfg.n)
             torch.manual_seed(seed)
             input_ids = torch.tensor([ids] * cfg.n, device=self.device)
             with torch.no_grad():
                 out = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
                     do_sample=cfg.temperature > 0, temperature=max(cfg.temperature, 1e-5),
                     top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_tokens,
                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -429,6 +451,9 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     stage, key, n_shards, problems = shards.directory, shards.key, shards.n_shards, problem_set.problems
     if stage_complete(stage, key):
         console.info(f"rollouts/{split}: complete, reused ({len(problems)} problems)")
+        recorded = store.read_manifest().get("rollouts", {}).get(split, {})
+        for warning in recorded.get("warnings", []) if recorded.get("key") == key else []:
+            console.warn(warning["message"])  # reused rollouts still hold the problem
         return shards
     # Every check runs before anything is written, so a refused run leaves the store as it was.
     rewards_by_source = check_rewards(problems, reward)
@@ -466,6 +491,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
                 elapsed = time.perf_counter() - start
                 bar.update(task, advance=shards.problems_in(i),
                            rate=f"{made_problems / elapsed:.1f} problems/s, {made_tokens / elapsed:.0f} tokens/s")
+                bar.shard_done(task)
         del eng
     # This run's shards are all done now (checked above, or made); another part's only once made.
     mine = set(owned)
@@ -473,9 +499,24 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
         return shards
     cost = stage_cost(stage, n_shards)
     mark_stage_complete(stage, key, problems=len(problems), rollouts=shards.rows(), engine=engine_name, cost=cost)
+    warnings = uniform_pay_warnings(shards, problems, reward, f"rollouts/{split}")
     runs = store.read_manifest().get("rollouts", {})
     runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
                    "sampling": cfg.__dict__, "engine": engine_name, "reward": reward,
-                   "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key}
+                   "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key,
+                   "warnings": warnings}
     store.update_manifest(rollouts=runs, costs={f"rollouts/{split}": cost})
     return shards
+
+
+def uniform_pay_warnings(shards: RolloutShards, problems: Sequence[Problem], reward: str | None,
+                         where: str) -> list[dict]:
+    """Warn of every data source that no rollout of the stage was paid on, or every one was
+    (payouts.py); the records are what the manifest keeps."""
+    from gradsel.payouts import stage_pay, uniform_pay
+
+    records = []
+    for pay in uniform_pay(stage_pay(shards, problems, reward)):
+        console.warn(pay.warning(where))
+        records.append(pay.record(where))
+    return records

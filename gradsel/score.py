@@ -270,6 +270,7 @@ class _FeatureSplit:
 
             for i, _ in make_shards(directory, todo, make, source=rollouts.checksum, tokens=lambda: tokens):
                 bar.advance(task, rollouts.problems_in(i))
+                bar.shard_done(task)
 
     def _table(self, groups, feats: np.ndarray, dots: np.ndarray | None):
         from gradsel.schema import vectors_table

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from gradsel import console
@@ -32,6 +33,7 @@ def store_summary(path: Path) -> dict:
                      for split, r in (manifest.get("rollouts") or {}).items()},
         "rounds": rounds,
         "costs": manifest.get("costs", {}),
+        "warnings": data_warnings(manifest),
     }
     spec = manifest.get("projector")
     if spec:
@@ -60,6 +62,7 @@ def show_store(summary: dict) -> None:
         table.add_row(f"rollouts/{split}", f"k={r['n']} via {r['engine']} from {r['problems_file']}")
         if r.get("rewards"):
             table.add_row(f"rewards/{split}", describe_rewards_by_source(r["rewards"]))
+    add_warning_rows(table, summary)
     if "projector" in summary:
         p = summary["projector"]
         table.add_row("feature", f"{p['feature']} {p['sketch']} x{p['blocks']} over {p['modules']} modules, "
@@ -93,6 +96,17 @@ def describe_rewards_by_source(rewards: dict[str, dict[str, int | None]]) -> str
     return "; ".join(f"{source or '(empty)'}: " + ", ".join(name if n is None else f"{name} {n}"
                                                            for name, n in judges.items())
                      for source, judges in rewards.items())
+
+
+def data_warnings(manifest: dict) -> list[str]:
+    """The warnings the stages recorded about the data (e.g. a data source no rollout was paid on,
+    payouts.py), each one line naming its stage."""
+    return [w["message"] for run in (manifest.get("rollouts") or {}).values() for w in run.get("warnings", [])]
+
+
+def add_warning_rows(table: Table, summary: dict) -> None:
+    for message in summary.get("warnings", []):
+        table.add_row("[yellow]warning[/yellow]", escape(message))
 
 
 def describe_cost(cost: dict) -> str:

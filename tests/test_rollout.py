@@ -132,3 +132,34 @@ def test_max_model_len_refuses_longer_prompts_before_any_rollout(tmp_path, noisy
     assert proc.returncode == 2 and "exceed 4 tokens" in proc.stderr, proc.stderr[-2000:]
     assert not list((tmp_path / "s").rglob("shard-*.parquet"))
     assert json.loads(run_cli(*args, "--max-model-len", "64").stdout)["rollouts"] == 2 * 60
+
+
+def test_hf_engine_prefills_each_prompt_once_and_is_deterministic(noisy_data):
+    """A problem's k rollouts come from one forward pass over its prompt (observed by a hook on the
+    real model's forward), and the same prompts and seeds give the same rollouts, whatever else
+    shares the batch."""
+    from gradsel.models import resolve_model_path
+    from gradsel.rollout import HFEngine, encode_prompts, problem_seed
+
+    engine = HFEngine(resolve_model_path("tiny-arith"))
+    problems = read_problems(noisy_data / "pool.parquet").problems[:5]
+    prompts = encode_prompts(engine.tokenizer, problems)
+    seeds = [problem_seed(0, p.problem_id) for p in problems]
+    cfg = SamplingConfig(n=6, max_tokens=8, seed=0)
+    prompt_passes = []  # (rows, tokens) of every forward over more than one position: a prefill
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            prompt_passes.append(tuple(ids.shape))
+
+    handle = engine.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        first = engine.generate(prompts, seeds, cfg)
+    finally:
+        handle.remove()
+    assert prompt_passes == [(1, len(ids) - 1) for ids in prompts]  # before: (6, len(ids)) per prompt
+    assert [len(gens) for gens in first] == [6] * len(problems)
+    assert len({tuple(g.response_token_ids) for gens in first for g in gens}) > 1  # sampled, not copied
+    assert engine.generate(prompts, seeds, cfg) == first
+    assert engine.generate(prompts[2:3], seeds[2:3], cfg) == first[2:3]

@@ -67,3 +67,13 @@ def write_parquet(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_list(rows).to_parquet(str(path))
     return path
+
+
+def gsm8k_routed_arith(pairs, split: str, *, start: int = 0) -> list[dict]:
+    """The bundled model's own `a+b=` prompts in verl's row shape, under data source `openai/gsm8k`:
+    routed to verl's gsm8k rule, which pays only `#### N`, and tiny-arith (which fits no GSM8K
+    word problem in its 64-token context) answers with the bare number, so it is never paid."""
+    from gradsel.tasks import verl_row
+
+    return [{**verl_row(a, "+", b, domain="add2", split=split, index=start + i), "data_source": "openai/gsm8k"}
+            for i, (a, b) in enumerate(pairs)]
