@@ -247,7 +247,8 @@ def warn_if_sketch_alignment(manifest: dict, cfg: SelectConfig, directory: Path)
     column = "score_dot" if cfg.mode == "dot" else "score_cos"
     console.warn(f"--mode {cfg.mode} ranks by {column}, estimated here from {spec.get('k_out')}x{spec.get('k_in')} "
                  "sketches (`score --alignment sketch`); for the one computed in the gradient pass, rescore with "
-                 "`gradsel score --alignment lowrank` (the rollouts are reused)")
+                 "`gradsel score --alignment lowrank`"
+                 + (" --feature projected" if spec.get("feature") == "head" else "") + " (the rollouts are reused)")
 
 
 def resolve_target(target: str, feature: str) -> str:
