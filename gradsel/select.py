@@ -228,6 +228,31 @@ def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: i
     raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
 
 
+def reads_alignment(cfg: SelectConfig) -> bool:
+    """Whether the mode ranks by the alignment with the validation gradient (score_cos, or
+    score_dot for `dot`), as resolved: the validation modes with --target mean, and dot."""
+    return cfg.mode == "dot" or (cfg.mode in VALIDATION_MODES and cfg.target == "mean")
+
+
+_WARNED_SKETCH: set[str] = set()  # feature directories warned about in this process: one line per run
+
+
+def warn_if_sketch_alignment(manifest: dict, cfg: SelectConfig, directory: Path) -> None:
+    """One `warning:` line where a mode ranks by score_cos (or score_dot) that the store estimated
+    from the sketches (`score --alignment sketch`, the default): the paper's cosine, with the
+    sketch's error in it (Spearman 0.85 with the exact cosine on a 160-problem noisy tiny-arith
+    pool, docs/benchmarks.md). Once per process and store: `report` selects several modes."""
+    if manifest.get("alignment") != "sketch" or not reads_alignment(cfg) or str(directory) in _WARNED_SKETCH:
+        return
+    _WARNED_SKETCH.add(str(directory))
+    spec = manifest.get("projector") or {}
+    column = "score_dot" if cfg.mode == "dot" else "score_cos"
+    console.warn(f"--mode {cfg.mode} ranks by {column}, estimated here from {spec.get('k_out')}x{spec.get('k_in')} "
+                 "sketches (`score --alignment sketch`); for the one computed in the gradient pass, rescore with "
+                 "`gradsel score --alignment lowrank`"
+                 + (" --feature projected" if spec.get("feature") == "head" else "") + " (the rollouts are reused)")
+
+
 def resolve_target(target: str, feature: str, mode: str) -> str:
     """What `auto` means for a mode. The paper's modes (gradalign, dot, simacc) align with the
     validation gradient, so for them it is mean: `--mode gradalign` is the paper's method as
@@ -310,6 +335,7 @@ def select(store, cfg: SelectConfig) -> Selection:
     cfg.validate()
     manifest, table, directory = load_score_table(store)
     cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"], cfg.mode))
+    warn_if_sketch_alignment(manifest, cfg, directory)
     candidates = Candidates.from_table(table.filter(pc.equal(table.column("split"), "train")))
     keep = np.ones(len(candidates.ids), dtype=bool) if cfg.include_zero_advantage else ~candidates.zero_advantage
     if cfg.mode == "band":

@@ -52,6 +52,15 @@ def store_summary(path: Path) -> dict:
     return summary
 
 
+# What score_cos and score_dot are, by the store's `score --alignment` (the exact feature records exact).
+ALIGNMENT_MEANING = {
+    "sketch": "sketch: score_cos is estimated from the sketched vectors (`gradsel score --alignment lowrank` "
+              "computes it in the gradient pass)",
+    "lowrank": "lowrank: score_cos from the gradient pass, against the validation gradient truncated by SVD",
+    "exact": "exact: score_cos against the full validation gradient",
+}
+
+
 def show_store(summary: dict) -> None:
     table = Table(title=f"store {summary['store']}", show_header=False)
     table.add_column("key", style="bold")
@@ -67,6 +76,7 @@ def show_store(summary: dict) -> None:
         p = summary["projector"]
         table.add_row("feature", f"{p['feature']} {p['sketch']} x{p['blocks']} over {p['modules']} modules, "
                       f"seed {p['seed']}, alignment {p['alignment']}, val {p['val_agg']}")
+        table.add_row("alignment", ALIGNMENT_MEANING.get(p["alignment"], str(p["alignment"])))
     if "candidates" in summary:
         c = summary["candidates"]
         table.add_row("candidates", f"{c['scored']} scored, {c['zero_advantage']} with zero advantage")

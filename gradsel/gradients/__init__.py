@@ -7,8 +7,8 @@ sequences. With seeded random matrices R_out (d_out x k_out) and R_in (d_in x k_
     R_out^T G_p R_in = sum_t (R_out^T delta_t)(R_in^T x_t)^T          # (k_out, k_in)
 
 so one forward and one backward pass over a packed batch of many problems gives every problem's
-projected gradient exactly, without ever forming a parameter gradient. The weights stay frozen;
-the first hooked units' outputs are made to require grad, so autograd builds the graph from there.
+projected gradient exactly, without ever forming a parameter gradient. The weights stay frozen
+during the pass (units.requires_grad_only gives each its flag back after); the first hooked units' outputs are made to require grad, so autograd builds the graph from there.
 MoE routers and transformers' fused experts are captured token by token (docs/algorithm.md).
 
 Every non-padding position is captured, prompt positions included: response tokens attend to

@@ -29,8 +29,6 @@ def validation_gradient(model, groups: Sequence[ProblemRollouts], module_names: 
     grads = _parameter_gradients(model, groups, params, loss_agg=loss_agg, pad_id=pad_id, device=device,
                                  max_tokens=max_tokens)
     grads = [u.gradient_matrix(g) for u, g in zip(units, grads)]
-    for p in model.parameters():
-        p.requires_grad_(False)
     total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
     if total == 0:
         raise zero_validation_gradient()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gradsel.gradients.loss import ProblemRollouts, _batch_tensors, pack_batches, policy_loss
+from gradsel.gradients.units import requires_grad_only
 
 
 # -- exact feature: the reference algorithm -----------------------------------------------------
@@ -23,13 +24,15 @@ def exact_problem_gradient(model, group: ProblemRollouts, params, *, loss_agg: s
 
 def _parameter_gradients(model, groups: Sequence[ProblemRollouts], params, *, loss_agg: str, pad_id: int,
                          device: str, max_tokens: int) -> list:
-    """float32 gradients of sum_p L_p over `params` (which require grad), left off the model."""
+    """float32 gradients of sum_p L_p over `params`, left off the model. Only `params` require
+    grad during the pass; every flag is the caller's again afterwards."""
     import torch
 
     model.zero_grad(set_to_none=True)
-    for batch in pack_batches(groups, loss_agg, max_tokens):
-        ids, mask, weights, _ = _batch_tensors(batch, pad_id, device)
-        policy_loss(model, ids, mask, weights).backward()
+    with requires_grad_only(model, params):
+        for batch in pack_batches(groups, loss_agg, max_tokens):
+            ids, mask, weights, _ = _batch_tensors(batch, pad_id, device)
+            policy_loss(model, ids, mask, weights).backward()
     grads = [p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
              for p in params]
     model.zero_grad(set_to_none=True)  # the returned tensors live on; the model holds no .grad
@@ -37,11 +40,7 @@ def _parameter_gradients(model, groups: Sequence[ProblemRollouts], params, *, lo
 
 
 def exact_parameters(model, names: Sequence[str]):
-    """Turn on gradients for the named parameters only, and return them in order."""
+    """The named parameters, in order (each gradient pass turns on their gradients, and only
+    theirs, for its own duration)."""
     named = dict(model.named_parameters())
-    params = [named[n] for n in names]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    return [named[n] for n in names]

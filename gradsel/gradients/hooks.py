@@ -11,7 +11,7 @@ from gradsel.errors import GradselError
 from gradsel.gradients.alignment import LowRank
 from gradsel.gradients.loss import ProblemRollouts, _batch_tensors, _output_layer_sees, pack_batches, policy_loss
 from gradsel.gradients.sketch import ProjectorSpec, block_outer, expert_signs, module_projections
-from gradsel.gradients.units import CaptureUnit, resolve_units
+from gradsel.gradients.units import CaptureUnit, requires_grad_only, resolve_units
 
 
 # -- projected feature from hooks -----------------------------------------------------------------
@@ -223,10 +223,8 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
     acc = torch.zeros((len(groups), len(units), spec.block_dim), dtype=torch.float32, device=device)
     dots = torch.zeros(len(groups), dtype=torch.float64, device=device)
     slots_ref = [None]
-    for p in model.parameters():
-        p.requires_grad_(False)
     head_hooked = any(u.module is model.get_output_embeddings() for u in units)
-    with _capture(units, projections, acc, slots_ref, spec.blocks, signs, val_grad, dots):
+    with requires_grad_only(model), _capture(units, projections, acc, slots_ref, spec.blocks, signs, val_grad, dots):
         for batch in pack_batches(groups, loss_agg, max_tokens):
             ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
             slots_ref[0] = slots

@@ -4,7 +4,8 @@ MoE routers, fused expert stacks), found by name or pattern."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from gradsel.errors import GradselError
@@ -118,3 +119,20 @@ def resolve_units(model, names: Sequence[str]) -> list[CaptureUnit]:
     if missing:
         raise GradselError(f"the model has no capturable module {missing[0]!r}", "score with the model the store was made with")
     return [found[n] for n in names]
+
+
+@contextmanager
+def requires_grad_only(model, params: Sequence = ()) -> Iterator[None]:
+    """Let autograd track exactly `params` of the model's parameters (none by default: the hooked
+    pass differentiates activations, never weights) while the block runs, then give every
+    parameter back the requires_grad flag it had, on an error too: the model is the caller's, and
+    one scored in a notebook and then trained must still train."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    wanted = {id(p) for p in params}
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
