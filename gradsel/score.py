@@ -241,8 +241,8 @@ def _packing(store, model, cfg: ScoreConfig) -> Packing:
     """The gradient pass's layout: prompts shared where asked for and the model takes it. A
     fallback is said on stderr (packing_for) and, like the choice itself, recorded in the
     manifest's `prompt_sharing`."""
+    packing = packing_for(model, Packing(share_prompts=cfg.share_prompts))  # first: it warns
     reason = shared_prompt_support(model) if cfg.share_prompts else "--no-share-prompts"
-    packing = packing_for(model, Packing(share_prompts=cfg.share_prompts))
     store.update_manifest(prompt_sharing={"used": packing.share_prompts, "reason": reason})
     return packing
 

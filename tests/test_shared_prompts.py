@@ -62,7 +62,7 @@ def test_shared_prompt_vectors_equal_one_sequence_per_rollout(arch):
 def test_shared_prompt_exact_gradients_equal_one_sequence_per_rollout(arch, packing):
     """Full parameter gradients (--feature exact) and the validation gradient of --alignment."""
     model = build(arch)
-    groups = toy_groups(seed=6, n_problems=4, vocab=32)
+    groups = toy_groups(seed=6, n_problems=4, vocab=min(model.get_input_embeddings().weight.shape[0], 32))
     params = exact_parameters(model, [n for n, _ in model.named_parameters()])
     for g in groups:
         plain = exact_problem_gradient(model, g, params, loss_agg=LOSS_AGG, pad_id=0, packing=PLAIN)
@@ -128,3 +128,52 @@ def test_a_model_that_cannot_share_its_prompt_falls_back_and_says_so(capsys):
     np.testing.assert_array_equal(default, again)
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "prompts are not shared" in err
+
+
+def _score_cli(tmp_path, model, *extra):
+    from conftest import run_cli
+    from gradsel.tasks import write_regime
+
+    data = tmp_path / "data"
+    if not data.exists():
+        write_regime(data, "clean", size=16, val_size=6, seed=3)
+    store = tmp_path / ("store" + "".join(extra))
+    proc = run_cli("score", "--model", str(model), "--pool", str(data / "pool.parquet"), "--val",
+                   str(data / "val.parquet"), "--store", str(store), "--engine", "hf", "--max-tokens", "6", "--n", "4",
+                   "--reward", "random", *extra)
+    import json
+
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    return proc, manifest, pq.read_table(store / manifest["features"] / "scores.parquet")
+
+
+def test_score_shares_prompts_by_default_and_records_it(tmp_path):
+    """`gradsel score` shares prompts on tiny-arith, says so in the manifest, and its scores are
+    those of --no-share-prompts (up to float32 rounding)."""
+    _, shared_manifest, shared = _score_cli(tmp_path, "tiny-arith")
+    _, plain_manifest, plain = _score_cli(tmp_path, "tiny-arith", "--no-share-prompts")
+    assert shared_manifest["prompt_sharing"] == {"used": True, "reason": None}
+    assert plain_manifest["prompt_sharing"] == {"used": False, "reason": "--no-share-prompts"}
+    assert shared_manifest["features"] == plain_manifest["features"]  # the same feature space
+    assert shared.column("problem_id").to_pylist() == plain.column("problem_id").to_pylist()
+    for col in ("grad_norm", "score_cos"):
+        np.testing.assert_allclose(shared.column(col).to_numpy(), plain.column(col).to_numpy(), rtol=2e-3, atol=1e-6)
+
+
+def test_score_on_a_model_that_cannot_share_warns_once_and_records_why(tmp_path):
+    import transformers
+
+    from gradsel.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-arith")
+    torch.manual_seed(0)
+    config = transformers.MptConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, max_seq_len=128,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mpt")
+    tok.save_pretrained(tmp_path / "mpt")
+    proc, manifest, _ = _score_cli(tmp_path, tmp_path / "mpt")
+    assert proc.stderr.count("warning:") == 1 and "prompts are not shared" in proc.stderr
+    assert manifest["prompt_sharing"]["used"] is False
+    assert "does not give a response the same logits" in manifest["prompt_sharing"]["reason"]
