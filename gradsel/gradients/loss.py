@@ -128,15 +128,24 @@ PLAIN = Packing(share_prompts=False)
 
 
 def _shared_rows(slot: int, group: ProblemRollouts, weights: Sequence[float], max_tokens: int) -> list[SharedPromptRow]:
-    """A problem's responses with one prompt (a problem whose rollouts saw different prompts gets a
-    row per prompt), each prompt's responses split into as few rows of near-equal counts as keep
+    """A problem's distinct responses with one prompt (a problem whose rollouts saw different
+    prompts gets a row per prompt), each prompt's responses split into as few rows of near-equal counts as keep
     every row under `max_tokens` (a row of one response may be longer, as a plain sequence may)."""
-    by_prompt: dict[tuple[int, ...], list[tuple[list[int], float]]] = {}
+    # Identical responses to one prompt have identical per-token gradients, so one copy carries
+    # their summed weight. Where the weights cancel (every response the same: GRPO's advantages sum
+    # to zero), the gradient is exactly zero and the copy is dropped, rather than left to float32
+    # rounding of a sum through the shared prompt.
+    merged: dict[tuple[int, ...], dict[tuple[int, ...], list[float]]] = {}
     for p, r, w in zip(group.prompt_ids, group.response_ids, weights):
         if r and w != 0.0:
-            by_prompt.setdefault(tuple(p), []).append((list(r), w))
+            merged.setdefault(tuple(p), {}).setdefault(tuple(r), []).append(w)
+    by_prompt = {prompt: [(list(r), sum(ws)) for r, ws in responses.items()
+                          if abs(sum(ws)) > 1e-12 * sum(abs(w) for w in ws)]
+                 for prompt, responses in merged.items()}
     rows = []
     for prompt, items in by_prompt.items():
+        if not items:
+            continue
         if not prompt:  # no prompt to share (the first response token is never predicted)
             rows += [SharedPromptRow(slot, [], [r], [w]) for r, w in items]
             continue
