@@ -248,6 +248,7 @@ def run_rounds(args, arms) -> dict:
             if out.returncode != 0:
                 sys.exit(f"arm {arm} failed:\n{out.stderr[-4000:]}")
             runs.setdefault(arm, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(out.stdout.strip().splitlines()[-1], file=sys.stderr, flush=True)  # kept if a later arm fails
     results = {}
     for arm, rs in runs.items():
         median = statistics.median(r["median_s"] for r in rs)
