@@ -127,21 +127,27 @@ class Packing:
 PLAIN = Packing(share_prompts=False)
 
 
-def _shared_rows(slot: int, group: ProblemRollouts, weights: Sequence[float], max_tokens: int) -> list[SharedPromptRow]:
-    """A problem's distinct responses with one prompt (a problem whose rollouts saw different
-    prompts gets a row per prompt), each prompt's responses split into as few rows of near-equal counts as keep
-    every row under `max_tokens` (a row of one response may be longer, as a plain sequence may)."""
-    # Identical responses to one prompt have identical per-token gradients, so one copy carries
-    # their summed weight. Where the weights cancel (every response the same: GRPO's advantages sum
-    # to zero), the gradient is exactly zero and the copy is dropped, rather than left to float32
-    # rounding of a sum through the shared prompt.
+def _distinct_responses(group: ProblemRollouts, weights: Sequence[float]) -> dict[tuple[int, ...], list[tuple[list[int], float]]]:
+    """A problem's responses by prompt, identical ones merged: per prompt, each distinct response
+    once with the summed weight of its copies. Copies have identical per-token gradients, so one
+    carrying their weight gives the same gradient; where the weights cancel (every response one
+    answer: GRPO's advantages sum to zero) the gradient is exactly zero and the response is
+    dropped, rather than left to float32 rounding (a cosine of noise, which `select` would rank)."""
     merged: dict[tuple[int, ...], dict[tuple[int, ...], list[float]]] = {}
     for p, r, w in zip(group.prompt_ids, group.response_ids, weights):
         if r and w != 0.0:
             merged.setdefault(tuple(p), {}).setdefault(tuple(r), []).append(w)
-    by_prompt = {prompt: [(list(r), sum(ws)) for r, ws in responses.items()
-                          if abs(sum(ws)) > 1e-12 * sum(abs(w) for w in ws)]
-                 for prompt, responses in merged.items()}
+    return {prompt: [(list(r), sum(ws)) for r, ws in responses.items()
+                     if abs(sum(ws)) > 1e-12 * sum(abs(w) for w in ws)]
+            for prompt, responses in merged.items()}
+
+
+def _shared_rows(slot: int, group: ProblemRollouts, weights: Sequence[float], max_tokens: int) -> list[SharedPromptRow]:
+    """A problem's distinct responses (_distinct_responses) with one prompt (a problem whose
+    rollouts saw different prompts gets a row per prompt), each prompt's responses split into as
+    few rows of near-equal counts as keep every row under `max_tokens` (a row of one response may
+    be longer, as a plain sequence may)."""
+    by_prompt = _distinct_responses(group, weights)
     rows = []
     for prompt, items in by_prompt.items():
         if not items:
@@ -176,9 +182,8 @@ def pack_batches(groups: Sequence[ProblemRollouts], loss_agg: str, max_tokens: i
         if share_prompts:
             seqs += _shared_rows(slot, g, weights, max_tokens)
             continue
-        for p, r, w in zip(g.prompt_ids, g.response_ids, weights):
-            if r and w != 0.0:
-                seqs.append(PackedSequence(slot, list(p) + list(r), len(p), w))
+        for p, responses in _distinct_responses(g, weights).items():
+            seqs += [PackedSequence(slot, list(p) + r, len(p), w) for r, w in responses]
     seqs.sort(key=lambda s: (len(s.ids), s.slot))
     batch: list = []
     for s in seqs:
