@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU path in one run of at most 8 minutes, on a machine with a CUDA GPU, from the repo root:
-# official vLLM, CUDA projection in float32 and bfloat16, faiss-gpu, and the projected pass's
-# throughput against a training step and exact gradients on the GPU. Record the output in
-# docs/benchmarks.md (section "GPU").
+# Every GPU path in one run of at most 13 minutes, on a machine with a CUDA GPU, from the repo root:
+# official vLLM, CUDA projection in float32 and bfloat16, faiss-gpu, the projected pass's
+# throughput against a training step and exact gradients on the GPU, and the shared-prompt pass on
+# GRPO-shaped work. Record the output in docs/benchmarks.md (section "GPU").
 #
 #   bash benchmarks/gpu_check.sh [VENV]      # VENV: where to install (default .venv-gpu)
 set -euo pipefail
@@ -19,3 +19,7 @@ timeout 420 "$PY" benchmarks/gpu_check.py --out "$OUT"
 # Throughput on the GPU: the 36M Llama, 64 problems x 8 rollouts, bfloat16, 16384-token packing.
 timeout 120 "$PY" benchmarks/score.py --model 50m --problems 64 --repeats 3 --device cuda --dtype bfloat16 \
     --max-tokens-per-batch 16384 | tail -12
+# The shared-prompt pass on GRPO-shaped work (prompts ~300 tokens, responses 100-150, k = 16):
+# shared / today's path / a training step over the same sequences, and the padding of each packing.
+timeout 240 "$PY" benchmarks/score.py --shape grpo --model 50m --problems 16 --k 16 --repeats 3 --device cuda \
+    --dtype bfloat16 --max-tokens-per-batch 16384 | tail -12

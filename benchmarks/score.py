@@ -1,6 +1,7 @@
 """Scoring cost: gradsel's features against a plain training step and the exact reference.
 
     .venv/bin/python benchmarks/score.py [--model tiny|50m|moe] [--problems 64] [--k 8] [--repeats 3]
+    .venv/bin/python benchmarks/score.py --shape grpo --model 50m --problems 2 --k 16   # shared prompts
 
 Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
   (i)   train:     a plain training forward and backward pass with parameter gradients
@@ -11,6 +12,9 @@ Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
   (ii'') sketch:   the hooked pass without the alignment (`--alignment sketch`, the default)
   (iii) head:      the output-layer feature, forward only
   (iv)  exact:     full parameter gradients, one backward pass per problem
+  (vi)  shared:    the hooked pass with each problem's prompt run once for its k responses
+                   (`Packing()`, gradsel's default); every other gradsel arm runs one sequence
+                   per rollout (`PLAIN`), today's path before the shared pass
   (v)   bergson:   the peer, EleutherAI's bergson 2.5.1 `bergson build --reward_column` (Dr. GRPO
                    loss, per-module two-sided 16x16 projection) on the same model, tokens and rewards;
                    only with --bergson-python (make its environment with benchmarks/make_bergson_env.sh)
@@ -19,6 +23,11 @@ arms take turns for `--repeats` rounds, so the machine's slow spells fall on all
 median over rounds and the largest peak RSS are printed, then the ratios. bergson is a CLI
 that loads the model and data on every call, so its throughput is the marginal one: the extra
 tokens over the extra time of a run on five copies of the rollouts against a run on one copy.
+
+`--shape grpo` is GRPO-shaped work: a prompt of about 300 tokens (a system prompt and a few-shot
+preamble) and responses of 100-150 tokens, and only the arms train, sketch and shared. Throughput
+is always rollout tokens (k (P + R) per problem) per second, so an arm that runs fewer tokens for
+the same rollouts shows as faster. The padding each packing adds is printed too.
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("train", "projected", "exact-align", "sketch", "head", "exact")
+ARMS = ("train", "projected", "exact-align", "sketch", "head", "exact", "shared")
+GRPO_ARMS = ("train", "sketch", "shared")
 
 
 def build_model(name: str):
@@ -77,24 +87,58 @@ def make_groups(n_problems: int, k: int, prompt_len: int, response_len: int, voc
     return groups
 
 
-def workload(model_name: str, n_problems: int, k: int):
+def make_grpo_groups(n_problems: int, k: int, vocab: int):
+    """GRPO-shaped problems: one system prompt and few-shot preamble of 260 tokens shared by every
+    problem, a question of 30-50 tokens (prompts of 290-310), responses of 100-150 tokens."""
+    import numpy as np
+
+    from gradsel.gradients import ProblemRollouts, group_advantages
+
+    rng = np.random.default_rng(0)
+    preamble = rng.integers(4, vocab, 260).tolist()
+    groups = []
+    for i in range(n_problems):
+        prompt = preamble + rng.integers(4, vocab, int(rng.integers(30, 51))).tolist()
+        responses = [rng.integers(4, vocab, int(rng.integers(100, 151))).tolist() for _ in range(k)]
+        rewards = [float(j % 2) for j in range(k)]
+        g = ProblemRollouts(f"p{i}", [prompt] * k, responses, rewards)
+        g.advantages = group_advantages(rewards)
+        groups.append(g)
+    return groups
+
+
+def padding_share(groups, budget: int, share_prompts: bool) -> tuple[int, int]:
+    """(tokens run, of which padding) over the packed batches."""
+    from gradsel.gradients import pack_batches
+
+    run = real = 0
+    for rows in pack_batches(groups, "seq-mean-token-mean", budget, share_prompts):
+        run += len(rows) * max(len(r.ids) for r in rows)
+        real += sum(len(r.ids) for r in rows)
+    return run, run - real
+
+
+def workload(model_name: str, n_problems: int, k: int, shape: str = "default"):
     """(model, rollout groups, token count): the same for every arm."""
     model = build_model(model_name)
-    lengths = (8, 8) if model_name == "tiny" else (32, 96)
-    groups = make_groups(n_problems, k, *lengths, model.config.vocab_size)
+    if shape == "grpo":
+        groups = make_grpo_groups(n_problems, k, model.config.vocab_size)
+    else:
+        lengths = (8, 8) if model_name == "tiny" else (32, 96)
+        groups = make_groups(n_problems, k, *lengths, model.config.vocab_size)
     return model, groups, sum(len(p) + len(r) for g in groups for p, r in zip(g.prompt_ids, g.response_ids))
 
 
 def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int,
-            device: str = "cpu", dtype: str = "float32") -> dict:
+            device: str = "cpu", dtype: str = "float32", shape: str = "default") -> dict:
     import torch
 
-    from gradsel.gradients import (alignment_cost, exact_parameters, exact_problem_gradient, head_features, make_spec,
+    from gradsel.gradients import (PLAIN, Packing, alignment_cost, exact_parameters, exact_problem_gradient, head_features, make_spec,
                                    pack_batches, projected_features, truncate_validation_gradient, validation_gradient)
     from gradsel.gradients.loss import _batch_tensors, _weighted_nll
 
     torch.manual_seed(0)
-    model, groups, n_tokens = workload(model_name, n_problems, k)
+    model, groups, n_tokens = workload(model_name, n_problems, k, shape)
     model = model.to(device=device, dtype=getattr(torch, dtype))
     spec = make_spec(model, feature="head" if arm == "head" else "projected", modules=None, sketch=(16, 16),
                      seed=0, dtype=dtype)
@@ -105,7 +149,7 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
         # 8 problems. The default (`--alignment sketch`) computes none of this.
         t = time.perf_counter()
         val_grad = validation_gradient(model, groups[:8], spec.modules, loss_agg="seq-mean-token-mean", pad_id=0,
-                                 max_tokens=budget, device=device)
+                                 max_tokens=budget, device=device, packing=PLAIN)
         sync()
         extra["target_s"] = time.perf_counter() - t
         extra["target_mib"] = sum(g.numel() * g.element_size() for g in val_grad) / 2**20
@@ -120,19 +164,20 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
             for p in model.parameters():
                 p.requires_grad_(True)
             model.zero_grad(set_to_none=True)
-            for batch in pack_batches(groups, "seq-mean-token-mean", budget):
-                ids, mask, weights, _ = _batch_tensors(batch, 0, device)
-                _weighted_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, weights).backward()
-        elif arm in ("projected", "exact-align", "sketch"):
+            for rows in pack_batches(groups, "seq-mean-token-mean", budget):  # one sequence per rollout
+                batch = _batch_tensors(rows, 0, device)
+                _weighted_nll(model(**batch.model_inputs(model)).logits, batch.ids, batch.weights).backward()
+        elif arm in ("projected", "exact-align", "sketch", "shared"):
             projected_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
-                               val_grad=val_grad, device=device)
+                               val_grad=val_grad, device=device, packing=Packing() if arm == "shared" else PLAIN)
         elif arm == "head":
             head_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
-                          device=device)
+                          device=device, packing=PLAIN)
         else:
             params = exact_parameters(model, [n for n, _ in model.named_parameters()])
             for g in groups:
-                exact_problem_gradient(model, g, params, loss_agg="seq-mean-token-mean", pad_id=0, device=device)
+                exact_problem_gradient(model, g, params, loss_agg="seq-mean-token-mean", pad_id=0, device=device,
+                                       packing=PLAIN)
         sync()
 
     once()  # warm-up
@@ -141,6 +186,10 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
         t = time.perf_counter()
         once()
         times.append(time.perf_counter() - t)
+    if arm == "shared":
+        from gradsel.gradients import shared_prompt_support
+
+        assert shared_prompt_support(model) is None, shared_prompt_support(model)  # measure sharing, not its fallback
     median = statistics.median(times)
     return {"arm": arm, "tokens": n_tokens, "median_s": median, "tokens_per_s": n_tokens / median,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -184,6 +233,61 @@ def run_bergson(python: str, model_name: str, n_problems: int, k: int, repeats: 
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def run_rounds(args, arms) -> dict:
+    """Interleaved rounds: every arm runs once per round (a fresh process, a warm-up, one timed
+    run), so a slow spell of this shared machine hits every arm alike rather than one of them."""
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for arm in arms:
+            out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--problems",
+                                  str(args.problems), "--k", str(args.k), "--repeats", "1",
+                                  "--max-tokens-per-batch", str(args.max_tokens_per_batch),
+                                  "--device", args.device, "--dtype", args.dtype, "--shape", args.shape]
+                                 + (["--bergson-python", args.bergson_python] if args.bergson_python else []),
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"arm {arm} failed:\n{out.stderr[-4000:]}")
+            runs.setdefault(arm, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(out.stdout.strip().splitlines()[-1], file=sys.stderr, flush=True)  # kept if a later arm fails
+    results = {}
+    for arm, rs in runs.items():
+        median = statistics.median(r["median_s"] for r in rs)
+        results[arm] = rs[0] | {"median_s": median, "tokens_per_s": rs[0]["tokens"] / median,
+                                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "all_s": [r["median_s"] for r in rs]}
+    return results
+
+
+def grpo_main(args) -> None:
+    """The shared-prompt pass on GRPO-shaped work against today's path and a training step."""
+    results = run_rounds(args, GRPO_ARMS + (("bergson",) if args.bergson_python else ()))
+    model = build_model(args.model)
+    groups = make_grpo_groups(args.problems, args.k, model.config.vocab_size)
+    r0 = results["train"]
+    prompts = [len(g.prompt_ids[0]) for g in groups]
+    responses = [len(r) for g in groups for r in g.response_ids]
+    print(f"model {args.model} ({r0['parameters'] / 1e6:.1f}M parameters), GRPO shape: {args.problems} problems x "
+          f"{args.k} rollouts, prompts {min(prompts)}-{max(prompts)} tokens, responses {min(responses)}-"
+          f"{max(responses)}, {r0['tokens']} rollout tokens, packing budget {args.max_tokens_per_batch} tokens, "
+          f"median of {args.repeats}, device {args.device} {args.dtype}\n")
+    print("| arm | median s | runs s | rollout tokens/s | peak RSS MiB |")
+    print("| --- | ---: | --- | ---: | ---: |")
+    for arm, r in results.items():
+        print(f"| {arm} | {r['median_s']:.2f} | {', '.join(f'{t:.2f}' for t in r['all_s'])} | "
+              f"{r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+    tps = {a: r["tokens_per_s"] for a, r in results.items()}
+    print()
+    print(f"shared / today's path (sketch): {tps['shared'] / tps['sketch']:.2f}")
+    print(f"shared / training step over the same sequences: {tps['shared'] / tps['train']:.2f} (target >= 2)")
+    if "bergson" in tps:
+        print(f"shared / bergson: {tps['shared'] / tps['bergson']:.2f} (target >= 2)")
+    print(f"shared / today's peak RSS: {results['shared']['peak_rss_mib'] / results['sketch']['peak_rss_mib']:.2f} "
+          "(target <= 1)")
+    for share in (False, True):
+        run, pad = padding_share(groups, args.max_tokens_per_batch, share)
+        print(f"packing {'shared' if share else 'one sequence per rollout'}: {run} tokens run for {r0['tokens']} "
+              f"rollout tokens, {pad} of them padding ({pad / run:.1%})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", choices=["tiny", "50m", "moe"])
@@ -194,6 +298,8 @@ def main() -> None:
     ap.add_argument("--bergson-python", help="python of an environment with bergson 2.5.1: adds the peer arm (v)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--shape", default="default", choices=["default", "grpo"],
+                    help="grpo: prompts of ~300 tokens, responses of 100-150, arms train, sketch and shared")
     ap.add_argument("--arm", choices=ARMS + ("bergson",), help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = (args.model, args.problems, args.k, args.repeats, args.max_tokens_per_batch)
@@ -201,27 +307,11 @@ def main() -> None:
         print(json.dumps(run_bergson(args.bergson_python, *sizes)))
         return
     if args.arm:
-        print(json.dumps(run_arm(args.arm, *sizes, device=args.device, dtype=args.dtype)))
+        print(json.dumps(run_arm(args.arm, *sizes, device=args.device, dtype=args.dtype, shape=args.shape)))
         return
-    # Interleaved rounds: every arm runs once per round (a fresh process, a warm-up, one timed
-    # run), so a slow spell of this shared machine hits every arm alike rather than one of them.
-    runs: dict[str, list[dict]] = {}
-    for _ in range(args.repeats):
-        for arm in ARMS + (("bergson",) if args.bergson_python else ()):
-            out = subprocess.run([sys.executable, __file__, "--arm", arm, "--model", args.model, "--problems",
-                                  str(args.problems), "--k", str(args.k), "--repeats", "1",
-                                  "--max-tokens-per-batch", str(args.max_tokens_per_batch),
-                                  "--device", args.device, "--dtype", args.dtype]
-                                 + (["--bergson-python", args.bergson_python] if args.bergson_python else []),
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"arm {arm} failed:\n{out.stderr[-4000:]}")
-            runs.setdefault(arm, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
-    results = {}
-    for arm, rs in runs.items():
-        median = statistics.median(r["median_s"] for r in rs)
-        results[arm] = rs[0] | {"median_s": median, "tokens_per_s": rs[0]["tokens"] / median,
-                                "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
+    if args.shape == "grpo":
+        return grpo_main(args)
+    results = run_rounds(args, ARMS + (("bergson",) if args.bergson_python else ()))
     r0 = results["train"]
     print(f"model {args.model} ({r0['parameters'] / 1e6:.1f}M parameters), {args.problems} problems x {args.k} "
           f"rollouts, {r0['tokens']} tokens, packing budget {args.max_tokens_per_batch} tokens, median of {args.repeats}\n")
@@ -237,6 +327,7 @@ def main() -> None:
     print(f"sketch-only / train throughput: {tps['sketch'] / tps['train']:.2f}")
     print(f"projected / exact throughput: {tps['projected'] / tps['exact']:.2f} (target >= 20)")
     print(f"head / projected throughput: {tps['head'] / tps['projected']:.2f} (target >= 2)")
+    print(f"shared / sketch (today's path) throughput: {tps['shared'] / tps['sketch']:.2f}")
     if "bergson" in tps:
         print(f"projected / bergson throughput: {tps['projected'] / tps['bergson']:.2f} (target >= 1.0)")
         print(f"exact-align / bergson throughput: {tps['exact-align'] / tps['bergson']:.2f}")

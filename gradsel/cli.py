@@ -328,6 +328,7 @@ def score(
     alignment: Annotated[Alignment, typer.Option(help="How score_cos (read by --target mean) is computed: from the sketch, or in the pass against a truncated or full validation gradient.", rich_help_panel=GRADIENTS)] = Alignment("sketch"),
     modules: Annotated[Optional[str], typer.Option(help="Regex over module names (default: every Linear, router and fused expert in the decoder blocks).", rich_help_panel=GRADIENTS)] = None,
     feature: Annotated[Feature, typer.Option(help="projected (hooks), head (output layer, forward only) or exact (full gradients, small models).", rich_help_panel=GRADIENTS)] = Feature.projected,
+    share_prompts: Annotated[bool, typer.Option(help="Run each problem's prompt once for its k responses in the gradient pass (the same vectors; where the model cannot, a warning and one sequence per rollout).", rich_help_panel=GRADIENTS)] = True,
     adv: Annotated[Advantage, typer.Option(help="Advantage: GRPO, or Dr. GRPO (no std).", rich_help_panel=GRADIENTS)] = Advantage("grpo"),
     loss_agg: Annotated[LossAgg, typer.Option(help="verl's loss_agg_mode.", rich_help_panel=GRADIENTS)] = LossAgg("seq-mean-token-mean"),
     val_agg: Annotated[ValAgg, typer.Option(help="Validation direction: normalised summed gradient, or mean of unit gradients.", rich_help_panel=GRADIENTS)] = ValAgg("batch"),
@@ -367,7 +368,7 @@ def score(
     sc = ScoreConfig(feature=feature.value, sketch=parse_sketch(sketch), blocks=sketch_blocks,
                      alignment=alignment.value, modules=modules, adv=adv.value,
                      loss_agg=loss_agg.value, val_agg=val_agg.value, dtype=dtype.value, device=device,
-                     max_tokens_per_batch=max_tokens_per_batch, seed=seed)
+                     max_tokens_per_batch=max_tokens_per_batch, seed=seed, share_prompts=share_prompts)
     sc.validate()  # a bad option fails here, before the rollouts
     part = parse_part(shard) if shard else None
     if part is not None and chunk_size is not None:

@@ -28,10 +28,10 @@ from gradsel import console
 from gradsel.choices import ADVANTAGES, ALIGNMENTS, DTYPES, LOSS_AGGS, VAL_AGGS
 from gradsel.errors import GradselError
 from gradsel.rewards import judge_consistency
-from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE,
-                               ProjectorSpec, exact_parameters, exact_problem_gradient, group_advantages,
-                               groups_from_table, head_features, truncate_validation_gradient, make_spec, projected_features,
-                               validation_gradient, zero_validation_gradient)
+from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE, Packing, ProjectorSpec,
+                               exact_parameters, exact_problem_gradient, group_advantages, groups_from_table,
+                               head_features, make_spec, packing_for, projected_features, shared_prompt_support,
+                               truncate_validation_gradient, validation_gradient, zero_validation_gradient)
 from gradsel.index import iter_vectors, load_vectors
 
 
@@ -54,6 +54,10 @@ class ScoreConfig:
     # against the full validation gradient, or lowrank, against its SVD truncation
     # (gradients.truncate_validation_gradient). Both of those hold a full validation gradient.
     alignment: str = "sketch"
+    # A problem's responses share one copy of its prompt in the gradient pass where the model
+    # takes it (gradients.shared_prompt_support); the vectors are the same either way, so it is
+    # not part of the features' key.
+    share_prompts: bool = True
 
     def validate(self) -> None:
         for value, allowed, flag in ((self.adv, ADVANTAGES, "--adv"), (self.loss_agg, LOSS_AGGS, "--loss-agg"),
@@ -139,7 +143,8 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
                      dtype=cfg.dtype, blocks=cfg.blocks)
     console.debug(f"projector: {cfg.feature}, {len(spec.modules)} modules, vector dim {spec.dim}, device {device}, "
                   f"{cfg.max_tokens_per_batch} tokens per packed pass")
-    method = asdict(cfg) | {"device": None, "shard_size": None, "max_tokens_per_batch": None}  # numbers unchanged
+    method = {k: v for k, v in asdict(cfg).items() if k != "share_prompts"} | {
+        "device": None, "shard_size": None, "max_tokens_per_batch": None}  # numbers unchanged
     if cfg.alignment == "lowrank":  # the truncation rule sets the scores too
         method["low_rank"] = {"residual": LOW_RANK_RESIDUAL, "max_cost": LOW_RANK_MAX_COST, "tile": LOW_RANK_TILE,
                               "ranks": "global"}
@@ -157,13 +162,15 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     atomic_write_json(stage / "spec.json", {"projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg},
                                             "val_agg": cfg.val_agg, "alignment": cfg.alignment,
                                             "vector_dtype": cfg.vector_dtype})
-    split = _FeatureSplit(model, spec, cfg, pad_id, device)
+    packing = _packing(store, model, cfg)
+    split = _FeatureSplit(model, spec, cfg, pad_id, device, packing)
 
     costs = {}  # stage name -> what it cost (store.stage_cost), recorded in the manifest
     if cfg.feature == "exact":
         train_groups, val_groups = groups_from_table(train.table(), cfg.adv), groups_from_table(val.table(), cfg.adv)
         start = time.perf_counter()
-        dots, norms_train, norms_val = _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device)
+        dots, norms_train, norms_val = _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device,
+                                                     packing)
         costs["gradients"] = cost_since(start)
         start = time.perf_counter()  # the scores' own cost starts here, in every branch
         cos = _safe_div(dots, norms_train)
@@ -178,7 +185,7 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
         start = time.perf_counter()
         val_grad = validation_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=pad_id,
-                                 device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales)
+                                 device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales, packing=packing)
         if cfg.alignment == "lowrank":
             val_grad = truncate_validation_gradient(val_grad)
         costs["validation-gradient"] = cost_since(start)
@@ -188,7 +195,8 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         start = time.perf_counter()
         norms_train, dots = _stored_norms(stage / "train", train.n_shards)
         _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=pad_id,
-                                         device=device, max_tokens=cfg.max_tokens_per_batch, val_grad=val_grad)
+                                         device=device, max_tokens=cfg.max_tokens_per_batch, val_grad=val_grad,
+                                         packing=packing)
         cos = _safe_div(dots, norms_train)
         val_cos = _safe_div(val_dots, norms_val)
     else:
@@ -229,6 +237,16 @@ def _point_manifest_at(store, spec: ProjectorSpec, cfg: ScoreConfig, feature_id:
                           costs=costs)
 
 
+def _packing(store, model, cfg: ScoreConfig) -> Packing:
+    """The gradient pass's layout: prompts shared where asked for and the model takes it. A
+    fallback is said on stderr (packing_for) and, like the choice itself, recorded in the
+    manifest's `prompt_sharing`."""
+    packing = packing_for(model, Packing(share_prompts=cfg.share_prompts))  # first: it warns
+    reason = shared_prompt_support(model) if cfg.share_prompts else "--no-share-prompts"
+    store.update_manifest(prompt_sharing={"used": packing.share_prompts, "reason": reason})
+    return packing
+
+
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
@@ -236,8 +254,10 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 class _FeatureSplit:
     """Makes a split's feature shards from its rollout shards, each under its own lock."""
 
-    def __init__(self, model, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int, device: str) -> None:
+    def __init__(self, model, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int, device: str,
+                 packing: Packing) -> None:
         self.model, self.spec, self.cfg, self.pad_id, self.device = model, spec, cfg, pad_id, device
+        self.packing = packing
 
     def make(self, directory: Path, rollouts, label: str, val_grad=None, part=None) -> None:
         """Feature shard i from rollout shard i, for every shard (of `part`) not done yet; `val_grad`:
@@ -265,7 +285,7 @@ class _FeatureSplit:
                 groups = groups_from_table(rollouts.shard(i), cfg.adv)
                 kwargs = {"val_grad": val_grad} if val_grad is not None else {}
                 out = compute(self.model, groups, spec, loss_agg=cfg.loss_agg, pad_id=self.pad_id, device=self.device,
-                              max_tokens=cfg.max_tokens_per_batch, progress=tick, **kwargs)
+                              max_tokens=cfg.max_tokens_per_batch, progress=tick, packing=self.packing, **kwargs)
                 return self._table(groups, *(out if val_grad is not None else (out, None)))
 
             for i, _ in make_shards(directory, todo, make, source=rollouts.checksum, tokens=lambda: tokens):
@@ -291,7 +311,7 @@ def _stored_norms(directory: Path, n_shards: int) -> tuple[np.ndarray, np.ndarra
             np.concatenate([t.column("target_dot").to_numpy(zero_copy_only=False) for t in tables]))
 
 
-def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
+def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device, packing):
     """The reference algorithm: full gradients, one backward pass per problem, full-vector dots."""
     params = exact_parameters(model, spec.modules)
     val_norms = []
@@ -299,7 +319,8 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
     with console.progress() as bar:
         task = bar.add_task("exact gradients", total=len(val_groups) + len(train_groups), rate="")
         for g in val_groups:
-            grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device).double()
+            grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device,
+                                          packing=packing).double()
             n = float(grad.norm())
             val_norms.append(n)
             contrib = grad if cfg.val_agg == "batch" else (grad / n if n > 0 else grad)
@@ -310,7 +331,8 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device):
         val_grad = val_grad / val_grad.norm()
         dots, norms = [], []
         for g in train_groups:
-            grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device).double()
+            grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device,
+                                          packing=packing).double()
             dots.append(float(grad @ val_grad))
             norms.append(float(grad.norm()))
             bar.advance(task)

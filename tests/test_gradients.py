@@ -339,13 +339,13 @@ def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
     from gradsel.gradients.loss import _batch_tensors, _weighted_nll, pack_batches, policy_loss
 
     model = load_causal_lm("tiny-arith")
-    batch = next(pack_batches(toy_groups(seed=3), LOSS_AGG, 200))
-    ids, mask, weights, _ = _batch_tensors(batch, 0, "cpu")
+    batch = _batch_tensors(next(pack_batches(toy_groups(seed=3), LOSS_AGG, 200)), 0, "cpu")
+    ids, mask, weights = batch.ids, batch.mask, batch.weights
     params = exact_parameters(model, [n for n, _ in model.named_parameters()])
     results = []
     for all_logits in (False, True):
         model.zero_grad(set_to_none=True)
-        loss = policy_loss(model, ids, mask, weights, all_logits=all_logits)
+        loss = policy_loss(model, batch, all_logits=all_logits)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in params]))
     (gathered, g_grads), (full, f_grads) = results

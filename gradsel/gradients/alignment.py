@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from gradsel.errors import GradselError
 from gradsel.gradients.exact import _parameter_gradients, exact_parameters
-from gradsel.gradients.loss import ProblemRollouts
+from gradsel.gradients.loss import Packing, ProblemRollouts
 from gradsel.gradients.units import resolve_units
 
 
 def validation_gradient(model, groups: Sequence[ProblemRollouts], module_names: Sequence[str], *, loss_agg: str,
-                    pad_id: int, device: str = "cpu", max_tokens: int = 8192, scales: Sequence[float] | None = None):
+                    pad_id: int, device: str = "cpu", max_tokens: int = 8192, scales: Sequence[float] | None = None,
+                    packing: Packing = Packing()):
     """The exact gradient of sum_p scale_p * L_p for each unit's weight ((d_out, d_in), or
     (n_experts, d_out, d_in) for experts), scaled to unit Frobenius norm over all units together:
     the validation direction g_V, kept per unit."""
@@ -27,7 +28,7 @@ def validation_gradient(model, groups: Sequence[ProblemRollouts], module_names: 
     units = resolve_units(model, module_names)
     params = exact_parameters(model, [u.parameter_name for u in units])
     grads = _parameter_gradients(model, groups, params, loss_agg=loss_agg, pad_id=pad_id, device=device,
-                                 max_tokens=max_tokens)
+                                 max_tokens=max_tokens, packing=packing)
     grads = [u.gradient_matrix(g) for u, g in zip(units, grads)]
     total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
     if total == 0:

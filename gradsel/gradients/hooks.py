@@ -9,7 +9,8 @@ from functools import partial
 
 from gradsel.errors import GradselError
 from gradsel.gradients.alignment import LowRank
-from gradsel.gradients.loss import ProblemRollouts, _batch_tensors, _output_layer_sees, pack_batches, policy_loss
+from gradsel.gradients.loss import (Packing, ProblemRollouts, _batch_tensors, _output_layer_sees, pack_batches,
+                                    packing_for, policy_loss)
 from gradsel.gradients.sketch import ProjectorSpec, block_outer, expert_signs, module_projections
 from gradsel.gradients.units import CaptureUnit, requires_grad_only, resolve_units
 
@@ -127,12 +128,12 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
 
         def forward_hook(module, inputs, output):
             x = inputs[0]
-            slots = slots_ref[0]  # (B, T): one sequence, so one problem, per row; -1 on padding
+            slots = slots_ref[0]  # (B, T): one problem per row (a sequence, or shared-prompt responses); -1 on padding
             if not _token_major(x.shape, slots.shape):
                 raise GradselError(f"module {units[m_idx].name} sees inputs of shape {tuple(x.shape)}, not "
                                    "(batch, seq, d)", "exclude it with --modules")
             x = x.reshape(*slots.shape, -1)
-            row_slot = slots[:, 0]  # (B,)
+            row_slot = slots.amax(1)  # (B,): the row's problem, whichever side its padding is on
             real = (slots >= 0).unsqueeze(-1)  # (B, T, 1)
             x = x.detach()  # a view: q, k and v share one input
             x_proj = x.float() @ r_in  # (B, T, blocks * k_in [+ r])
@@ -208,12 +209,13 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, 
 
 def projected_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
                        pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None,
-                       val_grad: list | None = None):
+                       val_grad: list | None = None, packing: Packing = Packing()):
     """(n_problems, spec.dim) float32 array of projected gradients; zero rows for zero advantage.
 
     With `val_grad` (per unit, the validation gradient: a (d_out, d_in) tensor or its LowRank
     factors; for experts, one of those per expert), also returns the inner products
-    <g_p, val_grad> (float64), computed in the same pass.
+    <g_p, val_grad> (float64), computed in the same pass. `packing` lays the sequences out (by
+    default a problem's responses share one copy of its prompt where the model takes it).
     """
     import torch
 
@@ -224,32 +226,36 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
     dots = torch.zeros(len(groups), dtype=torch.float64, device=device)
     slots_ref = [None]
     head_hooked = any(u.module is model.get_output_embeddings() for u in units)
+    packing = packing_for(model, packing)
     with requires_grad_only(model), _capture(units, projections, acc, slots_ref, spec.blocks, signs, val_grad, dots):
-        for batch in pack_batches(groups, loss_agg, max_tokens):
-            ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
-            slots_ref[0] = slots
-            policy_loss(model, ids, mask, weights, all_logits=head_hooked).backward()
+        for rows in pack_batches(groups, loss_agg, max_tokens, packing.share_prompts):
+            batch = _batch_tensors(rows, pad_id, device, packing.padding_side)
+            slots_ref[0] = batch.slots
+            policy_loss(model, batch, all_logits=head_hooked).backward()
             if progress:
-                progress(len(batch), int(mask.sum()))
+                progress(len(rows), batch.n_tokens)
     features = acc.reshape(len(groups), -1).cpu().numpy()
     return (features, dots.cpu().numpy()) if val_grad is not None else features
 
 
 def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
-                  pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None):
+                  pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None,
+                  packing: Packing = Packing()):
     """Output-layer gradient from the forward pass alone: delta_t = w_t (softmax_t - onehot_t)."""
     import torch
 
     (head,) = resolve_units(model, spec.modules)
     r_in, r_out = module_projections(spec, head.name, head.d_out, head.d_in, device)
     acc = torch.zeros((len(groups), spec.block_dim), dtype=torch.float32, device=device)
+    packing = packing_for(model, packing)
     with torch.no_grad():
-        for batch in pack_batches(groups, loss_agg, max_tokens):
-            ids, mask, weights, slots = _batch_tensors(batch, pad_id, device)
+        for packed in pack_batches(groups, loss_agg, max_tokens, packing.share_prompts):
+            batch = _batch_tensors(packed, pad_id, device, packing.padding_side)
+            ids, weights, slots = batch.ids, batch.weights, batch.slots
             rows, cols = torch.nonzero(weights, as_tuple=True)  # response positions only: (N,)
             captured = {}
             with _output_layer_sees(model, rows, cols, captured):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()  # (N, V)
+                logits = model(**batch.model_inputs(model)).logits[0].float()  # (N, V)
             if "h" not in captured:  # the model computed its logits without calling its output module
                 raise GradselError(f"{type(model).__name__} does not call its output layer as a module, so "
                                    "--feature head cannot see its input", "use --feature projected")
@@ -259,5 +265,5 @@ def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec,
             h = captured["h"][0].float() @ r_in
             acc.index_add_(0, slots[rows, cols], block_outer(delta @ r_out, h, spec.blocks))
             if progress:
-                progress(len(batch), int(mask.sum()))
+                progress(len(packed), batch.n_tokens)
     return acc.cpu().numpy()

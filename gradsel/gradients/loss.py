@@ -3,9 +3,10 @@ loss_agg_mode sets them, packing many problems' sequences into one batch, and th
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -88,18 +89,103 @@ class PackedSequence:
     weight: float  # c_i: the loss is weight * sum of the response tokens' nll
 
 
-def pack_batches(groups: Sequence[ProblemRollouts], loss_agg: str, max_tokens: int) -> Iterator[list[PackedSequence]]:
-    """Sequences of non-zero-advantage problems, sorted by length, packed under a token budget
-    (padded length x count). Deterministic for the same inputs."""
+@dataclass(frozen=True)
+class SharedPromptRow:
+    """Some of one problem's responses over one copy of their prompt, as one packed row:
+
+        prompt[:-1] | prompt[-1] response_1 | prompt[-1] response_2 | ...
+
+    Each response attends to the shared part and its own past only, at the positions it has in
+    `prompt + response` (position ids restart after the shared part), so every response sees
+    exactly what it sees in its own sequence. The prompt's last token is run once per response
+    because its position predicts each response's first token, and k different targets need k
+    copies of that position; a copy has the same input and context as the original, so splitting
+    a position's gradient among copies changes no weight gradient (sum_i delta_i x^T)."""
+
+    slot: int
+    shared: list[int]  # prompt[:-1]
+    tails: list[list[int]]  # per response: [prompt[-1], *response]
+    weights: list[float]  # c_i per response
+
+    @property
+    def ids(self) -> list[int]:
+        return self.shared + [t for tail in self.tails for t in tail]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How sequences are laid out in the packed passes; the vectors are the same, up to float32
+    rounding, for every choice. `share_prompts`: a problem's responses share one copy of their
+    prompt (SharedPromptRow), so a problem costs P + kR tokens instead of k(P + R); used only
+    where `shared_prompt_support` finds the model takes it. `padding_side`: where each packed
+    row's padding goes."""
+
+    share_prompts: bool = True
+    padding_side: str = "right"
+
+
+PLAIN = Packing(share_prompts=False)
+
+
+def _distinct_responses(group: ProblemRollouts, weights: Sequence[float]) -> dict[tuple[int, ...], list[tuple[list[int], float]]]:
+    """A problem's responses by prompt, identical ones merged: per prompt, each distinct response
+    once with the summed weight of its copies. Copies have identical per-token gradients, so one
+    carrying their weight gives the same gradient; where the weights cancel (every response one
+    answer: GRPO's advantages sum to zero) the gradient is exactly zero and the response is
+    dropped, rather than left to float32 rounding (a cosine of noise, which `select` would rank)."""
+    merged: dict[tuple[int, ...], dict[tuple[int, ...], list[float]]] = {}
+    for p, r, w in zip(group.prompt_ids, group.response_ids, weights):
+        if r and w != 0.0:
+            merged.setdefault(tuple(p), {}).setdefault(tuple(r), []).append(w)
+    return {prompt: [(list(r), sum(ws)) for r, ws in responses.items()
+                     if abs(sum(ws)) > 1e-12 * sum(abs(w) for w in ws)]
+            for prompt, responses in merged.items()}
+
+
+def _shared_rows(slot: int, group: ProblemRollouts, weights: Sequence[float], max_tokens: int) -> list[SharedPromptRow]:
+    """A problem's distinct responses (_distinct_responses) with one prompt (a problem whose
+    rollouts saw different prompts gets a row per prompt), each prompt's responses split into as
+    few rows of near-equal counts as keep every row under `max_tokens` (a row of one response may
+    be longer, as a plain sequence may)."""
+    by_prompt = _distinct_responses(group, weights)
+    rows = []
+    for prompt, items in by_prompt.items():
+        if not items:
+            continue
+        if not prompt:  # no prompt to share (the first response token is never predicted)
+            rows += [SharedPromptRow(slot, [], [r], [w]) for r, w in items]
+            continue
+        shared, last = list(prompt[:-1]), prompt[-1]
+        tails = [[last, *r] for r, _ in items]
+        n_rows = 1
+        while n_rows < len(items):
+            chunks = np.array_split(np.arange(len(items)), n_rows)
+            if all(len(shared) + sum(len(tails[i]) for i in c) <= max_tokens for c in chunks):
+                break
+            n_rows += 1
+        for c in np.array_split(np.arange(len(items)), n_rows):
+            rows.append(SharedPromptRow(slot, shared, [tails[i] for i in c], [items[i][1] for i in c]))
+    return rows
+
+
+def pack_batches(groups: Sequence[ProblemRollouts], loss_agg: str, max_tokens: int,
+                 share_prompts: bool = False) -> Iterator[list[PackedSequence] | list[SharedPromptRow]]:
+    """Rows of non-zero-advantage problems, sorted by length, packed under a token budget
+    (padded length x count). A row is one sequence (PackedSequence), or with `share_prompts`
+    one problem's responses over one copy of its prompt (SharedPromptRow). Deterministic for the
+    same inputs."""
     seqs = []
     for slot, g in enumerate(groups):
         if g.zero_advantage:
             continue
-        for p, r, w in zip(g.prompt_ids, g.response_ids, token_weights(g, loss_agg)):
-            if r and w != 0.0:
-                seqs.append(PackedSequence(slot, list(p) + list(r), len(p), w))
+        weights = token_weights(g, loss_agg)
+        if share_prompts:
+            seqs += _shared_rows(slot, g, weights, max_tokens)
+            continue
+        for p, responses in _distinct_responses(g, weights).items():
+            seqs += [PackedSequence(slot, list(p) + r, len(p), w) for r, w in responses]
     seqs.sort(key=lambda s: (len(s.ids), s.slot))
-    batch: list[PackedSequence] = []
+    batch: list = []
     for s in seqs:
         if batch and len(s.ids) * (len(batch) + 1) > max_tokens:
             yield batch
@@ -109,27 +195,111 @@ def pack_batches(groups: Sequence[ProblemRollouts], loss_agg: str, max_tokens: i
         yield batch
 
 
-def _batch_tensors(batch: Sequence[PackedSequence], pad_id: int, device):
-    """Right-padded ids, attention mask, per-position loss weights and problem slots.
+@dataclass
+class PackedBatch:
+    """A packed batch as tensors (B rows, T positions).
 
-    weights[b, t] multiplies the nll of predicting token t+1 from position t.
-    slots[b, t] is the problem slot of a real position, -1 for padding.
-    """
+    weights[b, t] multiplies the nll of predicting ids[b, t+1] from position t; slots[b, t] is
+    the problem slot of a real position, -1 for padding; every real position of a row belongs
+    to one problem. Plain rows carry a (B, T) padding mask; shared-prompt rows a (B, T, T)
+    boolean `attend` (query, key) with their position ids and each position's part (`segments`:
+    0 the shared prompt, i the i-th response, -1 padding)."""
+
+    ids: object
+    weights: object
+    slots: object
+    mask: object | None = None  # (B, T) long, plain rows
+    attend: object | None = None  # (B, T, T) bool, shared-prompt rows
+    positions: object | None = None  # (B, T) long, shared-prompt rows
+    segments: object | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) positions run."""
+        return int((self.slots >= 0).sum())
+
+    def model_inputs(self, model) -> dict:
+        """The model's keyword arguments: the 2D padding mask of plain rows, or for shared-prompt
+        rows their position ids and the additive 4D mask (per attention kind, with the model's
+        sliding window as transformers would apply it to each original sequence)."""
+        if self.attend is None:
+            return {"input_ids": self.ids, "attention_mask": self.mask, "use_cache": False}
+        return {"input_ids": self.ids, "position_ids": self.positions, "use_cache": False,
+                "attention_mask": _attention_masks(model, self.attend, self.positions)}
+
+
+def _attention_masks(model, attend, positions):
+    """Additive float masks (B, 1, T, T) in the model's dtype from `attend`; a dict per layer
+    kind where the config has sliding-window layers (transformers' `layer_types`), the window
+    applied on position ids (a key at least `sliding_window` positions back is not seen)."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    config = model.config
+    window = getattr(config, "sliding_window", None) or None
+    layer_types = set(getattr(config, "layer_types", None) or []) if hasattr(config, "layer_types") else set()
+
+    def additive(allowed):
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+    def windowed():
+        near = positions.unsqueeze(2) - positions.unsqueeze(1) < window
+        return attend & (near | torch.eye(attend.shape[1], dtype=torch.bool, device=attend.device))
+
+    if layer_types:
+        if "sliding_attention" in layer_types and window is not None:
+            return {"full_attention": additive(attend), "sliding_attention": additive(windowed())}
+        return additive(attend)
+    return additive(windowed() if window is not None else attend)
+
+
+def _batch_tensors(batch: Sequence[PackedSequence] | Sequence[SharedPromptRow], pad_id: int, device,
+                   padding_side: str = "right") -> PackedBatch:
+    """A packed batch's tensors, each row's padding on `padding_side`. Every row's last real
+    position predicts nothing (weight 0)."""
     import torch
 
     T = max(len(s.ids) for s in batch)
     B = len(batch)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
     weights = torch.zeros((B, T), dtype=torch.float32)
     slots = torch.full((B, T), -1, dtype=torch.long)
+    shared = isinstance(batch[0], SharedPromptRow)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    segments = torch.full((B, T), -1, dtype=torch.long)
     for b, s in enumerate(batch):
         n = len(s.ids)
-        ids[b, :n] = torch.tensor(s.ids)
-        mask[b, :n] = 1
-        weights[b, s.prompt_len - 1:n - 1] = s.weight
-        slots[b, :n] = s.slot
-    return ids.to(device), mask.to(device), weights.to(device), slots.to(device)
+        start = 0 if padding_side == "right" else T - n
+        ids[b, start:start + n] = torch.tensor(s.ids)
+        slots[b, start:start + n] = s.slot
+        if not shared:
+            weights[b, start + s.prompt_len - 1:start + n - 1] = s.weight
+            positions[b, start:start + n] = torch.arange(n)
+            segments[b, start:start + n] = 1
+            continue
+        at = start + len(s.shared)
+        positions[b, start:at] = torch.arange(len(s.shared))
+        segments[b, start:at] = 0
+        for i, (tail, w) in enumerate(zip(s.tails, s.weights), start=1):
+            m = len(tail)
+            positions[b, at:at + m] = torch.arange(len(s.shared), len(s.shared) + m)
+            segments[b, at:at + m] = i
+            weights[b, at:at + m - 1] = w  # tail[0] (the prompt's last token) predicts the first response token
+            at += m
+    if not shared:
+        if padding_side == "right":
+            return PackedBatch(ids.to(device), weights.to(device), slots.to(device),
+                               mask=(slots >= 0).long().to(device))
+        # left padding: a 2D mask with padding first would shift the positions; the 4D path
+        # states them, so the plain rows go through it as one-segment rows
+    real = segments >= 0
+    same_part = (segments.unsqueeze(2) == segments.unsqueeze(1)) | (segments.unsqueeze(1) == 0)
+    causal = positions.unsqueeze(2) >= positions.unsqueeze(1)
+    attend = real.unsqueeze(2) & real.unsqueeze(1) & same_part & causal
+    attend |= torch.eye(T, dtype=torch.bool).unsqueeze(0)  # padding sees itself: no empty softmax row
+    return PackedBatch(ids.to(device), weights.to(device), slots.to(device), attend=attend.to(device),
+                       positions=positions.to(device), segments=segments.to(device))
 
 
 def _weighted_nll(logits, ids, weights):
@@ -163,8 +333,8 @@ def _output_layer_sees(model, rows, cols, captured: dict | None = None):
         handle.remove()
 
 
-def policy_loss(model, ids, mask, weights, *, all_logits: bool = False):
-    """sum_t w_t * nll(ids[t+1] | ids[:t+1]) over a packed batch, in float32.
+def policy_loss(model, batch: PackedBatch, *, all_logits: bool = False):
+    """sum_t w_t * nll(ids[t+1] | its context) over a packed batch, in float32.
 
     Only positions with a non-zero weight (response tokens) reach the output layer. Prompt and
     padding positions get no loss weight, so their logits (and the softmax over the vocabulary)
@@ -174,12 +344,83 @@ def policy_loss(model, ids, mask, weights, *, all_logits: bool = False):
     import torch
     import torch.nn.functional as F
 
+    ids, weights = batch.ids, batch.weights
     if all_logits:
-        return _weighted_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, weights)
+        return _weighted_nll(model(**batch.model_inputs(model)).logits, ids, weights)
     rows, cols = torch.nonzero(weights, as_tuple=True)  # the last position of a row never has weight
     with _output_layer_sees(model, rows, cols):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = model(**batch.model_inputs(model)).logits
     if logits.shape[:2] != (1, rows.numel()):  # a model that bypasses its output module's forward
         return _weighted_nll(logits, ids, weights)
     nll = F.cross_entropy(logits[0].float(), ids[rows, cols + 1], reduction="none")
     return (nll * weights[rows, cols]).sum()
+
+
+# -- where prompt sharing applies -----------------------------------------------------------------
+
+_SHARED_SUPPORT = weakref.WeakKeyDictionary()  # model -> reason or None
+
+
+def shared_prompt_support(model) -> str | None:
+    """None where `model` computes shared-prompt rows exactly as their own sequences; else why it
+    cannot, in words. Decided once per model: its attention must take a custom 4D mask (eager,
+    sdpa), its layers be of kinds whose masks gradsel builds (full, sliding window), and a probe
+    problem (two responses, the prompt longer than a small sliding window) must give the same
+    logits both ways, within the dtype's rounding."""
+    if model not in _SHARED_SUPPORT:
+        _SHARED_SUPPORT[model] = _probe_shared_rows(model)
+    return _SHARED_SUPPORT[model]
+
+
+def packing_for(model, packing: Packing) -> Packing:
+    """`packing`, without prompt sharing where the model cannot take it (shared_prompt_support);
+    that is said once per model on stderr. The vectors are the same either way."""
+    if not packing.share_prompts:
+        return packing
+    first = model not in _SHARED_SUPPORT
+    reason = shared_prompt_support(model)
+    if reason is None:
+        return packing
+    if first:
+        from gradsel import console
+
+        console.warn(f"prompts are not shared in the gradient pass: {reason}; each rollout runs its prompt "
+                     "(the vectors are the same, the pass is slower)")
+    return replace(packing, share_prompts=False)
+
+
+def _probe_shared_rows(model) -> str | None:
+    import torch
+
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("eager", "sdpa"):
+        return f"attention implementation {impl!r} takes no custom 4D mask (eager and sdpa do)"
+    kinds = set(getattr(config, "layer_types", None) or []) if hasattr(config, "layer_types") else set()
+    if kinds - {"full_attention", "sliding_attention"}:
+        return f"layer kinds {sorted(kinds - {'full_attention', 'sliding_attention'})} need masks gradsel does not build"
+    window = getattr(config, "sliding_window", None) or None
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prompt = torch.randint(0, vocab, (window + 4 if window is not None and window < 256 else 6,), generator=gen)
+    responses = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (3, 2)]
+    group = ProblemRollouts("probe", [prompt.tolist()] * 2, responses, [1.0, 0.0], advantages=[1.0, -1.0])
+    device = next(model.parameters()).device
+
+    def response_logits(share: bool):
+        batch = _batch_tensors(next(pack_batches([group], "seq-mean-token-sum", 1 << 30, share)), 0, device)
+        with torch.no_grad():
+            logits = model(**batch.model_inputs(model)).logits.float()
+        # per response (its weight tells it apart), the logits at its weighted positions in order
+        return {float(w): logits[batch.weights == w] for w in batch.weights.unique().tolist() if w != 0}
+
+    try:
+        plain, shared = response_logits(False), response_logits(True)
+    except Exception as exc:  # a model whose forward refuses position ids or a 4D mask
+        return f"{type(model).__name__} refuses a 4D attention mask with position ids ({type(exc).__name__}: {exc})"
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    for w, ref in plain.items():
+        got = shared.get(w)
+        if got is None or got.shape != ref.shape or float((got - ref).abs().max()) > tolerance * float(ref.abs().max()):
+            return f"{type(model).__name__} does not give a response the same logits over a shared prompt"
+    return None
