@@ -1,13 +1,14 @@
 """`gradsel audit` against planted wrong keys: tiny-arith, the wrong-answer regime, the model's own keys.
 
     .venv/bin/python benchmarks/audit.py [--seeds 0] [--size 200] [--n 8] [--teach 0 20] [--teach-lr 1e-4]
+        [--thresholds 0.6 0.5 0.65] [--keep DIR]
 
 For each seed: the wrong-answer pool (40% of the rows keyed with the model's own commonest wrong
 answer, tasks.model_wrong_key), `gradsel rollout` of the pool (transformers engine, k = --n, T = 1),
 then the audit with each --teach step count. Prints, per seed and step count and per signal: AUROC
 (wrong > right) with a bootstrap 95% interval, and at the default threshold the suspects listed,
-precision, recall and the share of suspects whose proposed key is the true answer. `--keep DIR`
-keeps the data and stores.
+precision, recall and the share of suspects whose proposed key is the true answer, at each
+--thresholds value. `--keep DIR` keeps the data and stores (a rerun reuses them).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def bootstrap(scores: np.ndarray, wrong: np.ndarray, reps: int = 1000, seed: int
     return float(lo), float(hi)
 
 
-def measure(result, wrong_ids: set[str], truth: dict[str, str]) -> dict:
+def measure(result, wrong_ids: set[str], truth: dict[str, str], thresholds: list[float]) -> dict:
     ev = result.evidence
     wrong = np.array([e.problem_id in wrong_ids for e in ev])
     out = {"problems": len(ev), "wrong": int(wrong.sum())}
@@ -49,14 +50,15 @@ def measure(result, wrong_ids: set[str], truth: dict[str, str]) -> dict:
             continue
         s = np.array(values, dtype=float)
         out[name] = {"auroc": round(auroc(s, wrong), 3), "ci95": [round(x, 3) for x in bootstrap(s, wrong)]}
-    suspects = result.suspects
-    hits = sum(e.problem_id in wrong_ids for e in suspects)
-    out["threshold"] = result.threshold
-    out["listed"] = len(suspects)
-    out["precision"] = round(hits / len(suspects), 3) if suspects else float("nan")
-    out["recall"] = round(hits / wrong.sum(), 3) if wrong.sum() else float("nan")
-    out["proposed_true"] = round(sum(e.proposed_key == truth[e.problem_id] for e in suspects) / len(suspects), 3) \
-        if suspects else float("nan")
+    out["at"] = {}
+    for threshold in thresholds:
+        suspects = [e for e in ev if e.suspicion >= threshold and e.suspicion > 0]
+        hits = sum(e.problem_id in wrong_ids for e in suspects)
+        out["at"][threshold] = {
+            "listed": len(suspects), "precision": round(hits / len(suspects), 3) if suspects else None,
+            "recall": round(hits / wrong.sum(), 3) if wrong.sum() else None,
+            "proposed_true": round(sum(e.proposed_key == truth[e.problem_id] for e in suspects) / len(suspects), 3)
+            if suspects else None}
     return out
 
 
@@ -68,7 +70,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--teach", type=int, nargs="+", default=[0, 20], help="--teach-steps values to measure")
     ap.add_argument("--teach-lr", type=float, default=1e-4)
-    ap.add_argument("--threshold", type=float, default=AuditConfig().threshold)
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[AuditConfig().threshold, 0.5, 0.65],
+                    help="suspicion thresholds to report precision, recall and proposals at (the first: the default)")
     ap.add_argument("--model", default="tiny-arith")
     ap.add_argument("--keep", type=Path, default=None)
     args = ap.parse_args()
@@ -88,11 +91,11 @@ def main() -> None:
                      for pid, p in stages[-1].problems.items()}
             model_path = store_checkpoint(store, manifest)
             for steps in args.teach:
-                cfg = AuditConfig(threshold=args.threshold, teach_steps=steps, teach_lr=args.teach_lr, seed=seed)
+                cfg = AuditConfig(threshold=args.thresholds[0], teach_steps=steps, teach_lr=args.teach_lr, seed=seed)
                 val = val_rows_from_store(store, manifest, model_path, data / "val.parquet") if steps else None
                 result = audit_stages(stages, cfg, model_path=model_path, val=val)
                 print(json.dumps({"seed": seed, "teach_steps": steps, "teach_lr": args.teach_lr,
-                                  **measure(result, wrong_ids, truth)}), flush=True)
+                                  **measure(result, wrong_ids, truth, args.thresholds)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ from gradsel import console
 from gradsel.errors import GradselError
 from gradsel.problems import Problem
 
-DEFAULT_THRESHOLD = 0.5
+# Chosen on seed 0 of benchmarks/audit.py (tiny-arith, k = 8): at 0.6 the rollouts alone list a
+# problem when the plurality answer holds 5 of 8 rollouts more than the key (docs/audit.md).
+DEFAULT_THRESHOLD = 0.6
 DUPLICATE_WEIGHT = 0.5
 
 
@@ -44,7 +46,7 @@ class AuditConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
-            raise GradselError(f"--threshold {self.threshold} is outside [0, 1]", "the suspicion score is in [0, 1]; the default is 0.5")
+            raise GradselError(f"--threshold {self.threshold} is outside [0, 1]", f"the suspicion score is in [0, 1]; the default is {DEFAULT_THRESHOLD}")
         if self.teach_steps < 0:
             raise GradselError(f"--teach-steps {self.teach_steps} is negative", "pass 0 to skip the taught copy, or a few steps (10-30)")
         if not self.teach_lr > 0:

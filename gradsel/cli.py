@@ -602,7 +602,7 @@ def audit(
     pool: Annotated[Optional[Path], typer.Option(help="The pool the store was made from, for --fix (default: the one the store records).", rich_help_panel=DATA)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Validation rows to teach with (default: the store's validation rollouts' problems).", rich_help_panel=DATA)] = None,
     answer_key: AnswerKeyOpt = None,
-    threshold: Annotated[float, typer.Option(help="Suspicion at or above which a problem is a suspect.", rich_help_panel=SELECTION)] = 0.5,
+    threshold: Annotated[float, typer.Option(help="Suspicion at or above which a problem is a suspect.", rich_help_panel=SELECTION)] = 0.6,
     teach_steps: Annotated[int, typer.Option(help="Steps of the taught copy (full-parameter AdamW on the validation answers); 0 skips it.", rich_help_panel=GRADIENTS)] = 0,
     teach_lr: Annotated[float, typer.Option(help="Learning rate of the taught copy.", rich_help_panel=GRADIENTS)] = 1e-4,
     teach_template: Annotated[str, typer.Option(help="The response text a key stands for, e.g. '#### {answer}'.", rich_help_panel=GRADIENTS)] = "{answer}",
