@@ -436,18 +436,24 @@ def pool_of(root: Path, manifest: dict) -> Path | None:
 
 # -- --fix --------------------------------------------------------------------------------------
 
-def fixed_pool(pool: Path, changes: dict[str, str], *, answer_key: str | None = None) -> bytes | "object":
+def fixed_pool(pool: Path, changes: dict[str, tuple[str, str]], *, answer_key: str | None = None):
     """The pool with each changed problem's key replaced, everything else as the file holds it:
     for JSON lines the bytes of every unchanged line; for Parquet an Arrow table of the same
-    schema. `changes`: problem id -> new key. Raises if a changed row's key is not the audited one."""
+    schema. `changes`: problem id -> (audited key, new key). Refuses a pool whose key is not the
+    audited one (the pool changed since its rollouts)."""
     from gradsel.problems import answer_field, is_jsonl, jsonl_lines, read_problems
 
     problems = {p.problem_id: p for p in read_problems(pool, answer_key=answer_key).problems}
     missing = [pid for pid in changes if pid not in problems]
     if missing:
         raise GradselError(f"{len(missing)} audited problems are not in {pool} (e.g. {missing[0]!r})",
-                           "pass the pool the store was made from with --pool")
-    by_row = {problems[pid].source_row: key for pid, key in changes.items()}
+                           "pass the pool the store was made from with --pool (and its --answer-key, if any)")
+    moved = [pid for pid, (old, _) in changes.items() if problems[pid].ground_truth != old]
+    if moved:
+        raise GradselError(f"the key of {moved[0]!r} in {pool} is {problems[moved[0]].ground_truth!r}, "
+                           f"the store's rollouts were judged against {changes[moved[0]][0]!r}",
+                           "the pool changed since the rollouts: roll it out again, or pass the original with --pool")
+    by_row = {problems[pid].source_row: new for pid, (_, new) in changes.items()}
     if is_jsonl(pool):
         lines = jsonl_lines(pool.read_bytes())
         for row, key in by_row.items():
@@ -483,7 +489,11 @@ def _replace_column(table, path: list[str], by_row: dict[int, str], pa):
         if len(parts) == 0:
             values = array.to_pylist()
             for row, key in by_row.items():
-                values[row] = type(values[row])(key) if isinstance(values[row], (int, float)) else key
+                try:
+                    values[row] = type(values[row])(key) if isinstance(values[row], (int, float)) else key
+                except ValueError:
+                    raise GradselError(f"the proposed key {key!r} of row {row} does not fit the pool's "
+                                       f"{array.type} key column", "fix that row by hand, or raise --threshold") from None
             return pa.array(values, array.type)
         struct = array
         children = [struct.field(i) for i in range(struct.type.num_fields)]
@@ -571,7 +581,7 @@ def run_audit(store: Path, cfg: AuditConfig, *, out: Path | None = None, fix: Pa
     result = audit_stages(stages, cfg, reward_override=_reward_override(manifest), model_path=model_path,
                           val=val_rows, pool=pool)
     suspects = result.suspects
-    changes = {e.problem_id: e.proposed_key for e in suspects
+    changes = {e.problem_id: (e.key, e.proposed_key) for e in suspects
                if e.proposed_key is not None and e.proposed_key.strip() != e.key.strip()}
     fixed = fixed_pool(pool, changes, answer_key=answer_key) if fix is not None else None
     print_table(result)
@@ -583,7 +593,7 @@ def run_audit(store: Path, cfg: AuditConfig, *, out: Path | None = None, fix: Pa
             atomic_write_bytes(out, "".join(json.dumps(r) + "\n" for r in rows).encode())
     if fix is not None:
         change_rows = [{"problem_id": e.problem_id, "source_row": e.source_row, "old_key": e.key,
-                        "new_key": changes[e.problem_id], "suspicion": round(e.suspicion, 4)}
+                        "new_key": changes[e.problem_id][1], "suspicion": round(e.suspicion, 4)}
                        for e in suspects if e.problem_id in changes]
         if isinstance(fixed, bytes):
             atomic_write_bytes(fix, fixed)

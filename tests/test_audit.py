@@ -128,6 +128,17 @@ def test_audit_refuses_bad_input(wrong_store, tmp_path):
     before = _sha(pool)
     existing = tmp_path / "exists.jsonl"
     existing.write_text("keep\n")
+    # The same pool with every key edited since the rollouts were judged.
+    import pyarrow as pa
+
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    table = pq.read_table(pool)
+    rm = table.column("reward_model").combine_chunks()
+    keys = pa.array(["9" + k for k in rm.field("ground_truth").to_pylist()])
+    table = table.set_column(table.schema.get_field_index("reward_model"), "reward_model",
+                             pa.StructArray.from_arrays([rm.field("style"), keys], names=["style", "ground_truth"]))
+    pq.write_table(table, edited / "pool.parquet")
     cases = [
         (["-s", str(tmp_path / "nostore")], "not a gradsel store"),
         (["-s", str(store), "--out", str(tmp_path / "x.csv")], "unknown format"),
@@ -137,6 +148,7 @@ def test_audit_refuses_bad_input(wrong_store, tmp_path):
         (["-s", str(store), "--threshold", "2"], "outside [0, 1]"),
         (["-s", str(store), "--teach-steps", "-1"], "negative"),
         (["-s", str(store), "--fix", str(tmp_path / "f.parquet"), "--pool", str(tmp_path / "none.parquet")], "does not exist"),
+        (["-s", str(store), "--fix", str(tmp_path / "f.parquet"), "--pool", str(edited / "pool.parquet")], "judged against"),
         (["-s", str(store), "--teach-steps", "2", "--teach-template", "####", "--out", str(tmp_path / "t.jsonl")], "has no {answer}"),
     ]
     for args, message in cases:
@@ -146,4 +158,5 @@ def test_audit_refuses_bad_input(wrong_store, tmp_path):
         assert err[0].startswith("error:") and message in err[0], (args, proc.stderr)
         assert err[1].startswith("hint:") and "Traceback" not in proc.stderr
     assert existing.read_text() == "keep\n" and _sha(pool) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited", "exists.jsonl"]
+    assert [p.name for p in edited.iterdir()] == ["pool.parquet"]
