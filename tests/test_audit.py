@@ -160,3 +160,18 @@ def test_audit_refuses_bad_input(wrong_store, tmp_path):
     assert existing.read_text() == "keep\n" and _sha(pool) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edited", "exists.jsonl"]
     assert [p.name for p in edited.iterdir()] == ["pool.parquet"]
+
+
+def test_audit_taught_copy_is_deterministic(wrong_store, tmp_path):
+    """--teach-steps: the validation-taught copy's evidence for every problem, the same twice."""
+    data, store = wrong_store
+    outs = []
+    for name in ("a.parquet", "b.parquet"):
+        proc = run_cli("audit", "-s", str(store), "--teach-steps", "3", "--val", str(data / "val.parquet"),
+                       "--threshold", "0.3", "--out", str(tmp_path / name))
+        assert json.loads(proc.stdout)["taught"] is True
+        outs.append(pq.read_table(tmp_path / name))
+    assert outs[0].num_rows > 0 and outs[0].equals(outs[1])
+    rows = outs[0].to_pylist()
+    assert all(r["taught_signal"] is not None and r["taught_logp_key"] is not None for r in rows)
+    assert any(r["taught_alternative"] is not None for r in rows)
