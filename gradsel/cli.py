@@ -619,6 +619,40 @@ def refresh(
         console.info(json.dumps(summary))
 
 
+@app.command(help="Find reference answers (keys) that look wrong, with the evidence and the key to use instead.\n\n"
+             "Reads the store's train rollouts (every round's, in a rounds store). Signals per problem: the "
+             "plurality answer's share of the rollouts against the key's, when the judge does not pay the "
+             "plurality answer; across rounds, how much faster that answer's share grew than the key's; another "
+             "problem with the same question (lowercase, no punctuation or extra whitespace) and a different key; "
+             "with --teach-steps N, a copy of the checkpoint fine-tuned N steps on the validation rows' answers, "
+             "which scores the key against the rollouts' other answers. Their mean, plus half the duplicate "
+             "signal, is the suspicion; a problem at --threshold or above is a suspect. Prints a table of suspects "
+             "on stderr and one JSON line on stdout; --out writes every suspect's evidence and proposed key "
+             "(Parquet, or JSON lines for .jsonl); --fix writes a copy of the pool with the proposed keys of the "
+             "suspects, every other byte of a JSON-lines row and every other Parquet column unchanged, and lists "
+             "each change on stderr and in FIX.changes.jsonl beside it. Never edits the pool (docs/audit.md).")
+def audit(
+    store: Annotated[Path, typer.Option("--store", "-s", help="A store with train rollouts (`rollout` or `score`).", rich_help_panel=DATA)],
+    out: Annotated[Optional[Path], typer.Option(help="Write the suspects' evidence and proposed keys here: .parquet, or .jsonl.", rich_help_panel=OUTPUT)] = None,
+    fix: Annotated[Optional[Path], typer.Option(help="Write a copy of the pool with the suspects' proposed keys here (the pool's format).", rich_help_panel=OUTPUT)] = None,
+    pool: Annotated[Optional[Path], typer.Option(help="The pool the store was made from, for --fix (default: the one the store records).", rich_help_panel=DATA)] = None,
+    val: Annotated[Optional[Path], typer.Option(help="Validation rows to teach with (default: the store's validation rollouts' problems).", rich_help_panel=DATA)] = None,
+    answer_key: AnswerKeyOpt = None,
+    threshold: Annotated[float, typer.Option(help="Suspicion at or above which a problem is a suspect.", rich_help_panel=SELECTION)] = 0.6,
+    teach_steps: Annotated[int, typer.Option(help="Steps of the taught copy (full-parameter AdamW on the validation answers); 0 skips it.", rich_help_panel=GRADIENTS)] = 0,
+    teach_lr: Annotated[float, typer.Option(help="Learning rate of the taught copy.", rich_help_panel=GRADIENTS)] = 1e-4,
+    teach_template: Annotated[str, typer.Option(help="The response text a key stands for, e.g. '#### {answer}'.", rich_help_panel=GRADIENTS)] = "{answer}",
+    seed: Annotated[int, typer.Option(help="Seed of the taught copy.", rich_help_panel=GRADIENTS)] = 0,
+    force: ForceOpt = False,
+) -> None:
+    from gradsel.audit import AuditConfig, run_audit
+
+    console.protect_stdout()
+    cfg = AuditConfig(threshold=threshold, teach_steps=teach_steps, teach_lr=teach_lr, teach_template=teach_template,
+                      seed=seed)
+    _emit_json(run_audit(store, cfg, out=out, fix=fix, pool=pool, val=val, answer_key=answer_key, force=force))
+
+
 class Trainer(str, Enum):
     verl = "verl"
 

@@ -160,13 +160,8 @@ def problem_from_row(row: dict, source_row: int, *, prompt_key: str | None = Non
         raise ValueError(f"column {key!r} must be a non-empty string or a list of {{role, content}} messages")
 
     reward_model = row.get("reward_model") if isinstance(row.get("reward_model"), dict) else {}
-    if answer_key:
-        raw_answer = _lookup(row, answer_key)
-    elif "ground_truth" in reward_model:
-        raw_answer = reward_model["ground_truth"]
-    else:
-        raw_answer = next((row[k] for k in ("label", "answer", "ground_truth") if k in row), None)
-    answer = _answer_text(raw_answer)
+    field = answer_field(row, answer_key)
+    answer = _answer_text(_lookup(row, field) if field else None)
     if answer is None:
         raise ValueError("no usable reference answer (reward_model.ground_truth, label or answer; "
                          "a string or a number)")
@@ -188,6 +183,17 @@ def problem_from_row(row: dict, source_row: int, *, prompt_key: str | None = Non
         reward_style=style if isinstance(style, str) else "",
         extra_info=extra_info,
     )
+
+
+def answer_field(row: dict, answer_key: str | None = None) -> str | None:
+    """The dotted name of the row's reference-answer field: `answer_key` when given, else verl's
+    reward_model.ground_truth, else OpenRLHF's label, then answer, then ground_truth (None: none).
+    `gradsel audit --fix` rewrites the key through the same name."""
+    if answer_key:
+        return answer_key
+    if isinstance(row.get("reward_model"), dict) and "ground_truth" in row["reward_model"]:
+        return "reward_model.ground_truth"
+    return next((k for k in ("label", "answer", "ground_truth") if k in row), None)
 
 
 def _lookup(row: dict, dotted: str) -> Any:

@@ -148,3 +148,16 @@ HISTORY = pa.schema([
     ("pass_rate", pa.float64()),
     ("selected", pa.bool_()),
 ])
+
+
+# One row per suspect of `gradsel audit --out`: each signal's evidence and the proposed key (gradsel.audit.Evidence).
+AUDIT_EVIDENCE = pa.schema([
+    ("problem_id", pa.string()), ("source_row", pa.int64()), ("data_source", pa.string()), ("key", pa.string()),
+    ("n_rollouts", pa.int32()), ("key_share", pa.float64()), ("plurality_answer", pa.string()),
+    ("plurality_share", pa.float64()), ("plurality_paid", pa.bool_()), ("rollout_signal", pa.float64()),
+    ("rounds", pa.int32()), ("key_share_trend", pa.float64()), ("plurality_share_trend", pa.float64()),
+    ("history_signal", pa.float64()), ("duplicate_keys", pa.list_(pa.string())), ("duplicate_signal", pa.float64()),
+    ("taught_logp_key", pa.float64()), ("taught_logp_alternative", pa.float64()),
+    ("taught_alternative", pa.string()), ("taught_signal", pa.float64()), ("suspicion", pa.float64()),
+    ("proposed_key", pa.string()), ("suspect", pa.bool_()),
+])
