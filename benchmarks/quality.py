@@ -15,6 +15,10 @@ feature, then `select --ratio 0.25` with every mode. Metrics (mean +- std over s
                answer to the problem (32 samples at T=1), as a key written by a model is, instead
                of a synthetic slip
 The `ceiling (oracle)` row is the best share any selector of non-zero-advantage problems can reach.
+The `reliable --target subspace, without the judge's contract` row is the default as it ranked
+before the contract (rewards.breaks_contract), on the same stores. Each AUROC carries a bootstrap
+95% interval (candidates resampled within each seed, 1000 times, the mean over seeds).
+`--noise-fraction`: the share of the noisy regime's pool judged by a coin flip (default 0.5).
 Writes a Markdown report with a PNG plot.
 """
 
@@ -40,16 +44,37 @@ VECTOR_FREE = ("gradalign", "dot", "accgreedy", "band", "simacc", "random", "rel
 
 
 def auroc(good: list[float], bad: list[float]) -> float:
-    if not good or not bad:
+    """P(a wanted problem scores above an unwanted one), ties counted half (Mann-Whitney, by ranks)."""
+    if len(good) == 0 or len(bad) == 0:
         return float("nan")
-    g, b = np.array(good)[:, None], np.array(bad)[None, :]
-    return float(((g > b) + 0.5 * (g == b)).mean())
+    x = np.concatenate([np.asarray(good, np.float64), np.asarray(bad, np.float64)])
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # average ranks, 1-based
+    n_good, n_bad = len(good), len(bad)
+    return float((ranks[:n_good].sum() - n_good * (n_good + 1) / 2) / (n_good * n_bad))
+
+
+BOOTSTRAP = 1000
+
+
+def bootstrap_interval(per_seed: list[tuple[list[float], list[float]]], reps: int = BOOTSTRAP) -> tuple[float, float]:
+    """A 95% interval for the mean over seeds of the AUROC: each seed's wanted and unwanted
+    candidates resampled with replacement (seeded), the 2.5th and 97.5th percentiles."""
+    per_seed = [(np.asarray(g), np.asarray(b)) for g, b in per_seed if len(g) and len(b)]
+    if not per_seed:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(0)
+    means = [np.mean([auroc(g[rng.integers(0, len(g), len(g))], b[rng.integers(0, len(b), len(b))])
+                      for g, b in per_seed]) for _ in range(reps)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
             val_size: int = 40, sketch: tuple[int, int] = (16, 16), n_val: int | None = None,
-            model: str = "tiny-arith", wrong_key=None) -> list[dict]:
-    pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed, wrong_key=wrong_key)
+            model: str = "tiny-arith", wrong_key=None, noise_fraction: float = 0.5) -> list[dict]:
+    pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed, wrong_key=wrong_key,
+                             noise_fraction=noise_fraction)
     truth = regime_truth(work / "data", regime)
     base_rate = sum(truth.values()) / len(truth)
     ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=8, seed=seed)
@@ -77,7 +102,10 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
             results.append({"regime": regime, "seed": seed, "feature": feature,
                             "mode": mode if target == "mean" else f"{mode} --target {target}",
                             "good_share": share, "base_rate": base_rate, "auroc": auroc(good, bad),
-                            "selected": len(chosen)})
+                            "good_scores": good, "bad_scores": bad, "selected": len(chosen)})
+        if feature == "projected":
+            results.append(_without_contract(result.scores.to_pylist(), rows, truth, store, regime, seed, feature,
+                                             base_rate))
         if feature == features[0]:
             # The ceiling: an oracle that ranks every non-zero-advantage good problem first. Zero-
             # advantage problems carry no GRPO gradient, so no gradient selector can prefer them.
@@ -86,6 +114,24 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
                             "good_share": min(sum(truth[r["problem_id"]] for r in rows), k) / k,
                             "base_rate": base_rate, "auroc": 1.0, "selected": k})
     return results
+
+
+def _without_contract(all_rows: list[dict], rows: list[dict], truth: dict, store, regime: str, seed: int,
+                      feature: str, base_rate: float) -> dict:
+    """The default (`reliable --target subspace`) as it ranked before the judge's contract: the same
+    candidates with every `breaks_contract` cleared, the top 25% of the pool taken as `select` takes
+    them (score descending, ties by problem id)."""
+    cleared = [r | {"breaks_contract": False} for r in rows]
+    scores = mode_scores(cleared, SelectConfig(mode="reliable", all=True, target="subspace"), _features_dir(store),
+                         fetch=len(rows))
+    k = min(round(0.25 * sum(r["split"] == "train" for r in all_rows)), len(rows))
+    chosen = sorted(scores, key=lambda pid: (-scores[pid], pid))[:k]
+    good = [scores[r["problem_id"]] for r in rows if truth[r["problem_id"]]]
+    bad = [scores[r["problem_id"]] for r in rows if not truth[r["problem_id"]]]
+    return {"regime": regime, "seed": seed, "feature": feature,
+            "mode": "reliable --target subspace, without the judge's contract",
+            "good_share": sum(truth[p] for p in chosen) / max(len(chosen), 1), "base_rate": base_rate,
+            "auroc": auroc(good, bad), "good_scores": good, "bad_scores": bad, "selected": len(chosen)}
 
 
 def _features_dir(store) -> Path:
@@ -100,11 +146,13 @@ def summarize(results: list[dict]) -> list[dict]:
     for (regime, feature, mode), rs in groups.items():
         shares = [r["good_share"] for r in rs]
         aucs = [r["auroc"] for r in rs if r["auroc"] == r["auroc"]]
+        lo, hi = bootstrap_interval([(r["good_scores"], r["bad_scores"]) for r in rs if "good_scores" in r])
         out.append({"regime": regime, "feature": feature, "mode": mode, "seeds": len(rs),
                     "good_mean": statistics.mean(shares), "good_std": statistics.pstdev(shares),
                     "base_rate": statistics.mean(r["base_rate"] for r in rs),
                     "auroc_mean": statistics.mean(aucs) if aucs else float("nan"),
-                    "auroc_std": statistics.pstdev(aucs) if len(aucs) > 1 else 0.0})
+                    "auroc_std": statistics.pstdev(aucs) if len(aucs) > 1 else 0.0,
+                    "auroc_ci95": [lo, hi]})
     return out
 
 
@@ -121,12 +169,14 @@ def write_report(summary: list[dict], out: Path, command: str, *, size: int, n: 
         if not rows:
             continue
         title, invert = titles[regime]
-        lines += [f"## {regime}", "", f"| feature | mode | {title} | x base rate | AUROC |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"## {regime}", "", f"| feature | mode | {title} | x base rate | AUROC | AUROC 95% interval |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
         for r in rows:
             share = 1 - r["good_mean"] if invert else r["good_mean"]
             base = 1 - r["base_rate"] if invert else r["base_rate"]
             lines.append(f"| {r['feature']} | {r['mode']} | {share:.1%} +- {r['good_std']:.1%} | "
-                         f"{share / base:.2f} | {r['auroc_mean']:.3f} +- {r['auroc_std']:.3f} |")
+                         f"{share / base:.2f} | {r['auroc_mean']:.3f} +- {r['auroc_std']:.3f} | "
+                         f"{r['auroc_ci95'][0]:.3f}-{r['auroc_ci95'][1]:.3f} |")
         lines.append("")
     _plot(summary, out.with_suffix(".png"))
     lines += [f"![quality]({out.with_suffix('.png').name})", ""]
@@ -167,6 +217,8 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-arith", help="checkpoint to score with (default the bundled model)")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each regime's data and store under KEEP/REGIME-SEED, for offline analysis")
+    ap.add_argument("--noise-fraction", type=float, default=0.5,
+                    help="noisy regime: the share of the pool judged by a coin flip (default 0.5)")
     ap.add_argument("--wrong-keys", choices=("slip", "model"), default="slip",
                     help="wrong-answer regime: synthetic slips (default), or the model's own commonest wrong answers")
     args = ap.parse_args()
@@ -178,13 +230,16 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 work = args.keep / f"{regime}-{seed}" if args.keep else Path(tmp)
                 results += run_one(work, regime, seed, args.size, args.n, args.features, args.val_size,
-                                   args.sketch, args.n_val, args.model, wrong_key)
+                                   args.sketch, args.n_val, args.model, wrong_key, args.noise_fraction)
             print(f"done {regime} seed {seed}", flush=True)
     summary = summarize(results)
     print(json.dumps(summary, indent=1))
+    if args.keep:  # every candidate's score under every mode, for offline analysis
+        (args.keep / "results.json").write_text(json.dumps(results))
     command = (f".venv/bin/python benchmarks/quality.py{f' --model {args.model}' if args.model != 'tiny-arith' else ''} --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
                f"--n {args.n}{f' --n-val {args.n_val}' if args.n_val else ''} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}"
-               f"{' --wrong-keys model' if args.wrong_keys == 'model' else ''}")
+               f"{' --wrong-keys model' if args.wrong_keys == 'model' else ''}"
+               f"{f' --noise-fraction {args.noise_fraction}' if args.noise_fraction != 0.5 else ''}")
     write_report(summary, args.out, command, size=args.size, n=args.n, val_size=args.val_size)
 
 

@@ -139,7 +139,8 @@ def sample_pay(problems: Sequence[Problem], engine, cfg, reward: str | None = No
     from gradsel.rollout import rollout_batches
 
     rollouts = (r for batch in rollout_batches(problems, engine, cfg, reward=reward) for r in batch)
-    return tally_pay(problems, reward, ((r.problem_id, r.sample, r.reward, r.response_text) for r in rollouts))
+    return tally_pay(problems, reward, ((r.problem_id, r.sample, r.reward, r.response_text, r.answer_class)
+                                        for r in rollouts))
 
 
 def sample_engine(name: str, model: str):
@@ -159,26 +160,33 @@ def sample_engine(name: str, model: str):
 
 
 def show_sample(split: str, pays, per_source: int) -> list[dict]:
-    """Each (data source, reward) pair's pass rate on stderr, then the warning of every pair that no
-    sampled rollout was paid on (or every one was; payouts.py, with the threshold lowered to the
-    sample's size); returns the pairs as JSON."""
+    """Each (data source, reward) pair's pass rate and judge's contract on stderr, then the warning
+    of every pair that no sampled rollout was paid on (or every one was), and of every pair whose
+    one-answer judge paid two answers to most of its mixed problems (payouts.py, with the
+    thresholds lowered to the sample's size); returns the pairs as JSON."""
     from rich.table import Table
 
     from gradsel import console
-    from gradsel.payouts import MIN_PROBLEMS, uniform_pay
+    from gradsel.payouts import MIN_MIXED, MIN_PROBLEMS, contract_breakers, uniform_pay
 
+    where = f"check --sample {per_source} ({split})"
     table = Table(title=f"{split}: sampled rollouts", title_justify="left")
-    for column in ("data_source", "reward", "problems", "rollouts", "paid", "pass rate"):
+    for column in ("data_source", "reward", "problems", "rollouts", "paid", "pass rate", "two answers paid"):
         table.add_column(column, justify="left" if column in ("data_source", "reward") else "right")
     for pay in pays:
+        contract = f"{pay.broken} of {pay.mixed} mixed" if pay.one_answer else "(no contract)"
         table.add_row(pay.data_source or "(empty)", pay.reward, str(pay.problems), str(pay.rollouts), str(pay.paid),
-                      f"{pay.pass_rate:.2f}")
+                      f"{pay.pass_rate:.2f}", contract)
     console.stderr.print(table)
     flagged = uniform_pay(pays, min(MIN_PROBLEMS, per_source))
     for pay in flagged:
-        console.warn(pay.warning(f"check --sample {per_source} ({split})"))
+        console.warn(pay.warning(where))
+    breakers = contract_breakers(pays, min(MIN_MIXED, per_source))
+    for pay in breakers:
+        console.warn(pay.contract_warning(where))
     return [{"data_source": pay.data_source, "reward": pay.reward, "problems": pay.problems,
              "rollouts": pay.rollouts, "paid": pay.paid, "pass_rate": round(pay.pass_rate, 4),
-             "warning": pay.warning(f"check --sample {per_source} ({split})") if pay in flagged else None}
+             "warning": pay.warning(where) if pay in flagged else None,
+             "one_answer": pay.one_answer, "mixed": pay.mixed, "broken": pay.broken,
+             "contract_warning": pay.contract_warning(where) if pay in breakers else None}
             for pay in pays]
-

@@ -198,6 +198,8 @@ def check(
     A table per file on stderr: each data source's rows, the reward that will judge them (verl's routing, docs/trainers.md; every reward with its rows where a row's reward_model.style names another), and with --model its prompt token lengths (min / median / max) under the model's chat template and how many exceed --max-prompt-tokens. Then every problem found, as `problem:` and `hint:` lines: a data source no route knows, a math reference answer math-verify cannot parse, prompts too long. On stdout, one JSON object (ok, and per file its sources and problems). `rollout` and `score` run the same checks before they start an engine, and write nothing to the store when one fails.
 
     With --sample N (and --model), a file without problems is also rolled out: N problems per data source (a seeded choice), k = --n times each, judged as `score` judges them. Each data source's pass rate is printed, and a `warning:` names every source none of whose sampled rollouts was paid (or all were), with the answer form its reward reads and two responses: a model that never writes `#### N` for a GSM8K judge would lose that whole source from the candidates. `score` gives the same warning after its rollouts (sources with 8 problems or more) and records it in the store.
+
+    The sample also checks the judge's contract: a binary judge that compares an answer with one reference (int, exact, gsm8k, math, math_dapo, verl's routes, a plugin with gradsel_one_answer = True) pays at most one answer per problem. The table gives each source's mixed problems that were paid two different answers, and a `warning:` names a source where that is more than half of them: its reward function ignores the answer. `score` gives the same warning (4 mixed problems or more), records each source's share in the store (`gradsel info`, `gradsel report`), and ranks such problems last in the default selection.
     """
     from gradsel.check import check_problem_set, prompt_limit, show_reports
     from gradsel.problems import read_problems
@@ -419,7 +421,8 @@ ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --out file."
 
 SELECT_MODES_HELP = (
     "Modes: reliable (the default) is the alignment below minus 2 x (1 - judge consistency), so problems whose "
-    "judge gave identical answers different rewards sink; gradalign is the paper's cosine with the validation "
+    "judge gave identical answers different rewards sink, and those whose binary one-reference judge paid two "
+    "different answers (its contract broken) get the lowest judge consistency, 0; gradalign is the paper's cosine with the validation "
     "gradient; dot its inner product; accgreedy puts pass rates nearest 0.5 first; band takes a pass-rate band in "
     "seeded random order; simacc is cosine x 4p(1-p); learnalign is the cosine with the pool's mean gradient (no "
     "validation set); random is seeded.\n\n"

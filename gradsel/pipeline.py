@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradsel.problems import read_problems
-from gradsel.rewards import check_rewards
+from gradsel.rewards import check_rewards, promises_one_answer, resolve_reward
 from gradsel.rollout import LazyEngine, SamplingConfig, VLLMOptions, rollout_stage, run_rollout_stage
 from gradsel.score import ScoreConfig, score_stage
 from gradsel.snapshot import loadable_path, snapshot_into_store
@@ -84,6 +84,9 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
     # Per split: verl numbers extra_info.index from 0 in train and test files alike.
     sources = {split: {p.problem_id: p.data_source for p in problem_set.problems}
                for split, problem_set in (("train", pool_set), ("val", val_set))}
+    contracts = {split: {p.problem_id: promises_one_answer(resolve_reward(p, ro.reward), p) for p in problem_set.problems}
+                 for split, problem_set in (("train", pool_set), ("val", val_set))}
     scores, spec = score_stage(store, model_path=model_path, model_hash=snap.content_hash,
-                               train=stages["train"], val=stages["val"], data_sources=sources, cfg=sc, part=part)
+                               train=stages["train"], val=stages["val"], data_sources=sources, cfg=sc, part=part,
+                               contracts=contracts)
     return ScoreResult(store_dir, scores, spec)

@@ -70,6 +70,7 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     history = Path(store_dir) / "history.parquet"
     sections = [
         *_warnings(summary),
+        *_contract(summary),
         _pass_rates(candidates, sources),
         _scores(candidates, sources, scores, chosen, cfg),
         _modes(by_mode, dict(zip(candidates.ids, sources)), cfg.mode),
@@ -230,6 +231,26 @@ def _warnings(summary: dict) -> list[Section]:
     return [Section("Warnings", f'<ul class="warnings">{items}</ul>')]
 
 
+def _contract(summary: dict) -> list[Section]:
+    """Per data source and reward whose judge promises one paid answer, the share of its mixed
+    problems paid two (rewards.breaks_contract), where the rollouts recorded it."""
+    rows = [(split, c) for split, r in summary["rollouts"].items() for c in r.get("contract") or []]
+    if not rows:
+        return []
+    from gradsel.payouts import CONTRACT_SHARE
+
+    broken = ' class="broken"'
+    body = "".join(f"<tr{broken if c['share'] > CONTRACT_SHARE else ''}><td>{html.escape(split)}</td>"
+                   f"<td>{html.escape(c['data_source'] or '(empty)')}</td><td>{html.escape(c['reward'])}</td>"
+                   f"<td>{c['mixed']}</td><td>{c['broken']}</td><td>{c['share']:.0%}</td></tr>" for split, c in rows)
+    table = ("<table><tr><th>split</th><th>data_source</th><th>reward</th><th>mixed problems</th>"
+             f"<th>paid two answers</th><th>share</th></tr>{body}</table>")
+    return [Section("Judge contract", table,
+                    "A binary judge that compares an answer with one reference pays at most one answer per problem. "
+                    "A problem paid two different answers breaks that, and ranks last in the default selection; a "
+                    f"source above {CONTRACT_SHARE:.0%} (in red) has a reward function that ignores the answer.")]
+
+
 def _costs(costs: dict) -> Section:
     from gradsel.summary import describe_cost, ordered_costs
 
@@ -300,6 +321,7 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 td, th { border: 1px solid #ddd; padding: 2px 8px; text-align: left; vertical-align: top; }
 code { font-size: 0.9em; word-break: break-all; } p.note { color: #555; }
 ul.warnings li { color: #8a4b00; margin: 0.3em 0; }
+tr.broken td { color: #b00020; font-weight: bold; }
 """
 
 

@@ -199,21 +199,29 @@ class Reward:
     # data source that no rollout was paid on names it (payouts.py), since a model that never
     # writes that form is never paid.
     answer_form: str = field(kw_only=True)
+    # The judge's contract: it is binary and compares an answer with one reference, so it pays at
+    # most one answer class per problem (`breaks_contract`). False for partial credit, LLM judges
+    # and plugins that do not declare it (`gradsel_one_answer = True` on the function).
+    one_answer: bool = field(default=False, kw_only=True)
 
     def __call__(self, problem: Problem, response: str, sample: int, seed: int) -> float:
         return self.score(problem, response, sample, seed)
 
 
 REGISTRY: dict[str, Reward] = {r.name: r for r in (
-    Reward("int", int_reward, _last_int, answer_form="the last integer in the response"),
-    Reward("exact", exact_reward, lambda text: text.strip(),
+    Reward("int", int_reward, _last_int, answer_form="the last integer in the response", one_answer=True),
+    Reward("exact", exact_reward, lambda text: text.strip(), one_answer=True,
            answer_form="the whole response, equal to the reference once stripped of surrounding whitespace"),
-    Reward("random", random_reward, final_answer, answer_form="nothing: a seeded coin flip, whatever the response"),
-    Reward("math", math_reward, last_boxed, math_equal, math_key, checks_ground_truth=True,
+    # The coin flip stands in for a binary reference judge that ignores the answer (the noisy
+    # regime: rows that claim such a judge but are coin-flipped). It declares the contract of the
+    # judge it stands in for, which it then breaks, as the broken judge would.
+    Reward("random", random_reward, final_answer, answer_form="nothing: a seeded coin flip, whatever the response",
+           one_answer=True),
+    Reward("math", math_reward, last_boxed, math_equal, math_key, checks_ground_truth=True, one_answer=True,
            answer_form="\\boxed{...}: the last \\boxed{} answer, equal to the reference under math-verify"),
-    Reward("gsm8k", gsm8k_reward, gsm8k_answer,
+    Reward("gsm8k", gsm8k_reward, gsm8k_answer, one_answer=True,
            answer_form=f"#### N: the number after the last '#### ' in the response's last {_TAIL_CHARS} characters"),
-    Reward("math_dapo", dapo_reward, dapo_answer, math_equal, math_key, checks_ground_truth=True,
+    Reward("math_dapo", dapo_reward, dapo_answer, math_equal, math_key, checks_ground_truth=True, one_answer=True,
            answer_form=f"Answer: ...: the text after the last 'Answer:' in the response's last {_TAIL_CHARS} "
                        "characters, equal to the reference under math-verify (pays 1, else -1)"),
 )}
@@ -286,7 +294,9 @@ def _verl_style(name: str, func) -> Reward:
 
     form = ("what verl's default_compute_score reads for the row's data_source" if name == "verl"
             else f"whatever the plugin {name} reads")
-    return Reward(name, call, final_answer, extracts=False, answer_form=form)
+    # verl's routes promise the contract per row (`promises_one_answer`); a plugin declares it itself.
+    return Reward(name, call, final_answer, extracts=False, answer_form=form,
+                  one_answer=name != "verl" and getattr(func, "gradsel_one_answer", False) is True)
 
 
 def _verl_default() -> Reward:
@@ -426,3 +436,26 @@ def judge_consistency(classes: Sequence[int | None], rewards: Sequence[float]) -
                 same += 1
                 conflict += rs[i] != rs[j]
     return 1.0 - conflict / same if same else 1.0
+
+
+# -- the judge's contract -------------------------------------------------------------------------
+
+def promises_one_answer(reward: Reward, problem: Problem) -> bool:
+    """Whether the judge of this row promises the contract: binary, one reference, so at most one
+    paid answer class. Declared on the Reward record; `--reward verl` promises it on the rows its
+    table routes (verl's gsm8k, MATH and math_dapo rules), not on other sources."""
+    if reward.name == "verl":
+        return route(problem.data_source) is not None
+    return reward.one_answer
+
+
+def paid_answers(classes: Sequence[int | None], rewards: Sequence[float]) -> int:
+    """How many distinct answer classes were paid (reward above 0: math_dapo's unpaid get -1)."""
+    return len({c for c, r in zip(classes, rewards) if c is not None and r > 0})
+
+
+def breaks_contract(promised: bool, classes: Sequence[int | None], rewards: Sequence[float]) -> bool:
+    """A judge that compares one answer with one reference pays at most one answer class; two
+    distinct paid answers to one problem mean it did not read the answer (a coin flip, a judge
+    that ignores the response). Judges that promise nothing never break it."""
+    return promised and paid_answers(classes, rewards) > 1

@@ -499,24 +499,30 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
         return shards
     cost = stage_cost(stage, n_shards)
     mark_stage_complete(stage, key, problems=len(problems), rollouts=shards.rows(), engine=engine_name, cost=cost)
-    warnings = uniform_pay_warnings(shards, problems, reward, f"rollouts/{split}")
+    warnings, contract = payout_findings(shards, problems, reward, f"rollouts/{split}")
     runs = store.read_manifest().get("rollouts", {})
     runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
                    "sampling": cfg.__dict__, "engine": engine_name, "reward": reward,
                    "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key,
-                   "warnings": warnings}
+                   "warnings": warnings, "contract": contract}
     store.update_manifest(rollouts=runs, costs={f"rollouts/{split}": cost})
     return shards
 
 
-def uniform_pay_warnings(shards: RolloutShards, problems: Sequence[Problem], reward: str | None,
-                         where: str) -> list[dict]:
-    """Warn of every data source that no rollout of the stage was paid on, or every one was
-    (payouts.py); the records are what the manifest keeps."""
-    from gradsel.payouts import stage_pay, uniform_pay
+def payout_findings(shards: RolloutShards, problems: Sequence[Problem], reward: str | None,
+                    where: str) -> tuple[list[dict], list[dict]]:
+    """Warn of every data source that no rollout of the stage was paid on, or every one was, and of
+    every one whose one-answer judge paid two answers to most of its mixed problems (payouts.py).
+    Returns what the manifest keeps: (the warnings' records, each (source, reward) pair's contract
+    tally)."""
+    from gradsel.payouts import contract_breakers, stage_pay, uniform_pay
 
+    pays = stage_pay(shards, problems, reward)
     records = []
-    for pay in uniform_pay(stage_pay(shards, problems, reward)):
+    for pay in uniform_pay(pays):
         console.warn(pay.warning(where))
         records.append(pay.record(where))
-    return records
+    for pay in contract_breakers(pays):
+        console.warn(pay.contract_warning(where))
+        records.append(pay.contract_record() | {"message": pay.contract_warning(where)})
+    return records, [pay.contract_record() for pay in pays]

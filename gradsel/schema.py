@@ -68,6 +68,11 @@ SCORES = pa.schema([
     # 1 - share of identical-answer pairs whose rewards disagree (1 when no two answers match):
     # a deterministic judge never contradicts itself, a response-independent one often does.
     ("judge_consistency", pa.float64()),
+    # Distinct answer classes paid (reward above 0), and whether that breaks the judge's contract: a
+    # binary one-reference judge (rewards.promises_one_answer) pays at most one. Null in stores
+    # scored before the contract was recorded; `select` reads null as unbroken.
+    ("paid_answers", pa.int32()),
+    ("breaks_contract", pa.bool_()),
 ])
 
 VECTOR_DTYPES = ("float16", "float32")

@@ -27,7 +27,7 @@ import numpy as np
 from gradsel import console
 from gradsel.choices import ADVANTAGES, ALIGNMENTS, DTYPES, LOSS_AGGS, VAL_AGGS
 from gradsel.errors import GradselError
-from gradsel.rewards import judge_consistency
+from gradsel.rewards import breaks_contract, judge_consistency, paid_answers
 from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE, Packing, ProjectorSpec,
                                exact_parameters, exact_problem_gradient, group_advantages, groups_from_table,
                                head_features, make_spec, packing_for, projected_features, shared_prompt_support,
@@ -115,11 +115,13 @@ def validation_direction(unit_vectors: np.ndarray, norms: np.ndarray, val_agg: s
 
 
 def score_stage(store, *, model_path: Path, model_hash: str, train, val,
-                data_sources: dict[str, dict[str, str]], cfg: ScoreConfig, part=None):
+                data_sources: dict[str, dict[str, str]], cfg: ScoreConfig, part=None,
+                contracts: dict[str, dict[str, bool]] | None = None):
     """Compute (or resume) features and scores from two rollout stages (rollout.RolloutShards);
     return (scores table (schema.SCORES), projector spec). Feature shard i is made from rollout
     shard i, under its own lock. With `part` (store.Part) only that part's train shards are made,
-    and the scores are left to a run without one: it returns (None, spec)."""
+    and the scores are left to a run without one: it returns (None, spec). `contracts`: per split,
+    problem id -> whether its judge promises at most one paid answer (rewards.promises_one_answer)."""
     import pyarrow as pa
 
     from gradsel.fsutil import atomic_write_json, atomic_write_table
@@ -215,8 +217,10 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         dots = cos * norms_train
         val_cos = unit_val.astype(np.float64) @ direction
         val_dots = val_cos * norms_val
-    rows = _score_rows(train, "train", norms_train, cos, dots, data_sources["train"], cfg.adv)
-    rows += _score_rows(val, "val", norms_val, val_cos, val_dots, data_sources["val"], cfg.adv)
+    contracts = contracts or {}
+    rows = _score_rows(train, "train", norms_train, cos, dots, data_sources["train"], cfg.adv,
+                       contracts.get("train", {}))
+    rows += _score_rows(val, "val", norms_val, val_cos, val_dots, data_sources["val"], cfg.adv, contracts.get("val", {}))
     table = pa.Table.from_pylist(rows, schema=SCORES)
     atomic_write_table(stage / "scores.parquet", table)
     if cfg.feature != "exact":
@@ -340,9 +344,10 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device, pa
     return np.array(dots), np.array(norms), np.array(val_norms)
 
 
-def _score_rows(rollouts, split: str, norms, cos, dots, data_sources: dict[str, str], adv: str) -> list[dict]:
+def _score_rows(rollouts, split: str, norms, cos, dots, data_sources: dict[str, str], adv: str,
+                contracts: dict[str, bool]) -> list[dict]:
     """One SCORES row per problem of a rollout stage (problem order), reading only its rewards
-    and answer classes."""
+    and answer classes; `contracts`: problem id -> whether its judge promises one paid answer."""
     per_problem: dict[str, tuple[list[float], list]] = {}
     for i in range(rollouts.n_shards):  # one shard in memory at a time
         cols = rollouts.shard(i, ["problem_id", "reward", "answer_class"]).to_pydict()
@@ -360,5 +365,7 @@ def _score_rows(rollouts, split: str, norms, cos, dots, data_sources: dict[str, 
             "reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0, "zero_advantage": zero_advantage,
             "grad_norm": float(n), "score_cos": float(c) if n > 0 else 0.0, "score_dot": float(d) if n > 0 else 0.0,
             "judge_consistency": judge_consistency(answers, rewards),
+            "paid_answers": paid_answers(answers, rewards),
+            "breaks_contract": breaks_contract(contracts.get(pid, False), answers, rewards),
         })
     return rows

@@ -1,8 +1,10 @@
 """Selection: rank the scored candidates by a mode, filter, and emit the original rows.
 
 Modes (the paper's method, its baselines, and gradsel's default):
-  reliable    gradalign minus 2 * (1 - judge_consistency): problems whose judge gave identical
-              answers different rewards sink (the default; docs/quality.md)
+  reliable    gradalign minus 2 * (1 - reliability), the reliability being judge consistency, or 0
+              where the problem breaks its judge's contract (two distinct answers paid by a binary
+              one-reference judge): problems whose judge gave identical answers different rewards,
+              or paid two different answers, sink (the default; docs/algorithm.md, docs/quality.md)
   gradalign   cosine with the validation gradient (the paper's method)
   dot         inner product with the validation gradient
   accgreedy   pass rate closest to 0.5 first
@@ -127,6 +129,7 @@ class Candidates:
     score_cos: np.ndarray
     score_dot: np.ndarray
     consistency: np.ndarray  # judge_consistency; 1 where a store predates it
+    breaks_contract: np.ndarray  # two paid answers under a one-answer judge; False where a store predates it
     zero_advantage: np.ndarray
     groups: dict  # column name -> values, for --balance (BALANCE_COLUMNS)
     rows: np.ndarray  # each candidate's row in the table it was read from
@@ -138,8 +141,10 @@ class Candidates:
 
         consistency = (np.nan_to_num(floats("judge_consistency"), nan=1.0) if "judge_consistency" in table.column_names
                        else np.ones(table.num_rows))
+        broken = (np.asarray(table.column("breaks_contract").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+                  if "breaks_contract" in table.column_names else np.zeros(table.num_rows, dtype=bool))
         return cls(table.column("problem_id").to_pylist(), floats("pass_rate"), floats("score_cos"),
-                   floats("score_dot"), consistency,
+                   floats("score_dot"), consistency, broken,
                    np.asarray(table.column("zero_advantage").to_numpy(zero_copy_only=False), dtype=bool),
                    {c: table.column(c).to_pylist() for c in BALANCE_COLUMNS if c in table.column_names},
                    np.arange(table.num_rows))
@@ -154,7 +159,8 @@ class Candidates:
 
     def take(self, positions: np.ndarray) -> "Candidates":
         return Candidates([self.ids[i] for i in positions], self.pass_rate[positions], self.score_cos[positions],
-                          self.score_dot[positions], self.consistency[positions], self.zero_advantage[positions],
+                          self.score_dot[positions], self.consistency[positions], self.breaks_contract[positions],
+                          self.zero_advantage[positions],
                           {c: [v[i] for i in positions] for c, v in self.groups.items()}, self.rows[positions])
 
 
@@ -210,7 +216,7 @@ def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: i
     if cfg.mode == "gradalign":
         return base
     if cfg.mode == "reliable":
-        return base - 2 * (1 - c.consistency)
+        return base - 2 * (1 - judge_reliability(c))
     if cfg.mode == "dot":
         return c.score_dot
     if cfg.mode == "accgreedy":
@@ -251,6 +257,15 @@ def warn_if_sketch_alignment(manifest: dict, cfg: SelectConfig, directory: Path)
                  "sketches (`score --alignment sketch`); for the one computed in the gradient pass, rescore with "
                  "`gradsel score --alignment lowrank`"
                  + (" --feature projected" if spec.get("feature") == "head" else "") + " (the rollouts are reused)")
+
+
+def judge_reliability(c: Candidates) -> np.ndarray:
+    """How far each candidate's rewards can be trusted, in [0, 1]: its judge consistency, and 0,
+    the lowest, where it breaks its judge's contract. A binary judge that compares an answer with
+    one reference pays at most one answer class per problem, so two paid answers prove the judge
+    did not read them, however consistent it looked on the pairs that happened to repeat an answer
+    (rare at k = 8 on a model that seldom repeats itself)."""
+    return np.where(c.breaks_contract, 0.0, c.consistency)
 
 
 def resolve_target(target: str, feature: str, mode: str) -> str:

@@ -29,7 +29,8 @@ def store_summary(path: Path) -> dict:
         "store": str(path), "format_version": manifest.get("format_version"),
         "checkpoint": {"path": snap.get("source_path"), "content_hash": snap.get("content_hash")},
         "rollouts": {split: {"problems_file": r["problems_file"], "n": r["sampling"]["n"], "engine": r["engine"],
-                             "rewards": rewards_by_source(r.get("rewards_by_data_source"))}
+                             "rewards": rewards_by_source(r.get("rewards_by_data_source")),
+                             "contract": contract_shares(r.get("contract"))}
                      for split, r in (manifest.get("rollouts") or {}).items()},
         "rounds": rounds,
         "costs": manifest.get("costs", {}),
@@ -71,6 +72,8 @@ def show_store(summary: dict) -> None:
         table.add_row(f"rollouts/{split}", f"k={r['n']} via {r['engine']} from {r['problems_file']}")
         if r.get("rewards"):
             table.add_row(f"rewards/{split}", describe_rewards_by_source(r["rewards"]))
+        if r.get("contract"):
+            table.add_row(f"judge contract/{split}", describe_contract(r["contract"]))
     add_warning_rows(table, summary)
     if "projector" in summary:
         p = summary["projector"]
@@ -106,6 +109,23 @@ def describe_rewards_by_source(rewards: dict[str, dict[str, int | None]]) -> str
     return "; ".join(f"{source or '(empty)'}: " + ", ".join(name if n is None else f"{name} {n}"
                                                            for name, n in judges.items())
                      for source, judges in rewards.items())
+
+
+def contract_shares(recorded: list[dict] | None) -> list[dict] | None:
+    """Per (data source, reward) pair whose judge promises one paid answer (rewards.breaks_contract):
+    its mixed problems, how many were paid two answers, and their share. None where the store's
+    rollouts predate the record."""
+    if recorded is None:
+        return None
+    return [{"data_source": c["data_source"], "reward": c["reward"], "mixed": c["mixed"], "broken": c["broken"],
+             "share": round(c["broken"] / c["mixed"], 4) if c["mixed"] else 0.0}
+            for c in recorded if c["one_answer"]]
+
+
+def describe_contract(shares: list[dict]) -> str:
+    """'arith/add2 random: 45 of 50 mixed problems paid two answers (90%); arith/add2 int: 0 of 60 (0%)'."""
+    return "; ".join(f"{c['data_source'] or '(empty)'} {c['reward']}: {c['broken']} of {c['mixed']} mixed problems "
+                     f"paid two answers ({c['share']:.0%})" for c in shares)
 
 
 def data_warnings(manifest: dict) -> list[str]:
