@@ -56,12 +56,23 @@ def debug(message: str) -> None:
         stderr.print(f"[dim]{message}[/dim]")
 
 
+_WARNED: set[str] = set()  # every warning this process printed (warn_once skips a repeat)
+
+
 def warn(message: str) -> None:
     """`warning:` and the message on one line however long (a log is grepped), the message taken
     literally: a quoted response's `[...]` is text, not rich markup."""
     from rich.markup import escape
 
+    _WARNED.add(message)
     stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+
+
+def warn_once(message: str) -> None:
+    """warn, unless this process printed the same warning already: a recipe that passes the same
+    stage several times (the demo, refresh) says a finding about the data once."""
+    if message not in _WARNED:
+        warn(message)
 
 
 class BarProgress(Progress):

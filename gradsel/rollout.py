@@ -453,7 +453,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
         console.info(f"rollouts/{split}: complete, reused ({len(problems)} problems)")
         recorded = store.read_manifest().get("rollouts", {}).get(split, {})
         for warning in recorded.get("warnings", []) if recorded.get("key") == key else []:
-            console.warn(warning["message"])  # reused rollouts still hold the problem
+            console.warn_once(warning["message"])  # reused rollouts still hold the problem (said once a process)
         return shards
     # Every check runs before anything is written, so a refused run leaves the store as it was.
     rewards_by_source = check_rewards(problems, reward)

@@ -102,3 +102,16 @@ def test_check_sample_needs_a_model(mixed_data):
     proc = run_cli("check", "--pool", str(mixed_data[0]), "--sample", "4", check=False)
     assert proc.returncode == 2 and "error: --sample" in proc.stderr and "hint:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_finding_reused_in_one_process_is_said_once(capfd):
+    """The demo and refresh pass a rollout stage several times in one process: its recorded
+    warnings are said once, not at every reuse."""
+    from gradsel import console
+
+    console.warn("rollouts/train: a finding")
+    console.warn_once("rollouts/train: a finding")
+    console.warn_once("rollouts/val: another")
+    console.warn_once("rollouts/val: another")
+    err = capfd.readouterr().err
+    assert err.count("a finding") == 1 and err.count("another") == 1
