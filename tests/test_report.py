@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pyarrow.compute as pc
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -53,7 +54,27 @@ def test_info_shows_what_each_stage_cost(rounds_store):
     assert rollouts["tokens"] == generated and rollouts["tokens_per_s"] > 0
     for name in STAGES:
         assert costs[name]["wall_s"] >= 0 and costs[name]["peak_rss_bytes"] > 100 * 2**20, name
-    assert costs["gradients/train"]["tokens"] > generated  # prompts and responses both go through the model
+    # The gradient pass runs each problem's prompt once and each distinct response once over it
+    # (the shared-prompt pass, docs/algorithm.md): the prompt less its last token, then per
+    # response that token and the response. Problems whose rewards all agree are not run, nor a
+    # response whose copies' advantages cancel (a coin-flip judge paid the same answer 1 and 0).
+    from gradsel.gradients import group_advantages
+
+    table = pa.concat_tables(pq.read_table(s, columns=["problem_id", "prompt_token_ids", "response_token_ids",
+                                                       "reward"]) for s in shards).to_pylist()
+    by_problem: dict[str, list[dict]] = {}
+    for row in table:
+        by_problem.setdefault(row["problem_id"], []).append(row)
+    expected = 0
+    for rows in by_problem.values():
+        advantages: dict[tuple, list[float]] = {}
+        for row, a in zip(rows, group_advantages([row["reward"] for row in rows])):
+            advantages.setdefault(tuple(row["response_token_ids"]), []).append(a)
+        kept = [r for r, a in advantages.items() if abs(sum(a)) > 1e-12 * sum(map(abs, a))]
+        if kept:
+            expected += len(rows[0]["prompt_token_ids"]) - 1 + sum(1 + len(r) for r in kept)
+    unshared = sum(len(row["prompt_token_ids"]) + len(row["response_token_ids"]) for row in table)
+    assert costs["gradients/train"]["tokens"] == expected < unshared
 
 
 def test_report_is_one_self_contained_deterministic_file(rounds_store, tmp_path):
