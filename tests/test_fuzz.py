@@ -111,9 +111,10 @@ def test_random_arguments_never_give_a_traceback(tmp_path_factory, command, pair
         if option not in ("--all", "-q", "--verbose"):
             argv.append(str(missing / value.replace("/", "_")) if option in ("--store", "--pool", "--val", "--problems", "--out") else value)
     err = io.StringIO()
-    old_argv, old_stderr_file = sys.argv, cli.console.stderr.file
+    # The console writes to whatever sys.stderr is at the time (redirected below). Setting its
+    # `file` would pin it to this test's stream for every later test in the process.
+    old_argv = sys.argv
     sys.argv = ["gradsel", *argv]
-    cli.console.stderr.file = err
     try:
         # In process, for speed; protect_stdout would re-point this test process's own fd 1.
         with mock.patch.object(cli.console, "protect_stdout", lambda: sys.stdout), \
@@ -122,7 +123,6 @@ def test_random_arguments_never_give_a_traceback(tmp_path_factory, command, pair
                 cli.main()
     finally:
         sys.argv = old_argv
-        cli.console.stderr.file = old_stderr_file
         cli.console.set_verbosity()
     text = err.getvalue()
     assert "Traceback" not in text, (argv, text)

@@ -200,6 +200,7 @@ def test_score_on_a_model_that_cannot_share_warns_once_and_records_why(tmp_path)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mpt")
     tok.save_pretrained(tmp_path / "mpt")
     proc, manifest, _ = _score_cli(tmp_path, tmp_path / "mpt")
-    assert proc.stderr.count("warning:") == 1 and "prompts are not shared" in proc.stderr
+    # Said once a run (the coin-flip reward of this pool may add its own judge-contract warning).
+    assert proc.stderr.count("warning: prompts are not shared") == 1
     assert manifest["prompt_sharing"]["used"] is False
     assert "does not give a response the same logits" in manifest["prompt_sharing"]["reason"]
