@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsel.audit import AuditConfig, audit_stages, store_checkpoint, store_stages, val_rows_from_store
-from gradsel.tasks import answer_of, model_wrong_key, parse_prompt, write_regime
+from gradsel.review.audit import AuditConfig, audit_stages, store_checkpoint, store_stages, val_rows_from_store
+from gradsel.demo.tasks import answer_of, model_wrong_key, parse_prompt, write_regime
 
 
 def auroc(scores: np.ndarray, wrong: np.ndarray) -> float:

@@ -43,7 +43,7 @@ def train_cos(store: Path) -> dict[str, float]:
 
 def check_projection(work: Path) -> dict:
     """The same rollouts (the transformers engine, on the CPU) scored on the CPU and on CUDA."""
-    from gradsel.tasks import write_regime
+    from gradsel.demo.tasks import write_regime
 
     write_regime(work / "data", "noisy", size=200, val_size=40, seed=0)
     common = ["score", "--model", "tiny-arith", "--pool", str(work / "data/pool.parquet"), "--val",

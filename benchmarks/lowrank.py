@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def read_split(store: Path, split: str):
-    from gradsel.rollout import read_rollouts
+    from gradsel.rollout.stage import read_rollouts
 
     stage = store / "rollouts" / split
     return read_rollouts(stage, len(list(stage.glob("shard-*.parquet"))))
@@ -50,10 +50,10 @@ def main() -> None:
 
     import numpy as np
 
-    from gradsel.demo import spearman
+    from gradsel.demo.run import spearman
     from gradsel.gradients import (LowRank, alignment_cost, groups_from_table, truncate_validation_gradient, make_spec,
                                    projected_features, validation_gradient)
-    from gradsel.models import load_causal_lm, load_tokenizer
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm("tiny-arith")
     kw = dict(loss_agg="seq-mean-token-mean", pad_id=load_tokenizer("tiny-arith").pad_token_id, max_tokens=2048)

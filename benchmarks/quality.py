@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsel import console
-from gradsel.pipeline import RolloutOptions, run_score
-from gradsel.score import ScoreConfig, parse_sketch
-from gradsel.select import MODES, SelectConfig, mode_scores, select
-from gradsel.store import open_store
-from gradsel.tasks import model_wrong_key, regime_truth, write_regime
+from gradsel.core import console
+from gradsel.pipeline.score import RolloutOptions, run_score
+from gradsel.gradients.stage import ScoreConfig, parse_sketch
+from gradsel.selection.select import MODES, SelectConfig, mode_scores, select
+from gradsel.store.stages import open_store
+from gradsel.demo.tasks import model_wrong_key, regime_truth, write_regime
 
 FEATURES = {"projected": {}, "head": {"feature": "head"}, "exact": {"feature": "exact", "modules": r"\.layers\.\d+\."}}
 VECTOR_FREE = ("gradalign", "dot", "accgreedy", "band", "simacc", "random", "reliable")

@@ -25,12 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from gradsel.models import resolve_model_path
-from gradsel.problems import read_problems
-from gradsel.rollout import (HFEngine, SamplingConfig, VLLMEngine, encode_prompts, problem_seed,
+from gradsel.inputs.models import resolve_model_path
+from gradsel.inputs.problems import read_problems
+from gradsel.rollout.stage import (HFEngine, SamplingConfig, VLLMEngine, encode_prompts, problem_seed,
                              run_rollout_stage)
-from gradsel.store import open_store
-from gradsel.tasks import write_regime
+from gradsel.store.stages import open_store
+from gradsel.demo.tasks import write_regime
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def bench_problems(data: str, size: int):
     """`size` problems: the bundled arithmetic pool, or GSM8K word problems in verl's row shape."""
     import sys
 
-    from gradsel.problems import problem_from_row
+    from gradsel.inputs.problems import problem_from_row
 
     if data == "arith":
         work = Path(tempfile.mkdtemp(prefix="gradsel-bench-"))

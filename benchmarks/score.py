@@ -51,7 +51,7 @@ def build_model(name: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gradsel.models import load_causal_lm
+    from gradsel.inputs.models import load_causal_lm
 
     if name == "tiny":
         return load_causal_lm("tiny-arith")
@@ -198,7 +198,7 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
 
 def run_bergson(python: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int) -> dict:
     """Time `bergson build` on one and on five copies of the rollouts, each in a fresh process."""
-    from gradsel.models import load_tokenizer
+    from gradsel.inputs.models import load_tokenizer
 
     model, groups, n_tokens = workload(model_name, n_problems, k)
     rows = [{"problem_id": g.problem_id, "input_ids": p + r, "labels": [-100] * len(p) + r, "reward": reward}

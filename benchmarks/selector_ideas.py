@@ -24,10 +24,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import auroc  # noqa: E402
 
-from gradsel.index import load_vectors, module_bases  # noqa: E402
-from gradsel.select import load_scores  # noqa: E402
-from gradsel.store import open_store  # noqa: E402
-from gradsel.tasks import regime_truth  # noqa: E402
+from gradsel.selection.index import load_vectors, module_bases  # noqa: E402
+from gradsel.selection.select import load_scores  # noqa: E402
+from gradsel.store.stages import open_store  # noqa: E402
+from gradsel.demo.tasks import regime_truth  # noqa: E402
 
 
 def unit(a: np.ndarray) -> np.ndarray:

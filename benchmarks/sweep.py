@@ -18,12 +18,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from gradsel import console
-from gradsel.pipeline import RolloutOptions, run_score
-from gradsel.score import ScoreConfig
-from gradsel.select import SelectConfig, mode_scores, select
-from gradsel.store import open_store
-from gradsel.tasks import regime_truth, write_regime
+from gradsel.core import console
+from gradsel.pipeline.score import RolloutOptions, run_score
+from gradsel.gradients.stage import ScoreConfig
+from gradsel.selection.select import SelectConfig, mode_scores, select
+from gradsel.store.stages import open_store
+from gradsel.demo.tasks import regime_truth, write_regime
 
 from quality import auroc  # benchmarks/quality.py
 

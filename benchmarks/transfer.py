@@ -10,7 +10,7 @@ The model is fine-tuned (supervised: cross-entropy on the answer tokens and EOS,
 32 drawn from A) and greedy accuracy on A, B and C is measured before and after. Two arms:
 
   correct  A with its true answers: does B improve with A (transfer)?
-  wrong    A with plausible wrong answers (`gradsel.tasks.wrong_answer`): does harm transfer to B?
+  wrong    A with plausible wrong answers (`gradsel.demo.tasks.wrong_answer`): does harm transfer to B?
 
 Prints a Markdown table of the accuracy changes, mean +- std over seeds.
 """
@@ -23,8 +23,8 @@ import statistics
 
 import torch
 
-from gradsel.models import load_causal_lm, load_tokenizer
-from gradsel.tasks import DOMAINS, answer_of, prompt_text, wrong_answer
+from gradsel.inputs.models import load_causal_lm, load_tokenizer
+from gradsel.demo.tasks import DOMAINS, answer_of, prompt_text, wrong_answer
 
 
 def split_pairs(domain: str, size: int, seed: int) -> tuple[list, list]:

@@ -42,8 +42,8 @@ def gradsel(*args: str) -> str:
 
 def reward_fn(completions, reward_model, extra_info, data_source, **_):
     """gradsel's registry reward for each completion, in TRL's reward-function signature."""
-    from gradsel.problems import Problem
-    from gradsel.rewards import resolve_reward
+    from gradsel.inputs.problems import Problem
+    from gradsel.rewards.registry import resolve_reward
 
     out = []
     for i, (completion, rm, extra, source) in enumerate(zip(completions, reward_model, extra_info, data_source)):
@@ -87,8 +87,8 @@ def heldout_accuracy(model_dir: Path, n: int = 1000, samples: int = 4, seed: int
     `samples` completions at temperature 1.0 (what GRPO optimises), and `greedy`."""
     import torch
 
-    from gradsel.models import load_causal_lm, load_tokenizer
-    from gradsel.tasks import make_regime
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
+    from gradsel.demo.tasks import make_regime
 
     rows, _ = make_regime("clean", size=n, val_size=1, seed=seed)
     answers = [r["reward_model"]["ground_truth"] for r in rows]
@@ -113,8 +113,8 @@ def choose(arm: str, store: Path, data_dir: Path, regime: str, out: Path, top_k:
     """Write the round's subset as verl Parquet; return its size."""
     import pyarrow.parquet as pq
 
-    from gradsel.problems import problem_from_row
-    from gradsel.tasks import regime_truth
+    from gradsel.inputs.problems import problem_from_row
+    from gradsel.demo.tasks import regime_truth
 
     common = ["select", "--store", str(store), "--format", "verl", "--out", str(out), "--force", "--seed", str(seed)]
     if arm == "whole":
@@ -134,7 +134,7 @@ def choose(arm: str, store: Path, data_dir: Path, regime: str, out: Path, top_k:
 
 
 def run_arm(arm: str, base: Path, regime: str, seed: int, args) -> None:
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     out = base / arm
     if (out / "results.json").is_file():
@@ -164,13 +164,13 @@ def settings(args) -> dict:
 
 def prepare(base: Path, regime: str, seed: int, args) -> None:
     """Data, the round-0 store and round-0 accuracy: shared by every arm of (regime, seed)."""
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     if (base / "round0.json").is_file():
         return
     model = resolve_model_path("tiny-arith")
     if regime == "wrong-answer" and args.wrong_keys == "model":  # not a demo-data option: written here
-        from gradsel.tasks import model_wrong_key, write_regime
+        from gradsel.demo.tasks import model_wrong_key, write_regime
 
         write_regime(base / "data", regime, size=args.chunk_size * args.rounds, seed=seed,
                      wrong_key=model_wrong_key(str(model)))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gradsel.tasks import DOMAINS, answer_of, identity_problem, prompt_text
+from gradsel.demo.tasks import DOMAINS, answer_of, identity_problem, prompt_text
 
 CHARS = list("0123456789+-*=")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]

@@ -39,7 +39,7 @@ def assert_same_features(found: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="session")
 def noisy_data(tmp_path_factory) -> Path:
-    from gradsel.tasks import write_regime
+    from gradsel.demo.tasks import write_regime
 
     out = tmp_path_factory.mktemp("noisy")
     write_regime(out, "noisy", size=60, val_size=12, seed=0)

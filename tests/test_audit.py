@@ -19,14 +19,14 @@ ROLLOUT = ["--engine", "hf", "--max-tokens", "8", "--n", "8", "--seed", "0"]
 
 
 def _truth(prompt: str) -> str:
-    from gradsel.tasks import answer_of, parse_prompt
+    from gradsel.demo.tasks import answer_of, parse_prompt
 
     return str(answer_of(*parse_prompt(prompt)))
 
 
 @pytest.fixture(scope="module")
 def wrong_store(tmp_path_factory) -> tuple[Path, Path]:
-    from gradsel.tasks import model_wrong_key, write_regime
+    from gradsel.demo.tasks import model_wrong_key, write_regime
 
     work = tmp_path_factory.mktemp("audit")
     write_regime(work / "data", "wrong-answer", size=40, val_size=8, seed=0, wrong_key=model_wrong_key("tiny-arith"))
@@ -55,7 +55,7 @@ def test_audit_lists_contradicted_wrong_keys_and_fix_changes_only_them(wrong_sto
     truth = {pid: _truth(r["prompt"][0]["content"]) for pid, r in zip(ids, rows)}
     # Every planted wrong key that most of the rollouts contradict with the true answer is listed,
     # and the true answer is proposed for it.
-    from gradsel.audit import DEFAULT_THRESHOLD, AuditConfig, audit_stages, store_stages
+    from gradsel.review.audit import DEFAULT_THRESHOLD, AuditConfig, audit_stages, store_stages
 
     evidence = {e.problem_id: e for e in audit_stages(store_stages(store)[0], AuditConfig()).evidence}
     contradicted = {pid for pid in wrong if evidence[pid].plurality_answer == truth[pid]

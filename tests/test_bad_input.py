@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import GRADSEL, ROOT, run_cli
-from gradsel.models import resolve_model_path
-from gradsel.tasks import write_regime
+from gradsel.inputs.models import resolve_model_path
+from gradsel.demo.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "4", "--n-val", "8"]
 

@@ -6,8 +6,8 @@ import importlib.util
 import typer
 
 from conftest import ROOT, run_cli
-from gradsel import choices
-from gradsel.cli import app
+from gradsel.core import choices
+from gradsel.cli.app import app
 
 
 def _command(name):

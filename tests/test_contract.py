@@ -12,8 +12,8 @@ import pytest
 from conftest import run_cli
 from verl_data import write_parquet
 
-from gradsel.problems import Problem
-from gradsel.rewards import REGISTRY, _verl_style, breaks_contract, paid_answers, promises_one_answer, resolve_reward
+from gradsel.inputs.problems import Problem
+from gradsel.rewards.registry import REGISTRY, _verl_style, breaks_contract, paid_answers, promises_one_answer, resolve_reward
 
 SCORE = ["--engine", "hf", "--n", "8", "--n-val", "8", "--max-tokens", "6"]
 RANDOM_WARNING = "reward random paid two or more different answers to"
@@ -22,7 +22,7 @@ RANDOM_WARNING = "reward random paid two or more different answers to"
 def _rows(size: int, split: str, coin_flips: int = 0) -> list[dict]:
     import random
 
-    from gradsel.tasks import verl_row
+    from gradsel.demo.tasks import verl_row
 
     rng = random.Random(f"test-contract/{split}")
     return [verl_row(rng.randint(10, 99), "+", rng.randint(10, 99), domain="add2", split=split, index=i,
@@ -51,7 +51,7 @@ def _scores(store) -> dict[str, dict]:
 
 
 def _coin_flipped(pool) -> dict[str, bool]:
-    from gradsel.problems import read_problems
+    from gradsel.inputs.problems import read_problems
 
     return {p.problem_id: bool(p.extra_info["corrupted"]) for p in read_problems(pool).problems}
 

@@ -4,9 +4,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from gradsel.problems import read_problems
-from gradsel.schema import VERL_PROBLEMS
-from gradsel.tasks import DOMAINS, REGIMES, answer_of, make_regime, write_regime
+from gradsel.inputs.problems import read_problems
+from gradsel.core.schema import VERL_PROBLEMS
+from gradsel.demo.tasks import DOMAINS, REGIMES, answer_of, make_regime, write_regime
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -67,7 +67,7 @@ def test_regime_labels():
 
 
 def test_wrong_answer_regime_hides_which_rows_are_wrong(tmp_path):
-    from gradsel.tasks import TRUTH_FILE, parse_prompt
+    from gradsel.demo.tasks import TRUTH_FILE, parse_prompt
 
     pool_path, _ = write_regime(tmp_path, "wrong-answer", size=100, val_size=10, seed=0)
     truth = json.loads((tmp_path / TRUTH_FILE).read_text())
@@ -95,7 +95,7 @@ def test_wrong_answer_regime_hides_which_rows_are_wrong(tmp_path):
 
 def test_regime_truth_marks_exactly_the_wanted_rows(tmp_path):
     """The benchmarks' and the loop oracle's ground truth: what write_regime made, read back."""
-    from gradsel.tasks import parse_prompt, regime_truth
+    from gradsel.demo.tasks import parse_prompt, regime_truth
 
     for regime, size in (("noisy", 60), ("low-utility", 60), ("imbalance", 60), ("wrong-answer", 60)):
         write_regime(tmp_path / regime, regime, size=size, val_size=5, seed=3)
@@ -116,8 +116,8 @@ def test_model_written_wrong_keys_are_answers_the_model_gives(tmp_path):
     answer, so unlike most slips the model writes it: a wrongly keyed row then has a GRPO signal."""
     import torch
 
-    from gradsel.models import load_causal_lm, load_tokenizer
-    from gradsel.tasks import TRUTH_FILE, model_wrong_key, parse_prompt, prompt_text
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
+    from gradsel.demo.tasks import TRUTH_FILE, model_wrong_key, parse_prompt, prompt_text
 
     write_regime(tmp_path, "wrong-answer", size=30, val_size=2, seed=1, wrong_key=model_wrong_key("tiny-arith"))
     wrong = set(json.loads((tmp_path / TRUTH_FILE).read_text())["wrong_answer_ids"])

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradsel.errors import GradselError
-from gradsel.problems import read_problems
+from gradsel.core.errors import GradselError
+from gradsel.inputs.problems import read_problems
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -102,7 +102,7 @@ VALUES = st.one_of(st.sampled_from(["0", "-1", "1.5", "nan", "16x", "0x0", "grad
 @settings(max_examples=120, deadline=None)
 @given(st.sampled_from(COMMANDS), st.lists(st.tuples(st.sampled_from(OPTIONS), VALUES), max_size=5))
 def test_random_arguments_never_give_a_traceback(tmp_path_factory, command, pairs):
-    from gradsel import cli
+    from gradsel.cli.app import app as cli
 
     missing = tmp_path_factory.mktemp("fuzz") / "does-not-exist"  # every path the fuzzer names is absent
     argv = [command] if command else []

@@ -7,7 +7,7 @@ import torch
 from gradsel.gradients import (ProblemRollouts, exact_parameters, exact_problem_gradient, expert_signs,
                                group_advantages, head_features, make_spec, module_projections, projected_features,
                                projection_matrix, resolve_units)
-from gradsel.models import load_causal_lm
+from gradsel.inputs.models import load_causal_lm
 
 LOSS_AGG = "seq-mean-token-mean"
 
@@ -146,7 +146,7 @@ def test_architectures_built_in_code(arch):
 def test_unsupported_module_type_is_refused_not_skipped():
     from transformers import AutoModelForCausalLM
 
-    from gradsel.errors import GradselError
+    from gradsel.core.errors import GradselError
 
     model = AutoModelForCausalLM.from_config(tiny_config("gpt2"))
     with pytest.raises(GradselError, match="unsupported module type.*Conv1D"):

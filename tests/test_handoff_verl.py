@@ -16,8 +16,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 from gradsel.integrations import recorded_selection
-from gradsel.problems import read_problems
-from gradsel.tasks import write_regime
+from gradsel.inputs.problems import read_problems
+from gradsel.demo.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
 # Separate environments where verl and OpenRLHF are installed (never gradsel's own venv), made by
@@ -183,7 +183,7 @@ def test_the_handed_off_parquet_loads_in_verls_own_dataset_and_the_moved_state_w
     loads the moved-aside state (what verl's resume does with data.pt) would skip some: the hazard
     the hand-off removes. Runs in a separate environment where verl is installed."""
     skip_unless_importable(VERL_PYTHON, "verl.utils.dataset.rl_dataset", "verl", "GRADSEL_VERL_PYTHON")
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     model = str(resolve_model_path("tiny-arith"))
     ckpts = verl_checkpoints(tmp_path / "ckpts")
@@ -225,7 +225,7 @@ def test_openrlhf_reads_the_selection_with_its_own_prompt_reader(store, tmp_path
     skip_unless_importable(OPENRLHF_PYTHON, "openrlhf.datasets.utils", "openrlhf", "GRADSEL_OPENRLHF_PYTHON")
     from transformers import AutoTokenizer
 
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     out = tmp_path / "round0.jsonl"
     run_cli("select", "--store", str(store), "--top-k", "4", "--allow-fewer", "--include-zero-advantage",

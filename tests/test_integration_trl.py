@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 from gradsel.integrations import recorded_selection
 from gradsel.integrations.trl import SelectionSampler
-from gradsel.models import resolve_model_path
-from gradsel.tasks import write_regime
+from gradsel.inputs.models import resolve_model_path
+from gradsel.demo.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
 SELECT = ["--top-k", "4", "--allow-fewer", "--include-zero-advantage", "--format", "ids"]
@@ -69,8 +69,8 @@ def test_sampler_refuses_an_epoch_without_a_whole_batch():
 def reward_recorder(drawn: list[list[str]]):
     """gradsel's registry reward, in TRL's reward-function signature, noting the problems of every
     generation batch the trainer drew."""
-    from gradsel.problems import Problem
-    from gradsel.rewards import resolve_reward
+    from gradsel.inputs.problems import Problem
+    from gradsel.rewards.registry import resolve_reward
 
     def reward(completions, reward_model, extra_info, data_source, **_):
         drawn.append([f"{s}:{e['index']}" for s, e in zip(data_source, extra_info)])

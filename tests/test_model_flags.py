@@ -5,11 +5,11 @@ model in a notebook and then trains it must train it."""
 import pytest
 import torch
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 from gradsel.gradients import (ProblemRollouts, exact_parameters, exact_problem_gradient, group_advantages,
                                make_spec, projected_features, resolve_units, truncate_validation_gradient,
                                validation_gradient)
-from gradsel.models import load_causal_lm
+from gradsel.inputs.models import load_causal_lm
 from test_gradients import LOSS_AGG, toy_groups
 
 

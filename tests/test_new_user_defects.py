@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import GRADSEL, ROOT, run_cli
-from gradsel.problems import read_problems
-from gradsel.tasks import verl_row, write_regime
+from gradsel.inputs.problems import read_problems
+from gradsel.demo.tasks import verl_row, write_regime
 from test_bad_input import assert_user_error
 from verl_data import gsm8k_rows, math_rows, write_parquet
 
@@ -218,7 +218,7 @@ def test_read_only_store_selects_and_unwritable_places_are_user_errors(world_rea
 # -- 6, 18. refresh: an incomplete round, another vocabulary ------------------------------------------
 
 def _rounds_store(tmp_path):
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
     store = tmp_path / "store"
@@ -271,7 +271,7 @@ def lora_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     base_dir = resolve_model_path("tiny-arith")
     lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
@@ -305,7 +305,7 @@ def test_a_lora_adapter_rolls_out_through_vllm(lora_adapter, tmp_path):
 # -- 11. a checkpoint still being written ---------------------------------------------------------------
 
 def test_a_truncated_safetensors_file_is_a_user_error(tmp_path):
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     model = tmp_path / "model"
     shutil.copytree(resolve_model_path("tiny-arith"), model)
@@ -345,7 +345,7 @@ def test_an_interrupt_says_what_was_kept_even_when_started_in_the_background(tmp
 # -- 7. the hint for a round without a selection -----------------------------------------------------
 
 def test_a_round_without_a_selection_names_the_select_that_helps(tmp_path):
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
     store = tmp_path / "store"

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from verl_data import gsm8k_routed_arith, write_parquet
 
-from gradsel.rewards import REGISTRY
+from gradsel.rewards.registry import REGISTRY
 
 GSM8K_WARNING = "no rollout of data source 'openai/gsm8k' was paid by reward gsm8k"
 
@@ -18,7 +18,7 @@ GSM8K_WARNING = "no rollout of data source 'openai/gsm8k' was paid by reward gsm
 @pytest.fixture(scope="module")
 def mixed_data(tmp_path_factory):
     """10 gsm8k-routed problems and 10 arithmetic ones (routed to the `int` judge); 8 for validation."""
-    from gradsel.tasks import make_regime
+    from gradsel.demo.tasks import make_regime
 
     out = tmp_path_factory.mktemp("mixed")
     arith, val = make_regime("clean", size=10, val_size=8, seed=3)
@@ -107,7 +107,7 @@ def test_check_sample_needs_a_model(mixed_data):
 def test_a_finding_reused_in_one_process_is_said_once(capfd):
     """The demo and refresh pass a rollout stage several times in one process: its recorded
     warnings are said once, not at every reuse."""
-    from gradsel import console
+    from gradsel.core import console
 
     console.warn("rollouts/train: a finding")
     console.warn_once("rollouts/train: a finding")

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gradsel.errors import GradselError
-from gradsel.problems import read_problems
+from gradsel.core.errors import GradselError
+from gradsel.inputs.problems import read_problems
 
 
 def write_jsonl(path, rows):

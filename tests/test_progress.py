@@ -4,7 +4,7 @@
 import re
 
 from conftest import run_cli
-from gradsel.console import PLAIN_INTERVAL_S, PlainProgress
+from gradsel.core.console import PLAIN_INTERVAL_S, PlainProgress
 
 
 class Clock:
@@ -46,7 +46,7 @@ def test_plain_lines_are_throttled_to_one_per_interval_besides_shard_ends():
 def test_a_captured_run_logs_a_line_per_shard(tmp_path):
     """stderr captured (not a terminal): every shard of the rollouts and of the gradients ends with
     a plain line. Before, a log held only the bar's last state, drawn when the stage ended."""
-    from gradsel.tasks import write_regime
+    from gradsel.demo.tasks import write_regime
 
     pool, val = write_regime(tmp_path / "data", "noisy", size=20, val_size=4)
     proc = run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val),

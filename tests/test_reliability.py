@@ -125,8 +125,8 @@ def _selection(store: Path) -> list[str]:
 def run_faults(work: Path, kills: int, seed: int = 0) -> list[Chain]:
     """Kill chains of `rollout`, `score` (round 0) and `refresh` (round 1), each against a store
     made by the same command uninterrupted."""
-    from gradsel.models import resolve_model_path
-    from gradsel.tasks import write_regime
+    from gradsel.inputs.models import resolve_model_path
+    from gradsel.demo.tasks import write_regime
 
     pool, val = write_regime(work / "data", "noisy", size=24, val_size=6, seed=4)
     ckpt2 = work / "ckpt2"
@@ -190,7 +190,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_store(tmp_path):
 
 def test_readers_never_see_a_round_being_written(tmp_path):
     """While refresh writes round 1, select and info read round 0, whole, and never block."""
-    from gradsel.tasks import write_regime
+    from gradsel.demo.tasks import write_regime
 
     pool, val = write_regime(tmp_path / "data", "clean", size=12, val_size=4, seed=1)
     store = tmp_path / "store"

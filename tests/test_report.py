@@ -13,8 +13,8 @@ import pytest
 
 from browser import Chromium, find_chromium
 from conftest import ROOT, run_cli
-from gradsel.models import resolve_model_path
-from gradsel.tasks import write_regime
+from gradsel.inputs.models import resolve_model_path
+from gradsel.demo.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6", "--shard-size", "16"]
 STAGES = {"rollouts/train", "rollouts/val", "gradients/train", "gradients/val", "scores"}

@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from gradsel.errors import GradselError
-from gradsel.problems import Problem
-from gradsel.rewards import resolve_reward
+from gradsel.core.errors import GradselError
+from gradsel.inputs.problems import Problem
+from gradsel.rewards.registry import resolve_reward
 
 
 def problem(answer="42", style="rule", source="arith/add2"):
@@ -63,7 +63,7 @@ def test_unknown_style_is_refused_but_verl_rule_routes_by_source():
 
 
 def test_final_answer_and_judge_consistency():
-    from gradsel.rewards import final_answer, judge_consistency
+    from gradsel.rewards.registry import final_answer, judge_consistency
 
     assert final_answer("so $\\boxed{\\frac{1}{2}}$") == "\\frac{1}{2}"
     assert final_answer("x = 12, so -7") == "-7" and final_answer("Yes  Sir") == "yes sir"
@@ -119,7 +119,7 @@ def test_dapo_sources_pay_plus_or_minus_one(source):
 
 
 def test_an_unrouted_data_source_is_refused_with_its_row_count():
-    from gradsel.rewards import check_rewards
+    from gradsel.rewards.registry import check_rewards
 
     rows = [verl_problem("my_org/gsm_hard", "1") for _ in range(3)] + [verl_problem("openai/gsm8k", "1")]
     with pytest.raises(GradselError, match=r"'my_org/gsm_hard' \(3 rows") as err:
@@ -131,14 +131,14 @@ def test_an_unrouted_data_source_is_refused_with_its_row_count():
 
 def test_an_unparsable_math_reference_is_refused():
     pytest.importorskip("math_verify")
-    from gradsel.rewards import check_rewards
+    from gradsel.rewards.registry import check_rewards
 
     with pytest.raises(GradselError, match="cannot parse the reference answer"):
         check_rewards([verl_problem("lighteval/MATH", "\\frac{")])
 
 
 def test_reward_verl_names_what_is_missing():
-    from gradsel.rewards import _override
+    from gradsel.rewards.registry import _override
 
     try:
         import verl.utils.reward_score  # noqa: F401
@@ -154,7 +154,7 @@ def test_reward_verl_names_what_is_missing():
 
 def test_math_answers_are_grouped_by_equivalence():
     pytest.importorskip("math_verify")
-    from gradsel.rewards import answer_classes
+    from gradsel.rewards.registry import answer_classes
 
     p = verl_problem("lighteval/MATH", "\\frac{1}{2}")
     judge = resolve_reward(p)
@@ -170,7 +170,7 @@ def test_math_answers_are_grouped_by_equivalence():
 
 
 def test_gsm8k_and_plugin_answers_use_the_routes_extraction(tmp_path, monkeypatch):
-    from gradsel.rewards import answer_classes
+    from gradsel.rewards.registry import answer_classes
 
     p = verl_problem("openai/gsm8k", "72")
     responses = ["so 3 apples\n#### 72", "7 cats\n#### 72", "#### 70", "no answer here 72"]

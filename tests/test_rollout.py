@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from gradsel.models import load_tokenizer
-from gradsel.problems import read_problems
-from gradsel.rollout import SamplingConfig, run_rollout_stage
-from gradsel.schema import ROLLOUTS
-from gradsel.snapshot import snapshot_into_store
-from gradsel.store import open_store
+from gradsel.inputs.models import load_tokenizer
+from gradsel.inputs.problems import read_problems
+from gradsel.rollout.stage import SamplingConfig, run_rollout_stage
+from gradsel.core.schema import ROLLOUTS
+from gradsel.inputs.snapshot import snapshot_into_store
+from gradsel.store.stages import open_store
 
 
 def rollout_into(store_dir, pool, n=4, split="train"):
@@ -138,8 +138,8 @@ def test_hf_engine_prefills_each_prompt_once_and_is_deterministic(noisy_data):
     """A problem's k rollouts come from one forward pass over its prompt (observed by a hook on the
     real model's forward), and the same prompts and seeds give the same rollouts, whatever else
     shares the batch."""
-    from gradsel.models import resolve_model_path
-    from gradsel.rollout import HFEngine, encode_prompts, problem_seed
+    from gradsel.inputs.models import resolve_model_path
+    from gradsel.rollout.stage import HFEngine, encode_prompts, problem_seed
 
     engine = HFEngine(resolve_model_path("tiny-arith"))
     problems = read_problems(noisy_data / "pool.parquet").problems[:5]

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import GRADSEL, ROOT, run_cli
-from gradsel.errors import GradselError
-from gradsel.models import resolve_model_path
-from gradsel.problems import read_problems
-from gradsel.rounds import round_selection
-from gradsel.store import writer_lock
-from gradsel.tasks import write_regime
+from gradsel.core.errors import GradselError
+from gradsel.inputs.models import resolve_model_path
+from gradsel.inputs.problems import read_problems
+from gradsel.pipeline.rounds import round_selection
+from gradsel.store.stages import writer_lock
+from gradsel.demo.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]
 

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from gradsel.schema import SCORES, stored_vectors
-from gradsel.tasks import write_regime
+from gradsel.core.schema import SCORES, stored_vectors
+from gradsel.demo.tasks import write_regime
 
 
 def spearman(a, b):
@@ -89,7 +89,7 @@ def test_moe_checkpoint_directory_scores_like_exact(tmp_path):
     import torch
     import transformers
 
-    from gradsel.models import load_tokenizer
+    from gradsel.inputs.models import load_tokenizer
 
     tokenizer = load_tokenizer("tiny-arith")
     config = transformers.MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,

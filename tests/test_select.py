@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import GRADSEL, ROOT, run_cli
-from gradsel.errors import GradselError
-from gradsel.fsutil import atomic_write_json, atomic_write_table
-from gradsel.problems import read_problems
-from gradsel.rollout import problems_to_table
-from gradsel.schema import SCORES, vectors_table
-from gradsel.select import SelectConfig, select
-from gradsel.store import FORMAT_VERSION, Store, write_shard
+from gradsel.core.errors import GradselError
+from gradsel.core.fsutil import atomic_write_json, atomic_write_table
+from gradsel.inputs.problems import read_problems
+from gradsel.rollout.stage import problems_to_table
+from gradsel.core.schema import SCORES, vectors_table
+from gradsel.selection.select import SelectConfig, select
+from gradsel.store.stages import FORMAT_VERSION, Store, write_shard
 
 SPEC = {"feature": "projected", "seed": 0, "k_out": 2, "k_in": 2, "blocks": 1, "modules": ["m"],
         "dims": [[4, 4]], "dtype": "float32", "kind": "rademacher"}
@@ -106,7 +106,7 @@ def test_auto_target_is_the_papers_for_the_papers_modes_and_subspace_for_reliabl
 
 def test_subspace_share_is_the_norm_of_the_projection_onto_the_validation_span(store):
     """Sign-blind and basis-free: what matters is the span of the validation vectors."""
-    from gradsel.index import subspace_share
+    from gradsel.selection.index import subspace_share
 
     directory = store.root / "features/f0"
     queries = np.array([[0, 0, 1, 0], [0, 1, 1, 0]], dtype=np.float32)  # spans e2 and e3
@@ -118,7 +118,7 @@ def test_subspace_share_is_the_norm_of_the_projection_onto_the_validation_span(s
 def test_subspace_share_weighs_every_module_alike(store):
     """Two modules of two dimensions each: a candidate's share is the mean over modules of the
     cosine between its slice and the validation span in that module, whatever the slices' norms."""
-    from gradsel.index import module_bases, subspace_share
+    from gradsel.selection.index import module_bases, subspace_share
 
     directory = store.root / "features/f0"
     queries = np.array([[3, 0, 0, 1], [5, 0, 0, 0]], dtype=np.float32)  # module 0: e0; module 1: e1 (one query)
@@ -179,7 +179,7 @@ def test_output_rows_equal_input_rows(store, tmp_path):
 
 
 def test_verl_round_trip_on_demo_data(tmp_path):
-    from gradsel.tasks import write_regime
+    from gradsel.demo.tasks import write_regime
 
     pool, val = write_regime(tmp_path / "data", "noisy", size=48, val_size=12, seed=2)
     run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(tmp_path / "s"),
@@ -301,7 +301,7 @@ def _clustered(n, dim, seed):
 
 
 def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
-    from gradsel.index import best_alignment, load_vectors, open_index
+    from gradsel.selection.index import best_alignment, load_vectors, open_index
 
     directory = _vector_dir(tmp_path / "f", _clustered(3000, 64, 0))
     exact = load_vectors(directory, "train")[1]
@@ -332,7 +332,7 @@ def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
 def test_wide_vectors_are_read_in_smaller_batches(store, monkeypatch):
     """A batch holds at most READ_BYTES of float32, so a 7B model's wide vectors cannot make one
     16,384-row batch several GB; the vectors come out the same, in order."""
-    from gradsel import index
+    from gradsel.selection import index
 
     directory = store.root / "features/f0"
     whole = np.concatenate(list(index.iter_vectors(directory, "train")))
@@ -345,7 +345,7 @@ def test_wide_vectors_are_read_in_smaller_batches(store, monkeypatch):
 def test_vectors_of_format_version_1_stores_read_as_before(tmp_path):
     """Stores written before format version 2 hold vectors as fixed-size lists of floats; they read
     exactly as the fixed-size binary vectors of version 2 do."""
-    from gradsel.index import load_vectors, vector_dim
+    from gradsel.selection.index import load_vectors, vector_dim
 
     v = _clustered(50, 8, 3)
     ids = [f"p{i}" for i in range(50)]

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 from conftest import GRADSEL, ONE_THREAD, assert_same_features, run_cli
-from gradsel.tasks import write_regime
+from gradsel.demo.tasks import write_regime
 
 
 def markers(store):

@@ -10,7 +10,7 @@ import torch
 from gradsel.gradients import (PLAIN, Packing, ProblemRollouts, exact_parameters, exact_problem_gradient,
                                group_advantages, head_features, make_spec, pack_batches, projected_features,
                                shared_prompt_support, validation_gradient)
-from gradsel.models import load_causal_lm
+from gradsel.inputs.models import load_causal_lm
 from test_gradients import LOSS_AGG, tiny_config, tiny_moe, toy_groups
 
 LEFT = Packing(padding_side="left")
@@ -152,7 +152,7 @@ def test_a_model_that_cannot_share_its_prompt_falls_back_and_says_so(capsys):
 
 def _score_cli(tmp_path, model, *extra):
     from conftest import run_cli
-    from gradsel.tasks import write_regime
+    from gradsel.demo.tasks import write_regime
 
     data = tmp_path / "data"
     if not data.exists():
@@ -191,7 +191,7 @@ def test_score_shares_prompts_by_default_and_records_it(tmp_path):
 def test_score_on_a_model_that_cannot_share_warns_once_and_records_why(tmp_path):
     import transformers
 
-    from gradsel.models import load_tokenizer
+    from gradsel.inputs.models import load_tokenizer
 
     tok = load_tokenizer("tiny-arith")
     torch.manual_seed(0)

@@ -43,7 +43,7 @@ def test_smollm2_gsm8k_check_score_select(smollm2, tmp_path):
     assert manifest["rollouts"]["train"]["rewards_by_data_source"] == {"openai/gsm8k": {"gsm8k": len(POOL)}}
     rollouts = pq.read_table(store / "rollouts" / "train" / "shard-00000.parquet").to_pylist()
     truth = {f"openai/gsm8k:{i}": str(a + b) for i, (a, b) in enumerate(POOL)}
-    from gradsel.rewards import gsm8k_answer
+    from gradsel.rewards.registry import gsm8k_answer
 
     # The gsm8k route computed every reward: 1 exactly where the `#### N` answer is the reference.
     assert all(r["reward"] == float(gsm8k_answer(r["response_text"]) == truth[r["problem_id"]]) for r in rollouts)

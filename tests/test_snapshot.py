@@ -5,9 +5,9 @@ import shutil
 import pytest
 
 from conftest import run_cli
-from gradsel.errors import GradselError
-from gradsel.models import load_causal_lm, resolve_model_path
-from gradsel.snapshot import content_hash, take_snapshot
+from gradsel.core.errors import GradselError
+from gradsel.inputs.models import load_causal_lm, resolve_model_path
+from gradsel.inputs.snapshot import content_hash, take_snapshot
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_cli
-from gradsel.models import ALIASES, load_causal_lm, load_tokenizer, resolve_model_path
+from gradsel.inputs.models import ALIASES, load_causal_lm, load_tokenizer, resolve_model_path
 
 
 def test_alias_and_path_resolve_to_the_same_directory():

@@ -73,7 +73,7 @@ def gsm8k_routed_arith(pairs, split: str, *, start: int = 0) -> list[dict]:
     """The bundled model's own `a+b=` prompts in verl's row shape, under data source `openai/gsm8k`:
     routed to verl's gsm8k rule, which pays only `#### N`, and tiny-arith (which fits no GSM8K
     word problem in its 64-token context) answers with the bare number, so it is never paid."""
-    from gradsel.tasks import verl_row
+    from gradsel.demo.tasks import verl_row
 
     return [{**verl_row(a, "+", b, domain="add2", split=split, index=start + i), "data_source": "openai/gsm8k"}
             for i, (a, b) in enumerate(pairs)]

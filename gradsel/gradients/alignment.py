@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 from gradsel.gradients.exact import _parameter_gradients, exact_parameters
 from gradsel.gradients.loss import Packing, ProblemRollouts
 from gradsel.gradients.units import resolve_units

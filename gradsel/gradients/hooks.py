@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from functools import partial
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 from gradsel.gradients.alignment import LowRank
 from gradsel.gradients.loss import (Packing, ProblemRollouts, _batch_tensors, _output_layer_sees, pack_batches,
                                     packing_for, policy_loss)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gradsel.choices import LOSS_AGGS
-from gradsel.errors import GradselError
+from gradsel.core.choices import LOSS_AGGS
+from gradsel.core.errors import GradselError
 
 EPS = 1e-6
 
@@ -382,7 +382,7 @@ def packing_for(model, packing: Packing) -> Packing:
     if reason is None:
         return packing
     if first:
-        from gradsel import console
+        from gradsel.core import console
 
         console.warn(f"prompts are not shared in the gradient pass: {reason}; each rollout runs its prompt "
                      "(the vectors are the same, the pass is slower)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 from gradsel.gradients.units import select_units
 
 

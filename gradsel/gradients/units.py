@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 
 
 # -- capture units --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ def recorded_selection(store_dir: str | Path, round_index: int | None = None) ->
     """What `gradsel select` (or `refresh --top-k`) recorded for a round of a store with rounds:
     the latest complete round by default. A latest round without a selection is refused rather
     than answered with an older round's: that one was already trained on."""
-    from gradsel.rounds import round_dir, round_selection
-    from gradsel.store import existing_store
+    from gradsel.pipeline.rounds import round_dir, round_selection
+    from gradsel.store.stages import existing_store
 
     store = existing_store(store_dir)
     manifest = store.read_manifest()

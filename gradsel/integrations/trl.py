@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
-from gradsel import console
-from gradsel.errors import GradselError
+from gradsel.core import console
+from gradsel.core.errors import GradselError
 from gradsel.integrations import RecordedSelection, recorded_selection
 
 try:  # TRL is a dev extra, not a dependency: the sampler works without it.
@@ -108,7 +108,7 @@ class SelectionSampler(Sampler[int]):
 
 def dataset_problem_ids(dataset, *, prompt_key: str | None = None, answer_key: str | None = None) -> list[str]:
     """gradsel's problem id of every dataset row, as `gradsel score` named them (data_source:index)."""
-    from gradsel.problems import problem_from_row
+    from gradsel.inputs.problems import problem_from_row
 
     ids = []
     for i, row in enumerate(dataset):

@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 from gradsel.integrations import recorded_selection
 
 TRACKER = "latest_checkpointed_iteration.txt"  # verl's get_checkpoint_tracker_filename
@@ -74,9 +74,9 @@ def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_
     """Write the latest round's selection as verl Parquet, move the checkpoint's stale dataloader
     state aside, and return the launcher's overrides. Everything is checked before anything is
     written; the Parquet is written before the state moves."""
-    from gradsel.rounds import round_dir
-    from gradsel.select import Selection, SelectConfig, check_out_path, write_selection
-    from gradsel.store import Store
+    from gradsel.pipeline.rounds import round_dir
+    from gradsel.selection.select import Selection, SelectConfig, check_out_path, write_selection
+    from gradsel.store.stages import Store
 
     if train_batch_size < 1 or epochs < 1:
         raise GradselError("--train-batch-size and --epochs must be at least 1", "for example --train-batch-size 256 --epochs 1")
@@ -101,7 +101,7 @@ def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_
     write_selection(round_store, Selection(selection.problem_ids, [float("nan")] * rows, rows, SelectConfig(all=True)),
                     fmt="verl", out=str(out), annotate=False, force=True)
     sidecar = out.with_name(out.name + ".gradsel.json")
-    from gradsel.fsutil import atomic_write_json
+    from gradsel.core.fsutil import atomic_write_json
 
     atomic_write_json(sidecar, json.loads(sidecar.read_text()) | {
         "mode": None, "config": None, "recorded_selection": str(selection.path), "round": selection.round,

@@ -23,10 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from gradsel import console
-from gradsel.choices import INDEX_KINDS
-from gradsel.errors import GradselError
-from gradsel.store import shard_marker
+from gradsel.core import console
+from gradsel.core.choices import INDEX_KINDS
+from gradsel.core.errors import GradselError
+from gradsel.store.stages import shard_marker
 
 AUTO_FLAT_MAX = 200_000  # a flat index of 200k x 2048 float32 is 1.6 GB; above that, compress
 INDEX_VERSION = 1
@@ -66,7 +66,7 @@ def vector_dim(directory: Path, split: str) -> int:
     """The vector width, from the first shard's schema (no data is read)."""
     import pyarrow.parquet as pq
 
-    from gradsel.schema import vector_layout
+    from gradsel.core.schema import vector_layout
 
     return vector_layout(pq.read_schema(vector_shards(directory, split)[0]).field("vector"))[0]
 
@@ -86,7 +86,7 @@ def iter_vectors(directory: Path, split: str, reuse: bool = False) -> Iterator[n
     import pyarrow.parquet as pq
     import torch
 
-    from gradsel.schema import stored_vectors, vector_layout
+    from gradsel.core.schema import stored_vectors, vector_layout
 
     buffer = None
     for shard in vector_shards(directory, split):
@@ -256,7 +256,7 @@ def open_index(directory: Path, split: str = "train", kind: str = "auto"):
             console.info(f"the {params['kind']} index in {path.parent} is unreadable: rebuilding it")
     index = _build(faiss, directory, split, params)
     try:
-        from gradsel.fsutil import atomic_write_json, atomic_write_with
+        from gradsel.core.fsutil import atomic_write_json, atomic_write_with
 
         atomic_write_with(path, lambda tmp: faiss.write_index(index, str(tmp)))
         atomic_write_json(marker, params)

@@ -23,14 +23,14 @@ import random
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from gradsel import console
-from gradsel.errors import GradselError
-from gradsel.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_table
-from gradsel.pipeline import RolloutOptions, ScoreResult, run_score
-from gradsel.models import resolve_model_path
-from gradsel.problems import is_jsonl, original_rows, read_problems
-from gradsel.score import ScoreConfig
-from gradsel.store import FORMAT_VERSION, Store, open_store
+from gradsel.core import console
+from gradsel.core.errors import GradselError
+from gradsel.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_table
+from gradsel.pipeline.score import RolloutOptions, ScoreResult, run_score
+from gradsel.inputs.models import resolve_model_path
+from gradsel.inputs.problems import is_jsonl, original_rows, read_problems
+from gradsel.gradients.stage import ScoreConfig
+from gradsel.store.stages import FORMAT_VERSION, Store, open_store
 
 
 def round_dir(root: Path, index: int) -> Path:
@@ -142,7 +142,7 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
     scored again with the new checkpoint. Nothing asked for is ignored in silence."""
     import shutil
 
-    from gradsel.snapshot import take_snapshot
+    from gradsel.inputs.snapshot import take_snapshot
 
     store = Store(Path(store_dir))
     manifest = _read_top(store)
@@ -196,7 +196,7 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
 def _check_vocabulary(root: Path, manifest: dict, model: str) -> None:
     """Refuse a checkpoint whose tokenizer maps tokens to other ids than round 0's: the store's
     rollouts, chunks and history are token ids, which would then mean other tokens."""
-    from gradsel.models import vocabulary_digest
+    from gradsel.inputs.models import vocabulary_digest
 
     first = Store(round_dir(root, manifest["rounds"][0]["round"])).read_manifest().get("vocabulary")
     if first is None:  # a store written before vocabularies were recorded
@@ -211,7 +211,7 @@ def select_emit_record(store_dir: Path, round_store: Path, cfg, *, fmt: str, out
                        force: bool):
     """Select from a round's store (or a plain store), write the subset, and record the choice
     for `refresh`: what `select` and `refresh` both do. Returns (Selection, rows written)."""
-    from gradsel.select import select, write_selection
+    from gradsel.selection.select import select, write_selection
 
     st = Store(Path(round_store))
     selection = select(st, cfg)
@@ -241,7 +241,7 @@ def write_history(root: Path, manifest: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gradsel.schema import HISTORY
+    from gradsel.core.schema import HISTORY
 
     rows = []
     for entry in manifest["rounds"]:

@@ -155,7 +155,7 @@ HISTORY = pa.schema([
 ])
 
 
-# One row per suspect of `gradsel audit --out`: each signal's evidence and the proposed key (gradsel.audit.Evidence).
+# One row per suspect of `gradsel audit --out`: each signal's evidence and the proposed key (gradsel.review.audit.Evidence).
 AUDIT_EVIDENCE = pa.schema([
     ("problem_id", pa.string()), ("source_row", pa.int64()), ("data_source", pa.string()), ("key", pa.string()),
     ("n_rollouts", pa.int32()), ("key_share", pa.float64()), ("plurality_answer", pa.string()),

@@ -13,8 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from gradsel import __version__, choices, console
-from gradsel.errors import GradselError
+from gradsel import __version__
+from gradsel.core import choices, console
+from gradsel.core.errors import GradselError
 
 app = typer.Typer(
     name="gradsel",
@@ -30,7 +31,7 @@ app = typer.Typer(
 
 
 def _choice(name: str, values: tuple[str, ...]) -> type[Enum]:
-    """An Enum of a choice option's values (gradsel.choices), so that --help lists them."""
+    """An Enum of a choice option's values (gradsel.core.choices), so that --help lists them."""
     return Enum(name, {v: v for v in values}, type=str)
 
 
@@ -97,7 +98,7 @@ def demo_data(
 
     The paper's regimes over tiny-arith's tasks: clean; noisy (half the pool judged by a coin flip); imbalance (the validation set's domain is 10% of the pool); low-utility (half the pool trivial identities); wrong-answer (40% of the pool with a plausible wrong reference answer). The rows' extra_info marks the corrupted ones, except in wrong-answer, whose wrong rows are listed only in pool.truth.json beside the pool; benchmarks read these, gradsel never does.
     """
-    from gradsel.tasks import write_regime
+    from gradsel.demo.tasks import write_regime
 
     pool, val = write_regime(out, regime.value, size=size, val_size=val_size, seed=seed)
     console.info(f"wrote {pool} ({size} problems) and {val} ({val_size} problems), regime {regime.value}")
@@ -116,7 +117,7 @@ def demo(
 
     Writes the data, scores it (vLLM when installed), scores it again with exact full gradients as the reference, and selects a quarter of the pool four ways; prints how much of each selection is coin-flip problems, and one JSON object on stdout. About a minute on a 2-core CPU.
     """
-    from gradsel.demo import run_demo
+    from gradsel.demo.run import run_demo
 
     console.protect_stdout()
     _emit_json(run_demo(out, model=model, size=size, n=n, engine=engine.value, seed=seed))
@@ -154,7 +155,7 @@ def _store_access(store: Path, part):
     """One writer per store, except `--shard` parts, which share it through per-shard locks."""
     from contextlib import nullcontext
 
-    from gradsel.store import writer_lock
+    from gradsel.store.stages import writer_lock
 
     return nullcontext() if part is not None else writer_lock(store)
 
@@ -167,8 +168,8 @@ def snapshot(
     hash_mode: HashOpt = HashMode.sha256,
 ) -> None:
     """Record a checkpoint's identity (path, config, content hash) in a store."""
-    from gradsel.snapshot import snapshot_into_store
-    from gradsel.store import open_store, writer_lock
+    from gradsel.inputs.snapshot import snapshot_into_store
+    from gradsel.store.stages import open_store, writer_lock
 
     console.protect_stdout()
     with writer_lock(store):
@@ -201,13 +202,13 @@ def check(
 
     The sample also checks the judge's contract: a binary judge that compares an answer with one reference (int, exact, gsm8k, math, math_dapo, verl's routes, a plugin with gradsel_one_answer = True) pays at most one answer per problem. The table gives each source's mixed problems that were paid two different answers, and a `warning:` names a source where that is more than half of them: its reward function ignores the answer. `score` gives the same warning (4 mixed problems or more), records each source's share in the store (`gradsel info`, `gradsel report`), and ranks such problems last in the default selection.
     """
-    from gradsel.check import check_problem_set, prompt_limit, show_reports
-    from gradsel.problems import read_problems
+    from gradsel.rollout.check import check_problem_set, prompt_limit, show_reports
+    from gradsel.inputs.problems import read_problems
 
     console.protect_stdout()
     tokenizer, limit = None, max_prompt_tokens
     if model is not None:
-        from gradsel.models import context_length, load_tokenizer
+        from gradsel.inputs.models import context_length, load_tokenizer
 
         tokenizer, limit = load_tokenizer(model), prompt_limit(context_length(model), max_prompt_tokens)
     if sample and model is None:
@@ -231,8 +232,8 @@ def check(
 def _check_sample(problem_sets, reports, files: list[dict], *, model: str, per_source: int, reward, engine: str,
                   n: int, temperature: float, max_tokens: int) -> list[dict]:
     """`check --sample`: each file without problems gets its sampled pass rates as `sample`."""
-    from gradsel.check import sample_engine, sample_pay, sample_problems, show_sample
-    from gradsel.rollout import SamplingConfig
+    from gradsel.rollout.check import sample_engine, sample_pay, sample_problems, show_sample
+    from gradsel.rollout.stage import SamplingConfig
 
     cfg = SamplingConfig(n=n, temperature=temperature, max_tokens=max_tokens)
     sampler = None  # the engine, started for the first file that is rolled out
@@ -272,10 +273,10 @@ def rollout(
     max_model_len: MaxModelLenOpt = None,
 ) -> None:
     """Sample k responses per problem and reward them, into the store (resumable)."""
-    from gradsel.problems import read_problems
-    from gradsel.rollout import SamplingConfig, VLLMOptions, run_rollout_stage, table_pass_rates
-    from gradsel.snapshot import loadable_path, snapshot_into_store
-    from gradsel.store import open_store, parse_part
+    from gradsel.inputs.problems import read_problems
+    from gradsel.rollout.stage import SamplingConfig, VLLMOptions, run_rollout_stage, table_pass_rates
+    from gradsel.inputs.snapshot import loadable_path, snapshot_into_store
+    from gradsel.store.stages import open_store, parse_part
 
     console.protect_stdout()
     part = parse_part(shard) if shard else None
@@ -357,9 +358,9 @@ def score(
 
     Each stage's cost (seconds, tokens/s, bytes, peak memory) is recorded in the store; `gradsel info` shows it. Prints one JSON line: store, feature, vector dimension, candidates, non-zero-advantage count.
     """
-    from gradsel.pipeline import RolloutOptions, run_score
-    from gradsel.score import ScoreConfig, parse_sketch
-    from gradsel.store import parse_part
+    from gradsel.pipeline.score import RolloutOptions, run_score
+    from gradsel.gradients.stage import ScoreConfig, parse_sketch
+    from gradsel.store.stages import parse_part
 
     console.protect_stdout()
     ro = RolloutOptions(n=n, n_val=n_val, engine=engine.value, temperature=temperature, top_p=top_p,
@@ -379,7 +380,7 @@ def score(
         raise GradselError("--executor ray makes every shard itself", "drop --shard and --chunk-size")
     with _store_access(store, part):
         if executor is Executor.ray:
-            from gradsel.ray_executor import run_score_ray
+            from gradsel.pipeline.ray import run_score_ray
 
             result = run_score_ray(store, model=model, pool=pool, val=val, ro=ro, sc=sc, address=ray_address)
         elif part is not None:
@@ -388,7 +389,7 @@ def score(
                         "once every part is done"})
             return
         elif chunk_size is not None:
-            from gradsel.rounds import start_rounds
+            from gradsel.pipeline.rounds import start_rounds
 
             result = start_rounds(store, model=model, pool=pool, val=val, ro=ro, sc=sc, chunk_size=chunk_size,
                                   order_seed=seed)
@@ -459,7 +460,7 @@ class SelectionOptions:
         return self.top_k is not None or self.ratio is not None or self.all_
 
     def config(self, default_ratio: float | None = None):
-        from gradsel.select import SelectConfig, parse_band, parse_weights
+        from gradsel.selection.select import SelectConfig, parse_band, parse_weights
 
         ratio = self.ratio if self.asked else default_ratio
         return SelectConfig(mode=self.mode.value, top_k=self.top_k, ratio=ratio, all=self.all_,
@@ -506,7 +507,7 @@ def _check_output(out: str, fmt: str, force: bool) -> None:
     terminal (the default --format verl with --out -, run without a pipe)."""
     import os
 
-    from gradsel.select import check_out_path
+    from gradsel.selection.select import check_out_path
 
     check_out_path(out, force)
     if out == "-" and fmt == "verl" and os.isatty(console.data_out().fileno()):
@@ -534,8 +535,8 @@ def select_cmd(
     force: ForceOpt = False,
     selection: SelectionOptions = None,
 ) -> None:
-    from gradsel.rounds import latest_round_store, select_emit_record
-    from gradsel.store import existing_store
+    from gradsel.pipeline.rounds import latest_round_store, select_emit_record
+    from gradsel.store.stages import existing_store
 
     console.protect_stdout()
     cfg = selection.config()
@@ -549,7 +550,7 @@ def select_cmd(
 @app.command()
 def info(store: Annotated[Path, typer.Option("--store", "-s", help="A store directory.", rich_help_panel=DATA)]) -> None:
     """Show what a store holds: checkpoint, rollouts, warnings about the data, spec, pass rates, per-stage cost, rounds."""
-    from gradsel.summary import store_summary, show_store
+    from gradsel.review.summary import store_summary, show_store
 
     console.protect_stdout()
     summary = store_summary(store)
@@ -568,9 +569,9 @@ def report(
     force: ForceOpt = False,
     selection: SelectionOptions = None,
 ) -> None:
-    from gradsel.report import write_report
-    from gradsel.store import existing_store
-    from gradsel.summary import human_bytes
+    from gradsel.review.report import write_report
+    from gradsel.store.stages import existing_store
+    from gradsel.review.summary import human_bytes
 
     console.protect_stdout()
     cfg = selection.config(default_ratio=0.1)
@@ -597,8 +598,8 @@ def refresh(
     force: Annotated[bool, typer.Option(help="Rescore even when the checkpoint is identical to the last round's; overwrite --out.", rich_help_panel=OUTPUT)] = False,
     selection: SelectionOptions = None,
 ) -> None:
-    from gradsel.rounds import refresh as refresh_round, round_dir, select_emit_record
-    from gradsel.store import writer_lock
+    from gradsel.pipeline.rounds import refresh as refresh_round, round_dir, select_emit_record
+    from gradsel.store.stages import writer_lock
 
     console.protect_stdout()
     cfg = selection.config()
@@ -648,7 +649,7 @@ def audit(
     seed: Annotated[int, typer.Option(help="Seed of the taught copy.", rich_help_panel=GRADIENTS)] = 0,
     force: ForceOpt = False,
 ) -> None:
-    from gradsel.audit import AuditConfig, run_audit
+    from gradsel.review.audit import AuditConfig, run_audit
 
     console.protect_stdout()
     cfg = AuditConfig(threshold=threshold, teach_steps=teach_steps, teach_lr=teach_lr, teach_template=teach_template,

@@ -131,7 +131,7 @@ def model_wrong_key(model: str, samples: int = 32) -> Callable[[int, str, int, r
 
     import torch
 
-    from gradsel.models import load_causal_lm, load_tokenizer
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
     tok, lm = load_tokenizer(model), load_causal_lm(model).eval()
 
@@ -218,7 +218,7 @@ def make_regime(
 
 def wrong_answer_truth(pool: list[dict]) -> dict:
     """The side file's content: the ids of the rows whose reference answer is wrong."""
-    from gradsel.problems import problem_from_row
+    from gradsel.inputs.problems import problem_from_row
 
     wrong = []
     for i, row in enumerate(pool):
@@ -240,8 +240,8 @@ def parse_prompt(text: str) -> tuple[int, str, int]:
 def write_regime(out_dir: Path, regime: str, **kwargs) -> tuple[Path, Path]:
     """Write ``pool.parquet`` and ``val.parquet`` (verl schema) into ``out_dir``; for the
     wrong-answer regime also ``pool.truth.json`` (which rows are wrong)."""
-    from gradsel.fsutil import atomic_write_json
-    from gradsel.problems import write_verl_parquet
+    from gradsel.core.fsutil import atomic_write_json
+    from gradsel.inputs.problems import write_verl_parquet
 
     pool, val = make_regime(regime, **kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +261,7 @@ def regime_truth(data_dir: Path, regime: str) -> dict[str, bool]:
     correctly labelled (wrong-answer, from the side file). For benchmarks and oracles only."""
     import json
 
-    from gradsel.problems import read_problems
+    from gradsel.inputs.problems import read_problems
 
     problems = read_problems(data_dir / "pool.parquet").problems
     if regime == "wrong-answer":

@@ -26,9 +26,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gradsel import console
-from gradsel.errors import GradselError
-from gradsel.problems import Problem
+from gradsel.core import console
+from gradsel.core.errors import GradselError
+from gradsel.inputs.problems import Problem
 
 # Chosen on seed 0 of benchmarks/audit.py (tiny-arith, k = 8): at 0.6 the rollouts alone list a
 # problem when the plurality answer holds 5 of 8 rollouts more than the key (docs/audit.md).
@@ -116,8 +116,8 @@ def _read_stage_problems(stage: Path) -> list[Problem]:
 
 
 def _read_stage(stage: Path) -> _Rollouts | None:
-    from gradsel.rollout import read_rollout_shard
-    from gradsel.store import shard_done
+    from gradsel.rollout.stage import read_rollout_shard
+    from gradsel.store.stages import shard_done
 
     if not (stage / "problems.parquet").is_file():
         return None
@@ -137,8 +137,8 @@ def _read_stage(stage: Path) -> _Rollouts | None:
 def store_stages(root: Path) -> tuple[list[_Rollouts], dict]:
     """The train rollouts of a store, oldest round first (one stage for a store without rounds),
     and the top manifest."""
-    from gradsel.rounds import round_dir
-    from gradsel.store import existing_store
+    from gradsel.pipeline.rounds import round_dir
+    from gradsel.store.stages import existing_store
 
     manifest = existing_store(root).read_manifest()
     dirs = ([round_dir(root, e["round"]) / "rollouts" / "train" for e in manifest.get("rounds", [])]
@@ -165,7 +165,7 @@ def normalise_question(problem: Problem) -> str:
 
 def _answers(problem: Problem, responses, reward_override: str | None) -> list[str | None]:
     """Each response's answer as its judge reads it (rewards.answer_judge)."""
-    from gradsel.rewards import answer_judge, resolve_reward
+    from gradsel.rewards.registry import answer_judge, resolve_reward
 
     judge = answer_judge(resolve_reward(problem, reward_override), problem)
     return [judge.answer(text) for text, _, _ in responses]
@@ -197,7 +197,7 @@ def rollout_evidence(problem: Problem, responses, reward_override: str | None) -
 
 
 def _canonical(problem: Problem, answer: str, reward_override: str | None) -> str:
-    from gradsel.rewards import answer_judge, resolve_reward
+    from gradsel.rewards.registry import answer_judge, resolve_reward
 
     judge = answer_judge(resolve_reward(problem, reward_override), problem)
     key = judge.key(answer) if judge.key is not None else None
@@ -291,7 +291,7 @@ def teach_copy(model_path: Path, val: list[tuple[list[int], str]], cfg: AuditCon
     small models; the step count and learning rate are the audit's options (docs/audit.md)."""
     import torch
 
-    from gradsel.models import load_causal_lm, load_tokenizer
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(model_path)
@@ -396,9 +396,9 @@ def evidence_rows(result: AuditResult, *, suspects_only: bool = True) -> list[di
 def val_rows_from_store(root: Path, manifest: dict, model_path: Path, val_file: Path | None) -> list[tuple[list[int], str]]:
     """(prompt ids, key) of the validation rows: `val_file` when given, else the store's val rollouts'
     problems (a rounds store: its recorded --val file)."""
-    from gradsel.models import load_tokenizer
-    from gradsel.problems import read_problems
-    from gradsel.rollout import encode_prompts
+    from gradsel.inputs.models import load_tokenizer
+    from gradsel.inputs.problems import read_problems
+    from gradsel.rollout.stage import encode_prompts
 
     if val_file is None and manifest.get("rounds_store"):
         val_file = Path(manifest["run"]["val"])
@@ -415,9 +415,9 @@ def val_rows_from_store(root: Path, manifest: dict, model_path: Path, val_file: 
 
 def store_checkpoint(root: Path, manifest: dict) -> Path:
     """The checkpoint the store's latest rollouts were made with."""
-    from gradsel.rounds import latest_round_store
-    from gradsel.snapshot import Snapshot, loadable_path
-    from gradsel.store import Store
+    from gradsel.pipeline.rounds import latest_round_store
+    from gradsel.inputs.snapshot import Snapshot, loadable_path
+    from gradsel.store.stages import Store
 
     sub = Store(latest_round_store(root))
     snap = sub.read_manifest().get("snapshot")
@@ -441,7 +441,7 @@ def fixed_pool(pool: Path, changes: dict[str, tuple[str, str]], *, answer_key: s
     for JSON lines the bytes of every unchanged line; for Parquet an Arrow table of the same
     schema. `changes`: problem id -> (audited key, new key). Refuses a pool whose key is not the
     audited one (the pool changed since its rollouts)."""
-    from gradsel.problems import answer_field, is_jsonl, jsonl_lines, read_problems
+    from gradsel.inputs.problems import answer_field, is_jsonl, jsonl_lines, read_problems
 
     problems = {p.problem_id: p for p in read_problems(pool, answer_key=answer_key).problems}
     missing = [pid for pid in changes if pid not in problems]
@@ -524,7 +524,7 @@ def _check_output_path(path: Path, what: str, force: bool) -> None:
 
 def check_outputs(out: Path | None, fix: Path | None, pool: Path | None, force: bool) -> None:
     """Every refusal before any work, so a refused run writes nothing."""
-    from gradsel.problems import is_jsonl
+    from gradsel.inputs.problems import is_jsonl
 
     if out is not None:
         if out.suffix.lower() not in OUT_SUFFIXES:
@@ -564,8 +564,8 @@ def run_audit(store: Path, cfg: AuditConfig, *, out: Path | None = None, fix: Pa
     """`gradsel audit`: audit the store, print the suspects, write --out and --fix. Returns the summary."""
     import pyarrow as pa
 
-    from gradsel.fsutil import atomic_write_bytes, atomic_write_table
-    from gradsel.schema import AUDIT_EVIDENCE
+    from gradsel.core.fsutil import atomic_write_bytes, atomic_write_table
+    from gradsel.core.schema import AUDIT_EVIDENCE
 
     cfg.validate()
     store = Path(store)

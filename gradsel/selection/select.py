@@ -14,7 +14,7 @@ Modes (the paper's method, its baselines, and gradsel's default):
   random      seeded random order
 Zero-advantage problems (every reward equal) carry no GRPO signal and are left out unless asked.
 `--target max` replaces the cosine of gradalign, simacc and reliable by the best cosine with any
-single validation problem (LESS-style), through the candidate FAISS index (gradsel.index).
+single validation problem (LESS-style), through the candidate FAISS index (gradsel.selection.index).
 `--target subspace` replaces it by how much of the candidate's gradient the validation problems'
 gradients span, whatever the sign: per module, the cosine between the candidate's slice and their
 span, averaged over the modules (index.subspace_share).
@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsel import console
-from gradsel.choices import FORMATS, MODES, TARGETS
-from gradsel.errors import GradselError
-from gradsel.problems import is_jsonl, original_rows
-from gradsel.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
+from gradsel.core import console
+from gradsel.core.choices import FORMATS, MODES, TARGETS
+from gradsel.core.errors import GradselError
+from gradsel.inputs.problems import is_jsonl, original_rows
+from gradsel.selection.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
                            subspace_share, take_vectors, vectors_fingerprint)
 
 VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
@@ -61,7 +61,7 @@ class SelectConfig:
     diverse: float | None = None  # MMR trade-off in (0, 1]; 1 = score only
     target: str = "auto"  # mean: the validation direction; max: best single validation problem;
     # subspace: the share in the validation vectors' span, per module; auto: resolve_target
-    index: str = "auto"  # the FAISS index over the candidate vectors (gradsel.index)
+    index: str = "auto"  # the FAISS index over the candidate vectors (gradsel.selection.index)
     seed: int = 0
     allow_fewer: bool = False
 
@@ -153,7 +153,7 @@ class Candidates:
     def from_rows(cls, rows: list[dict]) -> "Candidates":
         import pyarrow as pa
 
-        from gradsel.schema import SCORES
+        from gradsel.core.schema import SCORES
 
         return cls.from_table(pa.Table.from_pylist(rows, schema=SCORES))
 
@@ -475,7 +475,7 @@ def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate
     if to_stdout:
         write_stdout(payload)
     else:
-        from gradsel.fsutil import atomic_write_bytes, atomic_write_json
+        from gradsel.core.fsutil import atomic_write_bytes, atomic_write_json
 
         atomic_write_bytes(out_path, payload)
         atomic_write_json(out_path.with_name(out_path.name + ".gradsel.json"), {
@@ -561,7 +561,7 @@ def _parquet_bytes(table) -> bytes:
 
 def _source_file(store, manifest: dict) -> Path:
     """The candidates' original file, checked against the hash recorded when it was read."""
-    from gradsel.fsutil import file_sha256
+    from gradsel.core.fsutil import file_sha256
 
     info = (manifest.get("rollouts") or {}).get("train")
     if not info:

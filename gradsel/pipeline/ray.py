@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 
 TASK_RETRIES = 3
 
 
 def _score_part(store_dir: str, model: str, pool: str, val: str, ro, sc, part) -> str:
-    from gradsel import console
-    from gradsel.pipeline import run_score
+    from gradsel.core import console
+    from gradsel.pipeline.score import run_score
 
     console.set_verbosity(quiet=True)  # the driver shows progress by part
     run_score(Path(store_dir), model=model, pool=Path(pool), val=Path(val), ro=ro, sc=sc, part=part)
@@ -35,11 +35,11 @@ def run_score_ray(store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc,
         import ray
     except ImportError as exc:
         raise GradselError("--executor ray needs Ray", "pip install 'gradsel[ray]'") from exc
-    from gradsel import console
-    from gradsel.pipeline import run_score
-    from gradsel.problems import read_problems
-    from gradsel.rewards import check_rewards
-    from gradsel.store import Part
+    from gradsel.core import console
+    from gradsel.pipeline.score import run_score
+    from gradsel.inputs.problems import read_problems
+    from gradsel.rewards.registry import check_rewards
+    from gradsel.store.stages import Part
 
     for path in (val, pool):  # bad input is refused here, before a cluster starts
         check_rewards(read_problems(path, prompt_key=ro.prompt_key, answer_key=ro.answer_key).problems, ro.reward)

@@ -15,8 +15,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gradsel.errors import GradselError
-from gradsel.models import resolve_model_path
+from gradsel.core.errors import GradselError
+from gradsel.inputs.models import resolve_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 MIB = 2**20
@@ -151,7 +151,7 @@ def loadable_path(store, snap: Snapshot) -> Path:
     path = Path(snap.path)
     if not (path / "adapter_config.json").is_file():
         return path
-    from gradsel.models import save_merged
+    from gradsel.inputs.models import save_merged
 
     return save_merged(path, store.root / "merged" / snap.content_hash.split(":")[1][:16])
 

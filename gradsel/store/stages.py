@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradsel.errors import GradselError
-from gradsel.fsutil import atomic_write_json, atomic_write_table, file_sha256
+from gradsel.core.errors import GradselError
+from gradsel.core.fsutil import atomic_write_json, atomic_write_table, file_sha256
 
 # 2: vectors as one fixed-size binary value per row (schema.vectors_schema). Version 1 stores,
 # with vectors as fixed-size lists, are read as they are; a store written to becomes version 2.

@@ -11,9 +11,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gradsel.errors import GradselError
-from gradsel.problems import Problem, ProblemSet
-from gradsel.rewards import reward_findings
+from gradsel.core.errors import GradselError
+from gradsel.inputs.problems import Problem, ProblemSet
+from gradsel.rewards.registry import reward_findings
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def too_long_error(problems: Sequence[Problem], lengths: Sequence[int], limit: i
 def check_problem_set(problem_set: ProblemSet, split: str, *, reward: str | None = None,
                       tokenizer=None, limit: int | None = None) -> CheckReport:
     """Per data source: rows, reward, prompt token lengths; and every problem found."""
-    from gradsel.rollout import encode_prompts
+    from gradsel.rollout.stage import encode_prompts
 
     problems = problem_set.problems
     by_source, findings = reward_findings(problems, reward)
@@ -98,7 +98,7 @@ def show_reports(reports: Sequence[CheckReport], limit: int | None) -> None:
     """A table per file on stderr, then each problem as `problem:` + `hint:` lines."""
     from rich.table import Table
 
-    from gradsel import console
+    from gradsel.core import console
 
     for report in reports:
         table = Table(title=f"{report.split}: {report.path}", title_justify="left")
@@ -135,8 +135,8 @@ def sample_problems(problems: Sequence[Problem], per_source: int) -> list[Proble
 def sample_pay(problems: Sequence[Problem], engine, cfg, reward: str | None = None):
     """Roll out `problems` k times (rollout.rollout_batches, rewards included) and tally each
     (data source, reward) pair's paid rollouts (payouts.SourcePay)."""
-    from gradsel.payouts import tally_pay
-    from gradsel.rollout import rollout_batches
+    from gradsel.rewards.payouts import tally_pay
+    from gradsel.rollout.stage import rollout_batches
 
     rollouts = (r for batch in rollout_batches(problems, engine, cfg, reward=reward) for r in batch)
     return tally_pay(problems, reward, ((r.problem_id, r.sample, r.reward, r.response_text, r.answer_class)
@@ -146,8 +146,8 @@ def sample_pay(problems: Sequence[Problem], engine, cfg, reward: str | None = No
 def sample_engine(name: str, model: str):
     """The engine `check --sample` rolls out with: a PEFT adapter goes through transformers, which
     merges it on load (vLLM would need the merged checkpoint that `score` writes into its store)."""
-    from gradsel.models import adapter_base, resolve_model_path
-    from gradsel.rollout import make_engine, resolve_engine_name
+    from gradsel.inputs.models import adapter_base, resolve_model_path
+    from gradsel.rollout.stage import make_engine, resolve_engine_name
 
     path = resolve_model_path(model)
     name = resolve_engine_name(name)
@@ -166,8 +166,8 @@ def show_sample(split: str, pays, per_source: int) -> list[dict]:
     thresholds lowered to the sample's size); returns the pairs as JSON."""
     from rich.table import Table
 
-    from gradsel import console
-    from gradsel.payouts import MIN_MIXED, MIN_PROBLEMS, contract_breakers, uniform_pay
+    from gradsel.core import console
+    from gradsel.rewards.payouts import MIN_MIXED, MIN_PROBLEMS, contract_breakers, uniform_pay
 
     where = f"check --sample {per_source} ({split})"
     table = Table(title=f"{split}: sampled rollouts", title_justify="left")

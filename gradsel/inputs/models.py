@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradsel.errors import GradselError
+from gradsel.core.errors import GradselError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ALIASES = {"tiny-arith": ASSETS / "tiny-arith"}
 
 

@@ -27,8 +27,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from gradsel.errors import GradselError, missing_extra
-from gradsel.problems import Problem
+from gradsel.core.errors import GradselError, missing_extra
+from gradsel.inputs.problems import Problem
 
 # (problem, response text, sample index, seed) -> reward
 ScoreFn = Callable[[Problem, str, int, int], float]

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradsel.problems import read_problems
-from gradsel.rewards import check_rewards, promises_one_answer, resolve_reward
-from gradsel.rollout import LazyEngine, SamplingConfig, VLLMOptions, rollout_stage, run_rollout_stage
-from gradsel.score import ScoreConfig, score_stage
-from gradsel.snapshot import loadable_path, snapshot_into_store
-from gradsel.store import open_store
+from gradsel.inputs.problems import read_problems
+from gradsel.rewards.registry import check_rewards, promises_one_answer, resolve_reward
+from gradsel.rollout.stage import LazyEngine, SamplingConfig, VLLMOptions, rollout_stage, run_rollout_stage
+from gradsel.gradients.stage import ScoreConfig, score_stage
+from gradsel.inputs.snapshot import loadable_path, snapshot_into_store
+from gradsel.store.stages import open_store
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
     store = open_store(store_dir)
     snap = snapshot_into_store(store, model, mode=ro.hash_mode, copy=ro.copy)
     if "vocabulary" not in store.read_manifest():  # what `refresh` compares a new checkpoint with
-        from gradsel.models import vocabulary_digest
+        from gradsel.inputs.models import vocabulary_digest
 
         store.update_manifest(vocabulary=vocabulary_digest(snap.path))
     model_path = loadable_path(store, snap)  # a LoRA adapter: merged onto its base, once

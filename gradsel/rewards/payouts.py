@@ -23,8 +23,8 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from gradsel.problems import Problem
-from gradsel.rewards import breaks_contract, promises_one_answer, resolve_reward
+from gradsel.inputs.problems import Problem
+from gradsel.rewards.registry import breaks_contract, promises_one_answer, resolve_reward
 
 MIN_PROBLEMS = 8  # fewer problems than this are not evidence enough for a warning
 # A working one-answer judge never pays two answers, so any broken problem is a defect; more than

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradsel.errors import GradselError
-from gradsel.fsutil import file_sha256
+from gradsel.core.errors import GradselError
+from gradsel.core.fsutil import file_sha256
 
 
 
@@ -254,7 +254,7 @@ def _check_columns(path: Path, first_row: dict, prompt_key: str | None, answer_k
 def write_verl_parquet(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
 
-    from gradsel.fsutil import atomic_write_table
-    from gradsel.schema import VERL_PROBLEMS
+    from gradsel.core.fsutil import atomic_write_table
+    from gradsel.core.schema import VERL_PROBLEMS
 
     atomic_write_table(path, pa.Table.from_pylist(rows, schema=VERL_PROBLEMS))

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gradsel import console
-from gradsel.errors import GradselError
-from gradsel.problems import Problem
-from gradsel.rewards import answer_classes, check_rewards, resolve_reward
-from gradsel.store import stable_key
+from gradsel.core import console
+from gradsel.core.errors import GradselError
+from gradsel.inputs.problems import Problem
+from gradsel.rewards.registry import answer_classes, check_rewards, resolve_reward
+from gradsel.store.stages import stable_key
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class HFEngine:
 
     def __init__(self, model_path: Path, *, dtype: str = "float32", device: str = "cpu",
                  batch_size: int = 64) -> None:
-        from gradsel.models import load_causal_lm, load_tokenizer
+        from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_causal_lm(model_path, dtype=dtype, device=device)
@@ -308,7 +308,7 @@ def table_pass_rates(table) -> dict[str, float]:
 def rollouts_to_table(rollouts: Sequence[Rollout]):
     import pyarrow as pa
 
-    from gradsel.schema import ROLLOUTS
+    from gradsel.core.schema import ROLLOUTS
 
     return pa.Table.from_pylist([r.__dict__ for r in rollouts], schema=ROLLOUTS)
 
@@ -318,7 +318,7 @@ def problems_to_table(problems: Sequence[Problem]):
 
     import pyarrow as pa
 
-    from gradsel.schema import PROBLEMS
+    from gradsel.core.schema import PROBLEMS
 
     rows = [{"problem_id": p.problem_id, "source_row": p.source_row, "data_source": p.data_source,
              "reward_style": p.reward_style, "ground_truth": p.ground_truth,
@@ -331,8 +331,8 @@ def encode_checked(model_path: Path, problems: Sequence[Problem], max_model_len:
     """The problems' prompts through the model's chat template, refused (listed) when one leaves
     no room for a response in the model's context (or `max_model_len`, vLLM's --max-model-len):
     vLLM would fail mid-run, transformers crawl."""
-    from gradsel.check import prompt_limit, too_long_error
-    from gradsel.models import context_length, load_tokenizer
+    from gradsel.rollout.check import prompt_limit, too_long_error
+    from gradsel.inputs.models import context_length, load_tokenizer
 
     prompt_ids = encode_prompts(load_tokenizer(model_path), problems)
     contexts = [c for c in (context_length(model_path), max_model_len) if c]
@@ -350,9 +350,9 @@ def read_rollout_shard(stage: Path, index: int, columns: list[str] | None = None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gradsel.rewards import final_answer
-    from gradsel.schema import ROLLOUTS
-    from gradsel.store import shard_path
+    from gradsel.rewards.registry import final_answer
+    from gradsel.core.schema import ROLLOUTS
+    from gradsel.store.stages import shard_path
 
     path = shard_path(stage, index)
     if "answer_class" in pq.read_schema(path).names:
@@ -369,7 +369,7 @@ def read_rollouts(stage: Path, n_shards: int):
     """A rollout stage's shards as one table (schema.ROLLOUTS)."""
     import pyarrow as pa
 
-    from gradsel.schema import ROLLOUTS
+    from gradsel.core.schema import ROLLOUTS
 
     tables = [read_rollout_shard(stage, i) for i in range(n_shards)]
     return pa.concat_tables(tables) if tables else ROLLOUTS.empty_table()
@@ -393,24 +393,24 @@ class RolloutShards:
         return min(self.shard_size, self.n_problems - index * self.shard_size)
 
     def done(self, index: int) -> bool:
-        from gradsel.store import shard_done
+        from gradsel.store.stages import shard_done
 
         return shard_done(self.directory, index)
 
     @property
     def complete(self) -> bool:
         """Marked complete (stage.json) for these inputs, by whichever run found every shard done."""
-        from gradsel.store import stage_complete
+        from gradsel.store.stages import stage_complete
 
         return stage_complete(self.directory, self.key)
 
     def checksum(self, index: int) -> str:
-        from gradsel.store import shard_record
+        from gradsel.store.stages import shard_record
 
         return shard_record(self.directory, index)["sha256"]
 
     def rows(self) -> int:
-        from gradsel.store import shard_record
+        from gradsel.store.stages import shard_record
 
         return sum(shard_record(self.directory, i)["rows"] for i in range(self.n_shards))
 
@@ -442,8 +442,8 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     its own lock, so processes sharing the store never make one twice. The stage is marked
     complete by whichever run finds every shard done.
     """
-    from gradsel.fsutil import atomic_write_table
-    from gradsel.store import check_stage_key, make_shards, mark_stage_complete, stage_complete, stage_cost
+    from gradsel.core.fsutil import atomic_write_table
+    from gradsel.store.stages import check_stage_key, make_shards, mark_stage_complete, stage_complete, stage_cost
 
     engine_name = engine.name if not isinstance(engine, str) else resolve_engine_name(engine)
     shards = rollout_stage(store, split, problem_set, model_hash=model_hash, cfg=cfg, engine_name=engine_name,
@@ -515,7 +515,7 @@ def payout_findings(shards: RolloutShards, problems: Sequence[Problem], reward: 
     every one whose one-answer judge paid two answers to most of its mixed problems (payouts.py).
     Returns what the manifest keeps: (the warnings' records, each (source, reward) pair's contract
     tally)."""
-    from gradsel.payouts import contract_breakers, stage_pay, uniform_pay
+    from gradsel.rewards.payouts import contract_breakers, stage_pay, uniform_pay
 
     pays = stage_pay(shards, problems, reward)
     records = []

@@ -56,6 +56,6 @@ def atomic_write_with(path: Path, write) -> None:
 def atomic_write_table(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
-    from gradsel.schema import parquet_options
+    from gradsel.core.schema import parquet_options
 
     atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, **parquet_options(table.schema)))

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsel import console
-from gradsel.choices import ADVANTAGES, ALIGNMENTS, DTYPES, LOSS_AGGS, VAL_AGGS
-from gradsel.errors import GradselError
-from gradsel.rewards import breaks_contract, judge_consistency, paid_answers
+from gradsel.core import console
+from gradsel.core.choices import ADVANTAGES, ALIGNMENTS, DTYPES, LOSS_AGGS, VAL_AGGS
+from gradsel.core.errors import GradselError
+from gradsel.rewards.registry import breaks_contract, judge_consistency, paid_answers
 from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE, Packing, ProjectorSpec,
                                exact_parameters, exact_problem_gradient, group_advantages, groups_from_table,
                                head_features, make_spec, packing_for, projected_features, shared_prompt_support,
                                truncate_validation_gradient, validation_gradient, zero_validation_gradient)
-from gradsel.index import iter_vectors, load_vectors
+from gradsel.selection.index import iter_vectors, load_vectors
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,10 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     problem id -> whether its judge promises at most one paid answer (rewards.promises_one_answer)."""
     import pyarrow as pa
 
-    from gradsel.fsutil import atomic_write_json, atomic_write_table
-    from gradsel.models import load_causal_lm, load_tokenizer
-    from gradsel.schema import SCORES
-    from gradsel.store import check_stage_key, cost_since, mark_stage_complete, stable_key, stage_complete, stage_cost
+    from gradsel.core.fsutil import atomic_write_json, atomic_write_table
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
+    from gradsel.core.schema import SCORES
+    from gradsel.store.stages import check_stage_key, cost_since, mark_stage_complete, stable_key, stage_complete, stage_cost
 
     cfg.validate()
     if cfg.feature != "projected":  # --alignment applies to the projected feature; record what the others do
@@ -266,7 +266,7 @@ class _FeatureSplit:
     def make(self, directory: Path, rollouts, label: str, val_grad=None, part=None) -> None:
         """Feature shard i from rollout shard i, for every shard (of `part`) not done yet; `val_grad`:
         also store each problem's exact dot with it (`target_dot`)."""
-        from gradsel.store import make_shards, shard_done
+        from gradsel.store.stages import make_shards, shard_done
 
         directory.mkdir(parents=True, exist_ok=True)
         spec, cfg = self.spec, self.cfg
@@ -297,7 +297,7 @@ class _FeatureSplit:
                 bar.shard_done(task)
 
     def _table(self, groups, feats: np.ndarray, dots: np.ndarray | None):
-        from gradsel.schema import vectors_table
+        from gradsel.core.schema import vectors_table
 
         unit, norms = _unit(feats)
         return vectors_table([g.problem_id for g in groups], unit, norms, dots, self.cfg.vector_dtype)
@@ -308,7 +308,7 @@ def _stored_norms(directory: Path, n_shards: int) -> tuple[np.ndarray, np.ndarra
     are NaN where none was stored."""
     import pyarrow.parquet as pq
 
-    from gradsel.store import shard_path
+    from gradsel.store.stages import shard_path
 
     tables = [pq.read_table(shard_path(directory, i), columns=["norm", "target_dot"]) for i in range(n_shards)]
     return (np.concatenate([t.column("norm").to_numpy() for t in tables]),

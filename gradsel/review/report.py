@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsel.errors import GradselError
-from gradsel.select import SelectConfig
+from gradsel.core.errors import GradselError
+from gradsel.selection.select import SelectConfig
 
 # Modes compared in "what each mode would keep": those that need no FAISS index (learnalign
 # and --target max build one, which a report should not pay for).
@@ -39,10 +39,10 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from gradsel.rounds import latest_round_store
-    from gradsel.select import Candidates, load_score_table, mode_score_array, resolve_target, select
-    from gradsel.store import existing_store
-    from gradsel.summary import store_summary
+    from gradsel.pipeline.rounds import latest_round_store
+    from gradsel.selection.select import Candidates, load_score_table, mode_score_array, resolve_target, select
+    from gradsel.store.stages import existing_store
+    from gradsel.review.summary import store_summary
 
     summary = store_summary(store_dir)
     store = existing_store(latest_round_store(store_dir))
@@ -89,8 +89,8 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
 def write_report(store_dir: Path, out: Path, cfg: SelectConfig, force: bool = False) -> int:
     """Write the report; return its size in bytes. An existing file needs `force`; an `out`
     that cannot be written is refused before any work, as `select` refuses one."""
-    from gradsel.fsutil import atomic_write_bytes
-    from gradsel.select import check_out_path
+    from gradsel.core.fsutil import atomic_write_bytes
+    from gradsel.selection.select import check_out_path
 
     check_out_path(str(out), force)
     data = build_report(store_dir, cfg).encode()
@@ -175,7 +175,7 @@ def _modes(by_mode: dict[str, list[str]], source_of: dict[str, str], current: st
 
 def _distributions(c, sources: np.ndarray, directory: Path, manifest: dict) -> Section:
     plt = _pyplot()
-    from gradsel.index import vector_shards
+    from gradsel.selection.index import vector_shards
 
     has_vectors = bool(vector_shards(directory, "train"))
     fig, axes = plt.subplots(1, 3 if has_vectors else 2, figsize=(10, 3.0))
@@ -186,7 +186,7 @@ def _distributions(c, sources: np.ndarray, directory: Path, manifest: dict) -> S
     axes[1].hist(c.score_cos[live], bins=40, color="tab:green")
     axes[1].set_xlabel(f"cosine with the validation gradient\n(--alignment {manifest.get('alignment')})")
     if has_vectors:
-        from gradsel.select import subspace_scores
+        from gradsel.selection.select import subspace_scores
 
         axes[2].hist(subspace_scores(c, directory)[live], bins=40, color="tab:orange")
         axes[2].set_xlabel("share in the validation span\n(--target subspace)")
@@ -237,7 +237,7 @@ def _contract(summary: dict) -> list[Section]:
     rows = [(split, c) for split, r in summary["rollouts"].items() for c in r.get("contract") or []]
     if not rows:
         return []
-    from gradsel.payouts import CONTRACT_SHARE
+    from gradsel.rewards.payouts import CONTRACT_SHARE
 
     broken = ' class="broken"'
     body = "".join(f"<tr{broken if c['share'] > CONTRACT_SHARE else ''}><td>{html.escape(split)}</td>"
@@ -252,7 +252,7 @@ def _contract(summary: dict) -> list[Section]:
 
 
 def _costs(costs: dict) -> Section:
-    from gradsel.summary import describe_cost, ordered_costs
+    from gradsel.review.summary import describe_cost, ordered_costs
 
     if not costs:
         return Section("Cost per stage", "<p>This store predates cost records.</p>")
@@ -271,7 +271,7 @@ def _costs(costs: dict) -> Section:
 def _provenance(summary: dict, manifest: dict) -> Section:
     import json
 
-    from gradsel.summary import describe_rewards_by_source
+    from gradsel.review.summary import describe_rewards_by_source
 
     rows = {"store": summary["store"], "format version": summary["format_version"],
             "checkpoint": summary["checkpoint"]["path"], "content hash": summary["checkpoint"]["content_hash"]}

@@ -8,15 +8,15 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from gradsel import console
-from gradsel.store import Store, existing_store
+from gradsel.core import console
+from gradsel.store.stages import Store, existing_store
 
 
 def store_summary(path: Path) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from gradsel.rounds import latest_round_store, round_selection
+    from gradsel.pipeline.rounds import latest_round_store, round_selection
 
     top = Store(Path(path)).read_manifest()
     rounds = [{"round": r["round"], "checkpoint": r.get("checkpoint", "(incomplete)"), "model": r["model"],

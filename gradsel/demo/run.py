@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from gradsel import console
-from gradsel.pipeline import RolloutOptions, run_score
-from gradsel.problems import read_problems
-from gradsel.score import ScoreConfig
-from gradsel.select import SelectConfig, select, write_selection
-from gradsel.store import open_store
-from gradsel.tasks import write_regime
+from gradsel.core import console
+from gradsel.pipeline.score import RolloutOptions, run_score
+from gradsel.inputs.problems import read_problems
+from gradsel.gradients.stage import ScoreConfig
+from gradsel.selection.select import SelectConfig, select, write_selection
+from gradsel.store.stages import open_store
+from gradsel.demo.tasks import write_regime
 
 # The paper's method as published (`--mode gradalign`: the cosine with the validation set's
 # gradient), gradsel's default, and the two baselines whose failure the paper reports.
