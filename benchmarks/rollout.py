@@ -27,7 +27,8 @@ from pathlib import Path
 
 from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import read_problems
-from gradsel.rollout.stage import (HFEngine, SamplingConfig, VLLMEngine, encode_prompts, problem_seed,
+from gradsel.rollout.prompts import encode_prompts
+from gradsel.rollout.stage import (HFEngine, SamplingConfig, VLLMEngine, problem_seed,
                              run_rollout_stage)
 from gradsel.store.stages import open_store
 from gradsel.demo.tasks import write_regime

@@ -139,7 +139,8 @@ def test_hf_engine_prefills_each_prompt_once_and_is_deterministic(noisy_data):
     real model's forward), and the same prompts and seeds give the same rollouts, whatever else
     shares the batch."""
     from gradsel.inputs.models import resolve_model_path
-    from gradsel.rollout.stage import HFEngine, encode_prompts, problem_seed
+    from gradsel.rollout.prompts import encode_prompts
+    from gradsel.rollout.stage import HFEngine, problem_seed
 
     engine = HFEngine(resolve_model_path("tiny-arith"))
     problems = read_problems(noisy_data / "pool.parquet").problems[:5]

@@ -202,7 +202,8 @@ def check(
 
     The sample also checks the judge's contract: a binary judge that compares an answer with one reference (int, exact, gsm8k, math, math_dapo, verl's routes, a plugin with gradsel_one_answer = True) pays at most one answer per problem. The table gives each source's mixed problems that were paid two different answers, and a `warning:` names a source where that is more than half of them: its reward function ignores the answer. `score` gives the same warning (4 mixed problems or more), records each source's share in the store (`gradsel info`, `gradsel report`), and ranks such problems last in the default selection.
     """
-    from gradsel.rollout.check import check_problem_set, prompt_limit, show_reports
+    from gradsel.rollout.check import check_problem_set, show_reports
+    from gradsel.rollout.prompts import prompt_limit
     from gradsel.inputs.problems import read_problems
 
     console.protect_stdout()

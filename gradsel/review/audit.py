@@ -398,7 +398,7 @@ def val_rows_from_store(root: Path, manifest: dict, model_path: Path, val_file: 
     problems (a rounds store: its recorded --val file)."""
     from gradsel.inputs.models import load_tokenizer
     from gradsel.inputs.problems import read_problems
-    from gradsel.rollout.stage import encode_prompts
+    from gradsel.rollout.prompts import encode_prompts
 
     if val_file is None and manifest.get("rounds_store"):
         val_file = Path(manifest["run"]["val"])

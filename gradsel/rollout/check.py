@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from gradsel.core.errors import GradselError
 from gradsel.inputs.problems import Problem, ProblemSet
 from gradsel.rewards.registry import reward_findings
+from gradsel.rollout.prompts import encode_prompts, too_long_error
 
 
 @dataclass(frozen=True)
@@ -38,30 +39,9 @@ class CheckReport:
                 "problems": [{"error": f.message, "hint": f.hint} for f in self.findings]}
 
 
-def prompt_limit(context: int | None, max_prompt_tokens: int | None) -> int | None:
-    """The longest prompt accepted: --max-prompt-tokens, else the model's context less one token
-    (a prompt that fills the context leaves no room for a response)."""
-    if max_prompt_tokens is not None:
-        return max_prompt_tokens
-    return context - 1 if context else None
-
-
-def too_long_error(problems: Sequence[Problem], lengths: Sequence[int], limit: int) -> GradselError | None:
-    long = [(p.problem_id, n) for p, n in zip(problems, lengths) if n > limit]
-    if not long:
-        return None
-    shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in long[:8])
-    more = f" and {len(long) - 8} more" if len(long) > 8 else ""
-    return GradselError(f"{len(long)} prompt(s) exceed {limit} tokens under the chat template: {shown}{more}",
-                        "drop or shorten those rows, or give the model a longer context (--max-model-len, or another model) "
-                        "(`gradsel check` lists every data source's prompt lengths)")
-
-
 def check_problem_set(problem_set: ProblemSet, split: str, *, reward: str | None = None,
                       tokenizer=None, limit: int | None = None) -> CheckReport:
     """Per data source: rows, reward, prompt token lengths; and every problem found."""
-    from gradsel.rollout.stage import encode_prompts
-
     problems = problem_set.problems
     by_source, findings = reward_findings(problems, reward)
     lengths = [len(ids) for ids in encode_prompts(tokenizer, problems)] if tokenizer is not None else None

@@ -22,6 +22,7 @@ from gradsel.core.errors import GradselError
 from gradsel.inputs.problems import Problem
 from gradsel.rewards.registry import answer_classes, check_rewards, resolve_reward
 from gradsel.store.stages import stable_key
+from gradsel.rollout.prompts import encode_prompts, prompt_limit, too_long_error
 
 
 @dataclass(frozen=True)
@@ -74,21 +75,6 @@ class Engine(Protocol):
 def problem_seed(seed: int, problem_id: str) -> int:
     """A per-problem sampling seed, so a problem's rollouts do not depend on its batch."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{problem_id}".encode()).digest()[:4], "little")
-
-
-def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
-    """Prompt token ids through the tokenizer's chat template (generation prompt added)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise GradselError("the tokenizer has no chat template",
-                           "use a chat/instruct tokenizer or add a chat_template to tokenizer_config.json")
-    out = []
-    for p in problems:
-        text = tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise GradselError(f"problem {p.problem_id} renders to an empty prompt", "check the prompt column")
-        out.append(list(ids))
-    return out
 
 
 class HFEngine:
@@ -331,7 +317,6 @@ def encode_checked(model_path: Path, problems: Sequence[Problem], max_model_len:
     """The problems' prompts through the model's chat template, refused (listed) when one leaves
     no room for a response in the model's context (or `max_model_len`, vLLM's --max-model-len):
     vLLM would fail mid-run, transformers crawl."""
-    from gradsel.rollout.check import prompt_limit, too_long_error
     from gradsel.inputs.models import context_length, load_tokenizer
 
     prompt_ids = encode_prompts(load_tokenizer(model_path), problems)
