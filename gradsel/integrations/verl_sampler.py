@@ -73,7 +73,7 @@ def problem_id_of(fields: dict) -> str:
 
 class GradselEviction:
     """The part shared by the sync and async buffers. sampler_kwargs:
-    ranking                the ranking file (required); re-read whenever its mtime or size changes
+    ranking                the ranking file (required); re-read whenever it is replaced or its mtime or size changes
     evict                  which flags evict (default all: zero_advantage, unreliable_judge, suspect_key)
     min_judge_reliability  below it a problem's judge is unreliable (default 0.5; 0 = broke the contract)
     """
@@ -92,7 +92,7 @@ class GradselEviction:
         self.min_judge_reliability = float(options.get("min_judge_reliability", 0.5))
         self.flagged: dict[str, list[str]] = {}
         self.ranking_reads = 0  # how often the file was actually read (not just stat'ed)
-        self._ranking_stamp: tuple[int, int] | None = None
+        self._ranking_stamp: tuple[int, int, int] | None = None
         self._problem_of_uid: dict[str, dict[str, str]] = defaultdict(dict)  # partition -> uid -> problem id
         self._gradsel_evicting: dict[str, dict[str, list[str]]] = defaultdict(dict)  # partition -> uid -> reasons
         self.reload_ranking()
@@ -100,7 +100,7 @@ class GradselEviction:
             raise ValueError(f"sampler_kwargs.ranking {self.ranking} does not exist")
 
     def reload_ranking(self) -> bool:
-        """Re-read the ranking file when its mtime or size changed; True when it was read. A file
+        """Re-read the ranking file when it was replaced or its mtime or size changed; True when it was read. A file
         that went missing or cannot be read keeps the flags last read (logged)."""
         try:
             st = os.stat(self.ranking)
@@ -108,7 +108,8 @@ class GradselEviction:
             if self._ranking_stamp is not None:
                 logger.warning("gradsel ranking %s unreadable (%s): keeping the flags last read", self.ranking, exc)
             return False
-        stamp = (st.st_mtime_ns, st.st_size)
+        # A new inode catches an atomic replace within the file system's mtime resolution.
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._ranking_stamp:
             return False
         try:
