@@ -31,7 +31,8 @@ install: $(STAMP)
 BASE_VENV ?= $(VENV)
 TRAINER_ENVS := .trainer-envs
 VERL_PACKAGES := verl==0.9.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 torchdata==0.11.0 \
-	tensordict==0.15.3 pyvers==0.2.3 codetiming==1.4.0 orjson==3.13.0
+	tensordict==0.15.3 pyvers==0.2.3 codetiming==1.4.0 orjson==3.13.0 \
+	transferqueue==0.1.11 hydra-core==1.3.2
 OPENRLHF_PACKAGES := openrlhf==0.11.2 pylatexenc==2.11
 
 $(TRAINER_ENVS)/verl/.installed: Makefile scripts/trainer_env.sh | $(BASE_VENV)/bin/python

@@ -1,7 +1,9 @@
 """Hand-offs from a gradsel store to trainers (docs/trainers.md).
 
 `gradsel.integrations.trl` follows the store's latest selection inside a running TRL trainer;
-`gradsel.integrations.verl` prepares a verl relaunch (`gradsel handoff verl`). Both read what
+`gradsel.integrations.verl` prepares a verl relaunch (`gradsel handoff verl`) and writes the ranking
+file that `gradsel.integrations.verl_sampler` (verl's V1 custom sampler, imported by verl, never by
+gradsel) re-reads inside a running V1 trainer. Both read what
 `gradsel select` recorded for a round (its `selection.json`), through `recorded_selection`.
 """
 

@@ -116,3 +116,99 @@ def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_
                  f"trainer.total_epochs={total_epochs}", f"trainer.total_training_steps={total_steps}"]
     return Handoff(out, rows, selection.round, folder, step, steps_per_epoch, total_epochs, total_steps,
                    None if moved_before else moved if moved.exists() else None, moved_before, overrides)
+
+
+# -- the ranking file of verl's V1 custom sampler (gradsel/integrations/verl_sampler.py) ---------------
+
+# Read by verl_sampler.GradselReplayBuffer; written whole (atomic rename), so a trainer that re-reads
+# it on a new mtime never sees half a file.
+RANKING_COLUMNS = ("problem_id", "round", "zero_advantage", "judge_reliability", "suspect_key", "selected_rank")
+
+
+def ranking_rows(store: Path, audit: Path | None = None) -> list[dict]:
+    """One row per problem a round of the store scored, from the latest round that scored it: its
+    zero advantage and judge reliability there (select's `judge_reliability`: 0 where it broke the
+    judge's contract), whether `gradsel audit --out` (the file `audit`) lists its key as a suspect,
+    and its rank in the latest recorded selection (None where not selected)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from gradsel.rounds import round_dir
+    from gradsel.select import Candidates, judge_reliability
+    from gradsel.store import Store, existing_store
+
+    manifest = existing_store(store).read_manifest()
+    if not manifest.get("rounds_store"):
+        raise GradselError(f"{store} is a store without rounds", "create it with `gradsel score --chunk-size M ...`")
+    suspects = _audit_suspects(audit) if audit is not None else set()
+    latest: dict[str, dict] = {}
+    for entry in (r for r in manifest["rounds"] if "checkpoint" in r):  # a round still being written is not read
+        sub = Store(round_dir(Path(store), entry["round"]))
+        features = sub.read_manifest().get("features")
+        if not features:
+            continue
+        table = pq.read_table(sub.root / features / "scores.parquet")
+        c = Candidates.from_table(table.filter(pc.equal(table.column("split"), "train")))
+        for pid, zero, reliability in zip(c.ids, c.zero_advantage.tolist(), judge_reliability(c).tolist()):
+            latest[pid] = {"problem_id": pid, "round": entry["round"], "zero_advantage": bool(zero),
+                           "judge_reliability": float(reliability)}
+    if not latest:
+        raise GradselError(f"{store} has no scored round yet", "let `gradsel score --chunk-size M` finish first")
+    selected = recorded_selection(store).problem_ids
+    rank = {pid: i + 1 for i, pid in enumerate(selected)}
+    return [row | {"suspect_key": pid in suspects, "selected_rank": rank.get(pid)} for pid, row in latest.items()]
+
+
+def _audit_suspects(path: Path) -> set[str]:
+    """The problem ids `gradsel audit --out` listed (Parquet or JSON lines; it lists suspects only)."""
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        raise GradselError(f"--audit {path} does not exist", "write it with `gradsel audit --store S --out FILE`")
+    if Path(path).suffix.lower() == ".parquet":
+        rows = pq.read_table(path, columns=["problem_id", "suspect"]).to_pylist()
+    else:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {r["problem_id"] for r in rows if r.get("suspect", True)}
+
+
+def write_ranking(store: Path, out: Path, audit: Path | None = None) -> int:
+    """Write the ranking file that verl_sampler.GradselReplayBuffer re-reads (Parquet, replaced
+    atomically); returns its rows."""
+    import pyarrow as pa
+
+    from gradsel.fsutil import atomic_write_table
+
+    rows = ranking_rows(Path(store), audit)
+    schema = pa.schema([("problem_id", pa.string()), ("round", pa.int32()), ("zero_advantage", pa.bool_()),
+                        ("judge_reliability", pa.float64()), ("suspect_key", pa.bool_()),
+                        ("selected_rank", pa.int32())])
+    assert tuple(schema.names) == RANKING_COLUMNS
+    atomic_write_table(Path(out), pa.Table.from_pylist(rows, schema=schema))
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gradsel.integrations.verl --store S --out RANKING [--audit SUSPECTS]`: (re)write the
+    ranking file of a running verl V1 trainer's GradselReplayBuffer (docs/trainers.md)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m gradsel.integrations.verl", description=main.__doc__)
+    parser.add_argument("--store", required=True, type=Path, help="a store with rounds (score --chunk-size, refresh)")
+    parser.add_argument("--out", required=True, type=Path, help="the ranking file (Parquet) named in sampler_kwargs")
+    parser.add_argument("--audit", type=Path, help="the suspects `gradsel audit --out` wrote (.parquet or .jsonl)")
+    args = parser.parse_args(argv)
+    try:
+        if args.out.is_dir():
+            raise GradselError(f"--out {args.out} is a directory", "give the ranking file's path, e.g. ranking.parquet")
+        rows = write_ranking(args.store, args.out, args.audit)
+    except GradselError as exc:
+        print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {rows} problems", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
