@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from gradsel.integrations import recorded_selection
-from gradsel.tasks import model_wrong_key, write_regime
+from gradsel.demo.tasks import model_wrong_key, write_regime
 from test_handoff_verl import VERL_PYTHON, skip_unless_importable
 
 # A wrong-answer pool, so that `gradsel audit` has suspects; n 8 so some problems are mixed.
@@ -188,7 +188,7 @@ def test_verls_replay_buffer_evicts_flagged_groups_and_follows_a_rewritten_ranki
     refilled through verl's `_add_prompts_to_generate`, and a rewritten ranking file is read once,
     at its next sample, not at every poll."""
     skip_unless_importable(VERL_PYTHON, "transfer_queue", "verl", "GRADSEL_VERL_PYTHON")
-    from gradsel.models import resolve_model_path
+    from gradsel.inputs.models import resolve_model_path
 
     pool, store, suspects = flagged_store
     ranking, next_ranking = tmp_path / "ranking.parquet", tmp_path / "ranking-next.parquet"

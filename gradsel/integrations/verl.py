@@ -133,9 +133,9 @@ def ranking_rows(store: Path, audit: Path | None = None) -> list[dict]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from gradsel.rounds import round_dir
-    from gradsel.select import Candidates, judge_reliability
-    from gradsel.store import Store, existing_store
+    from gradsel.pipeline.rounds import round_dir
+    from gradsel.selection.select import Candidates, judge_reliability
+    from gradsel.store.stages import Store, existing_store
 
     manifest = existing_store(store).read_manifest()
     if not manifest.get("rounds_store"):
@@ -177,7 +177,7 @@ def write_ranking(store: Path, out: Path, audit: Path | None = None) -> int:
     atomically); returns its rows."""
     import pyarrow as pa
 
-    from gradsel.fsutil import atomic_write_table
+    from gradsel.core.fsutil import atomic_write_table
 
     rows = ranking_rows(Path(store), audit)
     schema = pa.schema([("problem_id", pa.string()), ("round", pa.int32()), ("zero_advantage", pa.bool_()),

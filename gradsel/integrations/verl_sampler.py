@@ -64,7 +64,7 @@ def flagged_problems(ranking: Path, evict: tuple[str, ...], min_judge_reliabilit
 
 def problem_id_of(fields: dict) -> str:
     """gradsel's id of the problem a rollout answered, from the dataset columns verl stored with it."""
-    from gradsel.problems import problem_from_row
+    from gradsel.inputs.problems import problem_from_row
 
     row = {"prompt": fields.get("raw_prompt"), "reward_model": fields.get("reward_model"),
            "extra_info": fields.get("extra_info"), "data_source": fields.get("data_source")}
