@@ -1,7 +1,7 @@
 """Selection quality on the paper's three data regimes, with tiny-arith, over several seeds.
 
     .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--n-val N] [--val-size 40] [--sketch 16x16]
-        [--out docs/quality.md]
+        [--out docs/research/quality.md]
 
 For each regime and seed: `gradsel demo-data`, then `score` (transformers engine) with each
 feature, then `select --ratio 0.25` with every mode. Metrics (mean +- std over seeds):
@@ -213,7 +213,7 @@ def main() -> None:
     ap.add_argument("--sketch", type=parse_sketch, default=(16, 16), help="KOUTxKIN, as gradsel score --sketch")
     ap.add_argument("--regimes", nargs="+", default=["noisy", "imbalance", "low-utility"])
     ap.add_argument("--features", nargs="+", default=list(FEATURES))
-    ap.add_argument("--out", type=Path, default=Path("docs/quality.md"))
+    ap.add_argument("--out", type=Path, default=Path("docs/research/quality.md"))
     ap.add_argument("--model", default="tiny-arith", help="checkpoint to score with (default the bundled model)")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each regime's data and store under KEEP/REGIME-SEED, for offline analysis")

@@ -8,7 +8,7 @@ Each idea is a score over the stored projected vectors (unit vectors, one slice 
 the pool's candidates (non-zero advantage), and every one keeps the default's judge-consistency
 penalty, -2 x (1 - consistency), so that only the gradient term differs. Printed per regime:
 the wanted share of the top 25% (as quality.py) and the AUROC of wanted over unwanted
-candidates, mean over the stores given. docs/quality.md records what these showed.
+candidates, mean over the stores given. docs/research/quality.md records what these showed.
 """
 
 from __future__ import annotations

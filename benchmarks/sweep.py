@@ -6,7 +6,7 @@
 For each regime and seed: one pool from `gradsel demo-data`; for each k, rollouts with the
 transformers engine and the default score; at k = 8 also every sketch size, with the default
 exact alignment and with `--alignment sketch`. Each score is followed by `select --ratio 0.25`
-with gradalign, reliable, accgreedy and random. Prints, and writes to docs/sweep.md, mean +- std
+with gradalign, reliable, accgreedy and random. Prints, and writes to docs/research/sweep.md, mean +- std
 over seeds of each regime's metric among the selected (noisy: corrupted share; imbalance: target
 share; low-utility: useful share) and the AUROC of each mode's score (wanted over not wanted).
 """
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=400)
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--sketches", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--out", type=Path, default=Path("docs/sweep.md"))
+    ap.add_argument("--out", type=Path, default=Path("docs/research/sweep.md"))
     ap.add_argument("--model", default="tiny-arith", help="checkpoint to score with (default the bundled model)")
     args = ap.parse_args()
     console.set_verbosity(quiet=True)

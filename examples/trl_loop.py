@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/trl_loop.py --regimes wrong-answer --arms oracle random default gradalign whole \\
         --seeds 0 1 2 --rounds 3 --out runs/loop
-    .venv/bin/python examples/trl_loop.py --out runs/loop --report docs/results.md
+    .venv/bin/python examples/trl_loop.py --out runs/loop --report docs/research/results.md
 
 For each regime and seed, `gradsel demo-data` writes a pool of rounds x chunk-size problems, and
 `gradsel score` scores its first chunk with the bundled checkpoint, once, for every arm. Then

@@ -7,7 +7,7 @@ in Hugging Face format. It is trained on a mix of the task's domains and saved h
 its learning-rate schedule, on purpose: sampled at temperature 1.0 it solves some problems but
 not all, which is what GRPO needs (every group all-right or all-wrong has zero advantage), and
 its learning rate is not yet decayed, so fine-tuning on some problems still moves others (a
-fully trained model has memorised its domains and transfers nothing, docs/quality.md). Answers are written most
+fully trained model has memorised its domains and transfers nothing, docs/research/quality.md). Answers are written most
 significant digit first, as the task format demands, so carries must be computed as a
 procedure over digit positions rather than looked up: the same circuit serves every problem
 of a domain, and that is what makes gradients of different problems align.

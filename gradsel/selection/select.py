@@ -4,7 +4,7 @@ Modes (the paper's method, its baselines, and gradsel's default):
   reliable    gradalign minus 2 * (1 - reliability), the reliability being judge consistency, or 0
               where the problem breaks its judge's contract (two distinct answers paid by a binary
               one-reference judge): problems whose judge gave identical answers different rewards,
-              or paid two different answers, sink (the default; docs/algorithm.md, docs/quality.md)
+              or paid two different answers, sink (the default; docs/algorithm.md, docs/research/quality.md)
   gradalign   cosine with the validation gradient (the paper's method)
   dot         inner product with the validation gradient
   accgreedy   pass rate closest to 0.5 first
@@ -272,7 +272,7 @@ def resolve_target(target: str, feature: str, mode: str) -> str:
     """What `auto` means for a mode. The paper's modes (gradalign, dot, simacc) align with the
     validation gradient, so for them it is mean: `--mode gradalign` is the paper's method as
     published. For gradsel's default, reliable, it is subspace (the best of the targets across the
-    regimes of docs/quality.md) where the store holds gradient vectors; the exact feature stores
+    regimes of docs/research/quality.md) where the store holds gradient vectors; the exact feature stores
     none, so there every mode's is mean. Modes that read no target get mean, which they ignore."""
     if feature == "exact":
         if target in ("max", "subspace"):
