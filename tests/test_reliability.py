@@ -15,13 +15,14 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import GRADSEL, ROOT, run_cli  # noqa: E402
+from conftest import GRADSEL, ONE_THREAD, ROOT, run_cli  # noqa: E402
 
 ROLLOUT = ["--engine", "hf", "--max-tokens", "8", "--n", "4", "--shard-size", "3"]
 SCORE = [*ROLLOUT, "--n-val", "4"]
@@ -55,7 +56,7 @@ def _progress(store: Path, baseline: set[str]) -> str:
 
 
 def _env() -> dict:
-    return {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **ONE_THREAD}
 
 
 def kill_chain(command: str, args: list[str], store: Path, *, kills: int, total: int, span: float, seed: int,
@@ -102,7 +103,7 @@ def kill_chain(command: str, args: list[str], store: Path, *, kills: int, total:
             finished()
             reset()
     before = _markers(store)
-    run_cli(*args)
+    run_cli(*args, env=ONE_THREAD)
     after = _markers(store)
     chain.shards_redone += sum(after.get(k) != v for k, v in before.items())
     finished()
@@ -146,37 +147,47 @@ def run_faults(work: Path, kills: int, seed: int = 0) -> list[Chain]:
     def uninterrupted(args: list[str], store: Path) -> dict:
         """Run to the end; the number of shards it finished and how long it took."""
         before, t = set(_markers(store)), time.perf_counter()
-        run_cli(*args)
+        run_cli(*args, env=ONE_THREAD)
         return {"total": len(set(_markers(store)) - before), "span": time.perf_counter() - t}
 
     def fresh(store: Path):
         return lambda: shutil.rmtree(store, ignore_errors=True)
 
-    chains = []
-    ref, faulty = work / "ref-rollout", work / "faulty-rollout"
-    ref_run = uninterrupted(commands(ref)["rollout"], ref)
-    chains.append(kill_chain("rollout", commands(faulty)["rollout"], faulty, kills=kills, seed=seed, **ref_run,
-                             same=lambda s: _same_tables(ref, s), reset=fresh(faulty)))
+    def rollout_lane() -> list[Chain]:
+        ref, faulty = work / "ref-rollout", work / "faulty-rollout"
+        ref_run = uninterrupted(commands(ref)["rollout"], ref)
+        return [kill_chain("rollout", commands(faulty)["rollout"], faulty, kills=kills, seed=seed, **ref_run,
+                           same=lambda s: _same_tables(ref, s), reset=fresh(faulty))]
 
-    ref, faulty = work / "ref-rounds", work / "faulty-rounds"
-    ref_run = uninterrupted(commands(ref)["score"], ref)
-    ref_selection = _selection(ref)  # round 0's selection, which refresh needs
-    chains.append(kill_chain("score", commands(faulty)["score"], faulty, kills=kills, seed=seed, **ref_run,
+    def rounds_lane() -> list[Chain]:
+        """score, then refresh on the store the killed score chain left."""
+        ref, faulty = work / "ref-rounds", work / "faulty-rounds"
+        ref_run = uninterrupted(commands(ref)["score"], ref)
+        ref_selection = _selection(ref)  # round 0's selection, which refresh needs
+        score = kill_chain("score", commands(faulty)["score"], faulty, kills=kills, seed=seed, **ref_run,
+                           same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
+                           reset=fresh(faulty))
+
+        base = work / "faulty-rounds-after-round-0"
+        shutil.copytree(faulty, base)
+        ref_run = uninterrupted(commands(ref)["refresh"], ref)
+        ref_selection = _selection(ref)
+
+        def back_to_round_0():
+            shutil.rmtree(faulty)
+            shutil.copytree(base, faulty)
+
+        refresh = kill_chain("refresh", commands(faulty)["refresh"], faulty, kills=kills, seed=seed, **ref_run,
                              same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
-                             reset=fresh(faulty)))
+                             reset=back_to_round_0)
+        return [score, refresh]
 
-    base = work / "faulty-rounds-after-round-0"
-    shutil.copytree(faulty, base)
-    ref_run = uninterrupted(commands(ref)["refresh"], ref)
-    ref_selection = _selection(ref)
-
-    def back_to_round_0():
-        shutil.rmtree(faulty)
-        shutil.copytree(base, faulty)
-
-    chains.append(kill_chain("refresh", commands(faulty)["refresh"], faulty, kills=kills, seed=seed, **ref_run,
-                             same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
-                             reset=back_to_round_0))
+    # The two lanes touch separate stores, so they run side by side: one process each, one torch
+    # thread each (ONE_THREAD), on CI's two cores. Where each kill lands is seeded per command and
+    # counted in shard markers, so the other lane's load moves no kill to another shard.
+    with ThreadPoolExecutor(max_workers=2) as lanes:
+        rollout, rounds = lanes.submit(rollout_lane), lanes.submit(rounds_lane)
+        chains = rollout.result() + rounds.result()
     return chains
 
 

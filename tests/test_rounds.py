@@ -19,16 +19,34 @@ from gradsel.demo.tasks import write_regime
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]
 
 
-@pytest.fixture
-def setup(tmp_path):
-    pool, val = write_regime(tmp_path / "data", "clean", size=60, val_size=12, seed=3)
-    ckpt2 = tmp_path / "ckpt2"
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The pool, the validation set and a second checkpoint, read (never written) by every test."""
+    tmp = tmp_path_factory.mktemp("rounds-data")
+    pool, val = write_regime(tmp / "data", "clean", size=60, val_size=12, seed=3)
+    ckpt2 = tmp / "ckpt2"
     shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
     # A "trained" checkpoint: same weights but one byte of a different config field (a new content hash).
     cfg = json.loads((ckpt2 / "config.json").read_text())
     cfg["rms_norm_eps"] = 1.1e-5
     (ckpt2 / "config.json").write_text(json.dumps(cfg))
-    return tmp_path, pool, val, ckpt2
+    return pool, val, ckpt2
+
+
+@pytest.fixture
+def setup(tmp_path, data):
+    return tmp_path, *data
+
+
+@pytest.fixture(scope="module")
+def round0(data, tmp_path_factory):
+    """Round 0 scored on the Parquet pool in chunks of 20, made once; each test that starts from it
+    takes its own copy."""
+    pool, val, _ = data
+    store = tmp_path_factory.mktemp("rounds-round0") / "store"
+    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
+            "--chunk-size", "20", *SCORE)
+    return store
 
 
 def manifest(store):
@@ -111,11 +129,10 @@ def test_refresh_selects_and_records_under_the_lock_it_scored_under(setup):
     assert selected and first + rest == lines_of(line_of, selected)
 
 
-def test_rounds_take_disjoint_chunks_and_record_history(setup):
+def test_rounds_take_disjoint_chunks_and_record_history(setup, round0):
     tmp, pool, val, ckpt2 = setup
     store = tmp / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "20", *SCORE)
+    shutil.copytree(round0, store)
     run_cli("select", "--store", str(store), "--top-k", "5", "--allow-fewer", "--format", "ids", "--out", str(tmp / "r0.txt"))
     out = json.loads(run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "5",
                              "--allow-fewer", "--format", "ids", "--out", str(tmp / "r1.txt")).stdout)
@@ -151,11 +168,10 @@ def test_identical_checkpoint_is_refused_and_unselected_can_return(setup):
     assert set(second) & set(rounds[0]["chunk_ids"])  # the 20 fresh ones plus unselected ones from round 0
 
 
-def test_killed_refresh_resumes(setup):
+def test_killed_refresh_resumes(setup, round0):
     tmp, pool, val, ckpt2 = setup
     store = tmp / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "20", *SCORE)
+    shutil.copytree(round0, store)
     run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
     run_cli("refresh", "--store", str(store), "--model", str(ckpt2))
     reference = pq.read_table(next((store / "rounds/round-001/features").glob("*/scores.parquet")))
