@@ -112,6 +112,7 @@ def weights(model) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.trainer
 def test_grpo_trainer_follows_a_refresh_between_epochs(tmp_path):
     """One GRPOTrainer run: epoch 1 draws round 0's selection; between the epochs, another process
     (`gradsel refresh`, started by the callback) scores the next chunk with the checkpoint of epoch 1

@@ -190,6 +190,7 @@ def test_killed_refresh_resumes(setup, round0):
 
 
 @pytest.mark.slow
+@pytest.mark.trainer
 def test_trl_loop_learns_what_the_selection_teaches(tmp_path):
     """select -> TRL GRPOTrainer (gradsel's reward) -> checkpoint -> held-out accuracy, on the CPU.
     One round in the wrong-answer regime: the model trained on only the correctly labelled

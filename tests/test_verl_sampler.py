@@ -182,6 +182,7 @@ VERL_DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.trainer
 def test_verls_replay_buffer_evicts_flagged_groups_and_follows_a_rewritten_ranking(flagged_store, tmp_path):
     """verl's own `_build_replay_buffer` loads GradselReplayBuffer from its custom_sampler path; on a
     real TransferQueue its `sample` returns only unflagged groups, the flagged ones cleared and
