@@ -234,10 +234,21 @@ def main() -> None:
                     help="keep each regime's data and store under KEEP/REGIME-SEED, for offline analysis")
     ap.add_argument("--noise-fraction", type=float, default=0.5,
                     help="noisy regime: the share of the pool judged by a coin flip (default 0.5)")
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="measure nothing: merge the results.json files that --keep runs wrote (one seed each, "
+                         "say) and write the report from them")
     ap.add_argument("--wrong-keys", choices=("slip", "model"), default="slip",
                     help="wrong-answer regime: synthetic slips (default), or the model's own commonest wrong answers")
     args = ap.parse_args()
     console.set_verbosity(quiet=True)
+    if args.summarize:
+        results = [r for path in args.summarize for r in json.loads(path.read_text())]
+        seeds = sorted({r["seed"] for r in results})
+        command = (f".venv/bin/python benchmarks/quality.py --summarize {' '.join(map(str, args.summarize))}"
+                   f"  # seeds {' '.join(map(str, seeds))}")
+        write_report(summarize(results), args.out, command, size=args.size, n=args.n, val_size=args.val_size,
+                     model=args.model)
+        return
     results = []
     if args.model == "smollm2":  # the bed's wrong keys are always the model's own
         wrong_key = smollm2_bed.model_wrong_key(smollm2_bed.model_path()) if "wrong-answer" in args.regimes else None

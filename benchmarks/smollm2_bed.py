@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct (scripts/smollm2.py) cannot add two-digit numbers (pass rate 0.01-0.04, and
 0-0.5 on a two-digit number plus a digit), so the bed adds two digits (DOMAINS). Each row is a verl
-GSM8K-shaped chat row: a system prompt holding two worked examples, the question in one of four
-phrasings; data source
+GSM8K-shaped chat row: a system prompt with a worked example, a second one as an earlier chat turn,
+the question in one of four phrasings; data source
 `openai/gsm8k`, so verl's gsm8k rule judges it by its `#### N` answer (a binary judge with one
 reference: the judge's contract applies). The regimes mirror tiny-arith's (tasks.make_regime):
 
@@ -27,15 +27,17 @@ from pathlib import Path
 from typing import Callable
 
 DATA_SOURCE = "openai/gsm8k"  # routed to verl's gsm8k rule: the number after the last `#### `
-# Two worked examples inside the system prompt. As earlier chat turns instead, they make the model
-# add two digits right 85% of the time (most problems then all-correct: no GRPO signal).
+# Two worked examples: one in the system prompt, one as an earlier chat turn. Both in the system
+# prompt, the model rarely writes `#### N` (pass rates 0-0.25 at T = 0.7, most problems never
+# paid); both as chat turns, it adds two digits right 85% of the time at T = 0.7.
 SYSTEM = ("You solve addition problems. Show the sum, then write the final answer on its own line as "
-          "'#### N'.\nExample:\n3 + 5 = 8\n#### 8\nExample:\n4 + 2 = 6\n#### 6")
+          "'#### N'.\nExample:\n4 + 2 = 6\n#### 6")
+SHOT = ("What is 3 + 5?", "3 + 5 = 8\n#### 8")
 PHRASINGS = ("What is {sum}?", "Add {list}.", "Compute {tight}.", "What is the sum of {list}?")
 # What the audit's taught copy is supervised on: the worked examples' answer form.
 TEACH_TEMPLATE = "#### {answer}"
 MAX_TOKENS = 16  # "8 + 7 = 15\n#### 15" is about 12 tokens
-TEMPERATURE = 0.7
+TEMPERATURE = 1.0  # at 0.7 the model adds two digits right 75-90% of the time (one probe, 4 problems)
 
 
 def _carry(rng: random.Random) -> tuple[int, ...]:
@@ -69,7 +71,8 @@ def terms_of(text: str) -> tuple[int, ...]:
 
 
 def messages(terms: tuple[int, ...], phrasing: int) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question(terms, phrasing)}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SHOT[0]},
+            {"role": "assistant", "content": SHOT[1]}, {"role": "user", "content": question(terms, phrasing)}]
 
 
 def row(terms: tuple[int, ...], phrasing: int, *, domain: str, split: str, index: int, style: str = "rule",
