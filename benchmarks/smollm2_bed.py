@@ -199,3 +199,30 @@ def write_regime(out_dir: Path, regime: str, **kwargs) -> tuple[Path, Path]:
     else:
         (out_dir / TRUTH_FILE).unlink(missing_ok=True)
     return pool_path, val_path
+
+
+def pass_rate_spread(store: Path, data: Path, low: float = 0.1, high: float = 0.7) -> dict:
+    """How mixed the model's pass rates are on a bed store's pool: per problem, the share of its
+    rollouts its own judge paid, over the rows judged by the key (not coin-flipped) whose key is the
+    true sum. Returns the count, the share within [low, high], the share never and always paid."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gradsel.problems import read_problems
+    from gradsel.rollout import table_pass_rates
+
+    shards = sorted((Path(store) / "rollouts" / "train").glob("shard-*.parquet"))
+    rates = table_pass_rates(pa.concat_tables([pq.read_table(s) for s in shards]))
+    clean = [rates[p.problem_id] for p in read_problems(Path(data) / "pool.parquet").problems
+             if p.reward_style != "random" and p.ground_truth == true_answer(p.messages()) and p.problem_id in rates]
+    n = len(clean)
+    return {"problems": n, "within": round(sum(low <= r <= high for r in clean) / n, 3),
+            "never_paid": round(sum(r == 0 for r in clean) / n, 3), "always_paid": round(sum(r == 1 for r in clean) / n, 3),
+            "mean": round(sum(clean) / n, 3)}
+
+
+if __name__ == "__main__":  # python benchmarks/smollm2_bed.py KEEP_DIR...: pass-rate spread of kept runs
+    import json
+
+    for keep in sys.argv[1:]:
+        print(json.dumps({"run": keep, **pass_rate_spread(Path(keep) / "store", Path(keep) / "data")}))
