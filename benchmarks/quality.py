@@ -244,7 +244,8 @@ def main() -> None:
     if args.summarize:
         results = [r for path in args.summarize for r in json.loads(path.read_text())]
         seeds = sorted({r["seed"] for r in results})
-        command = (f".venv/bin/python benchmarks/quality.py --summarize {' '.join(map(str, args.summarize))}"
+        command = (f".venv/bin/python benchmarks/quality.py{f' --model {args.model}' if args.model != 'tiny-arith' else ''}"
+                   f" --size {args.size} --val-size {args.val_size} --summarize {' '.join(map(str, args.summarize))}"
                    f"  # seeds {' '.join(map(str, seeds))}")
         write_report(summarize(results), args.out, command, size=args.size, n=args.n, val_size=args.val_size,
                      model=args.model)
