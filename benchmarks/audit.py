@@ -9,7 +9,7 @@ then the audit with each --teach step count. Prints, per seed and step count and
 (wrong > right) with a bootstrap 95% interval, and at the default threshold the suspects listed,
 precision, recall and the share of suspects whose proposed key is the true answer, at each
 --thresholds value. `--keep DIR` keeps the data and stores (a rerun reuses them).
-`--model smollm2`: the real-model test bed (benchmarks/smollm2_bed.py), rolled out at T = 0.7 with
+`--model smollm2`: the real-model test bed (benchmarks/smollm2_bed.py), rolled out at T = 1.0 with
 at most 16 tokens, its taught copy supervised on `#### {answer}`.
 """
 

@@ -20,7 +20,7 @@ before the contract (rewards.breaks_contract), on the same stores. Each AUROC ca
 95% interval (candidates resampled within each seed, 1000 times, the mean over seeds).
 `--noise-fraction`: the share of the noisy regime's pool judged by a coin flip (default 0.5).
 `--model smollm2`: the real-model test bed (benchmarks/smollm2_bed.py): SmolLM2-135M-Instruct on
-small sums in verl GSM8K-shaped chat rows, judged by `#### N`, k rollouts at T = 0.7, at most 16
+small sums in verl GSM8K-shaped chat rows, judged by `#### N`, k rollouts at T = 1.0, at most 16
 tokens; its wrong keys are always the model's own (`--wrong-keys` is ignored).
 Writes a Markdown report with a PNG plot.
 """
