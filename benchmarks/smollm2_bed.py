@@ -1,18 +1,19 @@
 """The real-model test bed: SmolLM2-135M-Instruct on small sums, in the regimes of gradsel/tasks.py.
 
 SmolLM2-135M-Instruct (scripts/smollm2.py) cannot add two-digit numbers (pass rate 0.01-0.04, and
-0-0.5 on a two-digit number plus a digit), so the bed adds two digits (DOMAINS). Each row is a verl
-GSM8K-shaped chat row: a system prompt with a worked example, a second one as an earlier chat turn,
-the question in one of four phrasings; data source
-`openai/gsm8k`, so verl's gsm8k rule judges it by its `#### N` answer (a binary judge with one
+0-0.5 on a two-digit number plus a digit), so the bed adds two single digits (DOMAINS), sampled at
+T = 1.0 (at 0.7 it is right 75-90% of the time: few problems would have a GRPO signal). Each row is
+a verl GSM8K-shaped chat row: a system prompt with a worked example, a second one as an earlier chat
+turn, the question in one of four phrasings; data source `openai/gsm8k`, so verl's gsm8k rule judges it by its `#### N` answer (a binary judge with one
 reference: the judge's contract applies). The regimes mirror tiny-arith's (tasks.make_regime):
 
   noisy         `noise_fraction` of the pool judged by a coin flip (reward_model.style "random")
-  wrong-answer  `wrong_share` of the pool keyed with a wrong answer: `wrong_key(terms, rng)`, by
+  wrong-answer  `wrong_share` of the pool keyed with a wrong answer: `wrong_key(terms, phrasing, rng)`, by
                 default the model's own commonest wrong answer (model_wrong_key); the ids in
                 pool.truth.json, which no selector reads
   imbalance     `target_share` of the pool from the target domain, the validation set all target
-  low-utility   `low_utility_share` of the pool trivial (n + 0, 0 + n): nothing to learn
+  low-utility   `low_utility_share` of the pool trivial: n + 0 or 0 + n (n of two digits), the answer
+                copies an operand
 
 Truth for the benchmarks: tasks.regime_truth reads the same extra_info fields and side file.
 """
