@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import smollm2_bed  # benchmarks/ is on sys.path when this file runs as a script
 
-from gradsel.audit import AuditConfig, audit_stages, store_checkpoint, store_stages, val_rows_from_store
+from gradsel.audit import (
+    AuditConfig,
+    audit_stages,
+    store_checkpoint,
+    store_stages,
+    val_rows_from_store,
+)
 from gradsel.tasks import answer_of, model_wrong_key, parse_prompt, write_regime
 
 

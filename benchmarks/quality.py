@@ -172,9 +172,10 @@ def write_report(summary: list[dict], out: Path, command: str, *, size: int, n: 
     bed = ("SmolLM2-135M-Instruct on the sums of benchmarks/smollm2_bed.py" if model == "smollm2" else model)
     temperature = smollm2_bed.TEMPERATURE if model == "smollm2" else 1.0
     lines = ["# Selection quality", "", "Measured with:", "", "```bash", command, "```", "",
-             f"Each regime: {size}-problem pool, {val_size} clean validation problems, {bed}, k = {n} rollouts at "
-             f"temperature {temperature} (transformers engine), select 25% of the pool. Mean +- std over seeds. A mode without "
-             "`--target` in its name ranks with `--target mean` (the validation set's gradient, as the paper does).", ""]
+             (f"Each regime: {size}-problem pool, {val_size} clean validation problems, {bed}, k = {n} rollouts at "
+              f"temperature {temperature} (transformers engine), select 25% of the pool. Mean +- std over seeds. A mode "
+              "without `--target` in its name ranks with `--target mean` (the validation set's gradient, as the paper "
+              "does)."), ""]
     titles = {"noisy": ("corrupted share (lower is better)", True),
               "imbalance": ("target-domain share", False), "low-utility": ("useful share", False),
               "wrong-answer": ("wrong-label share (lower is better)", True)}

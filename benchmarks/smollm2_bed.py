@@ -24,8 +24,8 @@ import collections
 import random
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 DATA_SOURCE = "openai/gsm8k"  # routed to verl's gsm8k rule: the number after the last `#### `
 # Two worked examples: one in the system prompt, one as an earlier chat turn. Both in the system

@@ -8,11 +8,11 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import smollm2_bed  # noqa: E402
+import smollm2_bed
 
-from gradsel.problems import read_problems  # noqa: E402
-from gradsel.rewards import promises_one_answer, resolve_reward  # noqa: E402
-from gradsel.tasks import regime_truth  # noqa: E402
+from gradsel.problems import read_problems
+from gradsel.rewards import promises_one_answer, resolve_reward
+from gradsel.tasks import regime_truth
 
 
 def test_wrong_answer_pool_is_read_judged_and_its_truth_kept_aside(tmp_path):
