@@ -9,6 +9,8 @@ then the audit with each --teach step count. Prints, per seed and step count and
 (wrong > right) with a bootstrap 95% interval, and at the default threshold the suspects listed,
 precision, recall and the share of suspects whose proposed key is the true answer, at each
 --thresholds value. `--keep DIR` keeps the data and stores (a rerun reuses them).
+`--model smollm2`: the real-model test bed (benchmarks/smollm2_bed.py), rolled out at T = 1.0 with
+at most 16 tokens, its taught copy supervised on `#### {answer}`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import smollm2_bed  # benchmarks/ is on sys.path when this file runs as a script
 
 from gradsel.review.audit import AuditConfig, audit_stages, store_checkpoint, store_stages, val_rows_from_store
 from gradsel.demo.tasks import answer_of, model_wrong_key, parse_prompt, write_regime
@@ -75,23 +78,30 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-arith")
     ap.add_argument("--keep", type=Path, default=None)
     args = ap.parse_args()
-    wrong_key = model_wrong_key(args.model)
+    bed = args.model == "smollm2"
+    model = str(smollm2_bed.model_path()) if bed else args.model
+    wrong_key = smollm2_bed.model_wrong_key(model) if bed else model_wrong_key(model)
+    writer = smollm2_bed.write_regime if bed else write_regime
+    sampling = (["--max-tokens", str(smollm2_bed.MAX_TOKENS), "--temperature", str(smollm2_bed.TEMPERATURE)] if bed
+                else ["--max-tokens", "8"])
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             work = args.keep / f"seed-{seed}" if args.keep else Path(tmp)
             data, store = work / "data", work / "store"
             if not (data / "pool.truth.json").is_file():
-                write_regime(data, "wrong-answer", size=args.size, val_size=args.val_size, seed=seed, wrong_key=wrong_key)
-            subprocess.run([sys.executable, "-m", "gradsel.cli", "-q", "rollout", "-m", args.model, "-p",
+                writer(data, "wrong-answer", size=args.size, val_size=args.val_size, seed=seed, wrong_key=wrong_key)
+            subprocess.run([sys.executable, "-m", "gradsel.cli", "-q", "rollout", "-m", model, "-p",
                             str(data / "pool.parquet"), "-s", str(store), "--n", str(args.n), "--engine", "hf",
-                            "--max-tokens", "8", "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
+                            *sampling, "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
             wrong_ids = set(json.loads((data / "pool.truth.json").read_text())["wrong_answer_ids"])
             stages, manifest = store_stages(store)
-            truth = {pid: str(answer_of(*parse_prompt(p.messages()[-1]["content"])))
+            truth = {pid: smollm2_bed.true_answer(p.messages()) if bed
+                     else str(answer_of(*parse_prompt(p.messages()[-1]["content"])))
                      for pid, p in stages[-1].problems.items()}
             model_path = store_checkpoint(store, manifest)
             for steps in args.teach:
-                cfg = AuditConfig(threshold=args.thresholds[0], teach_steps=steps, teach_lr=args.teach_lr, seed=seed)
+                cfg = AuditConfig(threshold=args.thresholds[0], teach_steps=steps, teach_lr=args.teach_lr, seed=seed,
+                                  teach_template=smollm2_bed.TEACH_TEMPLATE if bed else "{answer}")
                 val = val_rows_from_store(store, manifest, model_path, data / "val.parquet") if steps else None
                 result = audit_stages(stages, cfg, model_path=model_path, val=val)
                 print(json.dumps({"seed": seed, "teach_steps": steps, "teach_lr": args.teach_lr,

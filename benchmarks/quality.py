@@ -19,6 +19,9 @@ The `reliable --target subspace, without the judge's contract` row is the defaul
 before the contract (rewards.breaks_contract), on the same stores. Each AUROC carries a bootstrap
 95% interval (candidates resampled within each seed, 1000 times, the mean over seeds).
 `--noise-fraction`: the share of the noisy regime's pool judged by a coin flip (default 0.5).
+`--model smollm2`: the real-model test bed (benchmarks/smollm2_bed.py): SmolLM2-135M-Instruct on
+small sums in verl GSM8K-shaped chat rows, judged by `#### N`, k rollouts at T = 1.0, at most 16
+tokens; its wrong keys are always the model's own (`--wrong-keys` is ignored).
 Writes a Markdown report with a PNG plot.
 """
 
@@ -31,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import smollm2_bed  # benchmarks/ is on sys.path when this file runs as a script
 
 from gradsel.core import console
 from gradsel.pipeline.score import RolloutOptions, run_score
@@ -73,11 +77,18 @@ def bootstrap_interval(per_seed: list[tuple[list[float], list[float]]], reps: in
 def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: list[str],
             val_size: int = 40, sketch: tuple[int, int] = (16, 16), n_val: int | None = None,
             model: str = "tiny-arith", wrong_key=None, noise_fraction: float = 0.5) -> list[dict]:
-    pool, val = write_regime(work / "data", regime, size=size, val_size=val_size, seed=seed, wrong_key=wrong_key,
-                             noise_fraction=noise_fraction)
+    bed = model == "smollm2"
+    writer = smollm2_bed.write_regime if bed else write_regime
+    pool, val = writer(work / "data", regime, size=size, val_size=val_size, seed=seed, wrong_key=wrong_key,
+                       noise_fraction=noise_fraction)
     truth = regime_truth(work / "data", regime)
     base_rate = sum(truth.values()) / len(truth)
-    ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=8, seed=seed)
+    if bed:
+        model = str(smollm2_bed.model_path())
+        ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=smollm2_bed.MAX_TOKENS,
+                            temperature=smollm2_bed.TEMPERATURE, seed=seed)
+    else:
+        ro = RolloutOptions(n=n, n_val=n_val, engine="hf", max_tokens=8, seed=seed)
     results = []
     for feature in features:
         result = run_score(work / "store", model=model, pool=pool, val=val, ro=ro,
@@ -156,11 +167,15 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
-def write_report(summary: list[dict], out: Path, command: str, *, size: int, n: int, val_size: int) -> None:
+def write_report(summary: list[dict], out: Path, command: str, *, size: int, n: int, val_size: int,
+                 model: str = "tiny-arith") -> None:
+    bed = ("SmolLM2-135M-Instruct on the sums of benchmarks/smollm2_bed.py" if model == "smollm2" else model)
+    temperature = smollm2_bed.TEMPERATURE if model == "smollm2" else 1.0
     lines = ["# Selection quality", "", "Measured with:", "", "```bash", command, "```", "",
-             f"Each regime: {size}-problem pool, {val_size} clean validation problems, tiny-arith, k = {n} rollouts at "
-             "temperature 1.0 (transformers engine), select 25% of the pool. Mean +- std over seeds. A mode without "
-             "`--target` in its name ranks with `--target mean` (the validation set's gradient, as the paper does).", ""]
+             (f"Each regime: {size}-problem pool, {val_size} clean validation problems, {bed}, k = {n} rollouts at "
+              f"temperature {temperature} (transformers engine), select 25% of the pool. Mean +- std over seeds. A mode "
+              "without `--target` in its name ranks with `--target mean` (the validation set's gradient, as the paper "
+              "does)."), ""]
     titles = {"noisy": ("corrupted share (lower is better)", True),
               "imbalance": ("target-domain share", False), "low-utility": ("useful share", False),
               "wrong-answer": ("wrong-label share (lower is better)", True)}
@@ -214,17 +229,33 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="+", default=["noisy", "imbalance", "low-utility"])
     ap.add_argument("--features", nargs="+", default=list(FEATURES))
     ap.add_argument("--out", type=Path, default=Path("docs/research/quality.md"))
-    ap.add_argument("--model", default="tiny-arith", help="checkpoint to score with (default the bundled model)")
+    ap.add_argument("--model", default="tiny-arith",
+                    help="checkpoint to score with (default the bundled model); `smollm2`: the real-model test bed")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep each regime's data and store under KEEP/REGIME-SEED, for offline analysis")
     ap.add_argument("--noise-fraction", type=float, default=0.5,
                     help="noisy regime: the share of the pool judged by a coin flip (default 0.5)")
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="measure nothing: merge the results.json files that --keep runs wrote (one seed each, "
+                         "say) and write the report from them")
     ap.add_argument("--wrong-keys", choices=("slip", "model"), default="slip",
                     help="wrong-answer regime: synthetic slips (default), or the model's own commonest wrong answers")
     args = ap.parse_args()
     console.set_verbosity(quiet=True)
+    if args.summarize:
+        results = [r for path in args.summarize for r in json.loads(path.read_text())]
+        seeds = sorted({r["seed"] for r in results})
+        command = (f".venv/bin/python benchmarks/quality.py{f' --model {args.model}' if args.model != 'tiny-arith' else ''}"
+                   f" --size {args.size} --val-size {args.val_size} --summarize {' '.join(map(str, args.summarize))}"
+                   f"  # seeds {' '.join(map(str, seeds))}")
+        write_report(summarize(results), args.out, command, size=args.size, n=args.n, val_size=args.val_size,
+                     model=args.model)
+        return
     results = []
-    wrong_key = model_wrong_key(args.model) if args.wrong_keys == "model" else None
+    if args.model == "smollm2":  # the bed's wrong keys are always the model's own
+        wrong_key = smollm2_bed.model_wrong_key(smollm2_bed.model_path()) if "wrong-answer" in args.regimes else None
+    else:
+        wrong_key = model_wrong_key(args.model) if args.wrong_keys == "model" else None
     for regime in args.regimes:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
@@ -240,7 +271,7 @@ def main() -> None:
                f"--n {args.n}{f' --n-val {args.n_val}' if args.n_val else ''} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}"
                f"{' --wrong-keys model' if args.wrong_keys == 'model' else ''}"
                f"{f' --noise-fraction {args.noise_fraction}' if args.noise_fraction != 0.5 else ''}")
-    write_report(summary, args.out, command, size=args.size, n=args.n, val_size=args.val_size)
+    write_report(summary, args.out, command, size=args.size, n=args.n, val_size=args.val_size, model=args.model)
 
 
 if __name__ == "__main__":
