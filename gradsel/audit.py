@@ -12,10 +12,11 @@ Signals, each per problem (docs/audit.md has what each measured):
              the validation rows' reference answers scores the key against the best other answer
              the rollouts gave: sigmoid(log p(other) - log p(key)).
 The suspicion is the mean of the rollout and taught signals measured for the problem, plus
-HISTORY_WEIGHT times the history signal, plus half the duplicate signal, clipped to [0, 1]: a
-history that is missing (one round) or flat (no trend) leaves the suspicion as it is. The proposed key is the answer the evidence
-prefers: the taught copy's likeliest answer among the rollouts' answers when taught, else the
-plurality answer, else a disagreeing duplicate's key.
+HISTORY_WEIGHT times the history signal (0 by default: measured, it did not help), plus half the
+duplicate signal, clipped to [0, 1]: a history that is missing (one round) or flat (no trend)
+leaves the suspicion as it is. The proposed key is the answer the evidence prefers: the taught
+copy's likeliest answer among the rollouts' answers when taught, else the plurality answer, else
+a disagreeing duplicate's key.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ from gradsel.problems import Problem
 DEFAULT_THRESHOLD = 0.6
 DUPLICATE_WEIGHT = 0.5
 # The history signal is an adjustment, not one more term of the mean: averaged in, a flat trend
-# (0) halved every suspicion, as if "no change across rounds" were evidence for the key.
-HISTORY_WEIGHT = 0.5
+# (0) halved every suspicion, as if "no change across rounds" were evidence for the key. Its
+# weight is 0 (recorded, not used): across rounds with GRPO in the loop it did not separate wrong
+# keys (AUROC 0.49, benchmarks/audit_rounds.py, docs/audit.md) and any weight > 0 lowered the
+# suspicion's AUROC and precision.
+HISTORY_WEIGHT = 0.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class AuditConfig:
     teach_lr: float = 1e-4
     teach_template: str = "{answer}"  # the response text a key stands for, after the prompt
     seed: int = 0
+    history_weight: float = HISTORY_WEIGHT  # how far the history signal moves the suspicion
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -368,7 +373,7 @@ def audit_stages(stages: list[_Rollouts], cfg: AuditConfig, *, reward_override: 
                                "score the store with --val, pass --val, or use --teach-steps 0")
         _taught_signals(evidence, alternatives, [latest[e.problem_id][2] for e in evidence], model_path, val, cfg)
     for e in evidence:
-        e.suspicion = suspicion(e)
+        e.suspicion = suspicion(e, cfg.history_weight)
         e.suspect = e.suspicion >= cfg.threshold and e.suspicion > 0
         if taught and e.taught_alternative is not None and e.taught_signal > 0.5:
             e.proposed_key = e.taught_alternative
