@@ -175,3 +175,33 @@ def test_audit_taught_copy_is_deterministic(wrong_store, tmp_path):
     rows = outs[0].to_pylist()
     assert all(r["taught_signal"] is not None and r["taught_logp_key"] is not None for r in rows)
     assert any(r["taught_alternative"] is not None for r in rows)
+
+
+def test_audit_flat_or_missing_history_is_neutral(wrong_store, tmp_path):
+    """Two identical rounds (no trend) leave every suspicion as one round gives it: a flat history is
+    no evidence for the key (averaged in as a 0 it halved every suspicion). A real second round
+    (another sampling seed), at a history weight > 0 (the default is 0), moves a problem's
+    suspicion only in the direction of its history signal."""
+    from gradsel.review.audit import AuditConfig, audit_stages, store_stages
+
+    _, store = wrong_store
+    (stage,), _ = store_stages(store)
+    one = {e.problem_id: e for e in audit_stages([stage], AuditConfig()).evidence}
+    flat = {e.problem_id: e for e in audit_stages([stage, stage], AuditConfig(history_weight=0.5)).evidence}
+    assert any(e.suspect for e in one.values())
+    for pid, e in flat.items():
+        assert e.rounds == 2 and e.key_share_trend == 0.0
+        assert e.history_signal in (None, 0.0)
+        assert e.suspicion == one[pid].suspicion and e.suspect == one[pid].suspect
+
+    other = tmp_path / "store"
+    run_cli("rollout", "-m", "tiny-arith", "-p", str(wrong_store[0] / "pool.parquet"), "-s", str(other),
+            *ROLLOUT[:-1], "1")
+    (later,), _ = store_stages(other)
+    last = {e.problem_id: e for e in audit_stages([later], AuditConfig()).evidence}
+    both = audit_stages([stage, later], AuditConfig(history_weight=0.5)).evidence
+    assert any(e.history_signal for e in both)
+    for e in both:
+        moved = e.suspicion - last[e.problem_id].suspicion
+        h = e.history_signal or 0.0
+        assert (moved > 0) <= (h > 0) and (moved < 0) <= (h < 0) and (h == 0) <= (moved == 0), e

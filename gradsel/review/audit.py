@@ -3,17 +3,20 @@
 Signals, each per problem (docs/audit.md has what each measured):
   rollouts   the plurality answer's share of the rollouts minus the key's share, when the
              plurality answer is one the judge does not pay (0 when the judge pays it);
-  history    across `refresh` rounds: how much faster the plurality answer's share grew than the
-             key's (a key the model does not come to believe while another answer grows);
+  history    across `refresh` rounds: how much faster the unpaid plurality answer's share grew
+             than the key's, signed in [-1, 1] (a key the model does not come to believe while
+             another answer grows is suspect; one it comes to believe less so);
   duplicate  another problem with the same question (lowercase, whitespace and punctuation
              removed) carries a different key;
   taught     optional (`teach_steps` > 0): a copy of the checkpoint fine-tuned for a few steps on
              the validation rows' reference answers scores the key against the best other answer
              the rollouts gave: sigmoid(log p(other) - log p(key)).
-The suspicion is the mean of the rollout, history and taught signals measured for the problem,
-plus half the duplicate signal, clipped to [0, 1]. The proposed key is the answer the evidence
-prefers: the taught copy's likeliest answer among the rollouts' answers when taught, else the
-plurality answer, else a disagreeing duplicate's key.
+The suspicion is the mean of the rollout and taught signals measured for the problem, plus
+HISTORY_WEIGHT times the history signal (0 by default: measured, it did not help), plus half the
+duplicate signal, clipped to [0, 1]: a history that is missing (one round) or flat (no trend)
+leaves the suspicion as it is. The proposed key is the answer the evidence prefers: the taught
+copy's likeliest answer among the rollouts' answers when taught, else the plurality answer, else
+a disagreeing duplicate's key.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ from gradsel.inputs.problems import Problem
 # problem when the plurality answer holds 5 of 8 rollouts more than the key (docs/audit.md).
 DEFAULT_THRESHOLD = 0.6
 DUPLICATE_WEIGHT = 0.5
+# The history signal is an adjustment, not one more term of the mean: averaged in, a flat trend
+# (0) halved every suspicion, as if "no change across rounds" were evidence for the key. Its
+# weight is 0 (recorded, not used): across rounds with GRPO in the loop it did not separate wrong
+# keys (AUROC 0.49, benchmarks/audit_rounds.py, docs/audit.md) and any weight > 0 lowered the
+# suspicion's AUROC and precision.
+HISTORY_WEIGHT = 0.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class AuditConfig:
     teach_lr: float = 1e-4
     teach_template: str = "{answer}"  # the response text a key stands for, after the prompt
     seed: int = 0
+    history_weight: float = HISTORY_WEIGHT  # how far the history signal moves the suspicion
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -205,26 +215,34 @@ def _canonical(problem: Problem, answer: str, reward_override: str | None) -> st
 
 
 def history_evidence(pid: str, stages: list[_Rollouts], reward_override: str | None) -> dict:
-    """Across rounds holding the problem: the change of the key's share and of the last round's
-    plurality answer's share, first round to last."""
+    """Across rounds holding the problem, first round to last: the change of the key's share, and
+    where the last round's plurality answer is one the judge does not pay, the change of that
+    answer's share and the history signal, (plurality growth - key growth) clipped to [-1, 1].
+    No signal (None, neutral) with fewer than two rounds or a paid plurality."""
     seen = [s for s in stages if pid in s.responses]
     if len(seen) < 2:
         return {"rounds": len(seen)}
     problem = seen[-1].problems[pid]
+
+    def key_share(stage: _Rollouts) -> float:
+        resp = stage.responses[pid]
+        return sum(r > 0 for _, r, _ in resp) / len(resp)
+
+    k0, k1 = key_share(seen[0]), key_share(seen[-1])
+    out = {"rounds": len(seen), "key_share_trend": k1 - k0}
     last = rollout_evidence(problem, seen[-1].responses[pid], reward_override)
     if last["plurality_answer"] is None or last["plurality_paid"]:
-        return {"rounds": len(seen), "history_signal": 0.0}
+        return out
     target = _canonical(problem, last["plurality_answer"], reward_override)
 
-    def shares(stage: _Rollouts) -> tuple[float, float]:
+    def plurality_share(stage: _Rollouts) -> float:
         resp = stage.responses[pid]
         answers = _answers(problem, resp, reward_override)
-        plur = sum(a is not None and _canonical(problem, a, reward_override) == target for a in answers) / len(resp)
-        return sum(r > 0 for _, r, _ in resp) / len(resp), plur
+        return sum(a is not None and _canonical(problem, a, reward_override) == target for a in answers) / len(resp)
 
-    (k0, p0), (k1, p1) = shares(seen[0]), shares(seen[-1])
-    return {"rounds": len(seen), "key_share_trend": k1 - k0, "plurality_share_trend": p1 - p0,
-            "history_signal": min(1.0, max(0.0, (p1 - p0) - (k1 - k0)))}
+    p0, p1 = plurality_share(seen[0]), plurality_share(seen[-1])
+    return {**out, "plurality_share_trend": p1 - p0,
+            "history_signal": min(1.0, max(-1.0, (p1 - p0) - (k1 - k0)))}
 
 
 def duplicate_evidence(problems: list[Problem], answers: dict[str, list[str]],
@@ -355,8 +373,7 @@ def audit_stages(stages: list[_Rollouts], cfg: AuditConfig, *, reward_override: 
                                "score the store with --val, pass --val, or use --teach-steps 0")
         _taught_signals(evidence, alternatives, [latest[e.problem_id][2] for e in evidence], model_path, val, cfg)
     for e in evidence:
-        signals = [e.rollout_signal] + [s for s in (e.history_signal, e.taught_signal) if s is not None]
-        e.suspicion = min(1.0, sum(signals) / len(signals) + DUPLICATE_WEIGHT * e.duplicate_signal)
+        e.suspicion = suspicion(e, cfg.history_weight)
         e.suspect = e.suspicion >= cfg.threshold and e.suspicion > 0
         if taught and e.taught_alternative is not None and e.taught_signal > 0.5:
             e.proposed_key = e.taught_alternative
@@ -367,6 +384,14 @@ def audit_stages(stages: list[_Rollouts], cfg: AuditConfig, *, reward_override: 
         elif taught and e.taught_alternative is not None:
             e.proposed_key = e.taught_alternative
     return AuditResult(evidence, cfg.threshold, taught, pool)
+
+
+def suspicion(e: Evidence, history_weight: float = HISTORY_WEIGHT) -> float:
+    """The mean of the snapshot signals (rollouts, taught), moved by the history signal where there
+    is one, plus the duplicate signal's share, in [0, 1]."""
+    signals = [e.rollout_signal] + ([e.taught_signal] if e.taught_signal is not None else [])
+    history = history_weight * e.history_signal if e.history_signal is not None else 0.0
+    return min(1.0, max(0.0, sum(signals) / len(signals) + history + DUPLICATE_WEIGHT * e.duplicate_signal))
 
 
 def _taught_signals(evidence: list[Evidence], alternatives: list[dict], prompt_ids: list[list[int]],
