@@ -1,6 +1,6 @@
 """Scoring cost: gradsel's features against a plain training step and the exact reference.
 
-    .venv/bin/python benchmarks/score.py [--model tiny|50m|moe] [--problems 64] [--k 8] [--repeats 3]
+    .venv/bin/python benchmarks/score.py [--model tiny|50m|moe|smollm2] [--problems 64] [--k 8] [--repeats 3]
     .venv/bin/python benchmarks/score.py --shape grpo --model 50m --problems 2 --k 16   # shared prompts
 
 Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
@@ -25,9 +25,11 @@ that loads the model and data on every call, so its throughput is the marginal o
 tokens over the extra time of a run on five copies of the rollouts against a run on one copy.
 
 `--shape grpo` is GRPO-shaped work: a prompt of about 300 tokens (a system prompt and a few-shot
-preamble) and responses of 100-150 tokens, and only the arms train, sketch and shared. Throughput
-is always rollout tokens (k (P + R) per problem) per second, so an arm that runs fewer tokens for
-the same rollouts shows as faster. The padding each packing adds is printed too.
+preamble) and responses of 100-150 tokens, and only the arms train, sketch and shared (and bergson
+on the same rollouts with --bergson-python). `--model smollm2`: SmolLM2-135M-Instruct, converted
+once by scripts/smollm2.py. Throughput is always rollout tokens (k (P + R) per problem) per
+second, so an arm that runs fewer tokens for the same rollouts shows as faster. The padding each
+packing adds is printed too.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def build_model(name: str):
 
     if name == "tiny":
         return load_causal_lm("tiny-arith")
+    if name == "smollm2":  # SmolLM2-135M-Instruct, converted once by scripts/smollm2.py
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        from smollm2 import default_dir
+
+        if not (default_dir() / "config.json").is_file():
+            sys.exit(f"no SmolLM2 checkpoint at {default_dir()}: run scripts/smollm2.py first")
+        return load_causal_lm(default_dir())
     torch.manual_seed(0)
     if name == "moe":  # about 50M parameters, a small Mixtral: 8 experts, 2 per token
         from transformers import MixtralConfig, MixtralForCausalLM
@@ -196,11 +205,12 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
             "parameters": sum(p.numel() for p in model.parameters())} | extra
 
 
-def run_bergson(python: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int) -> dict:
+def run_bergson(python: str, model_name: str, n_problems: int, k: int, repeats: int, budget: int,
+                shape: str = "default") -> dict:
     """Time `bergson build` on one and on five copies of the rollouts, each in a fresh process."""
     from gradsel.inputs.models import load_tokenizer
 
-    model, groups, n_tokens = workload(model_name, n_problems, k)
+    model, groups, n_tokens = workload(model_name, n_problems, k, shape)
     rows = [{"problem_id": g.problem_id, "input_ids": p + r, "labels": [-100] * len(p) + r, "reward": reward}
             for g in groups for p, r, reward in zip(g.prompt_ids, g.response_ids, g.rewards)]
     work = Path(tempfile.mkdtemp(prefix="gradsel-bergson-"))
@@ -259,10 +269,11 @@ def run_rounds(args, arms) -> dict:
 
 def grpo_main(args) -> None:
     """The shared-prompt pass on GRPO-shaped work against today's path and a training step."""
-    results = run_rounds(args, GRPO_ARMS + (("bergson",) if args.bergson_python else ()))
+    arms = tuple(args.arms or GRPO_ARMS + (("bergson",) if args.bergson_python else ()))
+    results = run_rounds(args, arms)
     model = build_model(args.model)
     groups = make_grpo_groups(args.problems, args.k, model.config.vocab_size)
-    r0 = results["train"]
+    r0 = results[arms[0]]
     prompts = [len(g.prompt_ids[0]) for g in groups]
     responses = [len(r) for g in groups for r in g.response_ids]
     print(f"model {args.model} ({r0['parameters'] / 1e6:.1f}M parameters), GRPO shape: {args.problems} problems x "
@@ -276,12 +287,15 @@ def grpo_main(args) -> None:
               f"{r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} |")
     tps = {a: r["tokens_per_s"] for a, r in results.items()}
     print()
-    print(f"shared / today's path (sketch): {tps['shared'] / tps['sketch']:.2f}")
-    print(f"shared / training step over the same sequences: {tps['shared'] / tps['train']:.2f} (target >= 2)")
-    if "bergson" in tps:
-        print(f"shared / bergson: {tps['shared'] / tps['bergson']:.2f} (target >= 2)")
-    print(f"shared / today's peak RSS: {results['shared']['peak_rss_mib'] / results['sketch']['peak_rss_mib']:.2f} "
-          "(target <= 1)")
+    if "shared" in tps:
+        if "sketch" in tps:
+            print(f"shared / today's path (sketch): {tps['shared'] / tps['sketch']:.2f}")
+            print(f"shared / today's peak RSS: {results['shared']['peak_rss_mib'] / results['sketch']['peak_rss_mib']:.2f} "
+                  "(target <= 1)")
+        if "train" in tps:
+            print(f"shared / training step over the same sequences: {tps['shared'] / tps['train']:.2f} (target >= 2)")
+        if "bergson" in tps:
+            print(f"shared / bergson: {tps['shared'] / tps['bergson']:.2f} (target >= 2)")
     for share in (False, True):
         run, pad = padding_share(groups, args.max_tokens_per_batch, share)
         print(f"packing {'shared' if share else 'one sequence per rollout'}: {run} tokens run for {r0['tokens']} "
@@ -290,7 +304,7 @@ def grpo_main(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", choices=["tiny", "50m", "moe"])
+    ap.add_argument("--model", default="tiny", choices=["tiny", "50m", "moe", "smollm2"])
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
@@ -300,11 +314,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--shape", default="default", choices=["default", "grpo"],
                     help="grpo: prompts of ~300 tokens, responses of 100-150, arms train, sketch and shared")
+    ap.add_argument("--arms", nargs="+", choices=GRPO_ARMS + ("bergson",),
+                    help="--shape grpo: these arms, in this order (default train sketch shared [bergson])")
     ap.add_argument("--arm", choices=ARMS + ("bergson",), help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = (args.model, args.problems, args.k, args.repeats, args.max_tokens_per_batch)
     if args.arm == "bergson":  # its own process, so RUSAGE_CHILDREN covers the bergson runs alone
-        print(json.dumps(run_bergson(args.bergson_python, *sizes)))
+        print(json.dumps(run_bergson(args.bergson_python, *sizes, shape=args.shape)))
         return
     if args.arm:
         print(json.dumps(run_arm(args.arm, *sizes, device=args.device, dtype=args.dtype, shape=args.shape)))
