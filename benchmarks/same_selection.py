@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsel.choices import MODES
-from gradsel.pipeline import RolloutOptions, run_score
-from gradsel.score import ScoreConfig
-from gradsel.select import VALIDATION_MODES, SelectConfig, select
-from gradsel.store import open_store
-from gradsel.tasks import write_regime
+from gradsel.core.choices import MODES
+from gradsel.pipeline.score import RolloutOptions, run_score
+from gradsel.gradients.stage import ScoreConfig
+from gradsel.selection.select import VALIDATION_MODES, SelectConfig, select
+from gradsel.store.stages import open_store
+from gradsel.demo.tasks import write_regime
 
 
 def compare(work: Path, regime: str, seed: int, size: int, val_size: int, n: int) -> dict:
