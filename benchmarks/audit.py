@@ -1,6 +1,6 @@
 """`gradsel audit` against planted wrong keys: tiny-arith, the wrong-answer regime, the model's own keys.
 
-    .venv/bin/python benchmarks/audit.py [--seeds 0] [--size 200] [--n 8] [--teach 0 20] [--teach-lr 1e-4]
+    .venv/bin/python -m benchmarks.audit [--seeds 0] [--size 200] [--n 8] [--teach 0 20] [--teach-lr 1e-4]
         [--thresholds 0.6 0.5 0.65] [--keep DIR]
 
 For each seed: the wrong-answer pool (40% of the rows keyed with the model's own commonest wrong
@@ -23,10 +23,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import smollm2_bed  # benchmarks/ is on sys.path when this file runs as a script
+from benchmarks import smollm2_bed
 
 from gradsel.review.audit import AuditConfig, audit_stages, store_checkpoint, store_stages, val_rows_from_store
-from gradsel.demo.tasks import answer_of, model_wrong_key, parse_prompt, write_regime
+from gradsel.demo.tasks import answer_of, parse_prompt, write_regime
+from benchmarks.truth import model_wrong_key
 
 
 def auroc(scores: np.ndarray, wrong: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """`gradsel audit` across `refresh` rounds with TRL's GRPOTrainer in the loop (issue 30 item 4).
 
-    .venv/bin/python benchmarks/audit_rounds.py --seeds 0 1 2 --size 120 --rounds 3 --steps 10 \\
+    .venv/bin/python -m benchmarks.audit_rounds --seeds 0 1 2 --size 120 --rounds 3 --steps 10 \\
         --top-k 30 --arms random whole fix --out runs/audit_rounds
 
 Per seed: the wrong-answer pool (40% of the rows keyed with tiny-arith's own commonest wrong
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from audit import auroc, bootstrap  # noqa: E402  (benchmarks/audit.py)
+from benchmarks.audit import auroc, bootstrap
+from benchmarks.truth import model_wrong_key
+from gradsel.demo.tasks import answer_of, parse_prompt, write_regime
+from gradsel.review.audit import AuditConfig, audit_stages, store_stages, suspicion
 
-from gradsel.review.audit import AuditConfig, audit_stages, store_stages, suspicion  # noqa: E402
-from gradsel.demo.tasks import answer_of, model_wrong_key, parse_prompt, write_regime  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GRADSEL = [sys.executable, "-m", "gradsel.cli", "-q"]
 HISTORY_WEIGHTS = (0.0, 0.25, 0.5, 1.0)

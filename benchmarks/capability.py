@@ -1,6 +1,6 @@
 """Capability spread of a model on the default mixed arithmetic pool.
 
-    .venv/bin/python benchmarks/capability.py [--model tiny-arith] [--size 400] [--n 8] [--engine hf]
+    .venv/bin/python -m benchmarks.capability [--model tiny-arith] [--size 400] [--n 8] [--engine hf]
 
 Prints, per domain, the mean pass rate at temperature 1.0 and the share of problems whose pass
 rate is strictly between 0 and 1 (the problems with a non-zero GRPO advantage), as Markdown.

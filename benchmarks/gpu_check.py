@@ -1,7 +1,7 @@
 """The GPU paths in one run (benchmarks/gpu_check.sh): CUDA projection in float32 and bfloat16
 against the CPU's, official vLLM's rollouts, faiss-gpu against faiss-cpu's answers.
 
-    python benchmarks/gpu_check.py --out DIR
+    python -m benchmarks.gpu_check --out DIR
 
 Prints one line per check and writes DIR/gpu_check.json. Exits 1 when a check fails.
 """

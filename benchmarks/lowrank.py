@@ -1,6 +1,6 @@
 """Fidelity of the low-rank alignment by the cap on its cost, offline on a scored store.
 
-    .venv/bin/python benchmarks/lowrank.py --store /tmp/sc4    # a store scored on tiny-arith
+    .venv/bin/python -m benchmarks.lowrank --store /tmp/sc4    # a store scored on tiny-arith
 
 Reads the store's rollouts, computes the exact validation gradient G_V (batch aggregation), and
 prints, for each cap on the alignment's multiply-adds and each rounding of the ranks

@@ -1,6 +1,6 @@
 """Selection quality on the paper's three data regimes, with tiny-arith, over several seeds.
 
-    .venv/bin/python benchmarks/quality.py [--seeds 0 1 2] [--size 400] [--n 8] [--n-val N] [--val-size 40] [--sketch 16x16]
+    .venv/bin/python -m benchmarks.quality [--seeds 0 1 2] [--size 400] [--n 8] [--n-val N] [--val-size 40] [--sketch 16x16]
         [--out docs/research/quality.md]
 
 For each regime and seed: `gradsel demo-data`, then `score` (transformers engine) with each
@@ -34,14 +34,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import smollm2_bed  # benchmarks/ is on sys.path when this file runs as a script
+from benchmarks import smollm2_bed
 
 from gradsel.core import console
 from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.gradients.stage import ScoreConfig, parse_sketch
 from gradsel.selection.select import MODES, SelectConfig, mode_scores, select
 from gradsel.store.stages import open_store
-from gradsel.demo.tasks import model_wrong_key, regime_truth, write_regime
+from gradsel.demo.tasks import write_regime
+from benchmarks.truth import model_wrong_key, regime_truth
 
 FEATURES = {"projected": {}, "head": {"feature": "head"}, "exact": {"feature": "exact", "modules": r"\.layers\.\d+\."}}
 VECTOR_FREE = ("gradalign", "dot", "accgreedy", "band", "simacc", "random", "reliable")
@@ -245,7 +246,7 @@ def main() -> None:
     if args.summarize:
         results = [r for path in args.summarize for r in json.loads(path.read_text())]
         seeds = sorted({r["seed"] for r in results})
-        command = (f".venv/bin/python benchmarks/quality.py{f' --model {args.model}' if args.model != 'tiny-arith' else ''}"
+        command = (f".venv/bin/python -m benchmarks.quality{f' --model {args.model}' if args.model != 'tiny-arith' else ''}"
                    f" --size {args.size} --val-size {args.val_size} --summarize {' '.join(map(str, args.summarize))}"
                    f"  # seeds {' '.join(map(str, seeds))}")
         write_report(summarize(results), args.out, command, size=args.size, n=args.n, val_size=args.val_size,
@@ -267,7 +268,7 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
     if args.keep:  # every candidate's score under every mode, for offline analysis
         (args.keep / "results.json").write_text(json.dumps(results))
-    command = (f".venv/bin/python benchmarks/quality.py{f' --model {args.model}' if args.model != 'tiny-arith' else ''} --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
+    command = (f".venv/bin/python -m benchmarks.quality{f' --model {args.model}' if args.model != 'tiny-arith' else ''} --seeds {' '.join(map(str, args.seeds))} --size {args.size} "
                f"--n {args.n}{f' --n-val {args.n_val}' if args.n_val else ''} --val-size {args.val_size} --sketch {args.sketch[0]}x{args.sketch[1]} --regimes {' '.join(args.regimes)} --features {' '.join(args.features)}"
                f"{' --wrong-keys model' if args.wrong_keys == 'model' else ''}"
                f"{f' --noise-fraction {args.noise_fraction}' if args.noise_fraction != 0.5 else ''}")

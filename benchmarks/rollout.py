@@ -1,13 +1,13 @@
 """Rollout overhead: gradsel's rollout stage against a bare `vllm.LLM.generate`, side by side.
 
-    .venv/bin/python benchmarks/rollout.py [--size 400] [--n 8] [--repeats 3]
+    .venv/bin/python -m benchmarks.rollout [--size 400] [--n 8] [--repeats 3]
 
 One vLLM engine serves both arms, so engine start-up is excluded from both. The gradsel arm
 does everything `gradsel rollout` does per shard: chat-template encoding, generation, rewards,
 Parquet shards with checksummed markers. The arms alternate and medians are reported. The
 transformers engine runs the same prompts once more for a throughput comparison.
 
-    .venv/bin/python benchmarks/rollout.py --hf-only --data gsm8k --model DIR [--size 8] [--n 8]
+    .venv/bin/python -m benchmarks.rollout --hf-only --data gsm8k --model DIR [--size 8] [--n 8]
 
 only times the transformers engine (`HFEngine.generate`, the model loaded once, one warm-up
 problem), here on verl GSM8K rows with a system prompt (tests/verl_data.py: 80+ prompt tokens

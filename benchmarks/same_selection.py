@@ -5,7 +5,7 @@ in every mode and every --target of the validation modes; prints, per regime, th
 selections differ (none is the target) and the largest cosine difference over problems with a
 gradient above float32 noise.
 
-    .venv/bin/python benchmarks/same_selection.py [--seed 0] [--size 200] [--val-size 40] [--n 8] [--regimes noisy ...]
+    .venv/bin/python -m benchmarks.same_selection [--seed 0] [--size 200] [--val-size 40] [--n 8] [--regimes noisy ...]
 """
 
 from __future__ import annotations

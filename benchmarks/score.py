@@ -1,7 +1,7 @@
 """Scoring cost: gradsel's features against a plain training step and the exact reference.
 
-    .venv/bin/python benchmarks/score.py [--model tiny|50m|moe|smollm2] [--problems 64] [--k 8] [--repeats 3]
-    .venv/bin/python benchmarks/score.py --shape grpo --model 50m --problems 2 --k 16   # shared prompts
+    .venv/bin/python -m benchmarks.score [--model tiny|50m|moe|smollm2] [--problems 64] [--k 8] [--repeats 3]
+    .venv/bin/python -m benchmarks.score --shape grpo --model 50m --problems 2 --k 16   # shared prompts
 
 Arms, on the same rollouts (fixed seeded token sequences, half the rewards 1):
   (i)   train:     a plain training forward and backward pass with parameter gradients

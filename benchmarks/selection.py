@@ -1,6 +1,6 @@
 """Selection at scale: a store of synthetic unit vectors, then `select` on the CPU.
 
-    .venv/bin/python benchmarks/selection.py [--n 1000000] [--dim 2048] [--index auto] [--dir DIR] [--arms ...]
+    .venv/bin/python -m benchmarks.selection [--n 1000000] [--dim 2048] [--index auto] [--dir DIR] [--arms ...]
 
 Writes a store of N float16 vectors (N x dim x 2 bytes; 4 GB at the defaults), 64 validation
 vectors and a scores table, then runs `gradsel select --ratio 0.05` in a fresh process per arm,

@@ -1,8 +1,8 @@
 """Candidate selector scores, measured offline on stores that `benchmarks/quality.py --keep` kept.
 
-    .venv/bin/python benchmarks/quality.py --seeds 0 1 2 --regimes wrong-answer noisy imbalance low-utility \\
+    .venv/bin/python -m benchmarks.quality --seeds 0 1 2 --regimes wrong-answer noisy imbalance low-utility \\
         --features projected --out /tmp/q.md --keep /tmp/stores
-    .venv/bin/python benchmarks/selector_ideas.py /tmp/stores/*
+    .venv/bin/python -m benchmarks.selector_ideas /tmp/stores/*
 
 Each idea is a score over the stored projected vectors (unit vectors, one slice per module) of
 the pool's candidates (non-zero advantage), and every one keeps the default's judge-consistency
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import auroc  # noqa: E402
+from benchmarks.quality import auroc
 
 from gradsel.selection.index import load_vectors, module_bases  # noqa: E402
 from gradsel.selection.select import load_scores  # noqa: E402

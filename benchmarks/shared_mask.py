@@ -3,7 +3,7 @@
 and its own past) with the additive float mask gradsel passes, with the same mask as booleans,
 and as plain causal attention (what a row without the mask would cost). Interleaved runs.
 
-    .venv/bin/python benchmarks/shared_mask.py [--prompt 300] [--k 8] [--response 126] [--repeats 15]
+    .venv/bin/python -m benchmarks.shared_mask [--prompt 300] [--k 8] [--response 126] [--repeats 15]
 """
 
 from __future__ import annotations

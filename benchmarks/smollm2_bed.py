@@ -222,7 +222,7 @@ def pass_rate_spread(store: Path, data: Path, low: float = 0.1, high: float = 0.
             "mean": round(sum(clean) / n, 3)}
 
 
-if __name__ == "__main__":  # python benchmarks/smollm2_bed.py KEEP_DIR...: pass-rate spread of kept runs
+if __name__ == "__main__":  # python -m benchmarks.smollm2_bed KEEP_DIR...: pass-rate spread of kept runs
     import json
 
     for keep in sys.argv[1:]:

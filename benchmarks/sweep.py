@@ -1,6 +1,6 @@
 """What the rollout budget and the sketch size buy, in the paper's three regimes.
 
-    .venv/bin/python benchmarks/sweep.py [--regimes noisy imbalance low-utility] [--seeds 0 1]
+    .venv/bin/python -m benchmarks.sweep [--regimes noisy imbalance low-utility] [--seeds 0 1]
                                          [--size 400] [--ks 4 8 16] [--sketches 8 16 32]
 
 For each regime and seed: one pool from `gradsel demo-data`; for each k, rollouts with the
@@ -23,9 +23,10 @@ from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.gradients.stage import ScoreConfig
 from gradsel.selection.select import SelectConfig, mode_scores, select
 from gradsel.store.stages import open_store
-from gradsel.demo.tasks import regime_truth, write_regime
+from gradsel.demo.tasks import write_regime
+from benchmarks.truth import regime_truth
 
-from quality import auroc  # benchmarks/quality.py
+from benchmarks.quality import auroc
 
 MODES = ("gradalign", "reliable", "accgreedy", "random")
 
@@ -85,7 +86,7 @@ def main() -> None:
                               + ", ".join(f"{m} {v[0]:.1%}/{v[1]:.3f}" for m, v in results[key][-1].items()),
                               flush=True)
     lines = ["# Rollout budget and sketch size", "", "Measured with:", "", "```bash",
-             f".venv/bin/python benchmarks/sweep.py --regimes {' '.join(args.regimes)} "
+             f".venv/bin/python -m benchmarks.sweep --regimes {' '.join(args.regimes)} "
              f"--seeds {' '.join(map(str, args.seeds))} --size {args.size} --ks {' '.join(map(str, args.ks))} "
              f"--sketches {' '.join(map(str, args.sketches))}", "```", "",
              f"{args.size}-problem pools from `gradsel demo-data`, 40 clean validation problems, tiny-arith, "

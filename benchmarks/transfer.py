@@ -1,6 +1,6 @@
 """Does learning some problems move others? Transfer on a checkpoint, measured by fine-tuning.
 
-    .venv/bin/python benchmarks/transfer.py [--model tiny-arith] [--domain sub2] [--seeds 0 1]
+    .venv/bin/python -m benchmarks.transfer [--model tiny-arith] [--domain sub2] [--seeds 0 1]
         [--size 200] [--steps 100] [--lr 1e-4]
 
 A gradient selector can only rank problem p above q if training on p moves the model on the

@@ -31,6 +31,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The evaluation's truth (which keys are wrong) comes from the repository's benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 GRADSEL = [sys.executable, "-m", "gradsel.cli", "-q"]
 SELECT_ARGS = {"default": [], "gradalign": ["--mode", "gradalign", "--target", "mean"]}
 REGIMES = ("noisy", "wrong-answer", "low-utility")
@@ -114,7 +117,7 @@ def choose(arm: str, store: Path, data_dir: Path, regime: str, out: Path, top_k:
     import pyarrow.parquet as pq
 
     from gradsel.inputs.problems import problem_from_row
-    from gradsel.demo.tasks import regime_truth
+    from benchmarks.truth import regime_truth
 
     common = ["select", "--store", str(store), "--format", "verl", "--out", str(out), "--force", "--seed", str(seed)]
     if arm == "whole":
@@ -170,7 +173,8 @@ def prepare(base: Path, regime: str, seed: int, args) -> None:
         return
     model = resolve_model_path("tiny-arith")
     if regime == "wrong-answer" and args.wrong_keys == "model":  # not a demo-data option: written here
-        from gradsel.demo.tasks import model_wrong_key, write_regime
+        from gradsel.demo.tasks import write_regime
+        from benchmarks.truth import model_wrong_key
 
         write_regime(base / "data", regime, size=args.chunk_size * args.rounds, seed=seed,
                      wrong_key=model_wrong_key(str(model)))

@@ -26,7 +26,8 @@ def _truth(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def wrong_store(tmp_path_factory) -> tuple[Path, Path]:
-    from gradsel.demo.tasks import model_wrong_key, write_regime
+    from gradsel.demo.tasks import write_regime
+    from benchmarks.truth import model_wrong_key
 
     work = tmp_path_factory.mktemp("audit")
     write_regime(work / "data", "wrong-answer", size=40, val_size=8, seed=0, wrong_key=model_wrong_key("tiny-arith"))

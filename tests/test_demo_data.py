@@ -95,7 +95,8 @@ def test_wrong_answer_regime_hides_which_rows_are_wrong(tmp_path):
 
 def test_regime_truth_marks_exactly_the_wanted_rows(tmp_path):
     """The benchmarks' and the loop oracle's ground truth: what write_regime made, read back."""
-    from gradsel.demo.tasks import parse_prompt, regime_truth
+    from gradsel.demo.tasks import parse_prompt
+    from benchmarks.truth import regime_truth
 
     for regime, size in (("noisy", 60), ("low-utility", 60), ("imbalance", 60), ("wrong-answer", 60)):
         write_regime(tmp_path / regime, regime, size=size, val_size=5, seed=3)
@@ -117,7 +118,8 @@ def test_model_written_wrong_keys_are_answers_the_model_gives(tmp_path):
     import torch
 
     from gradsel.inputs.models import load_causal_lm, load_tokenizer
-    from gradsel.demo.tasks import TRUTH_FILE, model_wrong_key, parse_prompt, prompt_text
+    from gradsel.demo.tasks import TRUTH_FILE, parse_prompt, prompt_text
+    from benchmarks.truth import model_wrong_key
 
     write_regime(tmp_path, "wrong-answer", size=30, val_size=2, seed=1, wrong_key=model_wrong_key("tiny-arith"))
     wrong = set(json.loads((tmp_path / TRUTH_FILE).read_text())["wrong_answer_ids"])

@@ -2,17 +2,13 @@
 rows judged by the gsm8k rule, the regimes' bad rows where their truth says, reproducible."""
 
 import json
-import sys
 
-from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import smollm2_bed
+from benchmarks import smollm2_bed
 
 from gradsel.inputs.problems import read_problems
 from gradsel.rewards.registry import promises_one_answer, resolve_reward
-from gradsel.demo.tasks import regime_truth
+from benchmarks.truth import regime_truth
 
 
 def test_wrong_answer_pool_is_read_judged_and_its_truth_kept_aside(tmp_path):

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 from gradsel.integrations import recorded_selection
-from gradsel.demo.tasks import model_wrong_key, write_regime
+from gradsel.demo.tasks import write_regime
+from benchmarks.truth import model_wrong_key
 from test_handoff_verl import VERL_PYTHON, skip_unless_importable
 
 # A wrong-answer pool, so that `gradsel audit` has suspects; n 8 so some problems are mixed.
