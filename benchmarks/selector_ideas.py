@@ -22,10 +22,10 @@ import numpy as np
 
 from benchmarks.quality import auroc
 
-from gradsel.selection.index import load_vectors, module_bases  # noqa: E402
-from gradsel.selection.select import load_scores  # noqa: E402
-from gradsel.store.stages import open_store  # noqa: E402
-from gradsel.demo.tasks import regime_truth  # noqa: E402
+from gradsel.selection.index import load_vectors, module_bases
+from gradsel.selection.select import load_scores
+from gradsel.store.stages import open_store
+from benchmarks.truth import regime_truth
 
 
 def unit(a: np.ndarray) -> np.ndarray:
