@@ -44,24 +44,17 @@ LossAgg = _choice("LossAgg", choices.LOSS_AGGS)
 ValAgg = _choice("ValAgg", choices.VAL_AGGS)
 Alignment = _choice("Alignment", choices.ALIGNMENTS)
 DType = _choice("DType", choices.DTYPES)
+Regime = _choice("Regime", choices.REGIMES)
+EngineName = _choice("EngineName", choices.ENGINES)
+Split = _choice("Split", choices.SPLITS)
+HashMode = _choice("HashMode", choices.HASH_MODES)
+Executor = _choice("Executor", choices.EXECUTORS)
+Feature = _choice("Feature", choices.FEATURES)
+Trainer = _choice("Trainer", choices.TRAINERS)
 
 # --help groups options into these panels.
 MODEL, DATA, ROLLOUTS, GRADIENTS, SCALE, SELECTION, OUTPUT = (
     "Model", "Data", "Rollouts", "Gradients", "Scale", "Selection", "Output")
-
-
-class Regime(str, Enum):
-    clean = "clean"
-    noisy = "noisy"
-    imbalance = "imbalance"
-    low_utility = "low-utility"
-    wrong_answer = "wrong-answer"
-
-
-class EngineName(str, Enum):
-    auto = "auto"
-    vllm = "vllm"
-    hf = "hf"
 
 
 def _version(value: bool) -> None:
@@ -121,16 +114,6 @@ def demo(
 
     console.protect_stdout()
     _emit_json(run_demo(out, model=model, size=size, n=n, engine=engine.value, seed=seed))
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-
-
-class HashMode(str, Enum):
-    sha256 = "sha256"
-    fast = "fast"
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory (HF format), a PEFT adapter directory, or 'tiny-arith'.", rich_help_panel=MODEL)]
@@ -298,17 +281,6 @@ def rollout(
     _emit_json({"store": str(store), "split": split.value, "problems": len(rates),
                 "rollouts": table.num_rows, "mean_reward": round(sum(rates) / len(rates), 4),
                 "nonzero_advantage_share": round(sum(0 < r < 1 for r in rates) / len(rates), 4)})
-
-
-class Executor(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
-class Feature(str, Enum):
-    projected = "projected"
-    head = "head"
-    exact = "exact"
 
 
 @app.command()
@@ -655,10 +627,6 @@ def audit(
     cfg = AuditConfig(threshold=threshold, teach_steps=teach_steps, teach_lr=teach_lr, teach_template=teach_template,
                       seed=seed)
     _emit_json(run_audit(store, cfg, out=out, fix=fix, pool=pool, val=val, answer_key=answer_key, force=force))
-
-
-class Trainer(str, Enum):
-    verl = "verl"
 
 
 @app.command(help="Hand the store's latest selection to a trainer's relaunch. `gradsel handoff verl`: write the "
