@@ -75,7 +75,8 @@ def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_
     state aside, and return the launcher's overrides. Everything is checked before anything is
     written; the Parquet is written before the state moves."""
     from gradsel.pipeline.rounds import round_dir
-    from gradsel.selection.select import Selection, SelectConfig, check_out_path, write_selection
+    from gradsel.selection.formats import check_out_path, write_selection
+    from gradsel.selection.select import Selection, SelectConfig
     from gradsel.store.stages import Store
 
     if train_batch_size < 1 or epochs < 1:
