@@ -60,7 +60,8 @@ class Mode:
     # it from the sketches gets a warning (select.warn_if_sketch_alignment). None: reads none.
     alignment_column: str | None = None
     # Whether `gradsel report` shows what it would keep. Not a mode that builds a FAISS index (a
-    # report should not pay for one), nor band, whose default band (0, 1) is random's order.
+    # report should not pay for one), nor one whose selection another compared mode already makes:
+    # band over its default band (0, 1) is random's order, variance accgreedy's.
     compared: bool = True
 
 
@@ -107,6 +108,16 @@ def _learnalign(x: ModeInputs):
     return np.array([found[pid] for pid in x.candidates.ids], dtype=np.float64)
 
 
+def _variance(x: ModeInputs):
+    # The variance of a problem's 0/1 reward, p(1-p) with p its pass rate: the share of its k
+    # rollouts paid more than 0 (the scores' pass_rate), which for a 0/1 judge is its mean reward
+    # and stays in [0, 1] for a judge that pays -1 or 1 (math_dapo, where the mean reward would not).
+    # p(1-p) = 1/4 - (p - 1/2)^2 falls as |p - 1/2| grows, so it orders the candidates exactly as
+    # accgreedy does; what differs is the score, on the variance's scale (--min-score, --annotate).
+    p = x.candidates.pass_rate
+    return p * (1 - p)
+
+
 REGISTRY: dict[str, Mode] = {m.name: m for m in (
     Mode("reliable", "(the default) is the alignment below minus 2 x (1 - judge consistency), so problems whose judge "
          "gave identical answers different rewards sink, and those whose binary one-reference judge paid two "
@@ -122,6 +133,8 @@ REGISTRY: dict[str, Mode] = {m.name: m for m in (
     Mode("learnalign", "is the cosine with the pool's mean gradient (no validation set)", _learnalign,
          compared=False),
     Mode("random", "is seeded", _seeded_order),
+    Mode("variance", "is the pass rate's p(1-p), the learnability prior of LILO and LearnAlign (accgreedy's order, "
+         "on the scale --min-score reads)", _variance, compared=False),
 )}
 MODES = tuple(REGISTRY)  # --mode's choices, in --help's order
 
