@@ -39,7 +39,8 @@ from benchmarks import smollm2_bed
 from gradsel.core import console
 from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.gradients.stage import ScoreConfig, parse_sketch
-from gradsel.selection.select import MODES, SelectConfig, mode_scores, select
+from gradsel.selection.modes import MODES
+from gradsel.selection.select import SelectConfig, mode_scores, select
 from gradsel.store.stages import open_store
 from gradsel.demo.tasks import write_regime
 from benchmarks.truth import model_wrong_key, regime_truth

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsel.core.choices import MODES
 from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.gradients.stage import ScoreConfig
-from gradsel.selection.select import VALIDATION_MODES, SelectConfig, select
+from gradsel.selection.modes import MODES, REGISTRY as MODE_RECORDS
+from gradsel.selection.select import SelectConfig, select
 from gradsel.store.stages import open_store
 from gradsel.demo.tasks import write_regime
 
@@ -44,7 +44,7 @@ def compare(work: Path, regime: str, seed: int, size: int, val_size: int, n: int
     assert [{k: r[k] for k in same_rollouts} for r in scores[True]] == \
         [{k: r[k] for k in same_rollouts} for r in scores[False]]  # the same rollouts and rewards
     differ = []
-    selectors = [(m, "auto") for m in MODES] + [(m, t) for m in VALIDATION_MODES for t in ("mean", "max", "subspace")]
+    selectors = [(m, "auto") for m in MODES] + [(m, t) for m in MODES if MODE_RECORDS[m].honours_target for t in ("mean", "max", "subspace")]
     for mode, target in selectors:
         cfg = SelectConfig(mode=mode, ratio=0.25, seed=seed, allow_fewer=True, target=target,
                            band=(0.2, 0.8) if mode == "band" else (0.0, 1.0))

@@ -8,6 +8,8 @@ import typer
 from conftest import ROOT, run_cli
 from gradsel.core import choices
 from gradsel.cli.app import app
+from gradsel.selection.formats import FORMATS
+from gradsel.selection.modes import MODES
 
 
 def _command(name):
@@ -31,7 +33,8 @@ def test_refresh_and_report_take_every_selection_option_select_takes():
 
 
 def test_choice_options_list_their_choices_in_help():
-    for command, option, values in (("select", "mode", choices.MODES), ("select", "format", choices.FORMATS),
+    for command, option, values in (("select", "mode", MODES), ("select", "format", FORMATS),
+                                    ("demo-data", "regime", choices.REGIMES), ("score", "executor", choices.EXECUTORS),
                                     ("score", "loss-agg", choices.LOSS_AGGS), ("score", "alignment", choices.ALIGNMENTS)):
         proc = run_cli(command, "--help", env={"COLUMNS": "400"})
         assert "|".join(values) in proc.stdout, (command, option)

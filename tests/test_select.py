@@ -88,6 +88,19 @@ def test_every_mode_on_a_handmade_table(store):
     assert sorted(picks(store, **cosine, balance="data_source", top_k=2)) == ["0", "5"]  # one from each source
 
 
+def test_variance_ranks_by_the_pass_rates_p_one_minus_p(store):
+    """p(1-p) of the pass rate, highest first: 1 (0.25), 3 (0.234), then 0 and 2 tie at 0.1875
+    (ids break it), 5 (0.109); zero-advantage 4 (p = 1, variance 0) only when asked for, last."""
+    chosen = select(store, SelectConfig(mode="variance", all=True))
+    assert chosen.problem_ids == ["1", "3", "0", "2", "5"]
+    assert chosen.scores == [0.25, 0.234375, 0.1875, 0.1875, 0.109375]
+    assert picks(store, mode="variance", all=True, top_k=None, include_zero_advantage=True)[-1] == "4"
+    assert picks(store, mode="variance", target="max") == picks(store, mode="variance")  # reads no target
+    # 1/4 - (p - 1/2)^2: accgreedy's order, ties included; the scale is the variance's.
+    assert picks(store, mode="accgreedy", all=True, top_k=None) == chosen.problem_ids
+    assert picks(store, mode="variance", min_score=0.2, all=True, top_k=None) == ["1", "3"]
+
+
 def test_auto_target_is_the_papers_for_the_papers_modes_and_subspace_for_reliable(store, tmp_path):
     """`--mode gradalign` without --target is the paper's method: the cosine with the validation
     gradient (mean), not the validation-span share, which ranks this store otherwise."""
@@ -196,6 +209,16 @@ def test_verl_round_trip_on_demo_data(tmp_path):
     assert len(ds) == 10 and ds[0]["prompt"][0]["role"] == "user"
     annotated = run_cli("select", "--store", str(tmp_path / "s"), "--top-k", "3", "--annotate", "--format", "jsonl").stdout
     assert [json.loads(line)["gradsel_rank"] for line in annotated.splitlines()] == [1, 2, 3]
+    # variance on this scored store: p(1-p) of the scores table's pass rates, descending, ties by id.
+    scores = pq.read_table(next((tmp_path / "s/features").glob("*/scores.parquet"))).to_pylist()
+    expected = sorted(((r["pass_rate"] * (1 - r["pass_rate"]), r["problem_id"]) for r in scores
+                       if r["split"] == "train" and not r["zero_advantage"]), key=lambda t: (-t[0], t[1]))
+    assert len({v for v, _ in expected}) >= 2  # a ranking with something to order
+    rows = [json.loads(line) for line in run_cli("select", "--store", str(tmp_path / "s"), "--mode", "variance", "--all",
+                                                 "--annotate", "--format", "openrlhf").stdout.splitlines()]
+    assert [r["gradsel_score"] for r in rows] == [v for v, _ in expected]
+    ids = run_cli("select", "--store", str(tmp_path / "s"), "--mode", "variance", "--all", "--format", "ids").stdout
+    assert ids.split() == [pid for _, pid in expected]
 
 
 def test_pipe_into_another_process(store):

@@ -16,6 +16,8 @@ import typer
 from gradsel import __version__
 from gradsel.core import choices, console
 from gradsel.core.errors import GradselError
+from gradsel.selection.formats import REGISTRY as OUTPUT_FORMATS, check_output
+from gradsel.selection.modes import REGISTRY as SELECTION_MODES
 
 app = typer.Typer(
     name="gradsel",
@@ -35,33 +37,26 @@ def _choice(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)
 
 
-Mode = _choice("Mode", choices.MODES)
+Mode = _choice("Mode", tuple(SELECTION_MODES))
 Target = _choice("Target", choices.TARGETS)
-Format = _choice("Format", choices.FORMATS)
+Format = _choice("Format", tuple(OUTPUT_FORMATS))
 IndexKind = _choice("IndexKind", choices.INDEX_KINDS)
 Advantage = _choice("Advantage", choices.ADVANTAGES)
 LossAgg = _choice("LossAgg", choices.LOSS_AGGS)
 ValAgg = _choice("ValAgg", choices.VAL_AGGS)
 Alignment = _choice("Alignment", choices.ALIGNMENTS)
 DType = _choice("DType", choices.DTYPES)
+Regime = _choice("Regime", choices.REGIMES)
+EngineName = _choice("EngineName", choices.ENGINES)
+Split = _choice("Split", choices.SPLITS)
+HashMode = _choice("HashMode", choices.HASH_MODES)
+Executor = _choice("Executor", choices.EXECUTORS)
+Feature = _choice("Feature", choices.FEATURES)
+Trainer = _choice("Trainer", choices.TRAINERS)
 
 # --help groups options into these panels.
 MODEL, DATA, ROLLOUTS, GRADIENTS, SCALE, SELECTION, OUTPUT = (
     "Model", "Data", "Rollouts", "Gradients", "Scale", "Selection", "Output")
-
-
-class Regime(str, Enum):
-    clean = "clean"
-    noisy = "noisy"
-    imbalance = "imbalance"
-    low_utility = "low-utility"
-    wrong_answer = "wrong-answer"
-
-
-class EngineName(str, Enum):
-    auto = "auto"
-    vllm = "vllm"
-    hf = "hf"
 
 
 def _version(value: bool) -> None:
@@ -121,16 +116,6 @@ def demo(
 
     console.protect_stdout()
     _emit_json(run_demo(out, model=model, size=size, n=n, engine=engine.value, seed=seed))
-
-
-class Split(str, Enum):
-    train = "train"
-    val = "val"
-
-
-class HashMode(str, Enum):
-    sha256 = "sha256"
-    fast = "fast"
 
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Checkpoint directory (HF format), a PEFT adapter directory, or 'tiny-arith'.", rich_help_panel=MODEL)]
@@ -301,17 +286,6 @@ def rollout(
                 "nonzero_advantage_share": round(sum(0 < r < 1 for r in rates) / len(rates), 4)})
 
 
-class Executor(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
-class Feature(str, Enum):
-    projected = "projected"
-    head = "head"
-    exact = "exact"
-
-
 @app.command()
 def score(
     model: ModelOpt,
@@ -416,25 +390,20 @@ DiverseOpt = Annotated[Optional[float], typer.Option(help="MMR trade-off in (0, 
 IndexOpt = Annotated[IndexKind, typer.Option(help="FAISS index for learnalign and --target max; saved in the store.", rich_help_panel=SELECTION)]
 AllowFewerOpt = Annotated[bool, typer.Option(help="Take every eligible problem when fewer than asked remain.", rich_help_panel=SELECTION)]
 SelectSeedOpt = Annotated[int, typer.Option(help="Seed for the random and band modes.", rich_help_panel=SELECTION)]
-FormatOpt = Annotated[Format, typer.Option("--format", help="verl Parquet, the original rows as JSONL, OpenRLHF input/label, or ids.", rich_help_panel=OUTPUT)]
+FormatOpt = Annotated[Format, typer.Option("--format", help=choices.english_list((f.help for f in OUTPUT_FORMATS.values()), last=", or ") + ".", rich_help_panel=OUTPUT)]
 OutOpt = Annotated[str, typer.Option(help="Output file, or - for stdout.", rich_help_panel=OUTPUT)]
 AnnotateOpt = Annotated[bool, typer.Option(help="Add gradsel_rank, gradsel_score and gradsel_mode columns.", rich_help_panel=OUTPUT)]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite an existing --out file.", rich_help_panel=OUTPUT)]
 
-SELECT_MODES_HELP = (
-    "Modes: reliable (the default) is the alignment below minus 2 x (1 - judge consistency), so problems whose "
-    "judge gave identical answers different rewards sink, and those whose binary one-reference judge paid two "
-    "different answers (its contract broken) get the lowest judge consistency, 0; gradalign is the paper's cosine with the validation "
-    "gradient; dot its inner product; accgreedy puts pass rates nearest 0.5 first; band takes a pass-rate band in "
-    "seeded random order; simacc is cosine x 4p(1-p); learnalign is the cosine with the pool's mean gradient (no "
-    "validation set); random is seeded.\n\n"
-    "Targets (for reliable, gradalign and simacc): subspace, per module the share of the candidate's gradient in "
-    "the span of the validation gradients, averaged over modules; mean, the cosine with the validation set's "
-    "gradient; max, the best cosine with any single validation problem (LESS-style, through the FAISS index); "
+SELECT_MODES_HELP = (  # the mode records' own lines, and which of them --target concerns
+    "Modes: " + "; ".join(f"{m.name} {m.help}" for m in SELECTION_MODES.values()) + ".\n\n"
+    f"Targets (for {choices.english_list(m.name for m in SELECTION_MODES.values() if m.honours_target)}): "
+    "subspace, per module the share of the candidate's gradient in the span of the validation gradients, averaged "
+    "over modules; mean, the cosine with the validation set's gradient; max, the best cosine with any single validation problem (LESS-style, through the FAISS index); "
     "auto, the default, is mean for the paper's modes (gradalign, dot, simacc), so that --mode gradalign is the "
     "paper's method as published, and subspace for reliable, gradsel's own default (mean where the store holds no "
-    "vectors: the exact feature). dot always ranks by the inner product with the validation gradient; accgreedy, "
-    "band, learnalign and random read no target.")
+    "vectors: the exact feature). "
+    + choices.english_list(m.name for m in SELECTION_MODES.values() if not m.honours_target) + " read no target.")
 
 
 @dataclass(frozen=True)
@@ -503,20 +472,6 @@ def with_selection_options(command):
     return wrapper
 
 
-def _check_output(out: str, fmt: str, force: bool) -> None:
-    """Fail before any work rather than after it: an existing file, or Parquet bytes bound for a
-    terminal (the default --format verl with --out -, run without a pipe)."""
-    import os
-
-    from gradsel.selection.select import check_out_path
-
-    check_out_path(out, force)
-    if out == "-" and fmt == "verl" and os.isatty(console.data_out().fileno()):
-        raise GradselError("refusing to write Parquet (--format verl) to a terminal",
-                           "pass --out FILE.parquet, pipe the output, or pick a text format: --format jsonl, "
-                           "openrlhf or ids")
-
-
 @app.command("select", help="Emit the best problems for the next round, unchanged, in the trainer's format.\n\n"
              "Rows come out in rank order, best first, exactly as they came in: verl Parquet rows are taken from the "
              "original table, JSONL lines are copied byte for byte. A file output gets a selection manifest beside it "
@@ -543,7 +498,7 @@ def select_cmd(
     cfg = selection.config()
     round_store = latest_round_store(store)
     existing_store(round_store)  # a clear error where no store is
-    _check_output(out, fmt.value, force)
+    check_output(out, fmt.value, force)
     chosen, n = select_emit_record(store, round_store, cfg, fmt=fmt.value, out=out, annotate=annotate, force=force)
     console.info(f"selected {n} of {chosen.eligible} eligible problems ({cfg.mode}) -> {'stdout' if out == '-' else out}")
 
@@ -606,7 +561,7 @@ def refresh(
     cfg = selection.config()
     if selection.asked:
         cfg.validate()  # fail before any work
-        _check_output(out, fmt.value, force)
+        check_output(out, fmt.value, force)
     # The selection is made and recorded under the lock the round was scored under: released in
     # between, another writer could change the round before its selection is recorded into it.
     with writer_lock(store):
@@ -656,10 +611,6 @@ def audit(
     cfg = AuditConfig(threshold=threshold, teach_steps=teach_steps, teach_lr=teach_lr, teach_template=teach_template,
                       seed=seed)
     _emit_json(run_audit(store, cfg, out=out, fix=fix, pool=pool, val=val, answer_key=answer_key, force=force))
-
-
-class Trainer(str, Enum):
-    verl = "verl"
 
 
 @app.command(help="Hand the store's latest selection to a trainer's relaunch. `gradsel handoff verl`: write the "

@@ -15,7 +15,8 @@ from gradsel.core import console
 from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.inputs.problems import read_problems
 from gradsel.gradients.stage import ScoreConfig
-from gradsel.selection.select import SelectConfig, select, write_selection
+from gradsel.selection.formats import write_selection
+from gradsel.selection.select import SelectConfig, select
 from gradsel.store.stages import open_store
 from gradsel.demo.tasks import write_regime
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from gradsel.core.choices import REGIMES
+
 ABILITY = "arithmetic"
-REGIMES = ("clean", "noisy", "imbalance", "low-utility", "wrong-answer")
 # Beside the pool of the wrong-answer regime: which rows carry a wrong reference answer. Kept out
 # of the rows themselves, so that no selector can read it.
 TRUTH_FILE = "pool.truth.json"

@@ -6,11 +6,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
+from gradsel.core.choices import FEATURES
 from gradsel.core.errors import GradselError
 from gradsel.gradients.units import select_units
-
-
-FEATURES = ("projected", "head", "exact")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gradsel.core.choices import HASH_MODES
 from gradsel.core.errors import GradselError
 from gradsel.inputs.models import resolve_model_path
 
@@ -73,7 +74,7 @@ def check_safetensors(directory: Path) -> None:
 
 def content_hash(directory: Path, *, mode: str = "sha256") -> tuple[str, list[dict]]:
     """Hash a checkpoint directory. `fast` reads sizes and the first and last MiB of each file."""
-    if mode not in {"sha256", "fast"}:
+    if mode not in HASH_MODES:
         raise GradselError(f"unknown hash mode {mode!r}", "use --hash sha256 or --hash fast")
     digest = hashlib.sha256()
     listing = []

@@ -75,7 +75,8 @@ def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_
     state aside, and return the launcher's overrides. Everything is checked before anything is
     written; the Parquet is written before the state moves."""
     from gradsel.pipeline.rounds import round_dir
-    from gradsel.selection.select import Selection, SelectConfig, check_out_path, write_selection
+    from gradsel.selection.formats import check_out_path, write_selection
+    from gradsel.selection.select import Selection, SelectConfig
     from gradsel.store.stages import Store
 
     if train_batch_size < 1 or epochs < 1:
@@ -127,14 +128,15 @@ RANKING_COLUMNS = ("problem_id", "round", "zero_advantage", "judge_reliability",
 
 def ranking_rows(store: Path, audit: Path | None = None) -> list[dict]:
     """One row per problem a round of the store scored, from the latest round that scored it: its
-    zero advantage and judge reliability there (select's `judge_reliability`: 0 where it broke the
+    zero advantage and judge reliability there (modes's `judge_reliability`: 0 where it broke the
     judge's contract), whether `gradsel audit --out` (the file `audit`) lists its key as a suspect,
     and its rank in the latest recorded selection (None where not selected)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from gradsel.pipeline.rounds import round_dir
-    from gradsel.selection.select import Candidates, judge_reliability
+    from gradsel.selection.modes import judge_reliability
+    from gradsel.selection.select import Candidates
     from gradsel.store.stages import Store, existing_store
 
     manifest = existing_store(store).read_manifest()

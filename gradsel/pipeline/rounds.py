@@ -211,7 +211,8 @@ def select_emit_record(store_dir: Path, round_store: Path, cfg, *, fmt: str, out
                        force: bool):
     """Select from a round's store (or a plain store), write the subset, and record the choice
     for `refresh`: what `select` and `refresh` both do. Returns (Selection, rows written)."""
-    from gradsel.selection.select import select, write_selection
+    from gradsel.selection.formats import write_selection
+    from gradsel.selection.select import select
 
     st = Store(Path(round_store))
     selection = select(st, cfg)

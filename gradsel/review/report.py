@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gradsel.core.choices import english_list
 from gradsel.core.errors import GradselError
+from gradsel.selection.modes import REGISTRY as MODE_RECORDS
 from gradsel.selection.select import SelectConfig
 
-# Modes compared in "what each mode would keep": those that need no FAISS index (learnalign
-# and --target max build one, which a report should not pay for).
-COMPARED_MODES = ("reliable", "gradalign", "dot", "simacc", "accgreedy", "random")
+# Modes compared in "what each mode would keep": those whose record says so (Mode.compared: not
+# one that builds a FAISS index, which a report should not pay for, nor one that repeats another's order).
+COMPARED_MODES = tuple(m.name for m in MODE_RECORDS.values() if m.compared)
 RASTER_POINTS = 5000  # above this many points a scatter is embedded as one PNG, not one SVG path each
 
 
@@ -90,7 +92,7 @@ def write_report(store_dir: Path, out: Path, cfg: SelectConfig, force: bool = Fa
     """Write the report; return its size in bytes. An existing file needs `force`; an `out`
     that cannot be written is refused before any work, as `select` refuses one."""
     from gradsel.core.fsutil import atomic_write_bytes
-    from gradsel.selection.select import check_out_path
+    from gradsel.selection.formats import check_out_path
 
     check_out_path(str(out), force)
     data = build_report(store_dir, cfg).encode()
@@ -168,8 +170,9 @@ def _modes(by_mode: dict[str, list[str]], source_of: dict[str, str], current: st
                        color="white" if overlap[i, j] < 0.6 else "black")
     fig.colorbar(im, ax=right, label="Jaccard overlap")
     note = (f"Each mode takes as many problems as --mode {current} did. Left: data sources in each "
-            "selection; right: how much two selections share. learnalign and --target max query a "
-            "FAISS index and are not compared here.")
+            "selection; right: how much two selections share. Left out: "
+            f"{english_list(m for m in MODE_RECORDS if m not in COMPARED_MODES)}, which query a FAISS index "
+            "or repeat another mode's order, and --target max, which queries one.")
     return Section("What each mode would keep", _svg(fig), note)
 
 

@@ -324,3 +324,10 @@ def best_alignment(index, params: dict, queries: np.ndarray, fetch: int, directo
     proposed, sims = exact_best(directory, split, queries, np.unique(found[found >= 0]))
     best[proposed] = sims
     return best
+
+
+def index_alignment(directory: Path, kind: str, queries: np.ndarray, fetch: int) -> dict[str, float]:
+    """problem id -> its train vector's best inner product with any query row, through the index
+    (best_alignment): learnalign's score and --target max's."""
+    index, ids, params = open_index(directory, "train", kind)
+    return dict(zip(ids, best_alignment(index, params, queries, fetch, directory).tolist()))

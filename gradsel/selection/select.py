@@ -1,20 +1,12 @@
-"""Selection: rank the scored candidates by a mode, filter, and emit the original rows.
+"""Selection: rank the scored candidates by a mode and filter them (gradsel.selection.formats
+emits the chosen rows).
 
-Modes (the paper's method, its baselines, and gradsel's default):
-  reliable    gradalign minus 2 * (1 - reliability), the reliability being judge consistency, or 0
-              where the problem breaks its judge's contract (two distinct answers paid by a binary
-              one-reference judge): problems whose judge gave identical answers different rewards,
-              or paid two different answers, sink (the default; docs/algorithm.md, docs/research/quality.md)
-  gradalign   cosine with the validation gradient (the paper's method)
-  dot         inner product with the validation gradient
-  accgreedy   pass rate closest to 0.5 first
-  band        pass rate in [lo, hi], in seeded random order
-  simacc      cosine * 4 * acc * (1 - acc)
-  learnalign  cosine with the mean candidate gradient (no validation set)
-  random      seeded random order
+The modes (the paper's method, its baselines, and gradsel's default, reliable: docs/algorithm.md,
+docs/research/quality.md) are records, one each, in gradsel.selection.modes.
 Zero-advantage problems (every reward equal) carry no GRPO signal and are left out unless asked.
-`--target max` replaces the cosine of gradalign, simacc and reliable by the best cosine with any
-single validation problem (LESS-style), through the candidate FAISS index (gradsel.selection.index).
+`--target max` replaces the cosine of the modes that honour it (gradalign, simacc, reliable) by the
+best cosine with any single validation problem (LESS-style), through the candidate FAISS index
+(gradsel.selection.index).
 `--target subspace` replaces it by how much of the candidate's gradient the validation problems'
 gradients span, whatever the sign: per module, the cosine between the candidate's slice and their
 span, averaged over the modules (index.subspace_share).
@@ -28,20 +20,17 @@ from __future__ import annotations
 
 import functools
 import json
-import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from gradsel.core import console
-from gradsel.core.choices import FORMATS, MODES, TARGETS
+from gradsel.core.choices import TARGETS
 from gradsel.core.errors import GradselError
-from gradsel.inputs.problems import is_jsonl, original_rows
-from gradsel.selection.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
-                           subspace_share, take_vectors, vectors_fingerprint)
-
-VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
+from gradsel.selection.index import (index_alignment, load_vectors, read_ids, resolve_kind, subspace_share,
+                                     take_vectors, vectors_fingerprint)
+from gradsel.selection.modes import MODES, REGISTRY as MODE_RECORDS, ModeInputs
 
 
 BALANCE_COLUMNS = ("data_source",)  # the scores' columns that name groups (schema.SCORES)
@@ -202,42 +191,28 @@ def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int
 
 
 def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: int) -> np.ndarray:
-    """The ranking score of every candidate under cfg.mode (higher is better), in c's order.
-    Modes that query the candidate index need at least the `fetch` best of each query scored."""
-    rng = random.Random(f"gradsel-select/{cfg.seed}")
-    if cfg.target == "max" and cfg.mode in VALIDATION_MODES:
+    """The ranking score of every candidate under cfg.mode (higher is better), in c's order, by
+    the mode's record (gradsel.selection.modes). Modes that query the candidate index need at least
+    the `fetch` best of each query scored."""
+    mode = MODE_RECORDS.get(cfg.mode)
+    if mode is None:
+        raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
+    if cfg.target == "max" and mode.honours_target:
         # LESS-style: each candidate's best cosine with any single validation problem.
-        best = _index_alignment(directory, cfg.index, _live_validation_vectors(directory), fetch)
+        best = index_alignment(directory, cfg.index, _live_validation_vectors(directory), fetch)
         base = np.array([best.get(pid, 0.0) for pid in c.ids], dtype=np.float64)
-    elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
+    elif cfg.target == "subspace" and mode.honours_target:
         base = subspace_scores(c, directory)
     else:
         base = c.score_cos
-    if cfg.mode == "gradalign":
-        return base
-    if cfg.mode == "reliable":
-        return base - 2 * (1 - judge_reliability(c))
-    if cfg.mode == "dot":
-        return c.score_dot
-    if cfg.mode == "accgreedy":
-        return -np.abs(c.pass_rate - 0.5)
-    if cfg.mode == "simacc":
-        return np.where(base > -np.inf, base * 4 * c.pass_rate * (1 - c.pass_rate), -np.inf)
-    if cfg.mode in ("band", "random"):
-        ids = sorted(c.ids)
-        rng.shuffle(ids)
-        rank = {pid: -i for i, pid in enumerate(ids)}
-        return np.array([rank[pid] for pid in c.ids], dtype=np.float64)
-    if cfg.mode == "learnalign":
-        found = _index_alignment(directory, cfg.index, mean_direction(directory, "train")[None], fetch)
-        return np.array([found[pid] for pid in c.ids], dtype=np.float64)
-    raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
+    return np.asarray(mode.score(ModeInputs(c, base, directory, fetch, cfg.index, cfg.seed)), dtype=np.float64)
 
 
 def reads_alignment(cfg: SelectConfig) -> bool:
-    """Whether the mode ranks by the alignment with the validation gradient (score_cos, or
-    score_dot for `dot`), as resolved: the validation modes with --target mean, and dot."""
-    return cfg.mode == "dot" or (cfg.mode in VALIDATION_MODES and cfg.target == "mean")
+    """Whether the mode ranks by a stored alignment with the validation gradient (its record's
+    alignment_column), as resolved: the modes that honour --target read it under --target mean."""
+    mode = MODE_RECORDS[cfg.mode]
+    return mode.alignment_column is not None and (not mode.honours_target or cfg.target == "mean")
 
 
 _WARNED_SKETCH: set[str] = set()  # feature directories warned about in this process: one line per run
@@ -252,20 +227,11 @@ def warn_if_sketch_alignment(manifest: dict, cfg: SelectConfig, directory: Path)
         return
     _WARNED_SKETCH.add(str(directory))
     spec = manifest.get("projector") or {}
-    column = "score_dot" if cfg.mode == "dot" else "score_cos"
+    column = MODE_RECORDS[cfg.mode].alignment_column
     console.warn(f"--mode {cfg.mode} ranks by {column}, estimated here from {spec.get('k_out')}x{spec.get('k_in')} "
                  "sketches (`score --alignment sketch`); for the one computed in the gradient pass, rescore with "
                  "`gradsel score --alignment lowrank`"
                  + (" --feature projected" if spec.get("feature") == "head" else "") + " (the rollouts are reused)")
-
-
-def judge_reliability(c: Candidates) -> np.ndarray:
-    """How far each candidate's rewards can be trusted, in [0, 1]: its judge consistency, and 0,
-    the lowest, where it breaks its judge's contract. A binary judge that compares an answer with
-    one reference pays at most one answer class per problem, so two paid answers prove the judge
-    did not read them, however consistent it looked on the pairs that happened to repeat an answer
-    (rare at k = 8 on a model that seldom repeats itself)."""
-    return np.where(c.breaks_contract, 0.0, c.consistency)
 
 
 def resolve_target(target: str, feature: str, mode: str) -> str:
@@ -317,11 +283,6 @@ def _live_validation_vectors(directory: Path) -> np.ndarray:
     """(m, dim) unit vectors of the validation problems with a GRPO signal (zero rows dropped)."""
     _, val = load_vectors(directory, "val")
     return val[np.linalg.norm(val, axis=1) > 0]
-
-
-def _index_alignment(directory: Path, kind: str, queries: np.ndarray, fetch: int) -> dict[str, float]:
-    index, ids, params = open_index(directory, "train", kind)
-    return dict(zip(ids, best_alignment(index, params, queries, fetch, directory).tolist()))
 
 
 def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, directory: Path) -> list[str]:
@@ -423,153 +384,3 @@ def _balanced(ranked: list[str], rows: dict[str, dict], column: str, k: int,
         active -= full
     keep = {pid for g, members in groups.items() for pid in members[:quota[g]]}
     return [pid for pid in ranked if pid in keep]
-
-
-# -- output --------------------------------------------------------------------------------------
-
-def write_selection(store, selection: Selection, *, fmt: str, out: str, annotate: bool, force: bool) -> int:
-    """Emit the selected rows, unchanged, in rank order; returns the number written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if fmt not in FORMATS:
-        raise GradselError(f"unknown --format {fmt!r}", f"choose one of {', '.join(FORMATS)}")
-    manifest = store.read_manifest()
-    to_stdout = out == "-"
-    out_path = None if to_stdout else Path(out)
-    check_out_path(out, force)
-    source = _source_file(store, manifest)
-    # Only the selected problems' rows become Python objects (a pool can hold millions).
-    problems = pq.read_table(store.root / "rollouts/train/problems.parquet",
-                             columns=["problem_id", "source_row", "prompt_messages_json", "ground_truth"])
-    position = {pid: i for i, pid in enumerate(problems.column("problem_id").to_pylist())}
-    picked = problems.take(pa.array([position[pid] for pid in selection.problem_ids], pa.int64())).to_pylist()
-    by_id = {p["problem_id"]: p for p in picked}
-    rows_idx = [by_id[pid]["source_row"] for pid in selection.problem_ids]
-    rank_extra = [{"gradsel_rank": i + 1, "gradsel_score": float(s), "gradsel_mode": selection.config.mode}
-                  for i, s in enumerate(selection.scores)]
-
-    if fmt == "ids":
-        payload = "".join(pid + "\n" for pid in selection.problem_ids).encode()
-    elif fmt == "openrlhf":
-        payload = "".join(json.dumps({"input": json.loads(by_id[pid]["prompt_messages_json"]),
-                                      "label": by_id[pid]["ground_truth"], **(extra if annotate else {})}) + "\n"
-                          for pid, extra in zip(selection.problem_ids, rank_extra)).encode()
-    elif is_jsonl(source):
-        lines = original_rows(source, rows_idx)
-        if fmt == "jsonl":
-            payload = b"".join(_annotated_line(line, e, annotate) + b"\n" for line, e in zip(lines, rank_extra))
-        else:
-            payload = _parquet_bytes(_rows_table([json.loads(line) | (e if annotate else {})
-                                                  for line, e in zip(lines, rank_extra)]))
-    else:
-        table = original_rows(source, rows_idx)
-        if annotate:
-            for name in ("gradsel_rank", "gradsel_score", "gradsel_mode"):
-                table = table.append_column(name, pa.array([e[name] for e in rank_extra]))
-        if fmt == "verl":
-            payload = _parquet_bytes(table)
-        else:
-            payload = "".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist()).encode()
-
-    if to_stdout:
-        write_stdout(payload)
-    else:
-        from gradsel.core.fsutil import atomic_write_bytes, atomic_write_json
-
-        atomic_write_bytes(out_path, payload)
-        atomic_write_json(out_path.with_name(out_path.name + ".gradsel.json"), {
-            "mode": selection.config.mode, "config": asdict(selection.config), "format": fmt,
-            "selected": len(selection.problem_ids), "eligible": selection.eligible,
-            "store": str(store.root), "projector": manifest.get("projector"),
-            "checkpoint": (manifest.get("snapshot") or {}).get("content_hash"),
-            "problems_file": str(source)})
-    return len(selection.problem_ids)
-
-
-def check_out_path(out: str, force: bool) -> None:
-    """An --out that cannot be written is refused before any work."""
-    if out == "-":
-        return
-    path = Path(out)
-    if path.is_dir():
-        raise GradselError(f"--out {out} is a directory", "give a file path, for example --out round1.parquet")
-    if path.exists() and not force:
-        raise GradselError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
-
-
-def write_stdout(payload: bytes) -> None:
-    """Data to stdout. A reader that closed the pipe early (`| head`) took what it wanted: not an
-    error, so the rest is dropped quietly and the caller goes on (a selection is still recorded)."""
-    import os
-
-    stream = console.data_out()
-    try:
-        stream.flush()
-        stream.buffer.write(payload)
-        stream.buffer.flush()
-    except BrokenPipeError:
-        # Point stdout at /dev/null, so the interpreter's own flush at exit does not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-
-
-def _rows_table(rows: list[dict]):
-    """JSON rows as an Arrow table; a field whose type differs between rows is named, not a traceback."""
-    import pyarrow as pa
-
-    try:
-        return pa.Table.from_pylist(rows)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
-        field, kinds = _mixed_field(rows) or ("a field", "several types")
-        raise GradselError(f"{field} holds {kinds} across the selected rows; Parquet needs one type per column",
-                           "pass --format jsonl to emit the lines unchanged, or give the field one type") from exc
-
-
-def _mixed_field(rows: list[dict], prefix: str = "") -> tuple[str, str] | None:
-    """The first (dotted) field whose non-null values have more than one JSON type."""
-    kinds: dict[str, set[str]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if value is not None:
-                kinds.setdefault(key, set()).add("number" if type(value) in (int, float) else type(value).__name__)
-    for key, found in kinds.items():
-        if len(found) > 1:
-            return prefix + key, " and ".join(sorted(found))
-        if found == {"dict"}:
-            nested = _mixed_field([row[key] for row in rows if isinstance(row.get(key), dict)], f"{prefix}{key}.")
-            if nested:
-                return nested
-    return None
-
-
-def _annotated_line(line: bytes, extra: dict, annotate: bool) -> bytes:
-    if not annotate:
-        return line  # byte for byte as it came in
-    return json.dumps(json.loads(line) | extra).encode()
-
-
-def _parquet_bytes(table) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
-
-
-def _source_file(store, manifest: dict) -> Path:
-    """The candidates' original file, checked against the hash recorded when it was read."""
-    from gradsel.core.fsutil import file_sha256
-
-    info = (manifest.get("rollouts") or {}).get("train")
-    if not info:
-        raise GradselError(f"store {store.root} has no candidate rollouts", "run `gradsel score` first")
-    path = Path(info["problems_file"])
-    if not path.is_file():
-        raise GradselError(f"the pool file {path} is gone", "restore it: selection emits its original rows")
-    if file_sha256(path) != info["problems_sha256"]:
-        raise GradselError(f"the pool file {path} changed since it was scored",
-                           "restore the scored version, or rescore into a new store")
-    return path
