@@ -58,7 +58,7 @@ def _token_observer(m_idx, r_in, r_out, acc, dots, blocks):
     return observe
 
 
-def _fused_experts_forward(module, hidden_states, top_k_index, top_k_weights, *, observers, slots_ref):
+def _fused_experts_forward(module, hidden_states, top_k_index, top_k_weights, *, observers, batch_slots):
     """A transformers 5 fused-experts forward (hidden_states (n, d), top_k_index and
     top_k_weights (n, top_k)), expert by expert as its eager form, with each hooked weight's input
     and output shown to its observer: observers[param](expert, x, y, slots) -> y. The flags of
@@ -67,7 +67,7 @@ def _fused_experts_forward(module, hidden_states, top_k_index, top_k_weights, *,
     import torch
     import torch.nn.functional as F
 
-    slots = slots_ref[0].reshape(-1)
+    slots = batch_slots.current.reshape(-1)
     if hidden_states.shape[0] != slots.numel():
         raise GradselError(f"{type(module).__name__} sees {hidden_states.shape[0]} tokens, not the batch's "
                            f"{slots.numel()}", "exclude its experts with --modules")
@@ -103,101 +103,127 @@ def _token_major(shape, slots_shape) -> bool:
     return tuple(s for s in lead if s != 1) == tuple(s for s in slots_shape if s != 1)
 
 
+class BatchSlots:
+    """The packed batch the model is running, as its hooks see it: `current` holds its slots
+    (B, T), one problem per row (a sequence, or shared-prompt responses), -1 on padding; set
+    before each forward pass."""
+
+    def __init__(self) -> None:
+        self.current = None
+
+
+def _linear_hook(name: str, m_idx: int, r_in, r_out, acc, dots, batch_slots: BatchSlots, blocks: int,
+                 unit_val_grad=None):
+    """The forward hook of a Linear unit: it projects x_t (and, with a validation gradient, holds
+    what the alignment needs) and registers the backward hook that adds the problem's sketched
+    delta_t x_t^T into acc[:, m_idx] (and its alignment into dots). A Linear sees the batch's
+    tokens as (batch, seq, d) or in another token-major layout (`_token_major`)."""
+    import torch
+
+    low_rank = unit_val_grad if isinstance(unit_val_grad, LowRank) else None
+    k_in, k_out = r_in.shape[1], r_out.shape[1]  # blocks * k_in, blocks * k_out
+    if low_rank is not None:  # (d_in, blocks k_in + r) and (d_out, blocks k_out + r)
+        r_in = torch.cat([r_in, low_rank.in_factor], dim=1)
+        r_out = torch.cat([r_out, low_rank.out_factor], dim=1)
+
+    def forward_hook(module, inputs, output):
+        x = inputs[0]
+        slots = batch_slots.current  # (B, T)
+        if not _token_major(x.shape, slots.shape):
+            raise GradselError(f"module {name} sees inputs of shape {tuple(x.shape)}, not "
+                               "(batch, seq, d)", "exclude it with --modules")
+        x = x.reshape(*slots.shape, -1)
+        row_slot = slots.amax(1)  # (B,): the row's problem, whichever side its padding is on
+        real = (slots >= 0).unsqueeze(-1)  # (B, T, 1)
+        x = x.detach()  # a view: q, k and v share one input
+        x_proj = x.float() @ r_in  # (B, T, blocks * k_in [+ r])
+        x_low = None
+        if low_rank is not None:
+            x_proj, x_low = x_proj[..., :k_in], x_proj[..., k_in:]
+        # With frozen weights autograd keeps no x for weight gradients; the exact alignment
+        # holds the (shared) view until backward, where G_V x_t is formed and dropped.
+        x_held = x if unit_val_grad is not None and low_rank is None else None
+
+        def grad_hook(grad):
+            grad = grad.float().reshape(*slots.shape, -1)  # a no-op in float32; one copy in bfloat16
+            d_proj = (grad @ r_out) * real  # (B, T, blocks * k_out [+ r])
+            if x_low is not None:  # (B^T delta_t) . (A^T x_t), summed over each row's tokens
+                d_proj, d_low = d_proj[..., :k_out], d_proj[..., k_out:]
+                dots.index_add_(0, row_slot, (d_low * x_low).sum((1, 2)).double())
+            B, T = d_proj.shape[:2]
+            # Sum over a row's tokens inside the batched matmul: (B, blocks, k_out, k_in).
+            per_row = torch.einsum("rtbo,rtbi->rboi", d_proj.reshape(B, T, blocks, -1),
+                                   x_proj.reshape(B, T, blocks, -1))
+            acc[:, m_idx].index_add_(0, row_slot, per_row.reshape(B, -1))
+            if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
+                gx = x_held.float() @ unit_val_grad.T  # (B, T, d_out)
+                dots.index_add_(0, row_slot, ((grad * gx).sum(-1) * real[..., 0]).sum(-1).double())
+
+        output = _require_grad(output)
+        output.register_hook(grad_hook)
+        return output
+
+    return forward_hook
+
+
+def _router_hooks(name: str, observe, batch_slots: BatchSlots, unit_val_grad=None):
+    """(pre-hook, forward hook) of a router unit: its input made tracked, so the logits and the
+    scores made from them are; its per-token logits shown to `observe` (_token_observer)."""
+    def pre_hook(module, args):
+        x = args[0]
+        return args if x.requires_grad else (x.detach().requires_grad_(True), *args[1:])
+
+    def forward_hook(module, inputs, output):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        logits = output[0] if isinstance(output, tuple) else None
+        if logits is None or logits.shape != (x.shape[0], module.weight.shape[0]) \
+                or x.shape[0] != batch_slots.current.numel():
+            raise GradselError(f"router {name} ({type(module).__name__}) does not return its "
+                               "per-token logits first", "exclude it with --modules")
+        observe(x, logits, batch_slots.current.reshape(-1), val_grad=unit_val_grad)
+        return output
+
+    return pre_hook, forward_hook
+
+
+def _expert_observer(observe, signs, unit_val_grad=None):
+    """The observer of one hooked weight of a fused-experts unit (_fused_experts_forward): expert
+    e's delta is signed by signs[e] (expert_signs) and aligned with its own validation gradient."""
+    def observer(e, x, y, slots):
+        return observe(x, y, slots, sign=float(signs[e]), val_grad=None if unit_val_grad is None else unit_val_grad[e])
+
+    return observer
+
+
 @contextmanager
-def _capture(units: Sequence[CaptureUnit], projections, acc, slots_ref, blocks, signs, val_grad=None, dots=None):
+def _capture(units: Sequence[CaptureUnit], projections, acc, batch_slots: BatchSlots, blocks, signs, val_grad=None,
+             dots=None):
     """Hooks that project x_t and delta_t of each unit and add the outer products into
     acc[slot, unit] (n_slots, n_units, k_out * k_in). With a validation gradient per unit, they also add
     <delta_t x_t^T, G_V> into dots[slot]: exactly, delta_t . (G_V x_t), for a (d_out, d_in)
     tensor; as (B^T delta_t) . (A^T x_t) for a LowRank G_V ~= B A^T, where, for a Linear, the
     factors ride along with the projections in the same two matmuls. Always removed on exit.
 
-    A Linear sees the batch's tokens as (batch, seq, d) or in another token-major layout
-    (`_token_major`); routers and experts see flattened tokens, and each token's problem comes
-    from slots_ref[0] flattened."""
-    import torch
-
+    Linears are hooked by `_linear_hook`, routers by `_router_hooks`; fused experts run a patched
+    forward (`_fused_experts_forward`) that shows each hooked weight to its `_expert_observer`.
+    Routers and experts see flattened tokens; each token's problem comes from `batch_slots`."""
     handles, patched = [], {}
-
-    def linear_hook(m_idx, r_in, r_out):
-        unit_val_grad = _unit_val_grad(val_grad[m_idx]) if val_grad is not None else None
-        low_rank = unit_val_grad if isinstance(unit_val_grad, LowRank) else None
-        k_in, k_out = r_in.shape[1], r_out.shape[1]  # blocks * k_in, blocks * k_out
-        if low_rank is not None:  # (d_in, blocks k_in + r) and (d_out, blocks k_out + r)
-            r_in = torch.cat([r_in, low_rank.in_factor], dim=1)
-            r_out = torch.cat([r_out, low_rank.out_factor], dim=1)
-
-        def forward_hook(module, inputs, output):
-            x = inputs[0]
-            slots = slots_ref[0]  # (B, T): one problem per row (a sequence, or shared-prompt responses); -1 on padding
-            if not _token_major(x.shape, slots.shape):
-                raise GradselError(f"module {units[m_idx].name} sees inputs of shape {tuple(x.shape)}, not "
-                                   "(batch, seq, d)", "exclude it with --modules")
-            x = x.reshape(*slots.shape, -1)
-            row_slot = slots.amax(1)  # (B,): the row's problem, whichever side its padding is on
-            real = (slots >= 0).unsqueeze(-1)  # (B, T, 1)
-            x = x.detach()  # a view: q, k and v share one input
-            x_proj = x.float() @ r_in  # (B, T, blocks * k_in [+ r])
-            x_low = None
-            if low_rank is not None:
-                x_proj, x_low = x_proj[..., :k_in], x_proj[..., k_in:]
-            # With frozen weights autograd keeps no x for weight gradients; the exact alignment
-            # holds the (shared) view until backward, where G_V x_t is formed and dropped.
-            x_held = x if unit_val_grad is not None and low_rank is None else None
-
-            def grad_hook(grad):
-                grad = grad.float().reshape(*slots.shape, -1)  # a no-op in float32; one copy in bfloat16
-                d_proj = (grad @ r_out) * real  # (B, T, blocks * k_out [+ r])
-                if x_low is not None:  # (B^T delta_t) . (A^T x_t), summed over each row's tokens
-                    d_proj, d_low = d_proj[..., :k_out], d_proj[..., k_out:]
-                    dots.index_add_(0, row_slot, (d_low * x_low).sum((1, 2)).double())
-                B, T = d_proj.shape[:2]
-                # Sum over a row's tokens inside the batched matmul: (B, blocks, k_out, k_in).
-                per_row = torch.einsum("rtbo,rtbi->rboi", d_proj.reshape(B, T, blocks, -1),
-                                       x_proj.reshape(B, T, blocks, -1))
-                acc[:, m_idx].index_add_(0, row_slot, per_row.reshape(B, -1))
-                if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
-                    gx = x_held.float() @ unit_val_grad.T  # (B, T, d_out)
-                    dots.index_add_(0, row_slot, ((grad * gx).sum(-1) * real[..., 0]).sum(-1).double())
-
-            output = _require_grad(output)
-            output.register_hook(grad_hook)
-            return output
-
-        return forward_hook
-
-    def router_hooks(m_idx, observe):
-        def pre_hook(module, args):  # so that the logits, and the scores made from them, are tracked
-            x = args[0]
-            return args if x.requires_grad else (x.detach().requires_grad_(True), *args[1:])
-
-        def forward_hook(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])
-            logits = output[0] if isinstance(output, tuple) else None
-            if logits is None or logits.shape != (x.shape[0], module.weight.shape[0]) \
-                    or x.shape[0] != slots_ref[0].numel():
-                raise GradselError(f"router {units[m_idx].name} ({type(module).__name__}) does not return its "
-                                   "per-token logits first", "exclude it with --modules")
-            observe(x, logits, slots_ref[0].reshape(-1), val_grad=None if val_grad is None else val_grad[m_idx])
-            return output
-
-        return pre_hook, forward_hook
-
     for m_idx, unit in enumerate(units):
         r_in, r_out = projections[m_idx]
+        unit_val_grad = None if val_grad is None else val_grad[m_idx]
         if unit.kind == "linear":
-            handles.append(unit.module.register_forward_hook(linear_hook(m_idx, r_in, r_out)))
+            hook = _linear_hook(unit.name, m_idx, r_in, r_out, acc, dots, batch_slots, blocks,
+                                _unit_val_grad(unit_val_grad))
+            handles.append(unit.module.register_forward_hook(hook))
             continue
         observe = _token_observer(m_idx, r_in, r_out, acc, dots, blocks)
         if unit.kind == "router":
-            pre, post = router_hooks(m_idx, observe)
+            pre, post = _router_hooks(unit.name, observe, batch_slots, unit_val_grad)
             handles += [unit.module.register_forward_pre_hook(pre), unit.module.register_forward_hook(post)]
-        else:  # experts: expert e's delta is signed by signs[m_idx][e] (expert_signs)
-            def expert_observer(e, x, y, slots, observe=observe, m_idx=m_idx):
-                return observe(x, y, slots, sign=float(signs[m_idx][e]),
-                               val_grad=None if val_grad is None else val_grad[m_idx][e])
-            patched.setdefault(unit.module, {})[unit.param] = expert_observer
+        else:
+            patched.setdefault(unit.module, {})[unit.param] = _expert_observer(observe, signs[m_idx], unit_val_grad)
     for module, observers in patched.items():
-        module.forward = partial(_fused_experts_forward, module, observers=observers, slots_ref=slots_ref)
+        module.forward = partial(_fused_experts_forward, module, observers=observers, batch_slots=batch_slots)
     try:
         yield
     finally:
@@ -224,13 +250,13 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
     signs = [expert_signs(spec, u.name, u.n_experts) for u in units]
     acc = torch.zeros((len(groups), len(units), spec.block_dim), dtype=torch.float32, device=device)
     dots = torch.zeros(len(groups), dtype=torch.float64, device=device)
-    slots_ref = [None]
+    batch_slots = BatchSlots()
     head_hooked = any(u.module is model.get_output_embeddings() for u in units)
     packing = packing_for(model, packing)
-    with requires_grad_only(model), _capture(units, projections, acc, slots_ref, spec.blocks, signs, val_grad, dots):
+    with requires_grad_only(model), _capture(units, projections, acc, batch_slots, spec.blocks, signs, val_grad, dots):
         for rows in pack_batches(groups, loss_agg, max_tokens, packing.share_prompts):
             batch = _batch_tensors(rows, pad_id, device, packing.padding_side)
-            slots_ref[0] = batch.slots
+            batch_slots.current = batch.slots
             policy_loss(model, batch, all_logits=head_hooked).backward()
             if progress:
                 progress(len(rows), batch.n_tokens)

@@ -16,12 +16,6 @@ from gradsel.core.errors import GradselError
 EPS = 1e-6
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    adv: str = "grpo"
-    loss_agg: str = "seq-mean-token-mean"
-
-
 @dataclass
 class ProblemRollouts:
     """One problem's group: the sequences as generated and their rewards."""

@@ -16,7 +16,6 @@ the stored vectors, so a resumed run gives exactly the scores of an uninterrupte
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -27,12 +26,15 @@ import numpy as np
 from gradsel.core import console
 from gradsel.core.choices import ADVANTAGES, ALIGNMENTS, DTYPES, LOSS_AGGS, VAL_AGGS
 from gradsel.core.errors import GradselError
+from gradsel.core.fsutil import atomic_write_json, atomic_write_table
 from gradsel.rewards.registry import breaks_contract, judge_consistency, paid_answers
 from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE, Packing, ProjectorSpec,
                                exact_parameters, exact_problem_gradient, group_advantages, groups_from_table,
                                head_features, make_spec, packing_for, projected_features, shared_prompt_support,
                                truncate_validation_gradient, validation_gradient, zero_validation_gradient)
 from gradsel.selection.index import iter_vectors, load_vectors
+from gradsel.store.stage import Stage
+from gradsel.store.stages import cost_since, shard_path, stable_key
 
 
 @dataclass(frozen=True)
@@ -124,11 +126,56 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     problem id -> whether its judge promises at most one paid answer (rewards.promises_one_answer)."""
     import pyarrow as pa
 
-    from gradsel.core.fsutil import atomic_write_json, atomic_write_table
-    from gradsel.inputs.models import load_causal_lm, load_tokenizer
     from gradsel.core.schema import SCORES
-    from gradsel.store.stages import check_stage_key, cost_since, mark_stage_complete, stable_key, stage_complete, stage_cost
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
+    cfg, device = _settled_config(cfg, part)
+    model = load_causal_lm(model_path, dtype=cfg.dtype, device=device)
+    pad_id = load_tokenizer(model_path).pad_token_id
+    spec = make_spec(model, feature=cfg.feature, modules=cfg.modules, sketch=cfg.sketch, seed=cfg.seed,
+                     dtype=cfg.dtype, blocks=cfg.blocks)
+    console.debug(f"projector: {cfg.feature}, {len(spec.modules)} modules, vector dim {spec.dim}, device {device}, "
+                  f"{cfg.max_tokens_per_batch} tokens per packed pass")
+    stage = _features_stage(store, spec, cfg, model_hash, train, val)
+    if stage.complete:
+        import pyarrow.parquet as pq
+
+        console.info(f"{stage.name}: complete, reused")
+        # A run killed after the stage, before its manifest entry, left the manifest behind.
+        store.update_manifest(costs=stage.record().get("costs", {}), **_manifest_fields(spec, cfg, stage))
+        return pq.read_table(stage.directory / "scores.parquet"), spec
+    stage.claim("features")
+    atomic_write_json(stage.directory / "spec.json", {
+        "projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg}, "val_agg": cfg.val_agg,
+        "alignment": cfg.alignment, "vector_dtype": cfg.vector_dtype})
+    split = _FeatureSplit(model, spec, cfg, pad_id, device, _packing(store, model, cfg))
+    if cfg.feature == "exact":
+        aligned = _exact_alignment(split, train, val)
+    elif cfg.alignment in ("exact", "lowrank"):
+        aligned = _hooked_alignment(split, stage, train, val, part)
+    else:
+        aligned = _sketch_alignment(split, stage, train, val, part)
+    if aligned is None:  # a part: the scores are the whole run's
+        return None, spec
+    contracts = contracts or {}
+    rows = _score_rows(train, "train", aligned.norms_train, aligned.cos, aligned.dots, data_sources["train"], cfg.adv,
+                       contracts.get("train", {}))
+    rows += _score_rows(val, "val", aligned.norms_val, aligned.val_cos, aligned.val_dots, data_sources["val"], cfg.adv,
+                        contracts.get("val", {}))
+    table = pa.Table.from_pylist(rows, schema=SCORES)
+    atomic_write_table(stage.directory / "scores.parquet", table)
+    costs = aligned.costs  # stage name -> what it cost (store.stage_cost), recorded in the manifest
+    if cfg.feature != "exact":
+        costs |= {f"gradients/{name}": stage.sub(name).cost(shards.n_shards)
+                  for name, shards in (("train", train), ("val", val))}
+    costs["scores"] = cost_since(aligned.start, bytes=(stage.directory / "scores.parquet").stat().st_size)
+    stage.finish({"train": train.n_problems, "val": val.n_problems, "costs": costs},
+                 manifest=_manifest_fields(spec, cfg, stage), costs=costs)
+    return table, spec
+
+
+def _settled_config(cfg: ScoreConfig, part) -> tuple[ScoreConfig, str]:
+    """The options checked and completed for this run: (config, device)."""
     cfg.validate()
     if cfg.feature != "projected":  # --alignment applies to the projected feature; record what the others do
         cfg = replace(cfg, alignment="exact" if cfg.feature == "exact" else "sketch")
@@ -139,106 +186,101 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         # On the CPU, small packed batches are several times faster (cache-resident activations
         # and logits); a GPU wants large ones.
         cfg = replace(cfg, max_tokens_per_batch=2048 if device == "cpu" else 16384)
-    model = load_causal_lm(model_path, dtype=cfg.dtype, device=device)
-    pad_id = load_tokenizer(model_path).pad_token_id
-    spec = make_spec(model, feature=cfg.feature, modules=cfg.modules, sketch=cfg.sketch, seed=cfg.seed,
-                     dtype=cfg.dtype, blocks=cfg.blocks)
-    console.debug(f"projector: {cfg.feature}, {len(spec.modules)} modules, vector dim {spec.dim}, device {device}, "
-                  f"{cfg.max_tokens_per_batch} tokens per packed pass")
+    return cfg, device
+
+
+def _features_stage(store, spec: ProjectorSpec, cfg: ScoreConfig, model_hash: str, train, val) -> Stage:
+    """`features/<feature id>`, keyed on the model, the projector, the options that change the
+    numbers and the rollout stages' keys (each feature shard also records its rollout shard's
+    checksum)."""
     method = {k: v for k, v in asdict(cfg).items() if k != "share_prompts"} | {
         "device": None, "shard_size": None, "max_tokens_per_batch": None}  # numbers unchanged
     if cfg.alignment == "lowrank":  # the truncation rule sets the scores too
         method["low_rank"] = {"residual": LOW_RANK_RESIDUAL, "max_cost": LOW_RANK_MAX_COST, "tile": LOW_RANK_TILE,
                               "ranks": "global"}
-    # Keyed on the rollout stages' keys; each feature shard also records its rollout shard's checksum.
     key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": method, "train": train.key, "val": val.key})
     feature_id = stable_key({"spec": spec.to_dict(), "cfg": method})[:16]
-    stage = store.stage_dir("features", feature_id)
-    if stage_complete(stage, key):
-        import pyarrow.parquet as pq
-
-        console.info(f"features/{feature_id}: complete, reused")
-        _point_manifest_at(store, spec, cfg, feature_id)  # a run killed after the stage, before this
-        return pq.read_table(stage / "scores.parquet"), spec
-    check_stage_key(stage, key, "features")
-    atomic_write_json(stage / "spec.json", {"projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg},
-                                            "val_agg": cfg.val_agg, "alignment": cfg.alignment,
-                                            "vector_dtype": cfg.vector_dtype})
-    packing = _packing(store, model, cfg)
-    split = _FeatureSplit(model, spec, cfg, pad_id, device, packing)
-
-    costs = {}  # stage name -> what it cost (store.stage_cost), recorded in the manifest
-    if cfg.feature == "exact":
-        train_groups, val_groups = groups_from_table(train.table(), cfg.adv), groups_from_table(val.table(), cfg.adv)
-        start = time.perf_counter()
-        dots, norms_train, norms_val = _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device,
-                                                     packing)
-        costs["gradients"] = cost_since(start)
-        start = time.perf_counter()  # the scores' own cost starts here, in every branch
-        cos = _safe_div(dots, norms_train)
-        val_dots = np.zeros(len(val_groups))
-        val_cos = np.zeros(len(val_groups))
-    elif cfg.alignment in ("exact", "lowrank"):
-        # Vectors from the sketch (for the index); alignment against the full g_V or its truncation,
-        # in the same pass. Every part computes the (small) validation gradient itself.
-        val_groups = groups_from_table(val.table(), cfg.adv)
-        split.make(stage / "val", val, "val")
-        norms_val, _ = _stored_norms(stage / "val", val.n_shards)
-        scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
-        start = time.perf_counter()
-        val_grad = validation_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=pad_id,
-                                 device=device, max_tokens=cfg.max_tokens_per_batch, scales=scales, packing=packing)
-        if cfg.alignment == "lowrank":
-            val_grad = truncate_validation_gradient(val_grad)
-        costs["validation-gradient"] = cost_since(start)
-        split.make(stage / "train", train, "train", val_grad=val_grad, part=part)
-        if part is not None:
-            return None, spec
-        start = time.perf_counter()
-        norms_train, dots = _stored_norms(stage / "train", train.n_shards)
-        _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=pad_id,
-                                         device=device, max_tokens=cfg.max_tokens_per_batch, val_grad=val_grad,
-                                         packing=packing)
-        cos = _safe_div(dots, norms_train)
-        val_cos = _safe_div(val_dots, norms_val)
-    else:
-        if part is None:
-            split.make(stage / "val", val, "val")
-        split.make(stage / "train", train, "train", part=part)
-        if part is not None:
-            return None, spec
-        start = time.perf_counter()
-        norms_val, _ = _stored_norms(stage / "val", val.n_shards)
-        _, unit_val = load_vectors(stage, "val")
-        direction = validation_direction(unit_val, norms_val, cfg.val_agg)
-        # The candidates' vectors are streamed, a few hundred MB at a time, never held whole.
-        cos = np.concatenate([v.astype(np.float64) @ direction for v in iter_vectors(stage, "train")])
-        norms_train, _ = _stored_norms(stage / "train", train.n_shards)
-        dots = cos * norms_train
-        val_cos = unit_val.astype(np.float64) @ direction
-        val_dots = val_cos * norms_val
-    contracts = contracts or {}
-    rows = _score_rows(train, "train", norms_train, cos, dots, data_sources["train"], cfg.adv,
-                       contracts.get("train", {}))
-    rows += _score_rows(val, "val", norms_val, val_cos, val_dots, data_sources["val"], cfg.adv, contracts.get("val", {}))
-    table = pa.Table.from_pylist(rows, schema=SCORES)
-    atomic_write_table(stage / "scores.parquet", table)
-    if cfg.feature != "exact":
-        costs |= {f"gradients/{name}": stage_cost(stage / name, shards.n_shards)
-                  for name, shards in (("train", train), ("val", val))}
-    costs["scores"] = cost_since(start, bytes=(stage / "scores.parquet").stat().st_size)
-    mark_stage_complete(stage, key, train=train.n_problems, val=val.n_problems, costs=costs)
-    _point_manifest_at(store, spec, cfg, feature_id)
-    return table, spec
+    return Stage.at(store, "features", feature_id, key=key)
 
 
-def _point_manifest_at(store, spec: ProjectorSpec, cfg: ScoreConfig, feature_id: str) -> None:
-    """Make these features the store's current ones (what `select` and `info` read), with what
-    making them cost."""
-    costs = json.loads((store.root / "features" / feature_id / "stage.json").read_text()).get("costs", {})
-    store.update_manifest(projector=spec.to_dict(), loss={"adv": cfg.adv, "loss_agg": cfg.loss_agg},
-                          val_agg=cfg.val_agg, alignment=cfg.alignment, features=f"features/{feature_id}",
-                          costs=costs)
+@dataclass
+class _Alignment:
+    """Each candidate's and validation problem's gradient norm, cosine and dot with the validation
+    direction; what computing them cost so far, and when the scores' own cost began."""
+    norms_train: np.ndarray
+    cos: np.ndarray
+    dots: np.ndarray
+    norms_val: np.ndarray
+    val_cos: np.ndarray
+    val_dots: np.ndarray
+    costs: dict
+    start: float  # time.perf_counter() at the start of the scores' own work
+
+
+def _exact_alignment(split: _FeatureSplit, train, val) -> _Alignment:
+    """--feature exact: full gradients, no vectors stored; the validation problems score 0."""
+    cfg = split.cfg
+    train_groups, val_groups = groups_from_table(train.table(), cfg.adv), groups_from_table(val.table(), cfg.adv)
+    start = time.perf_counter()
+    dots, norms_train, norms_val = _exact_scores(split.model, train_groups, val_groups, split.spec, cfg, split.pad_id,
+                                                 split.device, split.packing)
+    costs = {"gradients": cost_since(start)}
+    start = time.perf_counter()  # the scores' own cost starts here, in every alignment
+    return _Alignment(norms_train, _safe_div(dots, norms_train), dots, norms_val, np.zeros(len(val_groups)),
+                      np.zeros(len(val_groups)), costs, start)
+
+
+def _hooked_alignment(split: _FeatureSplit, stage: Stage, train, val, part) -> _Alignment | None:
+    """--alignment exact or lowrank: vectors from the sketch (for the index); alignment against the
+    full g_V or its truncation, in the same pass. Every part computes the (small) validation
+    gradient itself; a part returns None once its train shards are made."""
+    model, spec, cfg = split.model, split.spec, split.cfg
+    val_groups = groups_from_table(val.table(), cfg.adv)
+    split.make(stage.sub("val"), val, "val")
+    norms_val, _ = _stored_norms(stage.directory / "val", val.n_shards)
+    scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
+    start = time.perf_counter()
+    val_grad = validation_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=split.pad_id,
+                                   device=split.device, max_tokens=cfg.max_tokens_per_batch, scales=scales,
+                                   packing=split.packing)
+    if cfg.alignment == "lowrank":
+        val_grad = truncate_validation_gradient(val_grad)
+    costs = {"validation-gradient": cost_since(start)}
+    split.make(stage.sub("train"), train, "train", val_grad=val_grad, part=part)
+    if part is not None:
+        return None
+    start = time.perf_counter()
+    norms_train, dots = _stored_norms(stage.directory / "train", train.n_shards)
+    _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=split.pad_id,
+                                     device=split.device, max_tokens=cfg.max_tokens_per_batch, val_grad=val_grad,
+                                     packing=split.packing)
+    return _Alignment(norms_train, _safe_div(dots, norms_train), dots, norms_val, _safe_div(val_dots, norms_val),
+                      val_dots, costs, start)
+
+
+def _sketch_alignment(split: _FeatureSplit, stage: Stage, train, val, part) -> _Alignment | None:
+    """--alignment sketch (the default): cosines with the validation direction, from the stored
+    vectors alone; a part makes only its train shards and returns None."""
+    if part is None:
+        split.make(stage.sub("val"), val, "val")
+    split.make(stage.sub("train"), train, "train", part=part)
+    if part is not None:
+        return None
+    start = time.perf_counter()
+    norms_val, _ = _stored_norms(stage.directory / "val", val.n_shards)
+    _, unit_val = load_vectors(stage.directory, "val")
+    direction = validation_direction(unit_val, norms_val, split.cfg.val_agg)
+    # The candidates' vectors are streamed, a few hundred MB at a time, never held whole.
+    cos = np.concatenate([v.astype(np.float64) @ direction for v in iter_vectors(stage.directory, "train")])
+    norms_train, _ = _stored_norms(stage.directory / "train", train.n_shards)
+    val_cos = unit_val.astype(np.float64) @ direction
+    return _Alignment(norms_train, cos, cos * norms_train, norms_val, val_cos, val_cos * norms_val, {}, start)
+
+
+def _manifest_fields(spec: ProjectorSpec, cfg: ScoreConfig, stage: Stage) -> dict:
+    """What the manifest says of the store's current features (what `select` and `info` read)."""
+    return {"projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg}, "val_agg": cfg.val_agg,
+            "alignment": cfg.alignment, "features": stage.name}
 
 
 def _packing(store, model, cfg: ScoreConfig) -> Packing:
@@ -263,15 +305,12 @@ class _FeatureSplit:
         self.model, self.spec, self.cfg, self.pad_id, self.device = model, spec, cfg, pad_id, device
         self.packing = packing
 
-    def make(self, directory: Path, rollouts, label: str, val_grad=None, part=None) -> None:
-        """Feature shard i from rollout shard i, for every shard (of `part`) not done yet; `val_grad`:
-        also store each problem's exact dot with it (`target_dot`)."""
-        from gradsel.store.stages import make_shards, shard_done
-
-        directory.mkdir(parents=True, exist_ok=True)
+    def make(self, shards: Stage, rollouts, label: str, val_grad=None, part=None) -> None:
+        """Feature shard i from rollout shard i, into `shards` (the stage's train or val), for every
+        shard (of `part`) not done yet; `val_grad`: also store each problem's exact dot with it
+        (`target_dot`)."""
         spec, cfg = self.spec, self.cfg
-        mine = [i for i in range(rollouts.n_shards) if part is None or part.owns(i)]
-        todo = [i for i in mine if not shard_done(directory, i, source=rollouts.checksum(i))]
+        todo = shards.todo(rollouts.n_shards, part, source=rollouts.checksum)
         if not todo:
             return
         compute = projected_features if spec.feature == "projected" else head_features
@@ -292,7 +331,7 @@ class _FeatureSplit:
                               max_tokens=cfg.max_tokens_per_batch, progress=tick, packing=self.packing, **kwargs)
                 return self._table(groups, *(out if val_grad is not None else (out, None)))
 
-            for i, _ in make_shards(directory, todo, make, source=rollouts.checksum, tokens=lambda: tokens):
+            for i, _ in shards.make(todo, make, source=rollouts.checksum, tokens=lambda: tokens):
                 bar.advance(task, rollouts.problems_in(i))
                 bar.shard_done(task)
 
@@ -307,8 +346,6 @@ def _stored_norms(directory: Path, n_shards: int) -> tuple[np.ndarray, np.ndarra
     """(norms, validation-gradient dots) of a split's feature shards, without reading the vectors; the dots
     are NaN where none was stored."""
     import pyarrow.parquet as pq
-
-    from gradsel.store.stages import shard_path
 
     tables = [pq.read_table(shard_path(directory, i), columns=["norm", "target_dot"]) for i in range(n_shards)]
     return (np.concatenate([t.column("norm").to_numpy() for t in tables]),

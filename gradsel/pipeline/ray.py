@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gradsel.core.errors import GradselError
+from gradsel.store.stage import split_parts
 
 TASK_RETRIES = 3
 
@@ -39,7 +40,6 @@ def run_score_ray(store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc,
     from gradsel.pipeline.score import run_score
     from gradsel.inputs.problems import read_problems
     from gradsel.rewards.registry import check_rewards
-    from gradsel.store.stages import Part
 
     for path in (val, pool):  # bad input is refused here, before a cluster starts
         check_rewards(read_problems(path, prompt_key=ro.prompt_key, answer_key=ro.answer_key).problems, ro.reward)
@@ -52,7 +52,7 @@ def run_score_ray(store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc,
         n = parts or gpus or max(1, int(resources.get("CPU", 1)))
         per_task = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         task = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=False, **per_task)(_score_part)
-        refs = [task.remote(str(store_dir), model, str(pool), str(val), ro, sc, Part(i, n)) for i in range(n)]
+        refs = [task.remote(str(store_dir), model, str(pool), str(val), ro, sc, part) for part in split_parts(n)]
         with console.progress() as bar:
             progress = bar.add_task(f"ray: {n} parts ({'1 GPU' if gpus else '1 CPU'} each)", total=n, rate="")
             pending = refs

@@ -19,10 +19,12 @@ from typing import Protocol
 
 from gradsel.core import console
 from gradsel.core.errors import GradselError
+from gradsel.core.fsutil import atomic_write_table
 from gradsel.inputs.problems import Problem
 from gradsel.rewards.registry import answer_classes, check_rewards, resolve_reward
-from gradsel.store.stages import stable_key
 from gradsel.rollout.prompts import encode_prompts, prompt_limit, too_long_error
+from gradsel.store.stage import Stage
+from gradsel.store.stages import shard_done, shard_path, shard_record, stable_key, stage_complete
 
 
 @dataclass(frozen=True)
@@ -337,7 +339,6 @@ def read_rollout_shard(stage: Path, index: int, columns: list[str] | None = None
 
     from gradsel.rewards.registry import final_answer
     from gradsel.core.schema import ROLLOUTS
-    from gradsel.store.stages import shard_path
 
     path = shard_path(stage, index)
     if "answer_class" in pq.read_schema(path).names:
@@ -378,25 +379,17 @@ class RolloutShards:
         return min(self.shard_size, self.n_problems - index * self.shard_size)
 
     def done(self, index: int) -> bool:
-        from gradsel.store.stages import shard_done
-
         return shard_done(self.directory, index)
 
     @property
     def complete(self) -> bool:
         """Marked complete (stage.json) for these inputs, by whichever run found every shard done."""
-        from gradsel.store.stages import stage_complete
-
         return stage_complete(self.directory, self.key)
 
     def checksum(self, index: int) -> str:
-        from gradsel.store.stages import shard_record
-
         return shard_record(self.directory, index)["sha256"]
 
     def rows(self) -> int:
-        from gradsel.store.stages import shard_record
-
         return sum(shard_record(self.directory, i)["rows"] for i in range(self.n_shards))
 
     def shard(self, index: int, columns: list[str] | None = None):
@@ -427,71 +420,74 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     its own lock, so processes sharing the store never make one twice. The stage is marked
     complete by whichever run finds every shard done.
     """
-    from gradsel.core.fsutil import atomic_write_table
-    from gradsel.store.stages import check_stage_key, make_shards, mark_stage_complete, stage_complete, stage_cost
-
     engine_name = engine.name if not isinstance(engine, str) else resolve_engine_name(engine)
     shards = rollout_stage(store, split, problem_set, model_hash=model_hash, cfg=cfg, engine_name=engine_name,
                            reward=reward, shard_size=shard_size, dtype=dtype)
-    stage, key, n_shards, problems = shards.directory, shards.key, shards.n_shards, problem_set.problems
-    if stage_complete(stage, key):
+    stage, n_shards, problems = Stage(store, shards.directory, shards.key), shards.n_shards, problem_set.problems
+    if stage.complete:
         console.info(f"rollouts/{split}: complete, reused ({len(problems)} problems)")
         recorded = store.read_manifest().get("rollouts", {}).get(split, {})
-        for warning in recorded.get("warnings", []) if recorded.get("key") == key else []:
+        for warning in recorded.get("warnings", []) if recorded.get("key") == stage.key else []:
             console.warn_once(warning["message"])  # reused rollouts still hold the problem (said once a process)
         return shards
     # Every check runs before anything is written, so a refused run leaves the store as it was.
     rewards_by_source = check_rewards(problems, reward)
-    owned = [i for i in range(n_shards) if part is None or part.owns(i)]
-    todo = [i for i in owned if not shards.done(i)]
+    todo = stage.todo(n_shards, part)
     todo_problems = [p for i in todo for p in problems[i * shard_size:(i + 1) * shard_size]]
     prompt_ids = encode_checked(model_path, todo_problems, vllm.max_model_len) if todo else []
-    check_stage_key(stage, key, "rollouts")
-    atomic_write_table(stage / "problems.parquet", problems_to_table(problems))
-    console.debug(f"rollouts/{split}: {n_shards} shards of {shard_size} problems, {len(todo)} to do, key {key}")
+    stage.claim("rollouts")
+    atomic_write_table(stage.directory / "problems.parquet", problems_to_table(problems))
+    console.debug(f"rollouts/{split}: {n_shards} shards of {shard_size} problems, {len(todo)} to do, key {stage.key}")
     if part is not None:
         console.info(f"rollouts/{split}: part {part}, {len(todo)} of {n_shards} shards to make")
     elif todo and len(todo) < n_shards:
         console.info(f"rollouts/{split}: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
     if todo:
         eng = engine if not isinstance(engine, str) else LazyEngine(engine_name, model_path, dtype=dtype, vllm=vllm)
-        starts = dict(zip(todo, itertools.accumulate((shards.problems_in(i) for i in todo), initial=0)))
-        made_tokens = 0
-
-        def make(i: int):
-            nonlocal made_tokens
-            shard = problems[i * shard_size:(i + 1) * shard_size]
-            ids = prompt_ids[starts[i]:starts[i] + len(shard)]
-            rows = [r for batch in rollout_batches(shard, eng, cfg, reward=reward, batch_size=shard_size,
-                                                   prompt_ids=ids) for r in batch]
-            made_tokens += sum(len(r.response_token_ids) for r in rows)
-            return rollouts_to_table(rows)
-
-        with console.progress() as bar:
-            task = bar.add_task(f"rollouts/{split} ({eng.name}, k={cfg.n})",
-                                total=sum(shards.problems_in(i) for i in todo), rate="")
-            start, made_problems = time.perf_counter(), 0
-            for i, made in make_shards(stage, todo, make, tokens=lambda: made_tokens):
-                made_problems += shards.problems_in(i) if made else 0
-                elapsed = time.perf_counter() - start
-                bar.update(task, advance=shards.problems_in(i),
-                           rate=f"{made_problems / elapsed:.1f} problems/s, {made_tokens / elapsed:.0f} tokens/s")
-                bar.shard_done(task)
+        _make_rollout_shards(stage, shards, problems, todo, prompt_ids, eng, cfg, reward, f"rollouts/{split}")
         del eng
     # This run's shards are all done now (checked above, or made); another part's only once made.
-    mine = set(owned)
-    if not all(shards.done(i) for i in range(n_shards) if i not in mine):
+    if not stage.others_done(n_shards, part):
         return shards
-    cost = stage_cost(stage, n_shards)
-    mark_stage_complete(stage, key, problems=len(problems), rollouts=shards.rows(), engine=engine_name, cost=cost)
+    cost = stage.cost(n_shards)
     warnings, contract = payout_findings(shards, problems, reward, f"rollouts/{split}")
     runs = store.read_manifest().get("rollouts", {})
     runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
                    "sampling": cfg.__dict__, "engine": engine_name, "reward": reward,
-                   "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": key,
+                   "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": stage.key,
                    "warnings": warnings, "contract": contract}
-    store.update_manifest(rollouts=runs, costs={f"rollouts/{split}": cost})
+    stage.finish({"problems": len(problems), "rollouts": shards.rows(), "engine": engine_name, "cost": cost},
+                 manifest={"rollouts": runs}, costs={stage.name: cost})
     return shards
+
+
+def _make_rollout_shards(stage: Stage, shards: RolloutShards, problems: Sequence[Problem], todo: list[int],
+                         prompt_ids: list[list[int]], engine, cfg: SamplingConfig, reward: str | None,
+                         label: str) -> None:
+    """Make the rollout shards of `todo` (their prompts `prompt_ids`, in order) with a progress bar."""
+    shard_size = shards.shard_size
+    starts = dict(zip(todo, itertools.accumulate((shards.problems_in(i) for i in todo), initial=0)))
+    made_tokens = 0
+
+    def make(i: int):
+        nonlocal made_tokens
+        shard = problems[i * shard_size:(i + 1) * shard_size]
+        ids = prompt_ids[starts[i]:starts[i] + len(shard)]
+        rows = [r for batch in rollout_batches(shard, engine, cfg, reward=reward, batch_size=shard_size,
+                                               prompt_ids=ids) for r in batch]
+        made_tokens += sum(len(r.response_token_ids) for r in rows)
+        return rollouts_to_table(rows)
+
+    with console.progress() as bar:
+        task = bar.add_task(f"{label} ({engine.name}, k={cfg.n})", total=sum(shards.problems_in(i) for i in todo),
+                            rate="")
+        start, made_problems = time.perf_counter(), 0
+        for i, made in stage.make(todo, make, tokens=lambda: made_tokens):
+            made_problems += shards.problems_in(i) if made else 0
+            elapsed = time.perf_counter() - start
+            bar.update(task, advance=shards.problems_in(i),
+                       rate=f"{made_problems / elapsed:.1f} problems/s, {made_tokens / elapsed:.0f} tokens/s")
+            bar.shard_done(task)
 
 
 def payout_findings(shards: RolloutShards, problems: Sequence[Problem], reward: str | None,

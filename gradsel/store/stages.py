@@ -12,8 +12,9 @@ Layout (docs/store.md):
 
 A shard counts only when its marker exists and the file matches the marker's checksum, so a
 killed run redoes at most the shard it was writing, and a damaged file is redone, never read.
-Stages make their shards through `make_shards`: one lock per shard, so processes and machines
-sharing a store (`--shard I/N`, Ray) fill it together and never make a shard twice.
+Stages make their shards through `make_shards` (by way of store.stage.Stage): one lock per
+shard, so processes and machines sharing a store (`--shard I/N`, Ray) fill it together and never
+make a shard twice.
 """
 
 from __future__ import annotations
