@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 SCORE = ["--model", "tiny-arith", "--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
 

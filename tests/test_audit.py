@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import run_cli  # noqa: E402
+from helpers import run_cli
 
 ROLLOUT = ["--engine", "hf", "--max-tokens", "8", "--n", "8", "--seed", "0"]
 

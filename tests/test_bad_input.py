@@ -12,20 +12,11 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import GRADSEL, ROOT, run_cli
+from helpers import GRADSEL, ROOT, run_cli, assert_user_error
 from gradsel.inputs.models import resolve_model_path
 from gradsel.demo.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "4", "--n-val", "8"]
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith(("error:", "hint:"))]
-    assert lines[0].startswith("error:") and lines[1].startswith("hint:"), proc.stderr
-    assert needle in proc.stderr, proc.stderr
-    assert proc.stdout == ""
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ prompt lengths, and refusals that leave nothing behind."""
 import json
 
 import pyarrow.parquet as pq
-from conftest import run_cli
+from helpers import run_cli
 from verl_data import gsm8k_rows, math_rows, write_parquet
 
 

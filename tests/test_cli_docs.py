@@ -5,7 +5,7 @@ import importlib.util
 
 import typer
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from gradsel.core import choices
 from gradsel.cli.app import app
 from gradsel.selection.formats import FORMATS

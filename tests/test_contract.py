@@ -9,7 +9,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 from verl_data import write_parquet
 
 from gradsel.inputs.problems import Problem

@@ -3,7 +3,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from gradsel.inputs.problems import read_problems
 from gradsel.core.schema import VERL_PROBLEMS
 from gradsel.demo.tasks import DOMAINS, REGIMES, answer_of, make_regime, write_regime

@@ -14,27 +14,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, run_cli
+from helpers import OPENRLHF_PYTHON, ROOT, VERL_PYTHON, run_cli, skip_unless_importable
 from gradsel.integrations import recorded_selection
 from gradsel.inputs.problems import read_problems
 from gradsel.demo.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
-# Separate environments where verl and OpenRLHF are installed (never gradsel's own venv), made by
-# `make trainer-envs` (a dependency of `make test`; docs/trainers.md), or named by these variables.
-TRAINER_ENVS = ROOT / ".trainer-envs"
-VERL_PYTHON = Path(os.environ.get("GRADSEL_VERL_PYTHON", TRAINER_ENVS / "verl/bin/python"))
-OPENRLHF_PYTHON = Path(os.environ.get("GRADSEL_OPENRLHF_PYTHON", TRAINER_ENVS / "openrlhf/bin/python"))
-
-
-def skip_unless_importable(python: Path, module: str, env: str, variable: str) -> None:
-    """Skip where `module` does not import in `python`, saying why: the reason `make trainer-envs`
-    recorded when its install failed, else how to make the environment."""
-    if python.is_file() and subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0:
-        return
-    failed = TRAINER_ENVS / f"{env}.install-failed"
-    why = failed.read_text().strip() if variable not in os.environ and failed.is_file() else "run `make trainer-envs`"
-    pytest.skip(f"{module} is not importable by {python}: {why} (or set {variable}; docs/trainers.md)")
 
 
 @pytest.fixture(scope="module")

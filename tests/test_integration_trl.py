@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from gradsel.core.errors import GradselError
 from gradsel.integrations import recorded_selection
 from gradsel.integrations.trl import SelectionSampler

@@ -10,7 +10,7 @@ from gradsel.gradients import (ProblemRollouts, exact_parameters, exact_problem_
                                make_spec, projected_features, resolve_units, truncate_validation_gradient,
                                validation_gradient)
 from gradsel.inputs.models import load_causal_lm
-from test_gradients import LOSS_AGG, toy_groups
+from toy_models import LOSS_AGG, toy_groups
 
 
 def flags(model) -> dict[str, bool]:

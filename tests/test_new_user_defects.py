@@ -12,10 +12,10 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import GRADSEL, ROOT, run_cli
+from helpers import GRADSEL, ROOT, run_cli
 from gradsel.inputs.problems import read_problems
 from gradsel.demo.tasks import verl_row, write_regime
-from test_bad_input import assert_user_error
+from helpers import assert_user_error
 from verl_data import gsm8k_rows, math_rows, write_parquet
 
 SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]

@@ -7,7 +7,7 @@ source, beside arithmetic rows the same model is paid on."""
 import json
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 from verl_data import gsm8k_routed_arith, write_parquet
 
 from gradsel.rewards.registry import REGISTRY

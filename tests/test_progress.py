@@ -3,7 +3,7 @@
 
 import re
 
-from conftest import run_cli
+from helpers import run_cli
 from gradsel.core.console import PLAIN_INTERVAL_S, PlainProgress
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ONE_THREAD, assert_same_features, run_cli
+from helpers import ONE_THREAD, assert_same_features, run_cli
 from gradsel.demo.tasks import write_regime
 
 pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'gradsel[ray]'")

@@ -13,7 +13,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,8 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import GRADSEL, ONE_THREAD, ROOT, run_cli  # noqa: E402
+from helpers import GRADSEL, ONE_THREAD, ROOT, run_cli
 
 ROLLOUT = ["--engine", "hf", "--max-tokens", "8", "--n", "4", "--shard-size", "3"]
 SCORE = [*ROLLOUT, "--n-val", "4"]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from browser import Chromium, find_chromium
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from gradsel.inputs.models import resolve_model_path
 from gradsel.demo.tasks import write_regime
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from gradsel.inputs.models import load_tokenizer
 from gradsel.inputs.problems import read_problems
 from gradsel.rollout.stage import SamplingConfig, run_rollout_stage

@@ -8,7 +8,7 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import GRADSEL, ROOT, run_cli
+from helpers import GRADSEL, ROOT, run_cli
 from gradsel.core.errors import GradselError
 from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import read_problems
@@ -200,7 +200,7 @@ def test_trl_loop_learns_what_the_selection_teaches(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     proc = subprocess.run([sys.executable, str(ROOT / "examples/trl_loop.py"), "--regimes", "wrong-answer",
                            "--arms", "oracle", "unwanted", "--rounds", "1", "--steps", "20", "--lr", "1e-4", "--chunk-size", "100",

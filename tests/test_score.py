@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from gradsel.core.schema import SCORES, stored_vectors
 from gradsel.demo.tasks import write_regime
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import GRADSEL, ROOT, run_cli
+from helpers import GRADSEL, ROOT, run_cli
 from gradsel.core.errors import GradselError
 from gradsel.core.fsutil import atomic_write_json, atomic_write_table
 from gradsel.inputs.problems import read_problems

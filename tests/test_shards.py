@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 
-from conftest import GRADSEL, ONE_THREAD, assert_same_features, run_cli
+from helpers import GRADSEL, ONE_THREAD, assert_same_features, run_cli
 from gradsel.demo.tasks import write_regime
 
 

@@ -11,7 +11,7 @@ from gradsel.gradients import (PLAIN, Packing, ProblemRollouts, exact_parameters
                                group_advantages, head_features, make_spec, pack_batches, projected_features,
                                shared_prompt_support, validation_gradient)
 from gradsel.inputs.models import load_causal_lm
-from test_gradients import LOSS_AGG, tiny_config, tiny_moe, toy_groups
+from toy_models import LOSS_AGG, tiny_config, tiny_moe, toy_groups
 
 LEFT = Packing(padding_side="left")
 RIGHT = Packing()
@@ -151,7 +151,7 @@ def test_a_model_that_cannot_share_its_prompt_falls_back_and_says_so(capsys):
 
 
 def _score_cli(tmp_path, model, *extra):
-    from conftest import run_cli
+    from helpers import run_cli
     from gradsel.demo.tasks import write_regime
 
     data = tmp_path / "data"

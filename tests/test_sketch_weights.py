@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from gradsel.gradients import expert_signs, make_spec, module_projections, projected_features, resolve_units
-from test_gradients import LOSS_AGG, exact_unit_gradients, tiny_moe, toy_groups
+from toy_models import LOSS_AGG, exact_unit_gradients, tiny_moe, toy_groups
 
 N_SEEDS = 400
 # One unit of each shape: the first decoder layer's (its MLP's, for the dense model).

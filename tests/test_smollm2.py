@@ -8,7 +8,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from verl_data import gsm8k_rows, write_parquet
 
 pytestmark = pytest.mark.slow

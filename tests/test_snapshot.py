@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from gradsel.core.errors import GradselError
 from gradsel.inputs.models import load_causal_lm, resolve_model_path
 from gradsel.inputs.snapshot import content_hash, take_snapshot

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from helpers import run_cli
 from gradsel.inputs.models import ALIASES, load_causal_lm, load_tokenizer, resolve_model_path
 
 

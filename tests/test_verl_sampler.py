@@ -16,11 +16,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from gradsel.integrations import recorded_selection
 from gradsel.demo.tasks import write_regime
 from benchmarks.truth import model_wrong_key
-from test_handoff_verl import VERL_PYTHON, skip_unless_importable
+from helpers import VERL_PYTHON, skip_unless_importable
 
 # A wrong-answer pool, so that `gradsel audit` has suspects; n 8 so some problems are mixed.
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "8", "--n-val", "8", "--seed", "0"]
