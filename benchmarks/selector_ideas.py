@@ -24,7 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import auroc  # noqa: E402
 
-from gradsel.selection.index import load_vectors, module_bases  # noqa: E402
+from gradsel.selection.targets import module_bases  # noqa: E402
+from gradsel.store.vectors import load_vectors  # noqa: E402
 from gradsel.selection.select import load_scores  # noqa: E402
 from gradsel.store.stages import open_store  # noqa: E402
 from gradsel.demo.tasks import regime_truth  # noqa: E402

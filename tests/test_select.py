@@ -106,7 +106,7 @@ def test_auto_target_is_the_papers_for_the_papers_modes_and_subspace_for_reliabl
 
 def test_subspace_share_is_the_norm_of_the_projection_onto_the_validation_span(store):
     """Sign-blind and basis-free: what matters is the span of the validation vectors."""
-    from gradsel.selection.index import subspace_share
+    from gradsel.selection.targets import subspace_share
 
     directory = store.root / "features/f0"
     queries = np.array([[0, 0, 1, 0], [0, 1, 1, 0]], dtype=np.float32)  # spans e2 and e3
@@ -118,7 +118,7 @@ def test_subspace_share_is_the_norm_of_the_projection_onto_the_validation_span(s
 def test_subspace_share_weighs_every_module_alike(store):
     """Two modules of two dimensions each: a candidate's share is the mean over modules of the
     cosine between its slice and the validation span in that module, whatever the slices' norms."""
-    from gradsel.selection.index import module_bases, subspace_share
+    from gradsel.selection.targets import module_bases, subspace_share
 
     directory = store.root / "features/f0"
     queries = np.array([[3, 0, 0, 1], [5, 0, 0, 0]], dtype=np.float32)  # module 0: e0; module 1: e1 (one query)
@@ -301,7 +301,8 @@ def _clustered(n, dim, seed):
 
 
 def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
-    from gradsel.selection.index import best_alignment, load_vectors, open_index
+    from gradsel.selection.index import best_alignment, open_index
+    from gradsel.store.vectors import load_vectors
 
     directory = _vector_dir(tmp_path / "f", _clustered(3000, 64, 0))
     exact = load_vectors(directory, "train")[1]
@@ -332,12 +333,12 @@ def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
 def test_wide_vectors_are_read_in_smaller_batches(store, monkeypatch):
     """A batch holds at most READ_BYTES of float32, so a 7B model's wide vectors cannot make one
     16,384-row batch several GB; the vectors come out the same, in order."""
-    from gradsel.selection import index
+    from gradsel.store import vectors
 
     directory = store.root / "features/f0"
-    whole = np.concatenate(list(index.iter_vectors(directory, "train")))
-    monkeypatch.setattr(index, "READ_BYTES", 2 * 4 * 4)  # two rows of 4 float32
-    chunks = list(index.iter_vectors(directory, "train"))
+    whole = np.concatenate(list(vectors.iter_vectors(directory, "train")))
+    monkeypatch.setattr(vectors, "READ_BYTES", 2 * 4 * 4)  # two rows of 4 float32
+    chunks = list(vectors.iter_vectors(directory, "train"))
     assert [len(c) for c in chunks] == [2, 2, 2]
     np.testing.assert_array_equal(np.concatenate(chunks), whole)
 
@@ -345,7 +346,7 @@ def test_wide_vectors_are_read_in_smaller_batches(store, monkeypatch):
 def test_vectors_of_format_version_1_stores_read_as_before(tmp_path):
     """Stores written before format version 2 hold vectors as fixed-size lists of floats; they read
     exactly as the fixed-size binary vectors of version 2 do."""
-    from gradsel.selection.index import load_vectors, vector_dim
+    from gradsel.store.vectors import load_vectors, vector_dim
 
     v = _clustered(50, 8, 3)
     ids = [f"p{i}" for i in range(50)]

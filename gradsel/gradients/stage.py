@@ -32,7 +32,7 @@ from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TI
                                exact_parameters, exact_problem_gradient, group_advantages, groups_from_table,
                                head_features, make_spec, packing_for, projected_features, shared_prompt_support,
                                truncate_validation_gradient, validation_gradient, zero_validation_gradient)
-from gradsel.selection.index import iter_vectors, load_vectors
+from gradsel.store.vectors import iter_vectors, load_vectors
 
 
 @dataclass(frozen=True)

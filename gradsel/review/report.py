@@ -40,7 +40,8 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     import pyarrow.parquet as pq
 
     from gradsel.pipeline.rounds import latest_round_store
-    from gradsel.selection.select import Candidates, load_score_table, mode_score_array, resolve_target, select
+    from gradsel.selection.select import Candidates, load_score_table, mode_score_array, select
+    from gradsel.selection.targets import resolve_target
     from gradsel.store.stages import existing_store
     from gradsel.review.summary import store_summary
 
@@ -50,7 +51,7 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     train = table.filter(pc.equal(table.column("split"), "train"))
     candidates = Candidates.from_table(train)
     sources = np.array(candidates.groups.get("data_source", [""] * len(candidates.ids)), dtype=object)
-    asked = cfg  # the user's target: each compared mode resolves `auto` its own way (select.resolve_target)
+    asked = cfg  # the user's target: each compared mode resolves `auto` its own way (targets.resolve_target)
     cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"], cfg.mode))
     selection = select(store, cfg)
     picked = set(selection.problem_ids)
@@ -175,7 +176,7 @@ def _modes(by_mode: dict[str, list[str]], source_of: dict[str, str], current: st
 
 def _distributions(c, sources: np.ndarray, directory: Path, manifest: dict) -> Section:
     plt = _pyplot()
-    from gradsel.selection.index import vector_shards
+    from gradsel.store.vectors import vector_shards
 
     has_vectors = bool(vector_shards(directory, "train"))
     fig, axes = plt.subplots(1, 3 if has_vectors else 2, figsize=(10, 3.0))
@@ -186,9 +187,9 @@ def _distributions(c, sources: np.ndarray, directory: Path, manifest: dict) -> S
     axes[1].hist(c.score_cos[live], bins=40, color="tab:green")
     axes[1].set_xlabel(f"cosine with the validation gradient\n(--alignment {manifest.get('alignment')})")
     if has_vectors:
-        from gradsel.selection.select import subspace_scores
+        from gradsel.selection.targets import subspace_scores
 
-        axes[2].hist(subspace_scores(c, directory)[live], bins=40, color="tab:orange")
+        axes[2].hist(subspace_scores(c.ids, c.rows, directory)[live], bins=40, color="tab:orange")
         axes[2].set_xlabel("share in the validation span\n(--target subspace)")
     note = ("Judge consistency is 1 where identical answers always got the same reward; below 1 the "
             "reference or the judge disagrees with itself. Alignment: how the candidates' gradients "

@@ -17,7 +17,7 @@ Zero-advantage problems (every reward equal) carry no GRPO signal and are left o
 single validation problem (LESS-style), through the candidate FAISS index (gradsel.selection.index).
 `--target subspace` replaces it by how much of the candidate's gradient the validation problems'
 gradients span, whatever the sign: per module, the cosine between the candidate's slice and their
-span, averaged over the modules (index.subspace_share).
+span, averaged over the modules (gradsel.selection.targets).
 `--target auto` (the default) is the paper's target, mean (the cosine with the validation set's
 gradient), for the paper's modes (gradalign, dot, simacc), so that `--mode gradalign` is the paper's
 method; for gradsel's own default, reliable, it is subspace where the store holds gradient vectors
@@ -26,7 +26,6 @@ method; for gradsel's own default, reliable, it is subspace where the store hold
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from dataclasses import asdict, dataclass, replace
@@ -38,8 +37,9 @@ from gradsel.core import console
 from gradsel.core.choices import FORMATS, MODES, TARGETS
 from gradsel.core.errors import GradselError
 from gradsel.inputs.problems import is_jsonl, original_rows
-from gradsel.selection.index import (best_alignment, load_vectors, mean_direction, open_index, read_ids, resolve_kind,
-                           subspace_share, take_vectors, vectors_fingerprint)
+from gradsel.selection.index import best_alignment, open_index, resolve_kind
+from gradsel.selection.targets import live_validation_vectors, mean_direction, resolve_target, subspace_scores
+from gradsel.store.vectors import read_ids, take_vectors
 
 VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
 
@@ -207,10 +207,10 @@ def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: i
     rng = random.Random(f"gradsel-select/{cfg.seed}")
     if cfg.target == "max" and cfg.mode in VALIDATION_MODES:
         # LESS-style: each candidate's best cosine with any single validation problem.
-        best = _index_alignment(directory, cfg.index, _live_validation_vectors(directory), fetch)
+        best = _index_alignment(directory, cfg.index, live_validation_vectors(directory), fetch)
         base = np.array([best.get(pid, 0.0) for pid in c.ids], dtype=np.float64)
     elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
-        base = subspace_scores(c, directory)
+        base = subspace_scores(c.ids, c.rows, directory)
     else:
         base = c.score_cos
     if cfg.mode == "gradalign":
@@ -266,57 +266,6 @@ def judge_reliability(c: Candidates) -> np.ndarray:
     did not read them, however consistent it looked on the pairs that happened to repeat an answer
     (rare at k = 8 on a model that seldom repeats itself)."""
     return np.where(c.breaks_contract, 0.0, c.consistency)
-
-
-def resolve_target(target: str, feature: str, mode: str) -> str:
-    """What `auto` means for a mode. The paper's modes (gradalign, dot, simacc) align with the
-    validation gradient, so for them it is mean: `--mode gradalign` is the paper's method as
-    published. For gradsel's default, reliable, it is subspace (the best of the targets across the
-    regimes of docs/quality.md) where the store holds gradient vectors; the exact feature stores
-    none, so there every mode's is mean. Modes that read no target get mean, which they ignore."""
-    if feature == "exact":
-        if target in ("max", "subspace"):
-            raise GradselError(f"--target {target} needs gradient vectors, and the exact feature stores none",
-                               "use --target mean, or select from a projected or head store")
-        return "mean"
-    if target != "auto":
-        return target
-    return "subspace" if mode == "reliable" else "mean"
-
-
-def subspace_scores(c: Candidates, directory: Path) -> np.ndarray:
-    """Each candidate's share in the validation span (index.subspace_share), in c's order."""
-    shares = _subspace_shares(directory, vectors_fingerprint(directory, "train"), vectors_fingerprint(directory, "val"))
-    return shares[_store_positions(c, directory)]
-
-
-@functools.lru_cache(maxsize=1)
-def _subspace_shares(directory: Path, train_fingerprint: str, val_fingerprint: str) -> np.ndarray:
-    """The shares in store order, computed once per version of the vectors (the fingerprints):
-    the report selects with several modes, each of which would read every vector again."""
-    units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
-    shares = subspace_share(directory, "train", _live_validation_vectors(directory), units)
-    shares.flags.writeable = False  # shared between callers
-    return shares
-
-
-def _store_positions(c: Candidates, directory: Path) -> np.ndarray:
-    """Where each candidate's vector sits in the train split. The scores table lists that split
-    in store order, so a candidate's row is its position; that is checked, and a store whose
-    orders differ is looked up id by id (a dict of a million ids costs about a second)."""
-    import pyarrow as pa
-
-    stored = read_ids(directory, "train", as_arrow=True)
-    if len(c.ids) and len(stored) > c.rows.max() and stored.take(c.rows).equals(pa.chunked_array([pa.array(c.ids)])):
-        return c.rows
-    position = {pid: i for i, pid in enumerate(stored.to_pylist())}
-    return np.fromiter((position[pid] for pid in c.ids), dtype=np.int64, count=len(c.ids))
-
-
-def _live_validation_vectors(directory: Path) -> np.ndarray:
-    """(m, dim) unit vectors of the validation problems with a GRPO signal (zero rows dropped)."""
-    _, val = load_vectors(directory, "val")
-    return val[np.linalg.norm(val, axis=1) > 0]
 
 
 def _index_alignment(directory: Path, kind: str, queries: np.ndarray, fetch: int) -> dict[str, float]:
