@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import auroc  # noqa: E402
 
 from gradsel.selection.targets import module_bases  # noqa: E402
-from gradsel.store.vectors import load_vectors  # noqa: E402
+from gradsel.store.vectors import VectorSet  # noqa: E402
 from gradsel.selection.select import load_scores  # noqa: E402
 from gradsel.store.stages import open_store  # noqa: E402
 from gradsel.demo.tasks import regime_truth  # noqa: E402
@@ -83,8 +83,9 @@ def measure(work: Path) -> tuple[str, dict[str, tuple[float, float]]]:
     _, scores, directory = load_scores(open_store(work / "store"))
     rows = {r["problem_id"]: r for r in scores if r["split"] == "train"}
     units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
-    ids, X = load_vectors(directory, "train")
-    V = load_vectors(directory, "val")[1]
+    train = VectorSet(directory, "train")
+    ids, X = train.ids, train.load()
+    V = VectorSet(directory, "val").load()
     V = V[np.linalg.norm(V, axis=1) > 0]
     live = np.array([not rows[p]["zero_advantage"] for p in ids])
     consistency = np.array([1.0 if rows[p].get("judge_consistency") is None else rows[p]["judge_consistency"] for p in ids])

@@ -32,7 +32,7 @@ from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TI
                                exact_parameters, exact_problem_gradient, group_advantages, groups_from_table,
                                head_features, make_spec, packing_for, projected_features, shared_prompt_support,
                                truncate_validation_gradient, validation_gradient, zero_validation_gradient)
-from gradsel.store.vectors import iter_vectors, load_vectors
+from gradsel.store.vectors import VectorSet
 
 
 @dataclass(frozen=True)
@@ -209,10 +209,10 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
             return None, spec
         start = time.perf_counter()
         norms_val, _ = _stored_norms(stage / "val", val.n_shards)
-        _, unit_val = load_vectors(stage, "val")
+        unit_val = VectorSet(stage, "val").load()
         direction = validation_direction(unit_val, norms_val, cfg.val_agg)
         # The candidates' vectors are streamed, a few hundred MB at a time, never held whole.
-        cos = np.concatenate([v.astype(np.float64) @ direction for v in iter_vectors(stage, "train")])
+        cos = np.concatenate([v.astype(np.float64) @ direction for v in VectorSet(stage, "train").batches()])
         norms_train, _ = _stored_norms(stage / "train", train.n_shards)
         dots = cos * norms_train
         val_cos = unit_val.astype(np.float64) @ direction

@@ -2,7 +2,7 @@
 
 The Parquet shards are the record; the index is derived from them, never the other way round. It
 is saved beside them (features/<id>/index/) with a marker that names the shards' checksums, and
-rebuilt when they change. The vectors are streamed into it (store.vectors.iter_vectors), so no
+rebuilt when they change. The vectors are streamed into it (store.vectors.VectorSet), so no
 float32 copy of a whole pool is ever held unless the index itself is flat.
 
 Kinds (`gradsel select --index`):
@@ -16,14 +16,13 @@ Kinds (`gradsel select --index`):
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
 from gradsel.core import console
 from gradsel.core.choices import INDEX_KINDS
 from gradsel.core.errors import GradselError
-from gradsel.store.vectors import exact_best, iter_vectors, read_ids, take_vectors, vector_dim, vectors_fingerprint
+from gradsel.store.vectors import VectorSet
 
 AUTO_FLAT_MAX = 200_000  # a flat index of 200k x 2048 float32 is 1.6 GB; above that, compress
 INDEX_VERSION = 1
@@ -65,13 +64,14 @@ def index_params(kind: str, n: int, dim: int) -> dict:
     return params
 
 
-def open_index(directory: Path, split: str = "train", kind: str = "auto"):
-    """The split's FAISS index: loaded when saved from the current shards, else built and saved."""
+def open_index(vectors: VectorSet, kind: str = "auto"):
+    """The split's FAISS index: loaded when saved from the current shards, else built and saved.
+    Returns (index, the split's ids, params)."""
     faiss = faiss_module()
-    ids = read_ids(directory, split)
-    params = index_params(resolve_kind(kind, len(ids)), len(ids), vector_dim(directory, split))
-    params |= {"fingerprint": vectors_fingerprint(directory, split), "version": INDEX_VERSION}
-    path = directory / "index" / f"{split}.{params['kind']}.faiss"
+    ids = vectors.ids
+    params = index_params(resolve_kind(kind, len(ids)), len(ids), vectors.dim)
+    params |= {"fingerprint": vectors.fingerprint, "version": INDEX_VERSION}
+    path = vectors.directory / "index" / f"{vectors.split}.{params['kind']}.faiss"
     marker = path.with_name(path.name + ".json")
     if path.is_file() and marker.is_file():
         try:
@@ -82,7 +82,7 @@ def open_index(directory: Path, split: str = "train", kind: str = "auto"):
             console.info(f"the {params['kind']} index in {path.parent} is stale: rebuilding it")
         except (json.JSONDecodeError, RuntimeError, OSError):
             console.info(f"the {params['kind']} index in {path.parent} is unreadable: rebuilding it")
-    index = _build(faiss, directory, split, params)
+    index = _build(faiss, vectors, params)
     try:
         from gradsel.core.fsutil import atomic_write_json, atomic_write_with
 
@@ -93,7 +93,7 @@ def open_index(directory: Path, split: str = "train", kind: str = "auto"):
     return index, ids, params
 
 
-def _build(faiss, directory: Path, split: str, params: dict):
+def _build(faiss, vectors: VectorSet, params: dict):
     dim, n = params["dim"], params["rows"]
     kind = params["kind"]
     if kind == "flat":
@@ -109,14 +109,14 @@ def _build(faiss, directory: Path, split: str, params: dict):
         # Train on a seeded sample: 40 points per cell, and per PQ centroid.
         want = min(n, max(40 * params["nlist"], 40 * (1 << params["nbits"]) if kind == "ivfpq" else 0))
         sample = np.sort(np.random.default_rng(0).choice(n, size=want, replace=False))
-        index.train(take_vectors(directory, split, sample))
+        index.train(vectors.take(sample))
         _set_nprobe(faiss, index, params)
     # PQ encoding holds an (m x 2^nbits) float table per vector being added: 512 KiB a vector at
     # 8,192 dimensions, 8.6 GiB for a 16,384-row chunk. Add in slices of about 256 MiB of tables.
     step = max(64, 2**28 // (4 * params["m"] << params["nbits"])) if kind == "ivfpq" else 1 << 30
     with console.progress() as bar:
         task = bar.add_task(f"building the {kind} index", total=n, rate="")
-        for chunk in iter_vectors(directory, split):
+        for chunk in vectors.batches():
             for start in range(0, len(chunk), step):
                 index.add(chunk[start:start + step])
             bar.advance(task, len(chunk))
@@ -134,7 +134,7 @@ def flat_matrix(index) -> np.ndarray:
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
-def best_alignment(index, params: dict, queries: np.ndarray, fetch: int, directory: Path, split: str = "train") -> np.ndarray:
+def best_alignment(index, params: dict, queries: np.ndarray, fetch: int, vectors: VectorSet) -> np.ndarray:
     """(ntotal,) float64: each indexed vector's largest inner product with any query row.
 
     Flat: exact for every vector, in blocks. IVF: the index proposes the `fetch` nearest of each
@@ -149,6 +149,6 @@ def best_alignment(index, params: dict, queries: np.ndarray, fetch: int, directo
         return best
     best = np.full(index.ntotal, -np.inf)
     _, found = index.search(queries, min(fetch, index.ntotal))
-    proposed, sims = exact_best(directory, split, queries, np.unique(found[found >= 0]))
+    proposed, sims = vectors.best_inner_products(queries, np.unique(found[found >= 0]))
     best[proposed] = sims
     return best

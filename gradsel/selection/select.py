@@ -39,7 +39,7 @@ from gradsel.core.errors import GradselError
 from gradsel.inputs.problems import is_jsonl, original_rows
 from gradsel.selection.index import best_alignment, open_index, resolve_kind
 from gradsel.selection.targets import live_validation_vectors, mean_direction, resolve_target, subspace_scores
-from gradsel.store.vectors import read_ids, take_vectors
+from gradsel.store.vectors import VectorSet
 
 VALIDATION_MODES = ("gradalign", "simacc", "reliable")  # the modes whose cosine --target chooses
 
@@ -195,22 +195,23 @@ def check_same_spec(expected: dict, found: dict) -> None:
 
 # -- ranking -------------------------------------------------------------------------------------
 
-def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int) -> dict[str, float]:
+def mode_scores(rows: list[dict], cfg: SelectConfig, train: VectorSet, val: VectorSet, fetch: int) -> dict[str, float]:
     """problem id -> the ranking score of every row under cfg.mode (higher is better)."""
     candidates = Candidates.from_rows(rows)
-    return dict(zip(candidates.ids, mode_score_array(candidates, cfg, directory, fetch).tolist()))
+    return dict(zip(candidates.ids, mode_score_array(candidates, cfg, train, val, fetch).tolist()))
 
 
-def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: int) -> np.ndarray:
+def mode_score_array(c: Candidates, cfg: SelectConfig, train: VectorSet, val: VectorSet, fetch: int) -> np.ndarray:
     """The ranking score of every candidate under cfg.mode (higher is better), in c's order.
+    `train` and `val`: the stored vectors, read only by the modes and targets that need them.
     Modes that query the candidate index need at least the `fetch` best of each query scored."""
     rng = random.Random(f"gradsel-select/{cfg.seed}")
     if cfg.target == "max" and cfg.mode in VALIDATION_MODES:
         # LESS-style: each candidate's best cosine with any single validation problem.
-        best = _index_alignment(directory, cfg.index, live_validation_vectors(directory), fetch)
+        best = _index_alignment(train, cfg.index, live_validation_vectors(val), fetch)
         base = np.array([best.get(pid, 0.0) for pid in c.ids], dtype=np.float64)
     elif cfg.target == "subspace" and cfg.mode in VALIDATION_MODES:
-        base = subspace_scores(c.ids, c.rows, directory)
+        base = subspace_scores(c.ids, c.rows, train, val)
     else:
         base = c.score_cos
     if cfg.mode == "gradalign":
@@ -229,7 +230,7 @@ def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: i
         rank = {pid: -i for i, pid in enumerate(ids)}
         return np.array([rank[pid] for pid in c.ids], dtype=np.float64)
     if cfg.mode == "learnalign":
-        found = _index_alignment(directory, cfg.index, mean_direction(directory, "train")[None], fetch)
+        found = _index_alignment(train, cfg.index, mean_direction(train)[None], fetch)
         return np.array([found[pid] for pid in c.ids], dtype=np.float64)
     raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
 
@@ -268,16 +269,16 @@ def judge_reliability(c: Candidates) -> np.ndarray:
     return np.where(c.breaks_contract, 0.0, c.consistency)
 
 
-def _index_alignment(directory: Path, kind: str, queries: np.ndarray, fetch: int) -> dict[str, float]:
-    index, ids, params = open_index(directory, "train", kind)
-    return dict(zip(ids, best_alignment(index, params, queries, fetch, directory).tolist()))
+def _index_alignment(train: VectorSet, kind: str, queries: np.ndarray, fetch: int) -> dict[str, float]:
+    index, ids, params = open_index(train, kind)
+    return dict(zip(ids, best_alignment(index, params, queries, fetch, train).tolist()))
 
 
-def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, directory: Path) -> list[str]:
+def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, train: VectorSet) -> list[str]:
     """Maximal marginal relevance: pick argmax lam * score - (1 - lam) * max cos(chosen)."""
-    pos = {pid: i for i, pid in enumerate(read_ids(directory, "train"))}
+    pos = {pid: i for i, pid in enumerate(train.ids)}
     pool = ranked[:min(len(ranked), max(10 * k, 1000))]  # candidates beyond this never win
-    mat = take_vectors(directory, "train", np.array([pos[p] for p in pool]))
+    mat = train.take(np.array([pos[p] for p in pool]))
     s = np.array([scores[p] for p in pool], dtype=np.float64)
     if s.max() > s.min():
         s = (s - s.min()) / (s.max() - s.min())  # put relevance on the cosine's scale
@@ -300,6 +301,7 @@ def select(store, cfg: SelectConfig) -> Selection:
     manifest, table, directory = load_score_table(store)
     cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"], cfg.mode))
     warn_if_sketch_alignment(manifest, cfg, directory)
+    train, val = VectorSet(directory, "train"), VectorSet(directory, "val")  # read only where a mode needs them
     candidates = Candidates.from_table(table.filter(pc.equal(table.column("split"), "train")))
     keep = np.ones(len(candidates.ids), dtype=bool) if cfg.include_zero_advantage else ~candidates.zero_advantage
     if cfg.mode == "band":
@@ -314,7 +316,7 @@ def select(store, cfg: SelectConfig) -> Selection:
     wanted = cfg.top_k if cfg.top_k is not None else round((cfg.ratio or 1) * n_candidates)
     # Quotas and score floors reach past the top of the ranking: give them every candidate.
     fetch = n_candidates if cfg.all or cfg.min_score is not None or cfg.balance else max(10 * wanted, 1024)
-    scores = mode_score_array(eligible, cfg, directory, fetch)
+    scores = mode_score_array(eligible, cfg, train, val, fetch)
     if cfg.min_score is not None:
         above = np.flatnonzero(scores >= cfg.min_score)
         eligible, scores = eligible.take(above), scores[above]
@@ -335,7 +337,7 @@ def select(store, cfg: SelectConfig) -> Selection:
         chosen = _balanced(ranked, {pid: {cfg.balance: v} for pid, v in zip(eligible.ids, column)}, cfg.balance, k,
                            dict(cfg.balance_weights) if cfg.balance_weights else None)
     else:
-        chosen = _mmr(ranked, score_of, k, cfg.diverse, directory)
+        chosen = _mmr(ranked, score_of, k, cfg.diverse, train)
     return Selection(chosen, [score_of[p] for p in chosen], len(ranked), cfg)
 
 

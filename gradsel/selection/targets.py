@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gradsel.core.errors import GradselError
-from gradsel.store.vectors import iter_vectors, load_vectors, read_ids, vectors_fingerprint
+from gradsel.store.vectors import VectorSet
 
 
 def resolve_target(target: str, feature: str, mode: str) -> str:
@@ -37,40 +37,41 @@ def resolve_target(target: str, feature: str, mode: str) -> str:
     return "subspace" if mode == "reliable" else "mean"
 
 
-def subspace_scores(ids: list[str], rows: np.ndarray, directory: Path) -> np.ndarray:
+def subspace_scores(ids: list[str], rows: np.ndarray, train: VectorSet, val: VectorSet) -> np.ndarray:
     """Each candidate's share in the validation span (subspace_share), in the order of `ids`
     (the candidates' problem ids, `rows` their rows in the scores table)."""
-    shares = _subspace_shares(directory, vectors_fingerprint(directory, "train"), vectors_fingerprint(directory, "val"))
-    return shares[_store_positions(ids, rows, directory)]
+    shares = _subspace_shares(train.directory, train.fingerprint, val.fingerprint)
+    return shares[_store_positions(ids, rows, train)]
 
 
 @functools.lru_cache(maxsize=1)
 def _subspace_shares(directory: Path, train_fingerprint: str, val_fingerprint: str) -> np.ndarray:
     """The shares in store order, computed once per version of the vectors (the fingerprints):
-    the report selects with several modes, each of which would read every vector again."""
+    the report selects with several modes, each of which would read every vector again. Keyed by
+    plain values, so that the cache keeps no VectorSet (and its million ids) alive."""
     units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
-    shares = subspace_share(directory, "train", live_validation_vectors(directory), units)
+    shares = subspace_share(VectorSet(directory, "train"), live_validation_vectors(VectorSet(directory, "val")), units)
     shares.flags.writeable = False  # shared between callers
     return shares
 
 
-def _store_positions(ids: list[str], rows: np.ndarray, directory: Path) -> np.ndarray:
+def _store_positions(ids: list[str], rows: np.ndarray, train: VectorSet) -> np.ndarray:
     """Where each candidate's vector sits in the train split. The scores table lists that split
     in store order, so a candidate's row is its position; that is checked, and a store whose
     orders differ is looked up id by id (a dict of a million ids costs about a second)."""
     import pyarrow as pa
 
-    stored = read_ids(directory, "train", as_arrow=True)
+    stored = train.ids_arrow
     if len(ids) and len(stored) > rows.max() and stored.take(rows).equals(pa.chunked_array([pa.array(ids)])):
         return rows
     position = {pid: i for i, pid in enumerate(stored.to_pylist())}
     return np.fromiter((position[pid] for pid in ids), dtype=np.int64, count=len(ids))
 
 
-def live_validation_vectors(directory: Path) -> np.ndarray:
+def live_validation_vectors(val: VectorSet) -> np.ndarray:
     """(m, dim) unit vectors of the validation problems with a GRPO signal (zero rows dropped)."""
-    _, val = load_vectors(directory, "val")
-    return val[np.linalg.norm(val, axis=1) > 0]
+    vectors = val.load()
+    return vectors[np.linalg.norm(vectors, axis=1) > 0]
 
 
 def module_bases(queries: np.ndarray, units: int, max_rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +98,7 @@ def module_bases(queries: np.ndarray, units: int, max_rank: int | None = None) -
     return bases, np.array([b.shape[1] > 0 for b in found])
 
 
-def subspace_share(directory: Path, split: str, queries: np.ndarray, units: int = 1,
+def subspace_share(vectors: VectorSet, queries: np.ndarray, units: int = 1,
                    max_rank: int | None = None) -> np.ndarray:
     """For every vector of the split, the mean over modules of ||P_u c_u|| / ||c_u||: the share of
     the candidate's gradient in module u (its slice c_u) that the validation gradients' span in
@@ -110,7 +111,7 @@ def subspace_share(directory: Path, split: str, queries: np.ndarray, units: int 
     bases_t = torch.from_numpy(bases)
     n_live = max(int(live.sum()), 1)
     out = []
-    for chunk in iter_vectors(directory, split, reuse=True):
+    for chunk in vectors.batches(reuse=True):
         slices = torch.from_numpy(chunk).view(len(chunk), units, -1)  # (n, units, width): a view
         norms = torch.linalg.vector_norm(slices, dim=-1)  # (n, units)
         inside = torch.empty_like(norms)
@@ -121,10 +122,10 @@ def subspace_share(directory: Path, split: str, queries: np.ndarray, units: int 
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def mean_direction(directory: Path, split: str) -> np.ndarray:
+def mean_direction(vectors: VectorSet) -> np.ndarray:
     """The unit mean of the split's non-zero vectors (learnalign's target)."""
     total = None
-    for chunk in iter_vectors(directory, split):
+    for chunk in vectors.batches():
         s = chunk.sum(axis=0, dtype=np.float64)  # zero vectors add nothing
         total = s if total is None else total + s
     norm = np.linalg.norm(total)
