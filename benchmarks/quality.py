@@ -41,6 +41,7 @@ from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.gradients.stage import ScoreConfig, parse_sketch
 from gradsel.selection.modes import MODES
 from gradsel.selection.select import SelectConfig, mode_scores, select
+from gradsel.store.vectors import VectorSet
 from gradsel.store.stages import open_store
 from gradsel.demo.tasks import write_regime
 from benchmarks.truth import model_wrong_key, regime_truth
@@ -107,7 +108,7 @@ def run_one(work: Path, regime: str, seed: int, size: int, n: int, features: lis
             cfg = SelectConfig(mode=mode, ratio=0.25, seed=seed, allow_fewer=True, target=target,
                                band=(0.2, 0.8) if mode == "band" else (0.0, 1.0))
             chosen = select(store, cfg).problem_ids
-            scores = mode_scores(rows, SelectConfig(mode=mode, all=True, target=target), _features_dir(store),
+            scores = mode_scores(rows, SelectConfig(mode=mode, all=True, target=target), *_vector_sets(store),
                                  fetch=len(rows))
             good = [scores[r["problem_id"]] for r in rows if truth[r["problem_id"]]]
             bad = [scores[r["problem_id"]] for r in rows if not truth[r["problem_id"]]]
@@ -135,7 +136,7 @@ def _without_contract(all_rows: list[dict], rows: list[dict], truth: dict, store
     candidates with every `breaks_contract` cleared, the top 25% of the pool taken as `select` takes
     them (score descending, ties by problem id)."""
     cleared = [r | {"breaks_contract": False} for r in rows]
-    scores = mode_scores(cleared, SelectConfig(mode="reliable", all=True, target="subspace"), _features_dir(store),
+    scores = mode_scores(cleared, SelectConfig(mode="reliable", all=True, target="subspace"), *_vector_sets(store),
                          fetch=len(rows))
     k = min(round(0.25 * sum(r["split"] == "train" for r in all_rows)), len(rows))
     chosen = sorted(scores, key=lambda pid: (-scores[pid], pid))[:k]
@@ -147,8 +148,10 @@ def _without_contract(all_rows: list[dict], rows: list[dict], truth: dict, store
             "auroc": auroc(good, bad), "good_scores": good, "bad_scores": bad, "selected": len(chosen)}
 
 
-def _features_dir(store) -> Path:
-    return store.root / store.read_manifest()["features"]
+def _vector_sets(store) -> tuple[VectorSet, VectorSet]:
+    """The train and val vectors of the store's current features."""
+    directory = store.root / store.read_manifest()["features"]
+    return VectorSet(directory, "train"), VectorSet(directory, "val")
 
 
 def summarize(results: list[dict]) -> list[dict]:

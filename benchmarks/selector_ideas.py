@@ -22,7 +22,8 @@ import numpy as np
 
 from benchmarks.quality import auroc
 
-from gradsel.selection.index import load_vectors, module_bases
+from gradsel.selection.targets import module_bases
+from gradsel.store.vectors import VectorSet
 from gradsel.selection.select import load_scores
 from gradsel.store.stages import open_store
 from benchmarks.truth import regime_truth
@@ -80,8 +81,9 @@ def measure(work: Path) -> tuple[str, dict[str, tuple[float, float]]]:
     _, scores, directory = load_scores(open_store(work / "store"))
     rows = {r["problem_id"]: r for r in scores if r["split"] == "train"}
     units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
-    ids, X = load_vectors(directory, "train")
-    V = load_vectors(directory, "val")[1]
+    train = VectorSet(directory, "train")
+    ids, X = train.ids, train.load()
+    V = VectorSet(directory, "val").load()
     V = V[np.linalg.norm(V, axis=1) > 0]
     live = np.array([not rows[p]["zero_advantage"] for p in ids])
     consistency = np.array([1.0 if rows[p].get("judge_consistency") is None else rows[p]["judge_consistency"] for p in ids])

@@ -22,6 +22,7 @@ from gradsel.core import console
 from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.gradients.stage import ScoreConfig
 from gradsel.selection.select import SelectConfig, mode_scores, select
+from gradsel.store.vectors import VectorSet
 from gradsel.store.stages import open_store
 from gradsel.demo.tasks import write_regime
 from benchmarks.truth import regime_truth
@@ -39,11 +40,12 @@ def measure(store_dir: Path, result, wanted: dict[str, bool], regime: str, seed:
     """mode -> (the regime's metric among the selected, AUROC wanted > not wanted)."""
     store = open_store(store_dir)
     directory = store.root / store.read_manifest()["features"]
+    train, val = VectorSet(directory, "train"), VectorSet(directory, "val")
     rows = [r for r in result.scores.to_pylist() if r["split"] == "train" and not r["zero_advantage"]]
     out = {}
     for mode in MODES:
         chosen = select(store, SelectConfig(mode=mode, ratio=0.25, seed=seed, allow_fewer=True)).problem_ids
-        scores = mode_scores(rows, SelectConfig(mode=mode, all=True, seed=seed), directory, fetch=len(rows))
+        scores = mode_scores(rows, SelectConfig(mode=mode, all=True, seed=seed), train, val, fetch=len(rows))
         good = [scores[r["problem_id"]] for r in rows if wanted[r["problem_id"]]]
         bad = [scores[r["problem_id"]] for r in rows if not wanted[r["problem_id"]]]
         share = sum(wanted[p] for p in chosen) / max(len(chosen), 1)

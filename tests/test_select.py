@@ -119,25 +119,27 @@ def test_auto_target_is_the_papers_for_the_papers_modes_and_subspace_for_reliabl
 
 def test_subspace_share_is_the_norm_of_the_projection_onto_the_validation_span(store):
     """Sign-blind and basis-free: what matters is the span of the validation vectors."""
-    from gradsel.selection.index import subspace_share
+    from gradsel.selection.targets import subspace_share
+    from gradsel.store.vectors import VectorSet
 
-    directory = store.root / "features/f0"
+    train = VectorSet(store.root / "features/f0", "train")
     queries = np.array([[0, 0, 1, 0], [0, 1, 1, 0]], dtype=np.float32)  # spans e2 and e3
     expected = [0.0, 0.0, 1.0, 1.0, 0.0, 0.8]  # rows 0-5 of HANDMADE: e0, e0, e1, e2, zero, (0.6, 0.8, 0, 0)
-    np.testing.assert_allclose(subspace_share(directory, "train", queries, max_rank=4), expected, atol=1e-6)
-    np.testing.assert_allclose(subspace_share(directory, "train", -queries[::-1], max_rank=4), expected, atol=1e-6)
+    np.testing.assert_allclose(subspace_share(train, queries, max_rank=4), expected, atol=1e-6)
+    np.testing.assert_allclose(subspace_share(train, -queries[::-1], max_rank=4), expected, atol=1e-6)
 
 
 def test_subspace_share_weighs_every_module_alike(store):
     """Two modules of two dimensions each: a candidate's share is the mean over modules of the
     cosine between its slice and the validation span in that module, whatever the slices' norms."""
-    from gradsel.selection.index import module_bases, subspace_share
+    from gradsel.selection.targets import module_bases, subspace_share
+    from gradsel.store.vectors import VectorSet
 
-    directory = store.root / "features/f0"
+    train = VectorSet(store.root / "features/f0", "train")
     queries = np.array([[3, 0, 0, 1], [5, 0, 0, 0]], dtype=np.float32)  # module 0: e0; module 1: e1 (one query)
     # HANDMADE rows: (1,0|0,0) (1,0|0,0) (0,1|0,0) (0,0|1,0) zero (0.6,0.8|0,0); zero slices count 0.
     expected = [0.5, 0.5, 0.0, 0.0, 0.0, 0.3]
-    np.testing.assert_allclose(subspace_share(directory, "train", queries, units=2, max_rank=2), expected, atol=1e-6)
+    np.testing.assert_allclose(subspace_share(train, queries, units=2, max_rank=2), expected, atol=1e-6)
     # Past max_rank, the basis is the queries' top principal directions, and every query counts
     # alike whatever its norm: for e0 (norm 3) and (0.6, 0.8) (norm 0.1), the bisector of the two.
     bases, live = module_bases(np.array([[3, 0], [0.06, 0.08]], dtype=np.float32), units=1, max_rank=1)
@@ -146,7 +148,7 @@ def test_subspace_share_weighs_every_module_alike(store):
     # A module where no query has a gradient is left out of every candidate's mean.
     bases, live = module_bases(np.array([[1, 0, 0, 0]], dtype=np.float32), units=2)
     assert live.tolist() == [True, False]
-    np.testing.assert_allclose(subspace_share(directory, "train", np.array([[1, 0, 0, 0]], dtype=np.float32), units=2),
+    np.testing.assert_allclose(subspace_share(train, np.array([[1, 0, 0, 0]], dtype=np.float32), units=2),
                                [1.0, 1.0, 0.0, 0.0, 0.0, 0.6], atol=1e-6)
 
 
@@ -324,43 +326,45 @@ def _clustered(n, dim, seed):
 
 
 def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
-    from gradsel.selection.index import best_alignment, load_vectors, open_index
+    from gradsel.selection.index import best_alignment, open_index
+    from gradsel.store.vectors import VectorSet
 
     directory = _vector_dir(tmp_path / "f", _clustered(3000, 64, 0))
-    exact = load_vectors(directory, "train")[1]
+    exact = VectorSet(directory, "train").load()
     queries = exact[[5, 700, 2900]]
     truth = set(np.argsort(-(exact @ queries.T).max(axis=1))[:30])
     for kind, recall in (("flat", 1.0), ("ivf", 0.9), ("ivfpq", 0.8)):
-        index, ids, params = open_index(directory, "train", kind)
+        index, ids, params = open_index(VectorSet(directory, "train"), kind)
         assert index.ntotal == 3000 and ids[:2] == ["p0", "p1"]
-        best = best_alignment(index, params, queries, fetch=300, directory=directory)  # select fetches 10 k
+        best = best_alignment(index, params, queries, fetch=300, vectors=VectorSet(directory, "train"))  # select fetches 10 k
         found = set(np.argsort(-best)[:30])
         assert len(found & truth) / 30 >= recall, kind
         scored = np.isfinite(best)  # what the index proposed is scored exactly
         np.testing.assert_allclose(best[scored], (exact @ queries.T).max(axis=1)[scored], rtol=1e-5, atol=1e-6)
     saved = directory / "index/train.ivf.faiss"
     stamp = saved.stat().st_mtime_ns
-    open_index(directory, "train", "ivf")
+    open_index(VectorSet(directory, "train"), "ivf")
     assert saved.stat().st_mtime_ns == stamp  # reused, not rebuilt
     _vector_dir(directory, _clustered(3000, 64, 1))  # new vectors: the saved index is stale
-    index, _, params = open_index(directory, "train", "flat")
+    fresh = VectorSet(directory, "train")  # a VectorSet reads the shards' fingerprint once: a new one sees them
+    index, _, params = open_index(fresh, "flat")
     assert saved.stat().st_mtime_ns == stamp  # only the kind asked for is rebuilt
-    fresh = load_vectors(directory, "train")[1]
-    np.testing.assert_allclose(best_alignment(index, params, fresh[:1], fetch=1, directory=directory), (fresh @ fresh[0]), rtol=1e-5, atol=1e-6)
+    vectors = fresh.load()
+    np.testing.assert_allclose(best_alignment(index, params, vectors[:1], fetch=1, vectors=fresh), (vectors @ vectors[0]), rtol=1e-5, atol=1e-6)
     (directory / "index/train.flat.faiss").write_bytes(b"not an index")  # damaged: rebuilt, not read
-    index, _, params = open_index(directory, "train", "flat")
+    index, _, params = open_index(VectorSet(directory, "train"), "flat")
     assert index.ntotal == 3000
 
 
 def test_wide_vectors_are_read_in_smaller_batches(store, monkeypatch):
     """A batch holds at most READ_BYTES of float32, so a 7B model's wide vectors cannot make one
     16,384-row batch several GB; the vectors come out the same, in order."""
-    from gradsel.selection import index
+    from gradsel.store import vectors
 
-    directory = store.root / "features/f0"
-    whole = np.concatenate(list(index.iter_vectors(directory, "train")))
-    monkeypatch.setattr(index, "READ_BYTES", 2 * 4 * 4)  # two rows of 4 float32
-    chunks = list(index.iter_vectors(directory, "train"))
+    train = vectors.VectorSet(store.root / "features/f0", "train")
+    whole = np.concatenate(list(train.batches()))
+    monkeypatch.setattr(vectors, "READ_BYTES", 2 * 4 * 4)  # two rows of 4 float32
+    chunks = list(train.batches())
     assert [len(c) for c in chunks] == [2, 2, 2]
     np.testing.assert_array_equal(np.concatenate(chunks), whole)
 
@@ -368,7 +372,7 @@ def test_wide_vectors_are_read_in_smaller_batches(store, monkeypatch):
 def test_vectors_of_format_version_1_stores_read_as_before(tmp_path):
     """Stores written before format version 2 hold vectors as fixed-size lists of floats; they read
     exactly as the fixed-size binary vectors of version 2 do."""
-    from gradsel.selection.index import load_vectors, vector_dim
+    from gradsel.store.vectors import VectorSet
 
     v = _clustered(50, 8, 3)
     ids = [f"p{i}" for i in range(50)]
@@ -379,7 +383,7 @@ def test_vectors_of_format_version_1_stores_read_as_before(tmp_path):
         "problem_id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), 8),
         "norm": np.ones(50), "target_dot": pa.nulls(50, pa.float64())}).cast(old_schema))
     write_shard(tmp_path / "new/train", 0, vectors_table(ids, v, np.ones(50)))
-    old, new = (load_vectors(tmp_path / d, "train") for d in ("old", "new"))
-    assert old[0] == new[0] == ids and vector_dim(tmp_path / "old", "train") == vector_dim(tmp_path / "new", "train") == 8
-    np.testing.assert_array_equal(old[1], new[1])
+    old, new = (VectorSet(tmp_path / d, "train") for d in ("old", "new"))
+    assert old.ids == new.ids == ids and old.dim == new.dim == 8
+    np.testing.assert_array_equal(old.load(), new.load())
     np.testing.assert_array_equal(new[1], v.astype(np.float32))

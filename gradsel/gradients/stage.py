@@ -32,7 +32,7 @@ from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TI
                                exact_parameters, exact_problem_gradient, group_advantages, groups_from_table,
                                head_features, make_spec, packing_for, projected_features, shared_prompt_support,
                                truncate_validation_gradient, validation_gradient, zero_validation_gradient)
-from gradsel.selection.index import iter_vectors, load_vectors
+from gradsel.store.vectors import VectorSet
 from gradsel.store.stage import Stage
 from gradsel.store.stages import cost_since, shard_path, stable_key
 
@@ -268,10 +268,10 @@ def _sketch_alignment(split: _FeatureSplit, stage: Stage, train, val, part) -> _
         return None
     start = time.perf_counter()
     norms_val, _ = _stored_norms(stage.directory / "val", val.n_shards)
-    _, unit_val = load_vectors(stage.directory, "val")
+    unit_val = VectorSet(stage.directory, "val").load()
     direction = validation_direction(unit_val, norms_val, split.cfg.val_agg)
     # The candidates' vectors are streamed, a few hundred MB at a time, never held whole.
-    cos = np.concatenate([v.astype(np.float64) @ direction for v in iter_vectors(stage.directory, "train")])
+    cos = np.concatenate([v.astype(np.float64) @ direction for v in VectorSet(stage.directory, "train").batches()])
     norms_train, _ = _stored_norms(stage.directory / "train", train.n_shards)
     val_cos = unit_val.astype(np.float64) @ direction
     return _Alignment(norms_train, cos, cos * norms_train, norms_val, val_cos, val_cos * norms_val, {}, start)

@@ -21,6 +21,7 @@ from gradsel.core.choices import english_list
 from gradsel.core.errors import GradselError
 from gradsel.selection.modes import REGISTRY as MODE_RECORDS
 from gradsel.selection.select import SelectConfig
+from gradsel.store.vectors import VectorSet
 
 # Modes compared in "what each mode would keep": those whose record says so (Mode.compared: not
 # one that builds a FAISS index, which a report should not pay for, nor one that repeats another's order).
@@ -42,7 +43,8 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     import pyarrow.parquet as pq
 
     from gradsel.pipeline.rounds import latest_round_store
-    from gradsel.selection.select import Candidates, load_score_table, mode_score_array, resolve_target, select
+    from gradsel.selection.select import Candidates, load_score_table, mode_score_array, select
+    from gradsel.selection.targets import resolve_target
     from gradsel.store.stages import existing_store
     from gradsel.review.summary import store_summary
 
@@ -52,12 +54,13 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     train = table.filter(pc.equal(table.column("split"), "train"))
     candidates = Candidates.from_table(train)
     sources = np.array(candidates.groups.get("data_source", [""] * len(candidates.ids)), dtype=object)
-    asked = cfg  # the user's target: each compared mode resolves `auto` its own way (select.resolve_target)
+    asked = cfg  # the user's target: each compared mode resolves `auto` its own way (targets.resolve_target)
     cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"], cfg.mode))
     selection = select(store, cfg)
     picked = set(selection.problem_ids)
     chosen = np.fromiter((pid in picked for pid in candidates.ids), dtype=bool, count=len(candidates.ids))
-    scores = mode_score_array(candidates, cfg, directory, fetch=len(candidates.ids))
+    train, val = VectorSet(directory, "train"), VectorSet(directory, "val")
+    scores = mode_score_array(candidates, cfg, train, val, fetch=len(candidates.ids))
     k = len(selection.problem_ids)
     by_mode = {}
     for mode in COMPARED_MODES:
@@ -76,7 +79,7 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
         _pass_rates(candidates, sources),
         _scores(candidates, sources, scores, chosen, cfg),
         _modes(by_mode, dict(zip(candidates.ids, sources)), cfg.mode),
-        _distributions(candidates, sources, directory, manifest),
+        _distributions(candidates, sources, train, val, manifest),
         _rounds(summary, pq.read_table(history, columns=["round", "score_cos"]) if history.is_file() else None),
         _costs(summary.get("costs", {})),
         _provenance(summary, manifest),
@@ -176,11 +179,9 @@ def _modes(by_mode: dict[str, list[str]], source_of: dict[str, str], current: st
     return Section("What each mode would keep", _svg(fig), note)
 
 
-def _distributions(c, sources: np.ndarray, directory: Path, manifest: dict) -> Section:
+def _distributions(c, sources: np.ndarray, train: VectorSet, val: VectorSet, manifest: dict) -> Section:
     plt = _pyplot()
-    from gradsel.selection.index import vector_shards
-
-    has_vectors = bool(vector_shards(directory, "train"))
+    has_vectors = bool(train.shards)
     fig, axes = plt.subplots(1, 3 if has_vectors else 2, figsize=(10, 3.0))
     live = ~c.zero_advantage
     axes[0].hist(c.consistency[live], bins=np.linspace(0, 1, 21), color="tab:purple")
@@ -189,9 +190,9 @@ def _distributions(c, sources: np.ndarray, directory: Path, manifest: dict) -> S
     axes[1].hist(c.score_cos[live], bins=40, color="tab:green")
     axes[1].set_xlabel(f"cosine with the validation gradient\n(--alignment {manifest.get('alignment')})")
     if has_vectors:
-        from gradsel.selection.select import subspace_scores
+        from gradsel.selection.targets import subspace_scores
 
-        axes[2].hist(subspace_scores(c, directory)[live], bins=40, color="tab:orange")
+        axes[2].hist(subspace_scores(c.ids, c.rows, train, val)[live], bins=40, color="tab:orange")
         axes[2].set_xlabel("share in the validation span\n(--target subspace)")
     note = ("Judge consistency is 1 where identical answers always got the same reward; below 1 the "
             "reference or the judge disagrees with itself. Alignment: how the candidates' gradients "

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from gradsel.store.vectors import VectorSet
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,7 +40,7 @@ class ModeInputs:
     """What a mode may rank by."""
     candidates: CandidateColumns
     aligned: np.ndarray  # the alignment --target chose for a mode that honours it; else score_cos
-    directory: Path  # the features directory: vectors and the FAISS index, for the modes that read them
+    train: VectorSet  # the candidates' stored vectors (and their FAISS index), for the modes that read them
     fetch: int  # a mode that queries the index needs at least the `fetch` best of each query scored
     index: str  # --index: the FAISS index kind
     seed: int  # --seed, for the seeded orders
@@ -102,9 +103,10 @@ def _seeded_order(x: ModeInputs):
 def _learnalign(x: ModeInputs):
     import numpy as np
 
-    from gradsel.selection.index import index_alignment, mean_direction
+    from gradsel.selection.index import index_alignment
+    from gradsel.selection.targets import mean_direction
 
-    found = index_alignment(x.directory, x.index, mean_direction(x.directory, "train")[None], x.fetch)
+    found = index_alignment(x.train, x.index, mean_direction(x.train)[None], x.fetch)
     return np.array([found[pid] for pid in x.candidates.ids], dtype=np.float64)
 
 

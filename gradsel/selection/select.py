@@ -9,7 +9,7 @@ best cosine with any single validation problem (LESS-style), through the candida
 (gradsel.selection.index).
 `--target subspace` replaces it by how much of the candidate's gradient the validation problems'
 gradients span, whatever the sign: per module, the cosine between the candidate's slice and their
-span, averaged over the modules (index.subspace_share).
+span, averaged over the modules (gradsel.selection.targets).
 `--target auto` (the default) is the paper's target, mean (the cosine with the validation set's
 gradient), for the paper's modes (gradalign, dot, simacc), so that `--mode gradalign` is the paper's
 method; for gradsel's own default, reliable, it is subspace where the store holds gradient vectors
@@ -18,7 +18,6 @@ method; for gradsel's own default, reliable, it is subspace where the store hold
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,9 +27,10 @@ import numpy as np
 from gradsel.core import console
 from gradsel.core.choices import TARGETS
 from gradsel.core.errors import GradselError
-from gradsel.selection.index import (index_alignment, load_vectors, read_ids, resolve_kind, subspace_share,
-                                     take_vectors, vectors_fingerprint)
+from gradsel.selection.index import index_alignment, resolve_kind
 from gradsel.selection.modes import MODES, REGISTRY as MODE_RECORDS, ModeInputs
+from gradsel.selection.targets import live_validation_vectors, resolve_target, subspace_scores
+from gradsel.store.vectors import VectorSet
 
 
 BALANCE_COLUMNS = ("data_source",)  # the scores' columns that name groups (schema.SCORES)
@@ -184,28 +184,29 @@ def check_same_spec(expected: dict, found: dict) -> None:
 
 # -- ranking -------------------------------------------------------------------------------------
 
-def mode_scores(rows: list[dict], cfg: SelectConfig, directory: Path, fetch: int) -> dict[str, float]:
+def mode_scores(rows: list[dict], cfg: SelectConfig, train: VectorSet, val: VectorSet, fetch: int) -> dict[str, float]:
     """problem id -> the ranking score of every row under cfg.mode (higher is better)."""
     candidates = Candidates.from_rows(rows)
-    return dict(zip(candidates.ids, mode_score_array(candidates, cfg, directory, fetch).tolist()))
+    return dict(zip(candidates.ids, mode_score_array(candidates, cfg, train, val, fetch).tolist()))
 
 
-def mode_score_array(c: Candidates, cfg: SelectConfig, directory: Path, fetch: int) -> np.ndarray:
+def mode_score_array(c: Candidates, cfg: SelectConfig, train: VectorSet, val: VectorSet, fetch: int) -> np.ndarray:
     """The ranking score of every candidate under cfg.mode (higher is better), in c's order, by
-    the mode's record (gradsel.selection.modes). Modes that query the candidate index need at least
-    the `fetch` best of each query scored."""
+    the mode's record (gradsel.selection.modes). `train` and `val`: the stored vectors, read only by
+    the modes and targets that need them. Modes that query the candidate index need at least the
+    `fetch` best of each query scored."""
     mode = MODE_RECORDS.get(cfg.mode)
     if mode is None:
         raise GradselError(f"unknown mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
     if cfg.target == "max" and mode.honours_target:
         # LESS-style: each candidate's best cosine with any single validation problem.
-        best = index_alignment(directory, cfg.index, _live_validation_vectors(directory), fetch)
+        best = index_alignment(train, cfg.index, live_validation_vectors(val), fetch)
         base = np.array([best.get(pid, 0.0) for pid in c.ids], dtype=np.float64)
     elif cfg.target == "subspace" and mode.honours_target:
-        base = subspace_scores(c, directory)
+        base = subspace_scores(c.ids, c.rows, train, val)
     else:
         base = c.score_cos
-    return np.asarray(mode.score(ModeInputs(c, base, directory, fetch, cfg.index, cfg.seed)), dtype=np.float64)
+    return np.asarray(mode.score(ModeInputs(c, base, train, fetch, cfg.index, cfg.seed)), dtype=np.float64)
 
 
 def reads_alignment(cfg: SelectConfig) -> bool:
@@ -234,62 +235,11 @@ def warn_if_sketch_alignment(manifest: dict, cfg: SelectConfig, directory: Path)
                  + (" --feature projected" if spec.get("feature") == "head" else "") + " (the rollouts are reused)")
 
 
-def resolve_target(target: str, feature: str, mode: str) -> str:
-    """What `auto` means for a mode. The paper's modes (gradalign, dot, simacc) align with the
-    validation gradient, so for them it is mean: `--mode gradalign` is the paper's method as
-    published. For gradsel's default, reliable, it is subspace (the best of the targets across the
-    regimes of docs/research/quality.md) where the store holds gradient vectors; the exact feature stores
-    none, so there every mode's is mean. Modes that read no target get mean, which they ignore."""
-    if feature == "exact":
-        if target in ("max", "subspace"):
-            raise GradselError(f"--target {target} needs gradient vectors, and the exact feature stores none",
-                               "use --target mean, or select from a projected or head store")
-        return "mean"
-    if target != "auto":
-        return target
-    return "subspace" if mode == "reliable" else "mean"
-
-
-def subspace_scores(c: Candidates, directory: Path) -> np.ndarray:
-    """Each candidate's share in the validation span (index.subspace_share), in c's order."""
-    shares = _subspace_shares(directory, vectors_fingerprint(directory, "train"), vectors_fingerprint(directory, "val"))
-    return shares[_store_positions(c, directory)]
-
-
-@functools.lru_cache(maxsize=1)
-def _subspace_shares(directory: Path, train_fingerprint: str, val_fingerprint: str) -> np.ndarray:
-    """The shares in store order, computed once per version of the vectors (the fingerprints):
-    the report selects with several modes, each of which would read every vector again."""
-    units = len(json.loads((directory / "spec.json").read_text())["projector"]["modules"])
-    shares = subspace_share(directory, "train", _live_validation_vectors(directory), units)
-    shares.flags.writeable = False  # shared between callers
-    return shares
-
-
-def _store_positions(c: Candidates, directory: Path) -> np.ndarray:
-    """Where each candidate's vector sits in the train split. The scores table lists that split
-    in store order, so a candidate's row is its position; that is checked, and a store whose
-    orders differ is looked up id by id (a dict of a million ids costs about a second)."""
-    import pyarrow as pa
-
-    stored = read_ids(directory, "train", as_arrow=True)
-    if len(c.ids) and len(stored) > c.rows.max() and stored.take(c.rows).equals(pa.chunked_array([pa.array(c.ids)])):
-        return c.rows
-    position = {pid: i for i, pid in enumerate(stored.to_pylist())}
-    return np.fromiter((position[pid] for pid in c.ids), dtype=np.int64, count=len(c.ids))
-
-
-def _live_validation_vectors(directory: Path) -> np.ndarray:
-    """(m, dim) unit vectors of the validation problems with a GRPO signal (zero rows dropped)."""
-    _, val = load_vectors(directory, "val")
-    return val[np.linalg.norm(val, axis=1) > 0]
-
-
-def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, directory: Path) -> list[str]:
+def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, train: VectorSet) -> list[str]:
     """Maximal marginal relevance: pick argmax lam * score - (1 - lam) * max cos(chosen)."""
-    pos = {pid: i for i, pid in enumerate(read_ids(directory, "train"))}
+    pos = {pid: i for i, pid in enumerate(train.ids)}
     pool = ranked[:min(len(ranked), max(10 * k, 1000))]  # candidates beyond this never win
-    mat = take_vectors(directory, "train", np.array([pos[p] for p in pool]))
+    mat = train.take(np.array([pos[p] for p in pool]))
     s = np.array([scores[p] for p in pool], dtype=np.float64)
     if s.max() > s.min():
         s = (s - s.min()) / (s.max() - s.min())  # put relevance on the cosine's scale
@@ -312,6 +262,7 @@ def select(store, cfg: SelectConfig) -> Selection:
     manifest, table, directory = load_score_table(store)
     cfg = replace(cfg, target=resolve_target(cfg.target, manifest["projector"]["feature"], cfg.mode))
     warn_if_sketch_alignment(manifest, cfg, directory)
+    train, val = VectorSet(directory, "train"), VectorSet(directory, "val")  # read only where a mode needs them
     candidates = Candidates.from_table(table.filter(pc.equal(table.column("split"), "train")))
     keep = np.ones(len(candidates.ids), dtype=bool) if cfg.include_zero_advantage else ~candidates.zero_advantage
     if cfg.mode == "band":
@@ -326,7 +277,7 @@ def select(store, cfg: SelectConfig) -> Selection:
     wanted = cfg.top_k if cfg.top_k is not None else round((cfg.ratio or 1) * n_candidates)
     # Quotas and score floors reach past the top of the ranking: give them every candidate.
     fetch = n_candidates if cfg.all or cfg.min_score is not None or cfg.balance else max(10 * wanted, 1024)
-    scores = mode_score_array(eligible, cfg, directory, fetch)
+    scores = mode_score_array(eligible, cfg, train, val, fetch)
     if cfg.min_score is not None:
         above = np.flatnonzero(scores >= cfg.min_score)
         eligible, scores = eligible.take(above), scores[above]
@@ -347,7 +298,7 @@ def select(store, cfg: SelectConfig) -> Selection:
         chosen = _balanced(ranked, {pid: {cfg.balance: v} for pid, v in zip(eligible.ids, column)}, cfg.balance, k,
                            dict(cfg.balance_weights) if cfg.balance_weights else None)
     else:
-        chosen = _mmr(ranked, score_of, k, cfg.diverse, directory)
+        chosen = _mmr(ranked, score_of, k, cfg.diverse, train)
     return Selection(chosen, [score_of[p] for p in chosen], len(ranked), cfg)
 
 
