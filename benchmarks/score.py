@@ -144,7 +144,7 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
 
     from gradsel.gradients import (PLAIN, Packing, alignment_cost, exact_parameters, exact_problem_gradient, head_features, make_spec,
                                    pack_batches, projected_features, truncate_validation_gradient, validation_gradient)
-    from gradsel.gradients.loss import _batch_tensors, _weighted_nll
+    from gradsel.gradients.loss import batch_tensors, weighted_nll
 
     torch.manual_seed(0)
     model, groups, n_tokens = workload(model_name, n_problems, k, shape)
@@ -174,8 +174,8 @@ def run_arm(arm: str, model_name: str, n_problems: int, k: int, repeats: int, bu
                 p.requires_grad_(True)
             model.zero_grad(set_to_none=True)
             for rows in pack_batches(groups, "seq-mean-token-mean", budget):  # one sequence per rollout
-                batch = _batch_tensors(rows, 0, device)
-                _weighted_nll(model(**batch.model_inputs(model)).logits, batch.ids, batch.weights).backward()
+                batch = batch_tensors(rows, 0, device)
+                weighted_nll(model(**batch.model_inputs(model)).logits, batch.ids, batch.weights).backward()
         elif arm in ("projected", "exact-align", "sketch", "shared"):
             projected_features(model, groups, spec, loss_agg="seq-mean-token-mean", pad_id=0, max_tokens=budget,
                                val_grad=val_grad, device=device, packing=Packing() if arm == "shared" else PLAIN)

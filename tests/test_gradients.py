@@ -255,22 +255,22 @@ def test_weighted_nll_is_the_shifted_token_loss():
     """The fused loss equals sum_t w_t * -log softmax(logits_t)[ids_{t+1}], written out."""
     import torch
 
-    from gradsel.gradients.loss import _weighted_nll
+    from gradsel.gradients.loss import weighted_nll
 
     torch.manual_seed(0)
     logits, ids, w = torch.randn(3, 7, 11), torch.randint(0, 11, (3, 7)), torch.rand(3, 7)
-    w[:, -1] = 0  # as _batch_tensors guarantees: the last position predicts nothing
+    w[:, -1] = 0  # as batch_tensors guarantees: the last position predicts nothing
     logp = torch.log_softmax(logits, dim=-1)
     expected = sum(-w[b, t] * logp[b, t, ids[b, t + 1]] for b in range(3) for t in range(6))
-    assert torch.allclose(_weighted_nll(logits, ids, w), expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(weighted_nll(logits, ids, w), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
     """Gathering the response positions before the output layer changes no value and no gradient."""
-    from gradsel.gradients.loss import _batch_tensors, _weighted_nll, pack_batches, policy_loss
+    from gradsel.gradients.loss import batch_tensors, weighted_nll, pack_batches, policy_loss
 
     model = load_causal_lm("tiny-arith")
-    batch = _batch_tensors(next(pack_batches(toy_groups(seed=3), LOSS_AGG, 200)), 0, "cpu")
+    batch = batch_tensors(next(pack_batches(toy_groups(seed=3), LOSS_AGG, 200)), 0, "cpu")
     ids, mask, weights = batch.ids, batch.mask, batch.weights
     params = exact_parameters(model, [n for n, _ in model.named_parameters()])
     results = []
@@ -280,7 +280,7 @@ def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in params]))
     (gathered, g_grads), (full, f_grads) = results
-    assert torch.allclose(full, _weighted_nll(model(input_ids=ids, attention_mask=mask).logits, ids, weights))
+    assert torch.allclose(full, weighted_nll(model(input_ids=ids, attention_mask=mask).logits, ids, weights))
     assert 0 < int((weights != 0).sum()) < weights.numel()  # prompt and padding positions were left out
     assert torch.allclose(gathered, full, rtol=1e-5, atol=1e-7)
     for a, b in zip(g_grads, f_grads):

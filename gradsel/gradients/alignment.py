@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gradsel.core.errors import GradselError
-from gradsel.gradients.exact import _parameter_gradients, exact_parameters
+from gradsel.gradients.exact import parameter_gradients, exact_parameters
 from gradsel.gradients.loss import Packing, ProblemRollouts
 from gradsel.gradients.units import resolve_units
 
@@ -27,7 +27,7 @@ def validation_gradient(model, groups: Sequence[ProblemRollouts], module_names: 
         groups = [replace(g, advantages=[a * s for a in g.advantages]) for g, s in zip(groups, scales)]
     units = resolve_units(model, module_names)
     params = exact_parameters(model, [u.parameter_name for u in units])
-    grads = _parameter_gradients(model, groups, params, loss_agg=loss_agg, pad_id=pad_id, device=device,
+    grads = parameter_gradients(model, groups, params, loss_agg=loss_agg, pad_id=pad_id, device=device,
                                  max_tokens=max_tokens, packing=packing)
     grads = [u.gradient_matrix(g) for u, g in zip(units, grads)]
     total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))

@@ -9,7 +9,7 @@ from functools import partial
 
 from gradsel.core.errors import GradselError
 from gradsel.gradients.alignment import LowRank
-from gradsel.gradients.loss import (Packing, ProblemRollouts, _batch_tensors, _output_layer_sees, pack_batches,
+from gradsel.gradients.loss import (Packing, ProblemRollouts, batch_tensors, output_layer_sees, pack_batches,
                                     packing_for, policy_loss)
 from gradsel.gradients.sketch import ProjectorSpec, block_outer, expert_signs, module_projections
 from gradsel.gradients.units import CaptureUnit, requires_grad_only, resolve_units
@@ -255,7 +255,7 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
     packing = packing_for(model, packing)
     with requires_grad_only(model), _capture(units, projections, acc, batch_slots, spec.blocks, signs, val_grad, dots):
         for rows in pack_batches(groups, loss_agg, max_tokens, packing.share_prompts):
-            batch = _batch_tensors(rows, pad_id, device, packing.padding_side)
+            batch = batch_tensors(rows, pad_id, device, packing.padding_side)
             batch_slots.current = batch.slots
             policy_loss(model, batch, all_logits=head_hooked).backward()
             if progress:
@@ -276,11 +276,11 @@ def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec,
     packing = packing_for(model, packing)
     with torch.no_grad():
         for packed in pack_batches(groups, loss_agg, max_tokens, packing.share_prompts):
-            batch = _batch_tensors(packed, pad_id, device, packing.padding_side)
+            batch = batch_tensors(packed, pad_id, device, packing.padding_side)
             ids, weights, slots = batch.ids, batch.weights, batch.slots
             rows, cols = torch.nonzero(weights, as_tuple=True)  # response positions only: (N,)
             captured = {}
-            with _output_layer_sees(model, rows, cols, captured):
+            with output_layer_sees(model, rows, cols, captured):
                 logits = model(**batch.model_inputs(model)).logits[0].float()  # (N, V)
             if "h" not in captured:  # the model computed its logits without calling its output module
                 raise GradselError(f"{type(model).__name__} does not call its output layer as a module, so "

@@ -248,7 +248,7 @@ def _attention_masks(model, attend, positions):
     return additive(windowed() if window is not None else attend)
 
 
-def _batch_tensors(batch: Sequence[PackedSequence] | Sequence[SharedPromptRow], pad_id: int, device,
+def batch_tensors(batch: Sequence[PackedSequence] | Sequence[SharedPromptRow], pad_id: int, device,
                    padding_side: str = "right") -> PackedBatch:
     """A packed batch's tensors, each row's padding on `padding_side`. Every row's last real
     position predicts nothing (weight 0)."""
@@ -296,11 +296,11 @@ def _batch_tensors(batch: Sequence[PackedSequence] | Sequence[SharedPromptRow], 
                        positions=positions.to(device), segments=segments.to(device))
 
 
-def _weighted_nll(logits, ids, weights):
+def weighted_nll(logits, ids, weights):
     """sum_t w_t * nll(ids[t+1] | logits[t]), in float32.
 
     Fused cross-entropy over every position, the targets shifted left by one: the last position
-    of each row has weight 0 (_batch_tensors), so its stand-in target never counts, and no
+    of each row has weight 0 (batch_tensors), so its stand-in target never counts, and no
     (batch, seq - 1, vocab) copy of the logits is made."""
     import torch
     import torch.nn.functional as F
@@ -311,7 +311,7 @@ def _weighted_nll(logits, ids, weights):
 
 
 @contextmanager
-def _output_layer_sees(model, rows, cols, captured: dict | None = None):
+def output_layer_sees(model, rows, cols, captured: dict | None = None):
     """Feed the output layer only the hidden states at (rows, cols): (B, T, d) -> (1, N, d).
     The model's own code after the layer (logit soft-capping, say) still runs."""
     def gather(module, args):
@@ -340,12 +340,12 @@ def policy_loss(model, batch: PackedBatch, *, all_logits: bool = False):
 
     ids, weights = batch.ids, batch.weights
     if all_logits:
-        return _weighted_nll(model(**batch.model_inputs(model)).logits, ids, weights)
+        return weighted_nll(model(**batch.model_inputs(model)).logits, ids, weights)
     rows, cols = torch.nonzero(weights, as_tuple=True)  # the last position of a row never has weight
-    with _output_layer_sees(model, rows, cols):
+    with output_layer_sees(model, rows, cols):
         logits = model(**batch.model_inputs(model)).logits
     if logits.shape[:2] != (1, rows.numel()):  # a model that bypasses its output module's forward
-        return _weighted_nll(logits, ids, weights)
+        return weighted_nll(logits, ids, weights)
     nll = F.cross_entropy(logits[0].float(), ids[rows, cols + 1], reduction="none")
     return (nll * weights[rows, cols]).sum()
 
@@ -402,7 +402,7 @@ def _probe_shared_rows(model) -> str | None:
     device = next(model.parameters()).device
 
     def response_logits(share: bool):
-        batch = _batch_tensors(next(pack_batches([group], "seq-mean-token-sum", 1 << 30, share)), 0, device)
+        batch = batch_tensors(next(pack_batches([group], "seq-mean-token-sum", 1 << 30, share)), 0, device)
         with torch.no_grad():
             logits = model(**batch.model_inputs(model)).logits.float()
         # per response (its weight tells it apart), the logits at its weighted positions in order
