@@ -42,7 +42,7 @@ from gradsel.gradients.stage import ScoreConfig, parse_sketch
 from gradsel.selection.modes import MODES
 from gradsel.selection.select import SelectConfig, mode_scores, select
 from gradsel.store.vectors import VectorSet
-from gradsel.store.stages import open_store
+from gradsel.store.directory import open_store
 from gradsel.demo.tasks import write_regime
 from benchmarks.truth import model_wrong_key, regime_truth
 

@@ -30,7 +30,7 @@ from gradsel.inputs.problems import read_problems
 from gradsel.rollout.prompts import encode_prompts
 from gradsel.rollout.stage import (HFEngine, SamplingConfig, VLLMEngine, problem_seed,
                              run_rollout_stage)
-from gradsel.store.stages import open_store
+from gradsel.store.directory import open_store
 from gradsel.demo.tasks import write_regime
 
 

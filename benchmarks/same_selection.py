@@ -23,7 +23,7 @@ from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.gradients.stage import ScoreConfig
 from gradsel.selection.modes import MODES, REGISTRY as MODE_RECORDS
 from gradsel.selection.select import SelectConfig, select
-from gradsel.store.stages import open_store
+from gradsel.store.directory import open_store
 from gradsel.demo.tasks import write_regime
 
 

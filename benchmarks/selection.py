@@ -30,7 +30,7 @@ import pyarrow as pa
 def build_store(root: Path, n: int, dim: int, shard: int = 65536) -> None:
     from gradsel.core.fsutil import atomic_write_json, atomic_write_table
     from gradsel.core.schema import PROBLEMS, SCORES, vectors_table
-    from gradsel.store.stages import FORMAT_VERSION, write_shard
+    from gradsel.store.directory import FORMAT_VERSION, write_shard
 
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)

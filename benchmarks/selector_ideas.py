@@ -25,7 +25,7 @@ from benchmarks.quality import auroc
 from gradsel.selection.targets import module_bases
 from gradsel.store.vectors import VectorSet
 from gradsel.selection.select import load_scores
-from gradsel.store.stages import open_store
+from gradsel.store.directory import open_store
 from benchmarks.truth import regime_truth
 
 

@@ -13,7 +13,7 @@ from gradsel.inputs.problems import read_problems
 from gradsel.rollout.stage import SamplingConfig, run_rollout_stage
 from gradsel.core.schema import ROLLOUTS
 from gradsel.inputs.snapshot import snapshot_into_store
-from gradsel.store.stages import open_store
+from gradsel.store.directory import open_store
 
 
 def rollout_into(store_dir, pool, n=4, split="train"):

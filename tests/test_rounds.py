@@ -13,7 +13,7 @@ from gradsel.core.errors import GradselError
 from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import read_problems
 from gradsel.pipeline.rounds import round_selection
-from gradsel.store.stages import writer_lock
+from gradsel.store.directory import writer_lock
 from gradsel.demo.tasks import write_regime
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]

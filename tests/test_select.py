@@ -16,7 +16,7 @@ from gradsel.inputs.problems import read_problems
 from gradsel.rollout.stage import problems_to_table
 from gradsel.core.schema import SCORES, vectors_table
 from gradsel.selection.select import SelectConfig, select
-from gradsel.store.stages import FORMAT_VERSION, Store, write_shard
+from gradsel.store.directory import FORMAT_VERSION, Store, write_shard
 
 SPEC = {"feature": "projected", "seed": 0, "k_out": 2, "k_in": 2, "blocks": 1, "modules": ["m"],
         "dims": [[4, 4]], "dtype": "float32", "kind": "rademacher"}

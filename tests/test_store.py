@@ -7,11 +7,11 @@ import sys
 import pytest
 
 from gradsel.core.errors import GradselError
-from gradsel.store.stages import FORMAT_VERSION, Store, writer_lock
+from gradsel.store.directory import FORMAT_VERSION, Store, writer_lock
 
 
 def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom gradsel.store.stages import writer_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom gradsel.store.directory import writer_lock\n"
                                f"with writer_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n"
                                "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:

@@ -140,7 +140,7 @@ def _store_access(store: Path, part):
     """One writer per store, except `--shard` parts, which share it through per-shard locks."""
     from contextlib import nullcontext
 
-    from gradsel.store.stages import writer_lock
+    from gradsel.store.directory import writer_lock
 
     return nullcontext() if part is not None else writer_lock(store)
 
@@ -154,7 +154,7 @@ def snapshot(
 ) -> None:
     """Record a checkpoint's identity (path, config, content hash) in a store."""
     from gradsel.inputs.snapshot import snapshot_into_store
-    from gradsel.store.stages import open_store, writer_lock
+    from gradsel.store.directory import open_store, writer_lock
 
     console.protect_stdout()
     with writer_lock(store):
@@ -262,7 +262,7 @@ def rollout(
     from gradsel.inputs.problems import read_problems
     from gradsel.rollout.stage import SamplingConfig, VLLMOptions, run_rollout_stage, table_pass_rates
     from gradsel.inputs.snapshot import loadable_path, snapshot_into_store
-    from gradsel.store.stages import open_store, parse_part
+    from gradsel.store.directory import open_store, parse_part
 
     console.protect_stdout()
     part = parse_part(shard) if shard else None
@@ -335,7 +335,7 @@ def score(
     """
     from gradsel.pipeline.score import RolloutOptions, run_score
     from gradsel.gradients.stage import ScoreConfig, parse_sketch
-    from gradsel.store.stages import parse_part
+    from gradsel.store.directory import parse_part
 
     console.protect_stdout()
     ro = RolloutOptions(n=n, n_val=n_val, engine=engine.value, temperature=temperature, top_p=top_p,
@@ -492,7 +492,7 @@ def select_cmd(
     selection: SelectionOptions = None,
 ) -> None:
     from gradsel.pipeline.rounds import latest_round_store, select_emit_record
-    from gradsel.store.stages import existing_store
+    from gradsel.store.directory import existing_store
 
     console.protect_stdout()
     cfg = selection.config()
@@ -526,7 +526,7 @@ def report(
     selection: SelectionOptions = None,
 ) -> None:
     from gradsel.review.report import write_report
-    from gradsel.store.stages import existing_store
+    from gradsel.store.directory import existing_store
     from gradsel.review.summary import human_bytes
 
     console.protect_stdout()
@@ -555,7 +555,7 @@ def refresh(
     selection: SelectionOptions = None,
 ) -> None:
     from gradsel.pipeline.rounds import refresh as refresh_round, round_dir, select_emit_record
-    from gradsel.store.stages import writer_lock
+    from gradsel.store.directory import writer_lock
 
     console.protect_stdout()
     cfg = selection.config()

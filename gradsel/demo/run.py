@@ -17,7 +17,7 @@ from gradsel.inputs.problems import read_problems
 from gradsel.gradients.stage import ScoreConfig
 from gradsel.selection.formats import write_selection
 from gradsel.selection.select import SelectConfig, select
-from gradsel.store.stages import open_store
+from gradsel.store.directory import open_store
 from gradsel.demo.tasks import write_regime
 
 # The paper's method as published (`--mode gradalign`: the cosine with the validation set's

@@ -34,7 +34,7 @@ from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TI
                                truncate_validation_gradient, validation_gradient, zero_validation_gradient)
 from gradsel.store.vectors import VectorSet
 from gradsel.store.stage import Stage
-from gradsel.store.stages import cost_since, shard_path, stable_key
+from gradsel.store.directory import cost_since, shard_path, stable_key
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def recorded_selection(store_dir: str | Path, round_index: int | None = None) ->
     the latest complete round by default. A latest round without a selection is refused rather
     than answered with an older round's: that one was already trained on."""
     from gradsel.pipeline.rounds import round_dir, round_selection
-    from gradsel.store.stages import existing_store
+    from gradsel.store.directory import existing_store
 
     store = existing_store(store_dir)
     manifest = store.read_manifest()

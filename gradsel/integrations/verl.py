@@ -77,7 +77,7 @@ def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_
     from gradsel.pipeline.rounds import round_dir
     from gradsel.selection.formats import check_out_path, write_selection
     from gradsel.selection.select import Selection, SelectConfig
-    from gradsel.store.stages import Store
+    from gradsel.store.directory import Store
 
     if train_batch_size < 1 or epochs < 1:
         raise GradselError("--train-batch-size and --epochs must be at least 1", "for example --train-batch-size 256 --epochs 1")
@@ -137,7 +137,7 @@ def ranking_rows(store: Path, audit: Path | None = None) -> list[dict]:
     from gradsel.pipeline.rounds import round_dir
     from gradsel.selection.modes import judge_reliability
     from gradsel.selection.select import Candidates
-    from gradsel.store.stages import Store, existing_store
+    from gradsel.store.directory import Store, existing_store
 
     manifest = existing_store(store).read_manifest()
     if not manifest.get("rounds_store"):

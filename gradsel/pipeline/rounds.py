@@ -30,7 +30,7 @@ from gradsel.pipeline.score import RolloutOptions, ScoreResult, run_score
 from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import is_jsonl, original_rows, read_problems
 from gradsel.gradients.stage import ScoreConfig
-from gradsel.store.stages import FORMAT_VERSION, Store, open_store
+from gradsel.store.directory import FORMAT_VERSION, Store, open_store
 
 
 def round_dir(root: Path, index: int) -> Path:

@@ -13,7 +13,7 @@ from gradsel.rewards.registry import check_rewards, promises_one_answer, resolve
 from gradsel.rollout.stage import LazyEngine, SamplingConfig, VLLMOptions, rollout_stage, run_rollout_stage
 from gradsel.gradients.stage import ScoreConfig, score_stage
 from gradsel.inputs.snapshot import loadable_path, snapshot_into_store
-from gradsel.store.stages import open_store
+from gradsel.store.directory import open_store
 
 
 @dataclass(frozen=True)

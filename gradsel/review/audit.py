@@ -127,7 +127,7 @@ def _read_stage_problems(stage: Path) -> list[Problem]:
 
 def _read_stage(stage: Path) -> _Rollouts | None:
     from gradsel.rollout.stage import read_rollout_shard
-    from gradsel.store.stages import shard_done
+    from gradsel.store.directory import shard_done
 
     if not (stage / "problems.parquet").is_file():
         return None
@@ -148,7 +148,7 @@ def store_stages(root: Path) -> tuple[list[_Rollouts], dict]:
     """The train rollouts of a store, oldest round first (one stage for a store without rounds),
     and the top manifest."""
     from gradsel.pipeline.rounds import round_dir
-    from gradsel.store.stages import existing_store
+    from gradsel.store.directory import existing_store
 
     manifest = existing_store(root).read_manifest()
     dirs = ([round_dir(root, e["round"]) / "rollouts" / "train" for e in manifest.get("rounds", [])]
@@ -442,7 +442,7 @@ def store_checkpoint(root: Path, manifest: dict) -> Path:
     """The checkpoint the store's latest rollouts were made with."""
     from gradsel.pipeline.rounds import latest_round_store
     from gradsel.inputs.snapshot import Snapshot, loadable_path
-    from gradsel.store.stages import Store
+    from gradsel.store.directory import Store
 
     sub = Store(latest_round_store(root))
     snap = sub.read_manifest().get("snapshot")

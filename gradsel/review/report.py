@@ -45,7 +45,7 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     from gradsel.pipeline.rounds import latest_round_store
     from gradsel.selection.select import Candidates, load_score_table, mode_score_array, select
     from gradsel.selection.targets import resolve_target
-    from gradsel.store.stages import existing_store
+    from gradsel.store.directory import existing_store
     from gradsel.review.summary import store_summary
 
     summary = store_summary(store_dir)

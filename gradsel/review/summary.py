@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gradsel.core import console
-from gradsel.store.stages import Store, existing_store
+from gradsel.store.directory import Store, existing_store
 
 
 def store_summary(path: Path) -> dict:

@@ -24,7 +24,7 @@ from gradsel.inputs.problems import Problem
 from gradsel.rewards.registry import answer_classes, check_rewards, resolve_reward
 from gradsel.rollout.prompts import encode_prompts, prompt_limit, too_long_error
 from gradsel.store.stage import Stage
-from gradsel.store.stages import shard_done, shard_path, shard_record, stable_key, stage_complete
+from gradsel.store.directory import shard_done, shard_path, shard_record, stable_key, stage_complete
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradsel.store.stages import (Part, Store, check_stage_key, make_shards, mark_stage_complete, shard_done,
+from gradsel.store.directory import (Part, Store, check_stage_key, make_shards, mark_stage_complete, shard_done,
                                   stage_complete, stage_cost)
 
 

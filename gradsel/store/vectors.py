@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from gradsel.core.errors import GradselError
-from gradsel.store.stages import shard_marker
+from gradsel.store.directory import shard_marker
 
 READ_ROWS = 16384
 READ_BYTES = 512 << 20  # a 7B model's ~200 modules x 256 would make 16,384 rows 3.3 GB of float32
