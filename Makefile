@@ -49,6 +49,8 @@ demo: install
 # The default suite: everything but the trainers' own training loops (marker `trainer`), which
 # `make test-trainers` runs; CI runs both, this one first.
 test: install trainer-envs
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -m "not trainer"
 
 test-trainers: install trainer-envs

@@ -66,8 +66,11 @@ def audit_figures(store: Path, chunk: list[str], wrong_ids: set[str], truth: dic
     stages, _ = store_stages(store)
     ev = [e for e in audit_stages(stages, AuditConfig(threshold=threshold)).evidence if e.problem_id in set(chunk)]
     wrong = np.array([e.problem_id in wrong_ids for e in ev])
-    out: dict = {"problems": len(ev), "wrong": int(wrong.sum()),
-                 "with_history": int(sum(e.history_signal is not None for e in ev))}
+    out: dict = {
+        "problems": len(ev),
+        "wrong": int(wrong.sum()),
+        "with_history": int(sum(e.history_signal is not None for e in ev)),
+    }
 
     def score(name: str, values) -> None:
         s = np.array(values, dtype=float)
@@ -78,8 +81,10 @@ def audit_figures(store: Path, chunk: list[str], wrong_ids: set[str], truth: dic
     score("history_signal", [e.history_signal if e.history_signal is not None else 0.0 for e in ev])
     score("key_trend", [-(e.key_share_trend or 0.0) for e in ev])
     # The old rule, for the record: history averaged in as one more signal, 0 when flat or paid.
-    old = [min(1.0, (e.rollout_signal + max(0.0, e.history_signal or 0.0)) / 2) if e.rounds > 1 else e.rollout_signal
-           for e in ev]
+    old = [
+        min(1.0, (e.rollout_signal + max(0.0, e.history_signal or 0.0)) / 2) if e.rounds > 1 else e.rollout_signal
+        for e in ev
+    ]
     score("suspicion_old_rule", old)
     at = {}
     for w in HISTORY_WEIGHTS:
@@ -87,13 +92,19 @@ def audit_figures(store: Path, chunk: list[str], wrong_ids: set[str], truth: dic
         score(f"suspicion_w{w}", s)
         listed = [e for e, v in zip(ev, s) if v >= threshold and v > 0]
         hits = sum(e.problem_id in wrong_ids for e in listed)
-        at[w] = {"listed": len(listed), "precision": round(hits / len(listed), 3) if listed else None,
-                 "recall": round(hits / wrong.sum(), 3) if wrong.sum() else None,
-                 "proposed_true": round(sum(e.proposed_key == truth[e.problem_id] for e in listed) / len(listed), 3)
-                 if listed else None}
+        at[w] = {
+            "listed": len(listed),
+            "precision": round(hits / len(listed), 3) if listed else None,
+            "recall": round(hits / wrong.sum(), 3) if wrong.sum() else None,
+            "proposed_true": round(sum(e.proposed_key == truth[e.problem_id] for e in listed) / len(listed), 3)
+            if listed
+            else None,
+        }
     listed = [e for e, v in zip(ev, old) if v >= threshold and v > 0]
-    at["old_rule"] = {"listed": len(listed), "precision": round(sum(e.problem_id in wrong_ids for e in listed) / len(listed), 3)
-                      if listed else None}
+    at["old_rule"] = {
+        "listed": len(listed),
+        "precision": round(sum(e.problem_id in wrong_ids for e in listed) / len(listed), 3) if listed else None,
+    }
     out["at_threshold"] = at
     out["suspects"] = sorted(e.problem_id for e in ev if e.suspect)
     return out
@@ -108,8 +119,9 @@ def run_seed(seed: int, args, loop) -> None:
     data = work / "data"
     model0 = str(loop_model())
     if not (data / "pool.truth.json").is_file():
-        write_regime(data, "wrong-answer", size=args.size, val_size=args.val_size, seed=seed,
-                     wrong_key=model_wrong_key(model0))
+        write_regime(
+            data, "wrong-answer", size=args.size, val_size=args.val_size, seed=seed, wrong_key=model_wrong_key(model0)
+        )
     wrong_ids = set(json.loads((data / "pool.truth.json").read_text())["wrong_answer_ids"])
     from gradsel.inputs.problems import read_problems
 
@@ -118,9 +130,27 @@ def run_seed(seed: int, args, loop) -> None:
     store0 = work / "store0"
     if not (work / "store0.done").is_file():
         shutil.rmtree(store0, ignore_errors=True)
-        gradsel("score", "--model", model0, "--pool", str(data / "pool.parquet"), "--val", str(data / "val.parquet"),
-                "--store", str(store0), "--chunk-size", str(args.size), "--engine", "hf", "--max-tokens", "8",
-                "--n", str(args.n), "--seed", str(seed))
+        gradsel(
+            "score",
+            "--model",
+            model0,
+            "--pool",
+            str(data / "pool.parquet"),
+            "--val",
+            str(data / "val.parquet"),
+            "--store",
+            str(store0),
+            "--chunk-size",
+            str(args.size),
+            "--engine",
+            "hf",
+            "--max-tokens",
+            "8",
+            "--n",
+            str(args.n),
+            "--seed",
+            str(seed),
+        )
         (work / "store0.done").write_text("")
     base_acc = loop.heldout_accuracy(model0)
     for arm in ["default", *args.arms]:
@@ -150,8 +180,11 @@ def run_arm(arm, work, data, store0, seed, wrong_ids, truth, base_acc, args, loo
         train_pool = out / "pool.fixed.parquet"
         gradsel("audit", "--store", str(store), "--fix", str(train_pool), "--force")
         changes = [json.loads(line) for line in (out / "pool.fixed.parquet.changes.jsonl").read_text().splitlines()]
-        rows[0]["fix"] = {"changed": len(changes), "changed_wrong": sum(c["problem_id"] in wrong_ids for c in changes),
-                          "changed_to_true": sum(c["new_key"] == truth[c["problem_id"]] for c in changes)}
+        rows[0]["fix"] = {
+            "changed": len(changes),
+            "changed_wrong": sum(c["problem_id"] in wrong_ids for c in changes),
+            "changed_to_true": sum(c["new_key"] == truth[c["problem_id"]] for c in changes),
+        }
     for r in range(args.rounds):
         row: dict = {"seed": seed, "arm": arm, "round": r}
         subset = out / f"round{r}.parquet"
@@ -164,17 +197,41 @@ def run_arm(arm, work, data, store0, seed, wrong_ids, truth, base_acc, args, loo
                 suspects = set(row["audit"].pop("suspects"))
                 ranked = select_ids(store, out / "ranked.txt", "--all")
                 sunk = [i for i in ranked if i not in suspects] + [i for i in ranked if i in suspects]
-                rand = select_ids(store, out / "random.txt", "--top-k", str(args.top_k), "--allow-fewer",
-                                  "--mode", "random", "--seed", str(seed))
+                rand = select_ids(
+                    store,
+                    out / "random.txt",
+                    "--top-k",
+                    str(args.top_k),
+                    "--allow-fewer",
+                    "--mode",
+                    "random",
+                    "--seed",
+                    str(seed),
+                )
                 row["selection_wrong_share"] = {
-                    "chunk": wrong_share(chunk, wrong_ids), "eligible": wrong_share(ranked, wrong_ids),
-                    "random": wrong_share(rand, wrong_ids), "default": wrong_share(ranked[:args.top_k], wrong_ids),
-                    "default_suspects_sunk": wrong_share(sunk[:args.top_k], wrong_ids)}
+                    "chunk": wrong_share(chunk, wrong_ids),
+                    "eligible": wrong_share(ranked, wrong_ids),
+                    "random": wrong_share(rand, wrong_ids),
+                    "default": wrong_share(ranked[: args.top_k], wrong_ids),
+                    "default_suspects_sunk": wrong_share(sunk[: args.top_k], wrong_ids),
+                }
                 print(json.dumps(row), flush=True)
             mode = [] if arm == "default" else ["--mode", "random", "--seed", str(seed)]
             # The last select records the round's selection (what refresh leaves out next round).
-            gradsel("select", "--store", str(store), "--format", "verl", "--out", str(subset), "--force",
-                    "--top-k", str(args.top_k), "--allow-fewer", *mode)
+            gradsel(
+                "select",
+                "--store",
+                str(store),
+                "--format",
+                "verl",
+                "--out",
+                str(subset),
+                "--force",
+                "--top-k",
+                str(args.top_k),
+                "--allow-fewer",
+                *mode,
+            )
         else:
             shutil.copyfile(train_pool, subset)
         import pyarrow.parquet as pq

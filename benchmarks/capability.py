@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
+from gradsel.demo.tasks import make_regime
 from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import problem_from_row
 from gradsel.rollout.stage import SamplingConfig, make_engine, pass_rates, rollout_batches
-from gradsel.demo.tasks import make_regime
 
 
 def main() -> None:

@@ -46,11 +46,27 @@ def check_projection(work: Path) -> dict:
     from gradsel.demo.tasks import write_regime
 
     write_regime(work / "data", "noisy", size=200, val_size=40, seed=0)
-    common = ["score", "--model", "tiny-arith", "--pool", str(work / "data/pool.parquet"), "--val",
-              str(work / "data/val.parquet"), "--engine", "hf", "--max-tokens", "8", "--alignment", "lowrank"]
+    common = [
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(work / "data/pool.parquet"),
+        "--val",
+        str(work / "data/val.parquet"),
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "8",
+        "--alignment",
+        "lowrank",
+    ]
     out = {}
-    for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda"]),
-                        ("cuda-bf16", ["--device", "cuda", "--dtype", "bfloat16"])):
+    for name, extra in (
+        ("cpu", ["--device", "cpu"]),
+        ("cuda", ["--device", "cuda"]),
+        ("cuda-bf16", ["--device", "cuda", "--dtype", "bfloat16"]),
+    ):
         store = work / f"store-{name}"
         if name != "cpu":  # the CPU store's rollouts, reused: only the gradients are computed again
             shutil.copytree(work / "store-cpu", store, ignore=shutil.ignore_patterns("features"))
@@ -59,9 +75,11 @@ def check_projection(work: Path) -> dict:
         out[name] = {"seconds": time.perf_counter() - t, "cos": train_cos(store)}
     ids = sorted(out["cpu"]["cos"])
     ref = [out["cpu"]["cos"][i] for i in ids]
-    return {"cuda_vs_cpu_spearman": spearman([out["cuda"]["cos"][i] for i in ids], ref),
-            "bf16_vs_cpu_spearman": spearman([out["cuda-bf16"]["cos"][i] for i in ids], ref),
-            "seconds": {k: round(v["seconds"], 1) for k, v in out.items()}}
+    return {
+        "cuda_vs_cpu_spearman": spearman([out["cuda"]["cos"][i] for i in ids], ref),
+        "bf16_vs_cpu_spearman": spearman([out["cuda-bf16"]["cos"][i] for i in ids], ref),
+        "seconds": {k: round(v["seconds"], 1) for k, v in out.items()},
+    }
 
 
 def check_vllm(work: Path) -> dict:
@@ -69,9 +87,12 @@ def check_vllm(work: Path) -> dict:
 
     t = time.perf_counter()
     result = json.loads(gradsel("demo", "--out", str(work / "demo"), "--engine", "vllm"))
-    return {"vllm": vllm.__version__, "seconds": round(time.perf_counter() - t, 1),
-            "reliable_corrupted_share": result["modes"]["reliable"]["corrupted_share"],
-            "spearman": result["projected_vs_exact_spearman"]}
+    return {
+        "vllm": vllm.__version__,
+        "seconds": round(time.perf_counter() - t, 1),
+        "reliable_corrupted_share": result["modes"]["reliable"]["corrupted_share"],
+        "spearman": result["projected_vs_exact_spearman"],
+    }
 
 
 def check_faiss() -> dict:
@@ -87,8 +108,11 @@ def check_faiss() -> dict:
     gpu = faiss.index_cpu_to_all_gpus(cpu)
     t = time.perf_counter()
     _, got = gpu.search(q, 10)
-    return {"gpus": faiss.get_num_gpus(), "top10_agreement": float((got == want).mean()),
-            "search_s": round(time.perf_counter() - t, 3)}
+    return {
+        "gpus": faiss.get_num_gpus(),
+        "top10_agreement": float((got == want).mean()),
+        "search_s": round(time.perf_counter() - t, 3),
+    }
 
 
 def main() -> None:
@@ -97,14 +121,20 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    results: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                     "torch": torch.__version__}
+    results: dict = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
     failed = False
     for name, check, ok in (
-            ("projection", lambda: check_projection(args.out / "projection"),
-             lambda r: r["cuda_vs_cpu_spearman"] >= 0.99 and r["bf16_vs_cpu_spearman"] >= 0.9),
-            ("vllm", lambda: check_vllm(args.out), lambda r: r["reliable_corrupted_share"] <= 0.5),
-            ("faiss", check_faiss, lambda r: r["gpus"] >= 1 and r["top10_agreement"] >= 0.99)):
+        (
+            "projection",
+            lambda: check_projection(args.out / "projection"),
+            lambda r: r["cuda_vs_cpu_spearman"] >= 0.99 and r["bf16_vs_cpu_spearman"] >= 0.9,
+        ),
+        ("vllm", lambda: check_vllm(args.out), lambda r: r["reliable_corrupted_share"] <= 0.5),
+        ("faiss", check_faiss, lambda r: r["gpus"] >= 1 and r["top10_agreement"] >= 0.99),
+    ):
         try:
             results[name] = check()
             passed = ok(results[name])

@@ -33,7 +33,10 @@ def exact_cosines(store: Path, problem_ids: list[str]):
     import pyarrow.parquet as pq
 
     for spec in sorted(store.glob("features/*/spec.json")):
-        if json.loads(spec.read_text())["projector"]["feature"] == "exact" and (spec.parent / "scores.parquet").exists():
+        if (
+            json.loads(spec.read_text())["projector"]["feature"] == "exact"
+            and (spec.parent / "scores.parquet").exists()
+        ):
             table = pq.read_table(spec.parent / "scores.parquet").to_pydict()
             cos = dict(zip(table["problem_id"], table["score_cos"]))
             return np.array([cos[p] for p in problem_ids])
@@ -44,15 +47,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, required=True, help="a store scored with --model tiny-arith")
     ap.add_argument("--caps", type=float, nargs="+", default=[1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0])
-    ap.add_argument("--tiles", type=int, nargs="+", default=[1, 16],
-                    help="ranks rounded up to a multiple of this (gradsel's default: 16)")
+    ap.add_argument(
+        "--tiles",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        help="ranks rounded up to a multiple of this (gradsel's default: 16)",
+    )
     args = ap.parse_args()
 
     import numpy as np
 
     from gradsel.demo.run import spearman
-    from gradsel.gradients import (LowRank, alignment_cost, groups_from_table, truncate_validation_gradient, make_spec,
-                                   projected_features, validation_gradient)
+    from gradsel.gradients import (
+        LowRank,
+        alignment_cost,
+        groups_from_table,
+        make_spec,
+        projected_features,
+        truncate_validation_gradient,
+        validation_gradient,
+    )
     from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
     model = load_causal_lm("tiny-arith")

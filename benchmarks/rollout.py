@@ -25,13 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from gradsel.demo.tasks import write_regime
 from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import read_problems
 from gradsel.rollout.prompts import encode_prompts
-from gradsel.rollout.stage import (HFEngine, SamplingConfig, VLLMEngine, problem_seed,
-                             run_rollout_stage)
+from gradsel.rollout.stage import HFEngine, SamplingConfig, VLLMEngine, problem_seed, run_rollout_stage
 from gradsel.store.directory import open_store
-from gradsel.demo.tasks import write_regime
 
 
 def main() -> None:
@@ -41,8 +40,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-only", action="store_true", help="time only the transformers engine")
-    ap.add_argument("--data", choices=("arith", "gsm8k"), default="arith",
-                    help="problems for --hf-only: the bundled arithmetic, or GSM8K word problems")
+    ap.add_argument(
+        "--data",
+        choices=("arith", "gsm8k"),
+        default="arith",
+        help="problems for --hf-only: the bundled arithmetic, or GSM8K word problems",
+    )
     ap.add_argument("--max-tokens", type=int, default=8)
     args = ap.parse_args()
     if args.hf_only:
@@ -58,8 +61,17 @@ def main() -> None:
     cfg = SamplingConfig(n=args.n, temperature=1.0, max_tokens=8, seed=0)
     engine = VLLMEngine(model)
     prompts = [{"prompt_token_ids": ids} for ids in encode_prompts(engine.tokenizer, problem_set.problems)]
-    params = [SamplingParams(n=cfg.n, temperature=1.0, top_p=1.0, max_tokens=cfg.max_tokens,
-                             seed=problem_seed(cfg.seed, p.problem_id), logprobs=0) for p in problem_set.problems]
+    params = [
+        SamplingParams(
+            n=cfg.n,
+            temperature=1.0,
+            top_p=1.0,
+            max_tokens=cfg.max_tokens,
+            seed=problem_seed(cfg.seed, p.problem_id),
+            logprobs=0,
+        )
+        for p in problem_set.problems
+    ]
     engine.llm.generate(prompts[:16], params[:16], use_tqdm=False)  # warm-up
 
     bare, ours, tokens = [], [], 0
@@ -70,8 +82,7 @@ def main() -> None:
         tokens = sum(len(o.token_ids) for out in outs for o in out.outputs)
         store = open_store(work / f"store{rep}")
         t = time.perf_counter()
-        run_rollout_stage(store, "train", problem_set, model_path=model, model_hash="bench", cfg=cfg,
-                          engine=engine)
+        run_rollout_stage(store, "train", problem_set, model_path=model, model_hash="bench", cfg=cfg, engine=engine)
         ours.append(time.perf_counter() - t)
 
     hf = HFEngine(model)
@@ -130,10 +141,14 @@ def hf_only(args) -> None:
     lengths = sorted(len(p) for p in prompts)
     median = statistics.median(times)
     print(f"gradsel from {Path(gradsel.__file__).parent}")
-    print(f"{args.size} problems x {args.n} samples, prompts {lengths[0]}-{lengths[-1]} tokens, "
-          f"max {args.max_tokens} new tokens, {tokens} generated tokens, model {args.model}")
-    print(f"hf engine: median {median:.2f} s of {args.repeats} ({', '.join(f'{t:.2f}' for t in times)}), "
-          f"{args.size / median:.2f} problems/s, {tokens / median:.0f} tokens/s")
+    print(
+        f"{args.size} problems x {args.n} samples, prompts {lengths[0]}-{lengths[-1]} tokens, "
+        f"max {args.max_tokens} new tokens, {tokens} generated tokens, model {args.model}"
+    )
+    print(
+        f"hf engine: median {median:.2f} s of {args.repeats} ({', '.join(f'{t:.2f}' for t in times)}), "
+        f"{args.size / median:.2f} problems/s, {tokens / median:.0f} tokens/s"
+    )
     print(f"hf engine CPU time: median {statistics.median(cpu):.2f} s ({', '.join(f'{t:.2f}' for t in cpu)})")
 
 

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gradsel.pipeline.score import RolloutOptions, run_score
+from gradsel.demo.tasks import write_regime
 from gradsel.gradients.stage import ScoreConfig
-from gradsel.selection.modes import MODES, REGISTRY as MODE_RECORDS
+from gradsel.pipeline.score import RolloutOptions, run_score
+from gradsel.selection.modes import MODES
+from gradsel.selection.modes import REGISTRY as MODE_RECORDS
 from gradsel.selection.select import SelectConfig, select
 from gradsel.store.directory import open_store
-from gradsel.demo.tasks import write_regime
 
 
 def compare(work: Path, regime: str, seed: int, size: int, val_size: int, n: int) -> dict:
@@ -36,18 +37,28 @@ def compare(work: Path, regime: str, seed: int, size: int, val_size: int, n: int
     # The same rollouts: a copy of the store without its features, scored again one sequence per rollout
     shutil.copytree(stores[True], stores[False])
     shutil.rmtree(stores[False] / open_store(stores[False]).read_manifest()["features"])
-    scores[False] = run_score(stores[False], model="tiny-arith", pool=pool, val=val, ro=ro,
-                              sc=replace(sc, share_prompts=False)).scores.to_pylist()
+    scores[False] = run_score(
+        stores[False], model="tiny-arith", pool=pool, val=val, ro=ro, sc=replace(sc, share_prompts=False)
+    ).scores.to_pylist()
     sharing = [open_store(stores[s]).read_manifest()["prompt_sharing"]["used"] for s in (True, False)]
     assert sharing == [True, False], sharing  # the shared pass ran, not its fallback
     same_rollouts = {"problem_id", "reward_mean", "reward_std", "zero_advantage"}
-    assert [{k: r[k] for k in same_rollouts} for r in scores[True]] == \
-        [{k: r[k] for k in same_rollouts} for r in scores[False]]  # the same rollouts and rewards
+    assert [{k: r[k] for k in same_rollouts} for r in scores[True]] == [
+        {k: r[k] for k in same_rollouts} for r in scores[False]
+    ]  # the same rollouts and rewards
     differ = []
-    selectors = [(m, "auto") for m in MODES] + [(m, t) for m in MODES if MODE_RECORDS[m].honours_target for t in ("mean", "max", "subspace")]
+    selectors = [(m, "auto") for m in MODES] + [
+        (m, t) for m in MODES if MODE_RECORDS[m].honours_target for t in ("mean", "max", "subspace")
+    ]
     for mode, target in selectors:
-        cfg = SelectConfig(mode=mode, ratio=0.25, seed=seed, allow_fewer=True, target=target,
-                           band=(0.2, 0.8) if mode == "band" else (0.0, 1.0))
+        cfg = SelectConfig(
+            mode=mode,
+            ratio=0.25,
+            seed=seed,
+            allow_fewer=True,
+            target=target,
+            band=(0.2, 0.8) if mode == "band" else (0.0, 1.0),
+        )
         chosen = [select(open_store(stores[s]), cfg).problem_ids for s in (True, False)]
         if chosen[0] != chosen[1]:
             differ.append(f"{mode} --target {target}: {len(set(chosen[0]) ^ set(chosen[1])) // 2} problems")
@@ -56,7 +67,13 @@ def compare(work: Path, regime: str, seed: int, size: int, val_size: int, n: int
     norms = np.array([b[p]["grad_norm"] or 0.0 for p in b])
     live = [p for p in b if (b[p]["grad_norm"] or 0.0) > 1e-5 * norms.max()]
     cos_diff = max(abs(a[p]["score_cos"] - b[p]["score_cos"]) for p in live)
-    return {"regime": regime, "selectors": len(selectors), "differ": differ, "live": len(live), "max_cos_diff": cos_diff}
+    return {
+        "regime": regime,
+        "selectors": len(selectors),
+        "differ": differ,
+        "live": len(live),
+        "max_cos_diff": cos_diff,
+    }
 
 
 def main() -> None:
@@ -72,10 +89,13 @@ def main() -> None:
         t = time.perf_counter()
         r = compare(work, regime, args.seed, args.size, args.val_size, args.n)
         shutil.rmtree(work)
-        print(f"{regime} (seed {args.seed}, {args.size} + {args.val_size} problems, k={args.n}): {r['selectors']} selectors, "
-              f"{'all the same' if not r['differ'] else 'differ: ' + '; '.join(r['differ'])}; "
-              f"max |cos shared - plain| {r['max_cos_diff']:.2e} over {r['live']} problems with a gradient "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        print(
+            f"{regime} (seed {args.seed}, {args.size} + {args.val_size} problems, k={args.n}): {r['selectors']} selectors, "
+            f"{'all the same' if not r['differ'] else 'differ: ' + '; '.join(r['differ'])}; "
+            f"max |cos shared - plain| {r['max_cos_diff']:.2e} over {r['live']} problems with a gradient "
+            f"({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -42,41 +42,90 @@ def build_store(root: Path, n: int, dim: int, shard: int = 65536) -> None:
             fh.write(json.dumps({"input": f"{i}+1=", "label": str(i + 1), "extra_info": {"index": i}}) + "\n")
     import hashlib
 
-    atomic_write_table(root / "rollouts/train/problems.parquet", pa.table({
-        "problem_id": ids, "source_row": np.arange(n), "data_source": ["bench"] * n, "reward_style": [""] * n,
-        "ground_truth": [str(i + 1) for i in range(n)], "prompt_messages_json": ['"x"'] * n,
-        "extra_info_json": ["{}"] * n}, schema=PROBLEMS))
+    atomic_write_table(
+        root / "rollouts/train/problems.parquet",
+        pa.table(
+            {
+                "problem_id": ids,
+                "source_row": np.arange(n),
+                "data_source": ["bench"] * n,
+                "reward_style": [""] * n,
+                "ground_truth": [str(i + 1) for i in range(n)],
+                "prompt_messages_json": ['"x"'] * n,
+                "extra_info_json": ["{}"] * n,
+            },
+            schema=PROBLEMS,
+        ),
+    )
     cos = rng.uniform(-1, 1, n)
     pass_rate = rng.integers(1, 8, n) / 8
-    atomic_write_table(features / "scores.parquet", pa.table({
-        "problem_id": ids, "split": ["train"] * n, "data_source": ["bench"] * n, "n_rollouts": np.full(n, 8, np.int32),
-        "pass_rate": pass_rate, "reward_mean": pass_rate, "reward_std": np.full(n, 0.5), "zero_advantage": np.zeros(n, bool),
-        "grad_norm": np.ones(n), "score_cos": cos, "score_dot": cos, "judge_consistency": np.ones(n)}, schema=SCORES))
+    atomic_write_table(
+        features / "scores.parquet",
+        pa.table(
+            {
+                "problem_id": ids,
+                "split": ["train"] * n,
+                "data_source": ["bench"] * n,
+                "n_rollouts": np.full(n, 8, np.int32),
+                "pass_rate": pass_rate,
+                "reward_mean": pass_rate,
+                "reward_std": np.full(n, 0.5),
+                "zero_advantage": np.zeros(n, bool),
+                "grad_norm": np.ones(n),
+                "score_cos": cos,
+                "score_dot": cos,
+                "judge_consistency": np.ones(n),
+            },
+            schema=SCORES,
+        ),
+    )
     for s, start in enumerate(range(0, n, shard)):
         m = min(shard, n - start)
         v = rng.standard_normal((m, dim), dtype=np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        write_shard(features / "train", s, vectors_table(ids[start:start + m], v, np.ones(m)))
+        write_shard(features / "train", s, vectors_table(ids[start : start + m], v, np.ones(m)))
     val = rng.standard_normal((64, dim), dtype=np.float32)
     val /= np.linalg.norm(val, axis=1, keepdims=True)
     write_shard(features / "val", 0, vectors_table([f"v{i}" for i in range(64)], val, np.ones(64)))
     # dim / 256 modules of 16 x 16 sketches, as a real store of that width would hold.
     n_modules = dim // 256 if dim % 256 == 0 else 1
-    spec = {"feature": "projected", "seed": 0, "k_out": 16, "k_in": 16, "blocks": 1,
-            "modules": [f"bench.{i}" for i in range(n_modules)], "dims": [[dim // n_modules, 1]] * n_modules,
-            "dtype": "float32", "kind": "rademacher"}
+    spec = {
+        "feature": "projected",
+        "seed": 0,
+        "k_out": 16,
+        "k_in": 16,
+        "blocks": 1,
+        "modules": [f"bench.{i}" for i in range(n_modules)],
+        "dims": [[dim // n_modules, 1]] * n_modules,
+        "dtype": "float32",
+        "kind": "rademacher",
+    }
     atomic_write_json(features / "spec.json", {"projector": spec})
-    atomic_write_json(root / "manifest.json", {
-        "format_version": FORMAT_VERSION, "projector": spec, "features": "features/bench",
-        "rollouts": {"train": {"problems_file": str(pool), "problems_sha256": hashlib.sha256(pool.read_bytes()).hexdigest(),
-                               "sampling": {"n": 8}, "engine": "bench"}}})
+    atomic_write_json(
+        root / "manifest.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "projector": spec,
+            "features": "features/bench",
+            "rollouts": {
+                "train": {
+                    "problems_file": str(pool),
+                    "problems_sha256": hashlib.sha256(pool.read_bytes()).hexdigest(),
+                    "sampling": {"n": 8},
+                    "engine": "bench",
+                }
+            },
+        },
+    )
 
 
-ARMS = {"default": ("default (reliable --target subspace)", "only", []),
-        "mean": ("gradalign --target mean", "only", ["--mode", "gradalign", "--target", "mean"]),
-        "learnalign": ("learnalign", "first (builds the index)", ["--mode", "learnalign"]),
-        "learnalign-again": ("learnalign", "second (saved index)", ["--mode", "learnalign"]),
-        "max": ("reliable --target max", "saved index", ["--target", "max"])}
+ARMS = {
+    "default": ("default (reliable --target subspace)", "only", []),
+    "mean": ("gradalign --target mean", "only", ["--mode", "gradalign", "--target", "mean"]),
+    "learnalign": ("learnalign", "first (builds the index)", ["--mode", "learnalign"]),
+    "learnalign-again": ("learnalign", "second (saved index)", ["--mode", "learnalign"]),
+    "max": ("reliable --target max", "saved index", ["--target", "max"]),
+}
 
 
 def main() -> None:
@@ -93,8 +142,10 @@ def main() -> None:
         print(f"store: reusing {root}\n")
     else:
         build_store(root, args.n, args.dim)
-        print(f"store: {args.n} x {args.dim} float16 vectors ({args.n * args.dim * 2 / 2**30:.2f} GiB) built in "
-              f"{time.perf_counter() - t:.0f}s at {root}\n")
+        print(
+            f"store: {args.n} x {args.dim} float16 vectors ({args.n * args.dim * 2 / 2**30:.2f} GiB) built in "
+            f"{time.perf_counter() - t:.0f}s at {root}\n"
+        )
     print(f"--index {args.index}\n")
     print("| mode | run | wall s | peak RSS GiB | RSS / vector bytes |")
     print("| --- | --- | ---: | ---: | ---: |")
@@ -102,10 +153,32 @@ def main() -> None:
     shutil.rmtree(root / "features/bench/index", ignore_errors=True)  # the first vector run builds it
     for name, run, extra in (ARMS[a] for a in args.arms):
         t = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "gradsel.cli", "-q", "select",
-                               "--store", str(root), "--ratio", "0.05", "--index", args.index, *extra,
-                               "--format", "ids", "--out", str(root / "out.txt"), "--force"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                "/usr/bin/time",
+                "-f",
+                "%M",
+                sys.executable,
+                "-m",
+                "gradsel.cli",
+                "-q",
+                "select",
+                "--store",
+                str(root),
+                "--ratio",
+                "0.05",
+                "--index",
+                args.index,
+                *extra,
+                "--format",
+                "ids",
+                "--out",
+                str(root / "out.txt"),
+                "--force",
+            ],
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t
         if proc.returncode != 0:
             print(proc.stderr[-2000:])

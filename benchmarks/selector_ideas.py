@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.quality import auroc
-
-from gradsel.selection.targets import module_bases
-from gradsel.store.vectors import VectorSet
-from gradsel.selection.select import load_scores
-from gradsel.store.directory import open_store
 from benchmarks.truth import regime_truth
+from gradsel.selection.select import load_scores
+from gradsel.selection.targets import module_bases
+from gradsel.store.directory import open_store
+from gradsel.store.vectors import VectorSet
 
 
 def unit(a: np.ndarray) -> np.ndarray:
@@ -49,7 +48,7 @@ def ideas(X: np.ndarray, V: np.ndarray, units: int, live: np.ndarray, sources: n
     bases, _ = module_bases(V, units)  # (units, width, r): the validation span per module
     inside = np.einsum("nuw,uwr->nur", S, bases)
     squared = np.einsum("nuw,nuw->nu", S, S)
-    share = np.sqrt(np.divide((inside ** 2).sum(-1), squared, out=np.zeros_like(squared), where=squared > 0))
+    share = np.sqrt(np.divide((inside**2).sum(-1), squared, out=np.zeros_like(squared), where=squared > 0))
     pool_in_span = np.einsum("nuw,uwr->ur", unit(S[live]), bases)
     preconditioned = unit(X / np.sqrt((X[live] ** 2).mean(0) + 1e-8))  # Adam-style: the pool's second moments
     sign_vs_pool = np.einsum("nur,ur->nu", unit(inside), unit(pool_in_span))  # per module, in the span
@@ -86,7 +85,9 @@ def measure(work: Path) -> tuple[str, dict[str, tuple[float, float]]]:
     V = VectorSet(directory, "val").load()
     V = V[np.linalg.norm(V, axis=1) > 0]
     live = np.array([not rows[p]["zero_advantage"] for p in ids])
-    consistency = np.array([1.0 if rows[p].get("judge_consistency") is None else rows[p]["judge_consistency"] for p in ids])
+    consistency = np.array(
+        [1.0 if rows[p].get("judge_consistency") is None else rows[p]["judge_consistency"] for p in ids]
+    )
     sources = np.array([rows[p]["data_source"] for p in ids])
     k = round(0.25 * len(truth))
     out = {}
@@ -94,8 +95,10 @@ def measure(work: Path) -> tuple[str, dict[str, tuple[float, float]]]:
         score = score - 2 * (1 - consistency)
         cand = np.where(live)[0]
         top = cand[np.argsort(-score[cand], kind="stable")[:k]]
-        out[name] = (float(np.mean([truth[ids[i]] for i in top])),
-                     auroc([score[i] for i in cand if truth[ids[i]]], [score[i] for i in cand if not truth[ids[i]]]))
+        out[name] = (
+            float(np.mean([truth[ids[i]] for i in top])),
+            auroc([score[i] for i in cand if truth[ids[i]]], [score[i] for i in cand if not truth[ids[i]]]),
+        )
     return regime, out
 
 

@@ -52,10 +52,18 @@ def main() -> None:
             times[kind].append(once(kind))
     with torch.no_grad():
         q, k, v = (torch.randn(1, 8, T, 64) for _ in range(3))
-        diff = (F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
-                - F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)).abs().max()
-    print(f"row of {T} tokens, {float(allowed.float().mean()):.2f} of the (query, key) pairs seen; "
-          f"float and bool outputs differ by {float(diff):.1e}")
+        diff = (
+            (
+                F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+                - F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            )
+            .abs()
+            .max()
+        )
+    print(
+        f"row of {T} tokens, {float(allowed.float().mean()):.2f} of the (query, key) pairs seen; "
+        f"float and bool outputs differ by {float(diff):.1e}"
+    )
     for kind, ts in times.items():
         print(f"{kind}: median {statistics.median(ts):.3f} s over {len(ts)} runs")
 

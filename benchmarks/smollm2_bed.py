@@ -31,8 +31,10 @@ DATA_SOURCE = "openai/gsm8k"  # routed to verl's gsm8k rule: the number after th
 # Two worked examples: one in the system prompt, one as an earlier chat turn. Both in the system
 # prompt, the model rarely writes `#### N` (pass rates 0-0.25 at T = 0.7, most problems never
 # paid); both as chat turns, it adds two digits right 85% of the time at T = 0.7.
-SYSTEM = ("You solve addition problems. Show the sum, then write the final answer on its own line as "
-          "'#### N'.\nExample:\n4 + 2 = 6\n#### 6")
+SYSTEM = (
+    "You solve addition problems. Show the sum, then write the final answer on its own line as "
+    "'#### N'.\nExample:\n4 + 2 = 6\n#### 6"
+)
 SHOT = ("What is 3 + 5?", "3 + 5 = 8\n#### 8")
 PHRASINGS = ("What is {sum}?", "Add {list}.", "Compute {tight}.", "What is the sum of {list}?")
 # What the audit's taught copy is supervised on: the worked examples' answer form.
@@ -72,17 +74,42 @@ def terms_of(text: str) -> tuple[int, ...]:
 
 
 def messages(terms: tuple[int, ...], phrasing: int) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SHOT[0]},
-            {"role": "assistant", "content": SHOT[1]}, {"role": "user", "content": question(terms, phrasing)}]
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": SHOT[0]},
+        {"role": "assistant", "content": SHOT[1]},
+        {"role": "user", "content": question(terms, phrasing)},
+    ]
 
 
-def row(terms: tuple[int, ...], phrasing: int, *, domain: str, split: str, index: int, style: str = "rule",
-        key: int | None = None, corrupted: bool = False, target: bool = False, low_utility: bool = False) -> dict:
+def row(
+    terms: tuple[int, ...],
+    phrasing: int,
+    *,
+    domain: str,
+    split: str,
+    index: int,
+    style: str = "rule",
+    key: int | None = None,
+    corrupted: bool = False,
+    target: bool = False,
+    low_utility: bool = False,
+) -> dict:
     """One problem as a verl RL row (schema.VERL_PROBLEMS), keyed with its sum unless `key`."""
-    return {"data_source": DATA_SOURCE, "prompt": messages(terms, phrasing), "ability": "math",
-            "reward_model": {"style": style, "ground_truth": str(sum(terms) if key is None else key)},
-            "extra_info": {"split": split, "index": index, "domain": domain, "corrupted": corrupted,
-                           "target": target, "low_utility": low_utility}}
+    return {
+        "data_source": DATA_SOURCE,
+        "prompt": messages(terms, phrasing),
+        "ability": "math",
+        "reward_model": {"style": style, "ground_truth": str(sum(terms) if key is None else key)},
+        "extra_info": {
+            "split": split,
+            "index": index,
+            "domain": domain,
+            "corrupted": corrupted,
+            "target": target,
+            "low_utility": low_utility,
+        },
+    }
 
 
 def model_path() -> Path:
@@ -105,26 +132,44 @@ def model_wrong_key(model: str | Path, samples: int = 16) -> Callable[[tuple[int
     tok, lm = load_tokenizer(model), load_causal_lm(model).eval()
 
     def wrong_key(terms: tuple[int, ...], phrasing: int, rng: random.Random) -> int:
-        ids = tok.apply_chat_template(messages(terms, phrasing), add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)
+        ids = tok.apply_chat_template(
+            messages(terms, phrasing), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         torch.manual_seed(rng.randrange(2**31))
         with torch.no_grad():
-            out = lm.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              num_return_sequences=samples, max_new_tokens=MAX_TOKENS,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = lm.generate(
+                **ids,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=samples,
+                max_new_tokens=MAX_TOKENS,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        texts = tok.batch_decode(out[:, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         answers = (gsm8k_answer(t) for t in texts)
-        wrong = collections.Counter(a for a in answers if a is not None and re.fullmatch(r"\d+", a)
-                                    and int(a) != sum(terms))
+        wrong = collections.Counter(
+            a for a in answers if a is not None and re.fullmatch(r"\d+", a) and int(a) != sum(terms)
+        )
         return int(wrong.most_common(1)[0][0]) if wrong else sum(terms) + rng.choice((-1, 1))
 
     return wrong_key
 
 
-def make_regime(regime: str, *, size: int = 200, val_size: int = 40, seed: int = 0, noise_fraction: float = 0.5,
-                target_share: float = 0.1, low_utility_share: float = 0.5, wrong_share: float = 0.4,
-                wrong_key: Callable[[tuple[int, ...], int, random.Random], int] | None = None,
-                ) -> tuple[list[dict], list[dict]]:
+def make_regime(
+    regime: str,
+    *,
+    size: int = 200,
+    val_size: int = 40,
+    seed: int = 0,
+    noise_fraction: float = 0.5,
+    target_share: float = 0.1,
+    low_utility_share: float = 0.5,
+    wrong_share: float = 0.4,
+    wrong_key: Callable[[tuple[int, ...], int, random.Random], int] | None = None,
+) -> tuple[list[dict], list[dict]]:
     """(pool rows, validation rows) for one regime; a pure function of its arguments (and of the
     model, through `wrong_key`)."""
     from gradsel.demo.tasks import REGIMES
@@ -133,8 +178,12 @@ def make_regime(regime: str, *, size: int = 200, val_size: int = 40, seed: int =
         raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
     rng = random.Random(f"gradsel-smollm2/{regime}/{seed}")
     domains = list(DOMAINS)
-    special_share = {"noisy": noise_fraction, "low-utility": low_utility_share, "wrong-answer": wrong_share,
-                     "imbalance": target_share}.get(regime, 0.0)
+    special_share = {
+        "noisy": noise_fraction,
+        "low-utility": low_utility_share,
+        "wrong-answer": wrong_share,
+        "imbalance": target_share,
+    }.get(regime, 0.0)
     n_special = round(size * special_share)
     flags = [True] * n_special + [False] * (size - n_special)
     rng.shuffle(flags)
@@ -143,8 +192,16 @@ def make_regime(regime: str, *, size: int = 200, val_size: int = 40, seed: int =
         phrasing = rng.randrange(len(PHRASINGS))
         if regime == "low-utility" and special:
             n = rng.randint(10, 99)
-            pool.append(row((n, 0) if rng.random() < 0.5 else (0, n), phrasing, domain="identity", split="train",
-                            index=i, low_utility=True))
+            pool.append(
+                row(
+                    (n, 0) if rng.random() < 0.5 else (0, n),
+                    phrasing,
+                    domain="identity",
+                    split="train",
+                    index=i,
+                    low_utility=True,
+                )
+            )
             continue
         if regime == "imbalance":
             domain = TARGET_DOMAIN if special else rng.choice([d for d in domains if d != TARGET_DOMAIN])
@@ -155,15 +212,33 @@ def make_regime(regime: str, *, size: int = 200, val_size: int = 40, seed: int =
         if regime == "wrong-answer" and special:
             key = (wrong_key or _near_miss)(terms, phrasing, rng)
         corrupted = regime == "noisy" and special
-        pool.append(row(terms, phrasing, domain=domain, split="train", index=i, key=key,
-                        style="random" if corrupted else "rule", corrupted=corrupted,
-                        target=regime == "imbalance" and special))
+        pool.append(
+            row(
+                terms,
+                phrasing,
+                domain=domain,
+                split="train",
+                index=i,
+                key=key,
+                style="random" if corrupted else "rule",
+                corrupted=corrupted,
+                target=regime == "imbalance" and special,
+            )
+        )
     val_domains = [TARGET_DOMAIN] if regime == "imbalance" else domains
     val = []
     for j in range(val_size):
         domain = rng.choice(val_domains)
-        val.append(row(DOMAINS[domain](rng), rng.randrange(len(PHRASINGS)), domain=domain, split="val",
-                       index=size + j, target=regime == "imbalance"))
+        val.append(
+            row(
+                DOMAINS[domain](rng),
+                rng.randrange(len(PHRASINGS)),
+                domain=domain,
+                split="val",
+                index=size + j,
+                target=regime == "imbalance",
+            )
+        )
     return pool, val
 
 
@@ -179,16 +254,19 @@ def true_answer(prompt_messages: list[dict]) -> str:
 def wrong_answer_truth(pool: list[dict]) -> dict:
     from gradsel.inputs.problems import problem_from_row
 
-    wrong = [problem_from_row(r, i).problem_id for i, r in enumerate(pool)
-             if r["reward_model"]["ground_truth"] != true_answer(r["prompt"])]
+    wrong = [
+        problem_from_row(r, i).problem_id
+        for i, r in enumerate(pool)
+        if r["reward_model"]["ground_truth"] != true_answer(r["prompt"])
+    ]
     return {"wrong_answer_ids": wrong, "pool_size": len(pool)}
 
 
 def write_regime(out_dir: Path, regime: str, **kwargs) -> tuple[Path, Path]:
     """As tasks.write_regime: pool.parquet, val.parquet and, for wrong-answer, pool.truth.json."""
     from gradsel.core.fsutil import atomic_write_json
-    from gradsel.inputs.problems import write_verl_parquet
     from gradsel.demo.tasks import TRUTH_FILE
+    from gradsel.inputs.problems import write_verl_parquet
 
     pool, val = make_regime(regime, **kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,12 +292,19 @@ def pass_rate_spread(store: Path, data: Path, low: float = 0.1, high: float = 0.
 
     shards = sorted((Path(store) / "rollouts" / "train").glob("shard-*.parquet"))
     rates = table_pass_rates(pa.concat_tables([pq.read_table(s) for s in shards]))
-    clean = [rates[p.problem_id] for p in read_problems(Path(data) / "pool.parquet").problems
-             if p.reward_style != "random" and p.ground_truth == true_answer(p.messages()) and p.problem_id in rates]
+    clean = [
+        rates[p.problem_id]
+        for p in read_problems(Path(data) / "pool.parquet").problems
+        if p.reward_style != "random" and p.ground_truth == true_answer(p.messages()) and p.problem_id in rates
+    ]
     n = len(clean)
-    return {"problems": n, "within": round(sum(low <= r <= high for r in clean) / n, 3),
-            "never_paid": round(sum(r == 0 for r in clean) / n, 3), "always_paid": round(sum(r == 1 for r in clean) / n, 3),
-            "mean": round(sum(clean) / n, 3)}
+    return {
+        "problems": n,
+        "within": round(sum(low <= r <= high for r in clean) / n, 3),
+        "never_paid": round(sum(r == 0 for r in clean) / n, 3),
+        "always_paid": round(sum(r == 1 for r in clean) / n, 3),
+        "mean": round(sum(clean) / n, 3),
+    }
 
 
 if __name__ == "__main__":  # python -m benchmarks.smollm2_bed KEEP_DIR...: pass-rate spread of kept runs

@@ -18,22 +18,24 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from gradsel.core import console
-from gradsel.pipeline.score import RolloutOptions, run_score
-from gradsel.gradients.stage import ScoreConfig
-from gradsel.selection.select import SelectConfig, mode_scores, select
-from gradsel.store.vectors import VectorSet
-from gradsel.store.directory import open_store
-from gradsel.demo.tasks import write_regime
-from benchmarks.truth import regime_truth
-
 from benchmarks.quality import auroc
+from benchmarks.truth import regime_truth
+from gradsel.core import console
+from gradsel.demo.tasks import write_regime
+from gradsel.gradients.stage import ScoreConfig
+from gradsel.pipeline.score import RolloutOptions, run_score
+from gradsel.selection.select import SelectConfig, mode_scores, select
+from gradsel.store.directory import open_store
+from gradsel.store.vectors import VectorSet
 
 MODES = ("gradalign", "reliable", "accgreedy", "random")
 
 
-METRIC = {"noisy": "corrupted share (lower is better)", "imbalance": "target-domain share",
-          "low-utility": "useful share"}
+METRIC = {
+    "noisy": "corrupted share (lower is better)",
+    "imbalance": "target-domain share",
+    "low-utility": "useful share",
+}
 
 
 def measure(store_dir: Path, result, wanted: dict[str, bool], regime: str, seed: int) -> dict[str, tuple[float, float]]:
@@ -80,23 +82,44 @@ def main() -> None:
                     if k == 8:
                         configs = [(s, a) for a in ("exact", "sketch") for s in args.sketches]
                     for sketch, alignment in configs:
-                        result = run_score(store, model=args.model, pool=pool, val=val, ro=ro,
-                                           sc=ScoreConfig(seed=seed, sketch=(sketch, sketch), alignment=alignment))
+                        result = run_score(
+                            store,
+                            model=args.model,
+                            pool=pool,
+                            val=val,
+                            ro=ro,
+                            sc=ScoreConfig(seed=seed, sketch=(sketch, sketch), alignment=alignment),
+                        )
                         key = (regime, k, sketch, alignment)
                         results.setdefault(key, []).append(measure(store, result, wanted, regime, seed))
-                        print(f"{regime} seed {seed} k {k} sketch {sketch}x{sketch} {alignment}: "
-                              + ", ".join(f"{m} {v[0]:.1%}/{v[1]:.3f}" for m, v in results[key][-1].items()),
-                              flush=True)
-    lines = ["# Rollout budget and sketch size", "", "Measured with:", "", "```bash",
-             f".venv/bin/python -m benchmarks.sweep --regimes {' '.join(args.regimes)} "
-             f"--seeds {' '.join(map(str, args.seeds))} --size {args.size} --ks {' '.join(map(str, args.ks))} "
-             f"--sketches {' '.join(map(str, args.sketches))}", "```", "",
-             f"{args.size}-problem pools from `gradsel demo-data`, 40 clean validation problems, tiny-arith, "
-             "transformers engine, select 25%. Each cell: the regime's metric among the selected / AUROC of the "
-             f"mode's score for wanted over unwanted problems, mean +- std over {len(args.seeds)} seeds."]
+                        print(
+                            f"{regime} seed {seed} k {k} sketch {sketch}x{sketch} {alignment}: "
+                            + ", ".join(f"{m} {v[0]:.1%}/{v[1]:.3f}" for m, v in results[key][-1].items()),
+                            flush=True,
+                        )
+    lines = [
+        "# Rollout budget and sketch size",
+        "",
+        "Measured with:",
+        "",
+        "```bash",
+        f".venv/bin/python -m benchmarks.sweep --regimes {' '.join(args.regimes)} "
+        f"--seeds {' '.join(map(str, args.seeds))} --size {args.size} --ks {' '.join(map(str, args.ks))} "
+        f"--sketches {' '.join(map(str, args.sketches))}",
+        "```",
+        "",
+        f"{args.size}-problem pools from `gradsel demo-data`, 40 clean validation problems, tiny-arith, "
+        "transformers engine, select 25%. Each cell: the regime's metric among the selected / AUROC of the "
+        f"mode's score for wanted over unwanted problems, mean +- std over {len(args.seeds)} seeds.",
+    ]
     for regime in args.regimes:
-        lines += ["", f"## {regime}: {METRIC[regime]}, pool base rate {statistics.mean(base[regime]):.1%}", "",
-                  "| k | sketch | alignment | " + " | ".join(MODES) + " |", "| ---: | --- | --- |" + " --- |" * len(MODES)]
+        lines += [
+            "",
+            f"## {regime}: {METRIC[regime]}, pool base rate {statistics.mean(base[regime]):.1%}",
+            "",
+            "| k | sketch | alignment | " + " | ".join(MODES) + " |",
+            "| ---: | --- | --- |" + " --- |" * len(MODES),
+        ]
         for (reg, k, sketch, alignment), runs in sorted(results.items()):
             if reg != regime:
                 continue
@@ -104,8 +127,9 @@ def main() -> None:
             for mode in MODES:
                 shares = [r[mode][0] for r in runs]
                 aucs = [r[mode][1] for r in runs]
-                cells.append(f"{statistics.mean(shares):.1%} +- {statistics.pstdev(shares):.1%} / "
-                             f"{statistics.mean(aucs):.3f}")
+                cells.append(
+                    f"{statistics.mean(shares):.1%} +- {statistics.pstdev(shares):.1%} / {statistics.mean(aucs):.3f}"
+                )
             lines.append(f"| {k} | {sketch}x{sketch} | {alignment} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)

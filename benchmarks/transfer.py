@@ -23,8 +23,8 @@ import statistics
 
 import torch
 
-from gradsel.inputs.models import load_causal_lm, load_tokenizer
 from gradsel.demo.tasks import DOMAINS, answer_of, prompt_text, wrong_answer
+from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
 
 def split_pairs(domain: str, size: int, seed: int) -> tuple[list, list]:
@@ -46,9 +46,10 @@ def greedy_accuracy(model, tok, op: str, pairs) -> float:
     model.eval()
     prompts = [prompt_text(a, op, b) for a, b in pairs]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        **enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return sum(t.strip() == str(answer_of(a, op, b)) for t, (a, b) in zip(texts, pairs)) / len(pairs)
 
 
@@ -82,19 +83,37 @@ def run(model_name: str, domain: str, other: str, seed: int, size: int, steps: i
     a_pairs, b_pairs = split_pairs(domain, size, seed)
     c_pairs, _ = split_pairs(other, size, seed)
     rng = random.Random(f"transfer/labels/{seed}")
-    labels = {"correct": [str(answer_of(a, op, b)) for a, b in a_pairs],
-              "wrong": [str(wrong_answer(a, op, b, rng)) for a, b in a_pairs]}
+    labels = {
+        "correct": [str(answer_of(a, op, b)) for a, b in a_pairs],
+        "wrong": [str(wrong_answer(a, op, b, rng)) for a, b in a_pairs],
+    }
     rows = []
     for arm, answers in labels.items():
         model = load_causal_lm(model_name)
-        before = {s: greedy_accuracy(model, tok, o, p) for s, o, p in (("A", op, a_pairs), ("B", op, b_pairs),
-                                                                       ("C", other_op, c_pairs))}
-        fine_tune(model, tok, [(prompt_text(a, op, b), y) for (a, b), y in zip(a_pairs, answers)],
-                  steps=steps, lr=lr, seed=seed)
-        after = {s: greedy_accuracy(model, tok, o, p) for s, o, p in (("A", op, a_pairs), ("B", op, b_pairs),
-                                                                      ("C", other_op, c_pairs))}
-        rows.append({"arm": arm, "seed": seed, **{f"{s}_before": before[s] for s in before},
-                     **{f"{s}_after": after[s] for s in after}})
+        before = {
+            s: greedy_accuracy(model, tok, o, p)
+            for s, o, p in (("A", op, a_pairs), ("B", op, b_pairs), ("C", other_op, c_pairs))
+        }
+        fine_tune(
+            model,
+            tok,
+            [(prompt_text(a, op, b), y) for (a, b), y in zip(a_pairs, answers)],
+            steps=steps,
+            lr=lr,
+            seed=seed,
+        )
+        after = {
+            s: greedy_accuracy(model, tok, o, p)
+            for s, o, p in (("A", op, a_pairs), ("B", op, b_pairs), ("C", other_op, c_pairs))
+        }
+        rows.append(
+            {
+                "arm": arm,
+                "seed": seed,
+                **{f"{s}_before": before[s] for s in before},
+                **{f"{s}_after": after[s] for s in after},
+            }
+        )
     return rows
 
 
@@ -109,10 +128,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    rows = [r for seed in args.seeds
-            for r in run(args.model, args.domain, args.other, seed, args.size, args.steps, args.lr)]
-    print(f"model {args.model}, domain {args.domain} (C: {args.other}), |A| = |B| = {args.size}, "
-          f"{args.steps} steps of 32 at lr {args.lr}, seeds {args.seeds}; greedy accuracy\n")
+    rows = [
+        r for seed in args.seeds for r in run(args.model, args.domain, args.other, seed, args.size, args.steps, args.lr)
+    ]
+    print(
+        f"model {args.model}, domain {args.domain} (C: {args.other}), |A| = |B| = {args.size}, "
+        f"{args.steps} steps of 32 at lr {args.lr}, seeds {args.seeds}; greedy accuracy\n"
+    )
     print("| labels of A | A before -> after | B before -> after (transfer) | C before -> after (other domain) |")
     print("| --- | --- | --- | --- |")
     for arm in ("correct", "wrong"):

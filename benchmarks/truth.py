@@ -28,11 +28,21 @@ def model_wrong_key(model: str, samples: int = 32) -> Callable[[int, str, int, r
         enc = tok([prompt_text(a, op, b)], return_tensors="pt", add_special_tokens=False)
         torch.manual_seed(rng.randrange(2**31))
         with torch.no_grad():
-            out = lm.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples,
-                              max_new_tokens=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        wrong = collections.Counter(t.strip() for t in texts
-                                    if re.fullmatch(r"-?\d+", t.strip()) and int(t) != answer_of(a, op, b))
+            out = lm.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=samples,
+                max_new_tokens=8,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        wrong = collections.Counter(
+            t.strip() for t in texts if re.fullmatch(r"-?\d+", t.strip()) and int(t) != answer_of(a, op, b)
+        )
         return int(wrong.most_common(1)[0][0]) if wrong else wrong_answer(a, op, b, rng)
 
     return wrong_key
@@ -48,6 +58,10 @@ def regime_truth(data_dir: Path, regime: str) -> dict[str, bool]:
     if regime == "wrong-answer":
         wrong = set(json.loads((data_dir / TRUTH_FILE).read_text())["wrong_answer_ids"])
         return {p.problem_id: p.problem_id not in wrong for p in problems}
-    wanted = {"clean": lambda e: True, "noisy": lambda e: not e["corrupted"], "imbalance": lambda e: bool(e["target"]),
-              "low-utility": lambda e: not e["low_utility"]}[regime]
+    wanted = {
+        "clean": lambda e: True,
+        "noisy": lambda e: not e["corrupted"],
+        "imbalance": lambda e: bool(e["target"]),
+        "low-utility": lambda e: not e["low_utility"],
+    }[regime]
     return {p.problem_id: wanted(p.extra_info) for p in problems}

@@ -51,8 +51,15 @@ def reward_fn(completions, reward_model, extra_info, data_source, **_):
     out = []
     for i, (completion, rm, extra, source) in enumerate(zip(completions, reward_model, extra_info, data_source)):
         text = completion[0]["content"] if isinstance(completion, list) else completion
-        problem = Problem(str(extra["index"]), 0, "", rm["ground_truth"], data_source=source,
-                          reward_style=rm["style"], extra_info=extra)
+        problem = Problem(
+            str(extra["index"]),
+            0,
+            "",
+            rm["ground_truth"],
+            data_source=source,
+            reward_style=rm["style"],
+            extra_info=extra,
+        )
         # The sample index must differ between a prompt's generations for the coin-flip judge.
         out.append(resolve_reward(problem)(problem, text, reward_fn.calls * 1000 + i, 0))
     reward_fn.calls += 1
@@ -70,14 +77,27 @@ def train_round(model_dir: Path, data: Path, out_dir: Path, args, seed: int) -> 
     dataset = load_dataset("parquet", data_files=str(data))["train"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = GRPOConfig(
-        output_dir=str(out_dir / "trainer"), per_device_train_batch_size=64, num_generations=8,
-        max_completion_length=8, max_steps=args.steps, learning_rate=args.lr, beta=args.beta, temperature=1.0,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=seed, bf16=False,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(out_dir / "trainer"),
+        per_device_train_batch_size=64,
+        num_generations=8,
+        max_completion_length=8,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        beta=args.beta,
+        temperature=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        bf16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
         lr_scheduler_type="constant",  # each round is a new trainer: a decay would restart every round
     )
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_fn, args=config, train_dataset=dataset,
-                          processing_class=tokenizer)
+    trainer = GRPOTrainer(
+        model=str(model_dir), reward_funcs=reward_fn, args=config, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     ckpt = out_dir / "checkpoint"
     trainer.save_model(str(ckpt))
@@ -90,8 +110,8 @@ def heldout_accuracy(model_dir: Path, n: int = 1000, samples: int = 4, seed: int
     `samples` completions at temperature 1.0 (what GRPO optimises), and `greedy`."""
     import torch
 
-    from gradsel.inputs.models import load_causal_lm, load_tokenizer
     from gradsel.demo.tasks import make_regime
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
     rows, _ = make_regime("clean", size=n, val_size=1, seed=seed)
     answers = [r["reward_model"]["ground_truth"] for r in rows]
@@ -99,14 +119,16 @@ def heldout_accuracy(model_dir: Path, n: int = 1000, samples: int = 4, seed: int
     tok.padding_side = "left"
     enc = tok([r["prompt"][0]["content"] for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
     out = {}
-    for name, sampling in (("greedy", {"do_sample": False}),
-                           ("sampled", {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                                        "num_return_sequences": samples})):
+    for name, sampling in (
+        ("greedy", {"do_sample": False}),
+        ("sampled", {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_return_sequences": samples}),
+    ):
         torch.manual_seed(seed)
         with torch.no_grad():
-            generated = model.generate(**enc, **sampling, max_new_tokens=6, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            generated = model.generate(
+                **enc, **sampling, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+            )
+        texts = tok.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         per = len(texts) // n
         out[name] = sum(t.strip() == answers[i // per] for i, t in enumerate(texts)) / len(texts)
     return out
@@ -116,8 +138,8 @@ def choose(arm: str, store: Path, data_dir: Path, regime: str, out: Path, top_k:
     """Write the round's subset as verl Parquet; return its size."""
     import pyarrow.parquet as pq
 
-    from gradsel.inputs.problems import problem_from_row
     from benchmarks.truth import regime_truth
+    from gradsel.inputs.problems import problem_from_row
 
     common = ["select", "--store", str(store), "--format", "verl", "--out", str(out), "--force", "--seed", str(seed)]
     if arm == "whole":
@@ -128,8 +150,11 @@ def choose(arm: str, store: Path, data_dir: Path, regime: str, out: Path, top_k:
         gradsel(*common, "--all", "--mode", "random")
         table = pq.read_table(out)
         truth = regime_truth(data_dir, regime)
-        keep = [i for i, row in enumerate(table.to_pylist())
-                if truth[problem_from_row(row, i).problem_id] == (arm == "oracle")][:top_k]
+        keep = [
+            i
+            for i, row in enumerate(table.to_pylist())
+            if truth[problem_from_row(row, i).problem_id] == (arm == "oracle")
+        ][:top_k]
         pq.write_table(table.take(keep), out)
     else:
         gradsel(*common, "--top-k", str(top_k), "--allow-fewer", *SELECT_ARGS.get(arm, ["--mode", arm]))
@@ -156,13 +181,17 @@ def run_arm(arm: str, base: Path, regime: str, seed: int, args) -> None:
         if r + 1 < args.rounds:
             gradsel("refresh", "--store", str(store), "--model", str(model))
         shutil.rmtree(out / f"round{r - 1}" / "checkpoint", ignore_errors=True)  # keep the disk small
-    (out / "results.json").write_text(json.dumps({"regime": regime, "seed": seed, "arm": arm, "rounds": results,
-                                                  "settings": settings(args)}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {"regime": regime, "seed": seed, "arm": arm, "rounds": results, "settings": settings(args)}, indent=2
+        )
+    )
 
 
 def settings(args) -> dict:
     return {k: getattr(args, k) for k in ("rounds", "steps", "lr", "beta", "chunk_size", "top_k")} | {
-        "command": " ".join([".venv/bin/python", "examples/trl_loop.py", *sys.argv[1:]])}
+        "command": " ".join([".venv/bin/python", "examples/trl_loop.py", *sys.argv[1:]])
+    }
 
 
 def prepare(base: Path, regime: str, seed: int, args) -> None:
@@ -173,18 +202,44 @@ def prepare(base: Path, regime: str, seed: int, args) -> None:
         return
     model = resolve_model_path("tiny-arith")
     if regime == "wrong-answer" and args.wrong_keys == "model":  # not a demo-data option: written here
-        from gradsel.demo.tasks import write_regime
         from benchmarks.truth import model_wrong_key
+        from gradsel.demo.tasks import write_regime
 
-        write_regime(base / "data", regime, size=args.chunk_size * args.rounds, seed=seed,
-                     wrong_key=model_wrong_key(str(model)))
+        write_regime(
+            base / "data", regime, size=args.chunk_size * args.rounds, seed=seed, wrong_key=model_wrong_key(str(model))
+        )
     else:
-        gradsel("demo-data", "--regime", regime, "--out", str(base / "data"),
-                "--size", str(args.chunk_size * args.rounds), "--seed", str(seed))
+        gradsel(
+            "demo-data",
+            "--regime",
+            regime,
+            "--out",
+            str(base / "data"),
+            "--size",
+            str(args.chunk_size * args.rounds),
+            "--seed",
+            str(seed),
+        )
     shutil.rmtree(base / "store0", ignore_errors=True)
-    gradsel("score", "--model", str(model), "--pool", str(base / "data/pool.parquet"), "--val", str(base / "data/val.parquet"),
-            "--store", str(base / "store0"), "--chunk-size", str(args.chunk_size), "--engine", "hf", "--max-tokens", "8",
-            "--seed", str(seed))
+    gradsel(
+        "score",
+        "--model",
+        str(model),
+        "--pool",
+        str(base / "data/pool.parquet"),
+        "--val",
+        str(base / "data/val.parquet"),
+        "--store",
+        str(base / "store0"),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "8",
+        "--seed",
+        str(seed),
+    )
     (base / "round0.json").write_text(json.dumps(heldout_accuracy(model)))
 
 
@@ -194,15 +249,26 @@ def write_report(root: Path, doc: Path, command: str) -> None:
     greedy accuracy; plus a plot."""
     runs = [json.loads(p.read_text()) for p in sorted(root.glob("*/seed*/*/results.json"))]
     commands = sorted({r["settings"]["command"] for r in runs}) + [command]
-    lines = ["# Closed-loop results: gradsel + TRL GRPOTrainer on tiny-arith", "", "Reproduce with:", "",
-             "```bash", *commands, "```", ""]
+    lines = [
+        "# Closed-loop results: gradsel + TRL GRPOTrainer on tiny-arith",
+        "",
+        "Reproduce with:",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+    ]
     if runs:
         s = runs[0]["settings"]
-        lines += [f"{s['rounds']} rounds; each round trains on up to {s['top_k']} problems chosen from a fresh "
-                  f"{s['chunk_size']}-problem chunk, {s['steps']} GRPO steps of 8 prompts x 8 completions, "
-                  f"constant learning rate {s['lr']}, KL {s['beta']}. Held-out accuracy on 1,000 clean mixed problems "
-                  "the loop never trains on: *sampled* is the mean over 4 completions at temperature 1.0 (what GRPO "
-                  "optimises), *greedy* the greedy answer. Round 0 is the bundled checkpoint. Mean +- std over seeds.", ""]
+        lines += [
+            f"{s['rounds']} rounds; each round trains on up to {s['top_k']} problems chosen from a fresh "
+            f"{s['chunk_size']}-problem chunk, {s['steps']} GRPO steps of 8 prompts x 8 completions, "
+            f"constant learning rate {s['lr']}, KL {s['beta']}. Held-out accuracy on 1,000 clean mixed problems "
+            "the loop never trains on: *sampled* is the mean over 4 completions at temperature 1.0 (what GRPO "
+            "optimises), *greedy* the greedy answer. Round 0 is the bundled checkpoint. Mean +- std over seeds.",
+            "",
+        ]
     mean = statistics.mean
     for regime in REGIMES:
         by_arm: dict[str, list[dict]] = {}
@@ -214,9 +280,14 @@ def write_report(root: Path, doc: Path, command: str) -> None:
         final = {arm: mean(r["rounds"][-1]["sampled"] for r in rs) for arm, rs in by_arm.items()}
         start = mean(r["rounds"][0]["sampled"] for rs in by_arm.values() for r in rs)
         rounds = max(len(r["rounds"]) for rs in by_arm.values() for r in rs)
-        lines += [f"## {regime}", "", "| arm | seeds | " + " | ".join(f"sampled, round {i}" for i in range(rounds))
-                  + " | gain over round 0 | share of oracle's gain over random | greedy, last round |",
-                  "| --- | ---: | " + " | ".join("---:" for _ in range(rounds)) + " | ---: | ---: | ---: |"]
+        lines += [
+            f"## {regime}",
+            "",
+            "| arm | seeds | "
+            + " | ".join(f"sampled, round {i}" for i in range(rounds))
+            + " | gain over round 0 | share of oracle's gain over random | greedy, last round |",
+            "| --- | ---: | " + " | ".join("---:" for _ in range(rounds)) + " | ---: | ---: | ---: |",
+        ]
         ref = (final["random"], final["oracle"]) if {"random", "oracle"} <= set(final) else None
         for arm, rs in sorted(by_arm.items(), key=lambda kv: -final[kv[0]]):
             cells = []
@@ -225,7 +296,11 @@ def write_report(root: Path, doc: Path, command: str) -> None:
                 cells.append(f"{mean(vals):.3f}" + (f" +- {statistics.pstdev(vals):.3f}" if len(vals) > 1 else ""))
             share = f"{(final[arm] - ref[0]) / (ref[1] - ref[0]):.0%}" if ref and ref[1] != ref[0] else "-"
             greedy = mean(r["rounds"][-1]["greedy"] for r in rs)
-            lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {final[arm] - start:+.3f} | {share} | {greedy:.3f} |")
+            lines.append(
+                f"| {arm} | {len(rs)} | "
+                + " | ".join(cells)
+                + f" | {final[arm] - start:+.3f} | {share} | {greedy:.3f} |"
+            )
         lines.append("")
     if _plot(runs, doc.with_suffix(".png")):
         lines += [f"![results]({doc.with_suffix('.png').name})", ""]
@@ -245,8 +320,12 @@ def _plot(runs: list[dict], path: Path) -> bool:
         for arm in arms:
             rs = [r for r in runs if r["regime"] == regime and r["arm"] == arm]
             n = min(len(r["rounds"]) for r in rs)
-            ax.plot(range(n), [statistics.mean(r["rounds"][i]["sampled"] for r in rs) for i in range(n)],
-                    marker="o", label=arm)
+            ax.plot(
+                range(n),
+                [statistics.mean(r["rounds"][i]["sampled"] for r in rs) for i in range(n)],
+                marker="o",
+                label=arm,
+            )
         ax.set_title(regime)
         ax.set_xlabel("round")
         ax.set_ylabel("held-out accuracy, sampled at T=1")
@@ -267,10 +346,16 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient")
     ap.add_argument("--chunk-size", type=int, default=200, help="new problems scored per round")
     ap.add_argument("--top-k", type=int, default=50, help="problems trained on per round")
-    ap.add_argument("--wrong-keys", choices=("slip", "model"), default="slip",
-                    help="wrong-answer regime: synthetic slips, or the bundled model's own commonest wrong answers")
+    ap.add_argument(
+        "--wrong-keys",
+        choices=("slip", "model"),
+        default="slip",
+        help="wrong-answer regime: synthetic slips, or the bundled model's own commonest wrong answers",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/loop"))
-    ap.add_argument("--report", type=Path, help="write the tables and plot of every run under --out to this file, then exit")
+    ap.add_argument(
+        "--report", type=Path, help="write the tables and plot of every run under --out to this file, then exit"
+    )
     args = ap.parse_args()
     if args.report:
         write_report(args.out, args.report, " ".join([".venv/bin/python", "examples/trl_loop.py", *sys.argv[1:]]))

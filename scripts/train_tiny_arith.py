@@ -40,8 +40,12 @@ def build_tokenizer():
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", padding_side="left",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
     )
     tok.chat_template = CHAT_TEMPLATE
     tok.model_max_length = 64
@@ -52,10 +56,19 @@ def build_model(vocab_size: int, seed: int, d_model: int, layers: int, heads: in
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=ffn,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_theta=10000.0,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -96,12 +109,21 @@ def sampled_pass_rates(model, tok, n_problems: int, k: int, seed: int) -> dict[s
         prompts = [prompt_text(a, dom.op, b) for a, b in probs]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         torch.manual_seed(seed)
-        gen = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                             num_return_sequences=k, max_new_tokens=6,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct = [texts[i * k + j].strip() == str(answer_of(a, dom.op, b))
-                   for i, (a, b) in enumerate(probs) for j in range(k)]
+        gen = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=k,
+            max_new_tokens=6,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct = [
+            texts[i * k + j].strip() == str(answer_of(a, dom.op, b)) for i, (a, b) in enumerate(probs) for j in range(k)
+        ]
         out[name] = sum(correct) / len(correct)
     model.train()
     return out
@@ -112,10 +134,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("gradsel/assets/tiny-arith"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1100)
-    ap.add_argument("--stop-at", type=int, default=550,
-                    help="save after this many steps, with the learning rate --steps' schedule has then: a "
-                         "mid-training checkpoint, not yet decayed, on which learning some problems moves others "
-                         "(docs/tiny-arith.md); --stop-at 0 runs the whole schedule")
+    ap.add_argument(
+        "--stop-at",
+        type=int,
+        default=550,
+        help="save after this many steps, with the learning rate --steps' schedule has then: a "
+        "mid-training checkpoint, not yet decayed, on which learning some problems moves others "
+        "(docs/tiny-arith.md); --stop-at 0 runs the whole schedule",
+    )
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--d-model", type=int, default=192)
@@ -135,8 +161,7 @@ def main() -> None:
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / args.steps))
     rng = random.Random(args.seed)
     model.train()
     start = time.time()
@@ -162,8 +187,9 @@ def main() -> None:
     model.generation_config.max_new_tokens = 8
     model.save_pretrained(args.out, safe_serialization=True)
     tok.save_pretrained(args.out)
-    (args.out / "TRAINING.json").write_text(json.dumps(vars(args) | {"out": str(args.out),
-                                                                     "parameters": n_params}, indent=2) + "\n")
+    (args.out / "TRAINING.json").write_text(
+        json.dumps(vars(args) | {"out": str(args.out), "parameters": n_params}, indent=2) + "\n"
+    )
     print(f"saved to {args.out} after {time.time() - start:.0f}s")
 
 

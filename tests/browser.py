@@ -36,10 +36,23 @@ class Chromium:
             os.dup2(high[1], 4)
 
         self._proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
-             "--disable-extensions", "--disable-background-networking", f"--user-data-dir={self._profile}",
-             "about:blank"],
-            preexec_fn=pipes_on_3_and_4, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-pipe",
+                "--no-first-run",
+                "--disable-extensions",
+                "--disable-background-networking",
+                f"--user-data-dir={self._profile}",
+                "about:blank",
+            ],
+            preexec_fn=pipes_on_3_and_4,
+            close_fds=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for fd in (to_browser_r, from_browser_w, *high):
             os.close(fd)
         self._next_id, self._buffer, self.events = 0, b"", []
@@ -112,8 +125,14 @@ class Chromium:
     def screenshot(self, path: Path, width: int = 1200) -> None:
         """The whole page, not only the viewport, as PNG."""
         height = int(self.evaluate("document.documentElement.scrollHeight"))
-        self.send("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height,
-                  deviceScaleFactor=1, mobile=False)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         data = self.send("Page.captureScreenshot", session=True, format="png", captureBeyondViewport=True)["data"]
         Path(path).write_bytes(base64.b64decode(data))
 

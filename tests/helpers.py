@@ -13,13 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 GRADSEL = [sys.executable, "-m", "gradsel.cli"]
 
 
-def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None,
-            timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run the real `gradsel` CLI in a subprocess (no network, no colour)."""
-    full_env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "COLUMNS": "200", **(env or {})}
-    proc = subprocess.run([*GRADSEL, *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd or ROOT, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "NO_COLOR": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "COLUMNS": "200",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [*GRADSEL, *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"gradsel {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
@@ -64,7 +72,10 @@ OPENRLHF_PYTHON = Path(os.environ.get("GRADSEL_OPENRLHF_PYTHON", TRAINER_ENVS / 
 def skip_unless_importable(python: Path, module: str, env: str, variable: str) -> None:
     """Skip where `module` does not import in `python`, saying why: the reason `make trainer-envs`
     recorded when its install failed, else how to make the environment."""
-    if python.is_file() and subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0:
+    if (
+        python.is_file()
+        and subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0
+    ):
         return
     failed = TRAINER_ENVS / f"{env}.install-failed"
     why = failed.read_text().strip() if variable not in os.environ and failed.is_file() else "run `make trainer-envs`"

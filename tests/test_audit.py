@@ -24,12 +24,14 @@ def _truth(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def wrong_store(tmp_path_factory) -> tuple[Path, Path]:
-    from gradsel.demo.tasks import write_regime
     from benchmarks.truth import model_wrong_key
+    from gradsel.demo.tasks import write_regime
 
     work = tmp_path_factory.mktemp("audit")
     write_regime(work / "data", "wrong-answer", size=40, val_size=8, seed=0, wrong_key=model_wrong_key("tiny-arith"))
-    run_cli("rollout", "-m", "tiny-arith", "-p", str(work / "data" / "pool.parquet"), "-s", str(work / "store"), *ROLLOUT)
+    run_cli(
+        "rollout", "-m", "tiny-arith", "-p", str(work / "data" / "pool.parquet"), "-s", str(work / "store"), *ROLLOUT
+    )
     return work / "data", work / "store"
 
 
@@ -57,8 +59,12 @@ def test_audit_lists_contradicted_wrong_keys_and_fix_changes_only_them(wrong_sto
     from gradsel.review.audit import DEFAULT_THRESHOLD, AuditConfig, audit_stages, store_stages
 
     evidence = {e.problem_id: e for e in audit_stages(store_stages(store)[0], AuditConfig()).evidence}
-    contradicted = {pid for pid in wrong if evidence[pid].plurality_answer == truth[pid]
-                    and evidence[pid].plurality_share - evidence[pid].key_share >= DEFAULT_THRESHOLD}
+    contradicted = {
+        pid
+        for pid in wrong
+        if evidence[pid].plurality_answer == truth[pid]
+        and evidence[pid].plurality_share - evidence[pid].key_share >= DEFAULT_THRESHOLD
+    }
     assert contradicted, "the fixture should plant wrong keys the model's rollouts contradict"
     listed = {s["problem_id"]: s for s in suspects}
     assert contradicted <= set(listed)
@@ -80,8 +86,9 @@ def test_audit_lists_contradicted_wrong_keys_and_fix_changes_only_them(wrong_sto
         if name != "reward_model":
             assert fixed.column(name).equals(original.column(name)), name
     by_row = {c["source_row"]: c for c in changes}
-    for i, (old, new) in enumerate(zip(original.column("reward_model").to_pylist(),
-                                       fixed.column("reward_model").to_pylist())):
+    for i, (old, new) in enumerate(
+        zip(original.column("reward_model").to_pylist(), fixed.column("reward_model").to_pylist())
+    ):
         assert new["style"] == old["style"]
         if i in by_row:
             assert old["ground_truth"] == by_row[i]["old_key"] and new["ground_truth"] == by_row[i]["new_key"]
@@ -103,8 +110,12 @@ def test_audit_jsonl_pool_duplicates_and_byte_identical_fix(tmp_path):
     """OpenRLHF JSON lines: a near-duplicate question with a different label is flagged; --fix keeps
     every other line's bytes."""
     pool = tmp_path / "pool.jsonl"
-    lines = [json.dumps({"input": "12+7=", "label": "19"}), json.dumps({"input": " 12 + 7 = ", "label": "91"}),
-             json.dumps({"input": "3+4=", "label": "7"}), json.dumps({"input": "5+5=", "label": "10"})]
+    lines = [
+        json.dumps({"input": "12+7=", "label": "19"}),
+        json.dumps({"input": " 12 + 7 = ", "label": "91"}),
+        json.dumps({"input": "3+4=", "label": "7"}),
+        json.dumps({"input": "5+5=", "label": "10"}),
+    ]
     pool.write_text("\n".join(lines) + "\n")
     run_cli("rollout", "-m", "tiny-arith", "-p", str(pool), "-s", str(tmp_path / "store"), *ROLLOUT, "--reward", "int")
     out, fix = tmp_path / "s.jsonl", tmp_path / "fixed.jsonl"
@@ -112,7 +123,9 @@ def test_audit_jsonl_pool_duplicates_and_byte_identical_fix(tmp_path):
     suspects = {json.loads(line)["key"]: json.loads(line) for line in out.read_text().splitlines()}
     assert "91" in suspects and suspects["91"]["duplicate_keys"] == ["19"]
     fixed_lines = fix.read_bytes().split(b"\n")
-    changed = {json.loads(line)["source_row"] for line in (tmp_path / "fixed.jsonl.changes.jsonl").read_text().splitlines()}
+    changed = {
+        json.loads(line)["source_row"] for line in (tmp_path / "fixed.jsonl.changes.jsonl").read_text().splitlines()
+    }
     assert 1 in changed
     for i, line in enumerate(lines):
         if i not in changed:
@@ -135,8 +148,11 @@ def test_audit_refuses_bad_input(wrong_store, tmp_path):
     table = pq.read_table(pool)
     rm = table.column("reward_model").combine_chunks()
     keys = pa.array(["9" + k for k in rm.field("ground_truth").to_pylist()])
-    table = table.set_column(table.schema.get_field_index("reward_model"), "reward_model",
-                             pa.StructArray.from_arrays([rm.field("style"), keys], names=["style", "ground_truth"]))
+    table = table.set_column(
+        table.schema.get_field_index("reward_model"),
+        "reward_model",
+        pa.StructArray.from_arrays([rm.field("style"), keys], names=["style", "ground_truth"]),
+    )
     pq.write_table(table, edited / "pool.parquet")
     cases = [
         (["-s", str(tmp_path / "nostore")], "not a gradsel store"),
@@ -146,9 +162,18 @@ def test_audit_refuses_bad_input(wrong_store, tmp_path):
         (["-s", str(store), "--out", str(existing)], "exists"),
         (["-s", str(store), "--threshold", "2"], "outside [0, 1]"),
         (["-s", str(store), "--teach-steps", "-1"], "negative"),
-        (["-s", str(store), "--fix", str(tmp_path / "f.parquet"), "--pool", str(tmp_path / "none.parquet")], "does not exist"),
-        (["-s", str(store), "--fix", str(tmp_path / "f.parquet"), "--pool", str(edited / "pool.parquet")], "judged against"),
-        (["-s", str(store), "--teach-steps", "2", "--teach-template", "####", "--out", str(tmp_path / "t.jsonl")], "has no {answer}"),
+        (
+            ["-s", str(store), "--fix", str(tmp_path / "f.parquet"), "--pool", str(tmp_path / "none.parquet")],
+            "does not exist",
+        ),
+        (
+            ["-s", str(store), "--fix", str(tmp_path / "f.parquet"), "--pool", str(edited / "pool.parquet")],
+            "judged against",
+        ),
+        (
+            ["-s", str(store), "--teach-steps", "2", "--teach-template", "####", "--out", str(tmp_path / "t.jsonl")],
+            "has no {answer}",
+        ),
     ]
     for args, message in cases:
         proc = run_cli("audit", *args, check=False)
@@ -166,8 +191,19 @@ def test_audit_taught_copy_is_deterministic(wrong_store, tmp_path):
     data, store = wrong_store
     outs = []
     for name in ("a.parquet", "b.parquet"):
-        proc = run_cli("audit", "-s", str(store), "--teach-steps", "3", "--val", str(data / "val.parquet"),
-                       "--threshold", "0.3", "--out", str(tmp_path / name))
+        proc = run_cli(
+            "audit",
+            "-s",
+            str(store),
+            "--teach-steps",
+            "3",
+            "--val",
+            str(data / "val.parquet"),
+            "--threshold",
+            "0.3",
+            "--out",
+            str(tmp_path / name),
+        )
         assert json.loads(proc.stdout)["taught"] is True
         outs.append(pq.read_table(tmp_path / name))
     assert outs[0].num_rows > 0 and outs[0].equals(outs[1])
@@ -194,8 +230,9 @@ def test_audit_flat_or_missing_history_is_neutral(wrong_store, tmp_path):
         assert e.suspicion == one[pid].suspicion and e.suspect == one[pid].suspect
 
     other = tmp_path / "store"
-    run_cli("rollout", "-m", "tiny-arith", "-p", str(wrong_store[0] / "pool.parquet"), "-s", str(other),
-            *ROLLOUT[:-1], "1")
+    run_cli(
+        "rollout", "-m", "tiny-arith", "-p", str(wrong_store[0] / "pool.parquet"), "-s", str(other), *ROLLOUT[:-1], "1"
+    )
     (later,), _ = store_stages(other)
     last = {e.problem_id: e for e in audit_stages([later], AuditConfig()).evidence}
     both = audit_stages([stage, later], AuditConfig(history_weight=0.5)).evidence

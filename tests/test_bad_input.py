@@ -12,9 +12,9 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import GRADSEL, ROOT, run_cli, assert_user_error
-from gradsel.inputs.models import resolve_model_path
 from gradsel.demo.tasks import write_regime
+from gradsel.inputs.models import resolve_model_path
+from helpers import GRADSEL, ROOT, assert_user_error, run_cli
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "4", "--n-val", "8"]
 
@@ -42,19 +42,55 @@ def _model_copy(tmp, drop=(), template=True):
 def test_tokenizer_without_a_chat_template(data, tmp_path):
     _, pool, val = data
     model = _model_copy(tmp_path, template=False)
-    proc = run_cli("score", "--model", str(model), "--pool", str(pool), "--val", str(val),
-                   "--store", str(tmp_path / "s"), *SCORE, check=False)
+    proc = run_cli(
+        "score",
+        "--model",
+        str(model),
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(tmp_path / "s"),
+        *SCORE,
+        check=False,
+    )
     assert_user_error(proc, "no chat template")
 
 
 def test_missing_tokenizer_and_missing_weights(data, tmp_path):
     _, pool, val = data
     model = _model_copy(tmp_path, drop=("tokenizer.json", "tokenizer_config.json"))
-    proc = run_cli("rollout", "--model", str(model), "--problems", str(pool), "--store", str(tmp_path / "s"),
-                   "--engine", "hf", "--n", "2", "--max-tokens", "4", check=False)
+    proc = run_cli(
+        "rollout",
+        "--model",
+        str(model),
+        "--problems",
+        str(pool),
+        "--store",
+        str(tmp_path / "s"),
+        "--engine",
+        "hf",
+        "--n",
+        "2",
+        "--max-tokens",
+        "4",
+        check=False,
+    )
     assert_user_error(proc, "tokenizer")
-    proc = run_cli("score", "--model", str(tmp_path / "nowhere"), "--pool", str(pool), "--val", str(val),
-                   "--store", str(tmp_path / "s2"), *SCORE, check=False)
+    proc = run_cli(
+        "score",
+        "--model",
+        str(tmp_path / "nowhere"),
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(tmp_path / "s2"),
+        *SCORE,
+        check=False,
+    )
     assert_user_error(proc, "nowhere")
 
 
@@ -73,10 +109,24 @@ def test_no_problem_with_a_grpo_signal_and_k_larger_than_the_pool(data, tmp_path
         "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
         "    if (extra_info or {}).get('split') == 'train':\n        return 1.0\n"
         "    import re\n    found = re.findall(r'-?\\d+', solution_str)\n"
-        "    return float(bool(found) and found[-1] == str(ground_truth).strip())\n")
+        "    return float(bool(found) and found[-1] == str(ground_truth).strip())\n"
+    )
     flat = tmp_path / "flat"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(flat),
-            "--reward", "pool_constant:compute_score", *SCORE, env={"PYTHONPATH": str(tmp_path)})
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(flat),
+        "--reward",
+        "pool_constant:compute_score",
+        *SCORE,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     proc = run_cli("select", "--store", str(flat), "--top-k", "3", "--out", str(out), check=False)
     assert_user_error(proc, "every problem has zero advantage")
     assert not out.exists()
@@ -93,15 +143,27 @@ def test_out_of_space_keeps_a_valid_store_that_resumes(data, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, resource.RLIM_INFINITY))
 
     store = tmp_path / "s"
-    proc = subprocess.run([*GRADSEL, *args, "--store", str(store)], capture_output=True, text=True, cwd=ROOT,
-                          preexec_fn=limit, env={"NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                 # a bytecode cache truncated at the limit would break later runs
-                                                 "PYTHONDONTWRITEBYTECODE": "1"})
+    proc = subprocess.run(
+        [*GRADSEL, *args, "--store", str(store)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=limit,
+        env={
+            "NO_COLOR": "1",
+            "HF_HUB_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+            # a bytecode cache truncated at the limit would break later runs
+            "PYTHONDONTWRITEBYTECODE": "1",
+        },
+    )
     assert_user_error(proc, "no space left")
     assert not list(store.rglob(".*.tmp-*")), "a temporary file was left behind"
     for marker in store.rglob("shard-*.done.json"):  # every finished shard is whole
-        assert pq.read_table(marker.with_name(marker.name.replace(".done.json", ".parquet"))).num_rows == \
-            json.loads(marker.read_text())["rows"]
+        assert (
+            pq.read_table(marker.with_name(marker.name.replace(".done.json", ".parquet"))).num_rows
+            == json.loads(marker.read_text())["rows"]
+        )
     run_cli(*args, "--store", str(store))
     ref_scores = next((tmp_path / "ref/features").glob("*/scores.parquet"))
     assert pq.read_table(next((store / "features").glob("*/scores.parquet"))).equals(pq.read_table(ref_scores))

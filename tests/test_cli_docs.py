@@ -5,11 +5,11 @@ import importlib.util
 
 import typer
 
-from helpers import ROOT, run_cli
-from gradsel.core import choices
 from gradsel.cli.app import app
+from gradsel.core import choices
 from gradsel.selection.formats import FORMATS
 from gradsel.selection.modes import MODES
+from helpers import ROOT, run_cli
 
 
 def _command(name):
@@ -20,8 +20,9 @@ def test_docs_cli_md_is_generated_from_the_cli():
     spec = importlib.util.spec_from_file_location("cli_docs", ROOT / "scripts" / "cli_docs.py")
     cli_docs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli_docs)
-    assert (ROOT / "docs" / "cli.md").read_text() == cli_docs.render(), \
+    assert (ROOT / "docs" / "cli.md").read_text() == cli_docs.render(), (
         "docs/cli.md is stale: run `.venv/bin/python scripts/cli_docs.py` and commit it"
+    )
 
 
 def test_refresh_and_report_take_every_selection_option_select_takes():
@@ -33,8 +34,13 @@ def test_refresh_and_report_take_every_selection_option_select_takes():
 
 
 def test_choice_options_list_their_choices_in_help():
-    for command, option, values in (("select", "mode", MODES), ("select", "format", FORMATS),
-                                    ("demo-data", "regime", choices.REGIMES), ("score", "executor", choices.EXECUTORS),
-                                    ("score", "loss-agg", choices.LOSS_AGGS), ("score", "alignment", choices.ALIGNMENTS)):
+    for command, option, values in (
+        ("select", "mode", MODES),
+        ("select", "format", FORMATS),
+        ("demo-data", "regime", choices.REGIMES),
+        ("score", "executor", choices.EXECUTORS),
+        ("score", "loss-agg", choices.LOSS_AGGS),
+        ("score", "alignment", choices.ALIGNMENTS),
+    ):
         proc = run_cli(command, "--help", env={"COLUMNS": "400"})
         assert "|".join(values) in proc.stdout, (command, option)

@@ -9,11 +9,18 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import run_cli
-from verl_data import write_parquet
 
 from gradsel.inputs.problems import Problem
-from gradsel.rewards.registry import REGISTRY, _verl_style, breaks_contract, paid_answers, promises_one_answer, resolve_reward
+from gradsel.rewards.registry import (
+    REGISTRY,
+    _verl_style,
+    breaks_contract,
+    paid_answers,
+    promises_one_answer,
+    resolve_reward,
+)
+from helpers import run_cli
+from verl_data import write_parquet
 
 SCORE = ["--engine", "hf", "--n", "8", "--n-val", "8", "--max-tokens", "6"]
 RANDOM_WARNING = "reward random paid two or more different answers to"
@@ -25,22 +32,37 @@ def _rows(size: int, split: str, coin_flips: int = 0) -> list[dict]:
     from gradsel.demo.tasks import verl_row
 
     rng = random.Random(f"test-contract/{split}")
-    return [verl_row(rng.randint(10, 99), "+", rng.randint(10, 99), domain="add2", split=split, index=i,
-                     style="random" if i < coin_flips else "rule", corrupted=i < coin_flips) for i in range(size)]
+    return [
+        verl_row(
+            rng.randint(10, 99),
+            "+",
+            rng.randint(10, 99),
+            domain="add2",
+            split=split,
+            index=i,
+            style="random" if i < coin_flips else "rule",
+            corrupted=i < coin_flips,
+        )
+        for i in range(size)
+    ]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("contract")
-    return (write_parquet(_rows(32, "train", coin_flips=16), out / "pool.parquet"),
-            write_parquet(_rows(8, "val"), out / "val.parquet"))
+    return (
+        write_parquet(_rows(32, "train", coin_flips=16), out / "pool.parquet"),
+        write_parquet(_rows(8, "val"), out / "val.parquet"),
+    )
 
 
 @pytest.fixture(scope="module")
 def scored(data, tmp_path_factory):
     pool, val = data
     store = tmp_path_factory.mktemp("store") / "s"
-    proc = run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store), *SCORE)
+    proc = run_cli(
+        "score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store), *SCORE
+    )
     return store, proc
 
 
@@ -98,12 +120,28 @@ def test_a_source_breaking_it_is_warned_of_in_score_info_and_report(scored, tmp_
     out = tmp_path / "report.html"
     run_cli("report", "--store", str(store), "--out", str(out))
     page = out.read_text()
-    assert "<h2>Judge contract</h2>" in page and '<tr class="broken"><td>train</td><td>arith/add2</td><td>random</td>' in page
+    assert (
+        "<h2>Judge contract</h2>" in page
+        and '<tr class="broken"><td>train</td><td>arith/add2</td><td>random</td>' in page
+    )
 
 
 def test_check_sample_warns_of_a_source_breaking_it(data):
-    proc = run_cli("check", "--pool", str(data[0]), "--model", "tiny-arith", "--sample", "16", "--n", "8",
-                   "--engine", "hf", "--max-tokens", "6")
+    proc = run_cli(
+        "check",
+        "--pool",
+        str(data[0]),
+        "--model",
+        "tiny-arith",
+        "--sample",
+        "16",
+        "--n",
+        "8",
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "6",
+    )
     assert f"warning: check --sample 16 (train): {RANDOM_WARNING}" in proc.stderr
     assert "two answers paid" in proc.stderr
     sample = {s["reward"]: s for s in json.loads(proc.stdout)["files"][0]["sample"]}
@@ -136,8 +174,21 @@ def test_a_judge_without_the_contract_keeps_todays_score(data, tmp_path):
     (tmp_path / "coinjudge.py").write_text(PLUGIN)
     pool, val = data
     store = tmp_path / "s"
-    proc = run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-                   *SCORE, "--reward", "coinjudge:coin", env={"PYTHONPATH": str(tmp_path)})
+    proc = run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        *SCORE,
+        "--reward",
+        "coinjudge:coin",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     scores = _scores(store)
     assert any(r["paid_answers"] > 1 for r in scores.values())  # it would break the contract, had it declared it
     assert not any(r["breaks_contract"] for r in scores.values())

@@ -3,10 +3,10 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import run_cli
-from gradsel.inputs.problems import read_problems
 from gradsel.core.schema import VERL_PROBLEMS
 from gradsel.demo.tasks import DOMAINS, REGIMES, answer_of, make_regime, write_regime
+from gradsel.inputs.problems import read_problems
+from helpers import run_cli
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -39,7 +39,7 @@ def _parse(text: str):
     for op in "+-*":
         if op in body[1:]:
             i = body.index(op, 1)
-            return int(body[:i]), op, int(body[i + 1:])
+            return int(body[:i]), op, int(body[i + 1 :])
     raise AssertionError(text)
 
 
@@ -95,8 +95,8 @@ def test_wrong_answer_regime_hides_which_rows_are_wrong(tmp_path):
 
 def test_regime_truth_marks_exactly_the_wanted_rows(tmp_path):
     """The benchmarks' and the loop oracle's ground truth: what write_regime made, read back."""
-    from gradsel.demo.tasks import parse_prompt
     from benchmarks.truth import regime_truth
+    from gradsel.demo.tasks import parse_prompt
 
     for regime, size in (("noisy", 60), ("low-utility", 60), ("imbalance", 60), ("wrong-answer", 60)):
         write_regime(tmp_path / regime, regime, size=size, val_size=5, seed=3)
@@ -105,9 +105,12 @@ def test_regime_truth_marks_exactly_the_wanted_rows(tmp_path):
         assert set(truth) == {p.problem_id for p in problems}
         for p in problems:
             a, op, b = parse_prompt(p.prompt[0]["content"])
-            expected = {"noisy": p.reward_style != "random", "low-utility": p.data_source != "arith/identity",
-                        "imbalance": p.data_source == "arith/sub2",
-                        "wrong-answer": p.ground_truth == str(answer_of(a, op, b))}[regime]
+            expected = {
+                "noisy": p.reward_style != "random",
+                "low-utility": p.data_source != "arith/identity",
+                "imbalance": p.data_source == "arith/sub2",
+                "wrong-answer": p.ground_truth == str(answer_of(a, op, b)),
+            }[regime]
             assert truth[p.problem_id] == expected, (regime, p.problem_id)
         assert 0 < sum(truth.values()) < size
 
@@ -117,9 +120,9 @@ def test_model_written_wrong_keys_are_answers_the_model_gives(tmp_path):
     answer, so unlike most slips the model writes it: a wrongly keyed row then has a GRPO signal."""
     import torch
 
-    from gradsel.inputs.models import load_causal_lm, load_tokenizer
-    from gradsel.demo.tasks import TRUTH_FILE, parse_prompt, prompt_text
     from benchmarks.truth import model_wrong_key
+    from gradsel.demo.tasks import TRUTH_FILE, parse_prompt, prompt_text
+    from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
     write_regime(tmp_path, "wrong-answer", size=30, val_size=2, seed=1, wrong_key=model_wrong_key("tiny-arith"))
     wrong = set(json.loads((tmp_path / TRUTH_FILE).read_text())["wrong_answer_ids"])
@@ -138,5 +141,7 @@ def test_model_written_wrong_keys_are_answers_the_model_gives(tmp_path):
             logp = lm(torch.tensor([ids + answer])).logits.log_softmax(-1)[0]
         key_prob.append(float(sum(logp[len(ids) - 1 + i, t] for i, t in enumerate(answer)).exp()))
     assert sum(q > 0.02 for q in key_prob) >= 10, key_prob  # the model writes it in at least 1 of 50 samples
-    write_regime(tmp_path / "again", "wrong-answer", size=30, val_size=2, seed=1, wrong_key=model_wrong_key("tiny-arith"))
+    write_regime(
+        tmp_path / "again", "wrong-answer", size=30, val_size=2, seed=1, wrong_key=model_wrong_key("tiny-arith")
+    )
     assert (tmp_path / "again" / "pool.parquet").read_bytes() == (tmp_path / "pool.parquet").read_bytes()

@@ -23,25 +23,44 @@ from gradsel.inputs.problems import read_problems
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
-json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                           max_leaves=12)
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", 3]),
-                                           "content": st.one_of(st.text(max_size=30), st.none())}), max_size=3)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant", 3]),
+            "content": st.one_of(st.text(max_size=30), st.none()),
+        }
+    ),
+    max_size=3,
+)
 rows = st.fixed_dictionaries(
     {},
     optional={
         "prompt": st.one_of(st.text(max_size=30), messages, json_values),
         "input": st.one_of(st.text(max_size=30), json_values),
         "label": st.one_of(st.text(max_size=10), st.integers(), st.floats(allow_nan=True), st.none()),
-        "reward_model": st.one_of(st.fixed_dictionaries({"ground_truth": scalars},
-                                                        optional={"style": st.sampled_from(["rule", "int", 5])}),
-                                  json_values),
+        "reward_model": st.one_of(
+            st.fixed_dictionaries({"ground_truth": scalars}, optional={"style": st.sampled_from(["rule", "int", 5])}),
+            json_values,
+        ),
         "data_source": st.one_of(st.text(max_size=10), st.integers()),
-        "extra_info": st.one_of(st.fixed_dictionaries({"index": st.one_of(st.integers(0, 20), st.text(max_size=3),
-                                                                          st.booleans(), st.none())}), json_values),
+        "extra_info": st.one_of(
+            st.fixed_dictionaries(
+                {"index": st.one_of(st.integers(0, 20), st.text(max_size=3), st.booleans(), st.none())}
+            ),
+            json_values,
+        ),
     },
 )
 
@@ -59,8 +78,11 @@ def _outcome(path: Path, **kw) -> str:
 
 
 @FUZZ
-@given(st.lists(rows, min_size=0, max_size=6), st.sampled_from([None, "input", "extra_info"]),
-       st.sampled_from([None, "label", "reward_model.ground_truth", "a.b"]))
+@given(
+    st.lists(rows, min_size=0, max_size=6),
+    st.sampled_from([None, "input", "extra_info"]),
+    st.sampled_from([None, "label", "reward_model.ground_truth", "a.b"]),
+)
 def test_random_jsonl_rows(tmp_path, batch, prompt_key, answer_key):
     path = tmp_path / "pool.jsonl"
     path.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in batch))
@@ -90,13 +112,62 @@ def test_random_bytes(tmp_path, data, name):
 
 COMMANDS = ["score", "select", "refresh", "rollout", "info", "snapshot", "demo-data", "nope", ""]
 # (no --size: a random large number would make demo-data build a huge pool, which is not an error)
-OPTIONS = ["--store", "--top-k", "--ratio", "--all", "--mode", "--band", "--format", "--out", "--diverse",
-           "--target", "--index", "--balance", "--balance-weights", "--min-score", "--model", "--pool", "--val",
-           "--problems", "--n", "--sketch", "--feature", "--dtype", "--device", "--seed", "--chunk-size",
-           "--max-tokens-per-batch", "--shard-size", "--engine", "--regime", "-q", "--verbose"]
-VALUES = st.one_of(st.sampled_from(["0", "-1", "1.5", "nan", "16x", "0x0", "gradalign", "flat", "max", "-",
-                                    "verl", "1e309", "0.2,0.1", "a=1,b", "tiny-arith", ""]),
-                   st.text(alphabet=string.printable, max_size=12))
+OPTIONS = [
+    "--store",
+    "--top-k",
+    "--ratio",
+    "--all",
+    "--mode",
+    "--band",
+    "--format",
+    "--out",
+    "--diverse",
+    "--target",
+    "--index",
+    "--balance",
+    "--balance-weights",
+    "--min-score",
+    "--model",
+    "--pool",
+    "--val",
+    "--problems",
+    "--n",
+    "--sketch",
+    "--feature",
+    "--dtype",
+    "--device",
+    "--seed",
+    "--chunk-size",
+    "--max-tokens-per-batch",
+    "--shard-size",
+    "--engine",
+    "--regime",
+    "-q",
+    "--verbose",
+]
+VALUES = st.one_of(
+    st.sampled_from(
+        [
+            "0",
+            "-1",
+            "1.5",
+            "nan",
+            "16x",
+            "0x0",
+            "gradalign",
+            "flat",
+            "max",
+            "-",
+            "verl",
+            "1e309",
+            "0.2,0.1",
+            "a=1,b",
+            "tiny-arith",
+            "",
+        ]
+    ),
+    st.text(alphabet=string.printable, max_size=12),
+)
 
 
 @settings(max_examples=120, deadline=None)
@@ -109,7 +180,11 @@ def test_random_arguments_never_give_a_traceback(tmp_path_factory, command, pair
     for option, value in pairs:
         argv.append(option)
         if option not in ("--all", "-q", "--verbose"):
-            argv.append(str(missing / value.replace("/", "_")) if option in ("--store", "--pool", "--val", "--problems", "--out") else value)
+            argv.append(
+                str(missing / value.replace("/", "_"))
+                if option in ("--store", "--pool", "--val", "--problems", "--out")
+                else value
+            )
     err = io.StringIO()
     # The console writes to whatever sys.stderr is at the time (redirected below). Setting its
     # `file` would pin it to this test's stream for every later test in the process.
@@ -117,8 +192,11 @@ def test_random_arguments_never_give_a_traceback(tmp_path_factory, command, pair
     sys.argv = ["gradsel", *argv]
     try:
         # In process, for speed; protect_stdout would re-point this test process's own fd 1.
-        with mock.patch.object(cli.console, "protect_stdout", lambda: sys.stdout), \
-                contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            mock.patch.object(cli.console, "protect_stdout", lambda: sys.stdout),
+            contextlib.redirect_stderr(err),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             with pytest.raises(SystemExit) as exit_info:
                 cli.main()
     finally:

@@ -4,9 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from gradsel.gradients import (exact_parameters, exact_problem_gradient, expert_signs,
-                               group_advantages, head_features, make_spec, module_projections, projected_features,
-                               projection_matrix, resolve_units)
+from gradsel.gradients import (
+    exact_parameters,
+    exact_problem_gradient,
+    expert_signs,
+    group_advantages,
+    head_features,
+    make_spec,
+    module_projections,
+    projected_features,
+    projection_matrix,
+    resolve_units,
+)
 from gradsel.inputs.models import load_causal_lm
 from toy_models import LOSS_AGG, exact_unit_gradients, tiny_config, tiny_moe, toy_groups
 
@@ -21,8 +30,8 @@ def exact_projected(model, group, spec):
         signs = expert_signs(spec, u.name, u.n_experts)
         G = G.reshape(u.n_experts, u.d_out, u.d_in)
         for b in range(spec.blocks):
-            r_o = r_out[:, b * spec.k_out:(b + 1) * spec.k_out]
-            r_i = r_in[:, b * spec.k_in:(b + 1) * spec.k_in]
+            r_o = r_out[:, b * spec.k_out : (b + 1) * spec.k_out]
+            r_i = r_in[:, b * spec.k_in : (b + 1) * spec.k_in]
             out.append(sum(s * (r_o.T @ G[e] @ r_i) for e, s in enumerate(signs)).reshape(-1))
     return torch.cat(out).numpy()
 
@@ -75,8 +84,14 @@ def test_projector_is_seeded_and_preserves_inner_products():
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(512, generator=gen), torch.randn(512, generator=gen)
     y = 0.6 * x + 0.8 * y
-    errs = [abs(float((x @ projection_matrix(s, "m", "in", 512, 256)) @ (y @ projection_matrix(s, "m", "in", 512, 256)))
-                - float(x @ y)) / float(x.norm() * y.norm()) for s in range(20)]
+    errs = [
+        abs(
+            float((x @ projection_matrix(s, "m", "in", 512, 256)) @ (y @ projection_matrix(s, "m", "in", 512, 256)))
+            - float(x @ y)
+        )
+        / float(x.norm() * y.norm())
+        for s in range(20)
+    ]
     assert np.median(errs) < 3 / 256**0.5  # JL: error ~ 1/sqrt(k)
 
 
@@ -118,8 +133,9 @@ def test_moe_router_and_fused_experts_equal_projected_exact_gradient(arch):
     moe_layers = 1 if arch == "deepseek_v3" else 2
     assert kinds.count("router") == moe_layers and kinds.count("experts") == 2 * moe_layers  # gate-up, down
     groups = toy_groups(seed=2, n_problems=4, vocab=32)
-    assert_matches_oracle(model, groups, spec, projected_features(model, groups, spec, loss_agg=LOSS_AGG,
-                                                                  pad_id=0, max_tokens=40))
+    assert_matches_oracle(
+        model, groups, spec, projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=40)
+    )
 
 
 @pytest.mark.parametrize("modules", [r"mlp\.experts\.down_proj", r"\.layers\.0\.mlp\.gate$"])
@@ -128,8 +144,9 @@ def test_moe_units_hooked_alone_are_exact(modules):
     model = tiny_moe("mixtral")
     spec = make_spec(model, feature="projected", modules=modules, sketch=(4, 4), seed=0, dtype="float32")
     groups = toy_groups(seed=3, n_problems=4, vocab=32)
-    assert_matches_oracle(model, groups, spec, projected_features(model, groups, spec, loss_agg=LOSS_AGG,
-                                                                  pad_id=0, max_tokens=40))
+    assert_matches_oracle(
+        model, groups, spec, projected_features(model, groups, spec, loss_agg=LOSS_AGG, pad_id=0, max_tokens=40)
+    )
 
 
 def test_moe_alignment_equals_full_gradient_dot():
@@ -141,8 +158,10 @@ def test_moe_alignment_equals_full_gradient_dot():
     groups = toy_groups(seed=5, n_problems=6, vocab=32)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
     val_grad = validation_gradient(model, groups[3:], spec.modules, loss_agg=LOSS_AGG, pad_id=0)
-    exact = [sum(float((G * t.double()).sum()) for (_, G), t in zip(exact_unit_gradients(model, g, spec), val_grad))
-             for g in groups]
+    exact = [
+        sum(float((G * t.double()).sum()) for (_, G), t in zip(exact_unit_gradients(model, g, spec), val_grad))
+        for g in groups
+    ]
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
     _, dots = projected_features(model, groups, spec, val_grad=val_grad, **kw)
     np.testing.assert_allclose(dots, exact, rtol=1e-4, atol=1e-9)
@@ -162,9 +181,16 @@ def test_moe_alignment_equals_full_gradient_dot():
 def test_same_seed_same_vectors_other_seed_other_vectors():
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=4)
-    feats = [projected_features(model, groups, make_spec(model, feature="projected", modules=None, sketch=(4, 4),
-                                                         seed=s, dtype="float32"), loss_agg=LOSS_AGG, pad_id=0)
-             for s in (0, 0, 1)]
+    feats = [
+        projected_features(
+            model,
+            groups,
+            make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=s, dtype="float32"),
+            loss_agg=LOSS_AGG,
+            pad_id=0,
+        )
+        for s in (0, 0, 1)
+    ]
     assert np.array_equal(feats[0], feats[1])
     assert not np.allclose(feats[0], feats[2])
 
@@ -189,7 +215,13 @@ def test_low_rank_alignment_equals_the_dot_with_its_truncated_target():
     """The factors ride along with the projections: the dots equal the exact hooked pass run
     against the truncated matrices, and the truncation stays within LOW_RANK_MAX_COST of the exact
     alignment's work."""
-    from gradsel.gradients import LOW_RANK_MAX_COST, LowRank, alignment_cost, truncate_validation_gradient, validation_gradient
+    from gradsel.gradients import (
+        LOW_RANK_MAX_COST,
+        LowRank,
+        alignment_cost,
+        truncate_validation_gradient,
+        validation_gradient,
+    )
 
     model = load_causal_lm("tiny-arith")
     groups = toy_groups(seed=5)
@@ -246,8 +278,9 @@ def test_truncate_validation_gradient_spends_its_budget_where_the_norm_is():
     lost = float(sum(torch.linalg.svdvals(g)[r:].square().sum() for g, r in zip((steep, flat), kept)))
     assert lost <= 0.05**2 * total and kept[0] == 3 and 0 < kept[1] < 20
     # ranks fill whole tiles of columns (they cost no more time); a tile past the matrix stops at its rank
-    low = truncate_validation_gradient([steep.float(), flat.float(), with_spectrum([1e-3], seed=3).float()],
-                          residual=1e-6, max_cost=budget, tile=16)
+    low = truncate_validation_gradient(
+        [steep.float(), flat.float(), with_spectrum([1e-3], seed=3).float()], residual=1e-6, max_cost=budget, tile=16
+    )
     assert [t.out_factor.shape[1] for t in low] == [16, 16, 0]
 
 
@@ -267,7 +300,7 @@ def test_weighted_nll_is_the_shifted_token_loss():
 
 def test_policy_loss_on_weighted_positions_only_equals_the_full_logits_loss():
     """Gathering the response positions before the output layer changes no value and no gradient."""
-    from gradsel.gradients.loss import batch_tensors, weighted_nll, pack_batches, policy_loss
+    from gradsel.gradients.loss import batch_tensors, pack_batches, policy_loss, weighted_nll
 
     model = load_causal_lm("tiny-arith")
     batch = batch_tensors(next(pack_batches(toy_groups(seed=3), LOSS_AGG, 200)), 0, "cpu")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import OPENRLHF_PYTHON, ROOT, VERL_PYTHON, run_cli, skip_unless_importable
-from gradsel.integrations import recorded_selection
-from gradsel.inputs.problems import read_problems
 from gradsel.demo.tasks import write_regime
+from gradsel.inputs.problems import read_problems
+from gradsel.integrations import recorded_selection
+from helpers import OPENRLHF_PYTHON, ROOT, VERL_PYTHON, run_cli, skip_unless_importable
 
 SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
 
@@ -27,10 +27,33 @@ def store(tmp_path_factory) -> Path:
     """A store with rounds whose round 0 has a recorded selection of 4 problems."""
     tmp = tmp_path_factory.mktemp("handoff")
     pool, val = write_regime(tmp / "data", "clean", size=24, val_size=4, seed=3)
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(tmp / "store"),
-            "--chunk-size", "8", *SCORE)
-    run_cli("select", "--store", str(tmp / "store"), "--top-k", "4", "--allow-fewer", "--include-zero-advantage",
-            "--format", "ids", "--out", str(tmp / "round0.txt"))
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(tmp / "store"),
+        "--chunk-size",
+        "8",
+        *SCORE,
+    )
+    run_cli(
+        "select",
+        "--store",
+        str(tmp / "store"),
+        "--top-k",
+        "4",
+        "--allow-fewer",
+        "--include-zero-advantage",
+        "--format",
+        "ids",
+        "--out",
+        str(tmp / "round0.txt"),
+    )
     return tmp / "store"
 
 
@@ -76,7 +99,8 @@ def test_handoff_writes_the_selection_moves_the_stale_state_and_prints_the_overr
     # 4 problems in batches of 2: 2 steps an epoch; resumed at step 6 = epoch 3; 2 more epochs.
     assert proc.stdout.splitlines() == [
         f"data.train_files={out} trainer.resume_mode=auto trainer.default_local_dir={ckpts} "
-        "trainer.total_epochs=5 trainer.total_training_steps=10"]
+        "trainer.total_epochs=5 trainer.total_training_steps=10"
+    ]
     selected = recorded_selection(store).problem_ids
     assert [p.problem_id for p in read_problems(out).problems] == selected  # rank order, verl's rows
     assert pq.read_schema(out).names == pq.read_schema(store / "rounds/round-000/chunk.parquet").names
@@ -91,8 +115,18 @@ def test_handoff_writes_the_selection_moves_the_stale_state_and_prints_the_overr
     assert f"already moved aside to {moved}" in forced.stderr and moved.read_bytes() == state
 
 
-@pytest.mark.parametrize("case", ["no-store", "no-checkpoints", "no-tracker", "tracker-names-missing-step",
-                                  "batch-larger-than-selection", "no-selection-yet", "out-is-a-directory"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no-store",
+        "no-checkpoints",
+        "no-tracker",
+        "tracker-names-missing-step",
+        "batch-larger-than-selection",
+        "no-selection-yet",
+        "out-is-a-directory",
+    ],
+)
 def test_bad_input_exits_2_and_touches_nothing(store, tmp_path, case):
     ckpts = verl_checkpoints(tmp_path / "ckpts")
     args = ["--train-batch-size", "2"]
@@ -156,8 +190,14 @@ VERL_LOADER = textwrap.dedent("""
 
 
 def run_verl(*args: str) -> str:
-    proc = subprocess.run([str(VERL_PYTHON), "-c", VERL_LOADER, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    proc = subprocess.run(
+        [str(VERL_PYTHON), "-c", VERL_LOADER, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -174,8 +214,14 @@ def test_the_handed_off_parquet_loads_in_verls_own_dataset_and_the_moved_state_w
     ckpts = verl_checkpoints(tmp_path / "ckpts")
     run_verl("save", str(store / "rounds/round-000/chunk.parquet"), model, str(ckpts / "global_step_6/data.pt"))
     handoff(store, ckpts, "--train-batch-size", "2")
-    seen = json.loads(run_verl("check", str(ckpts / "gradsel-round-000.parquet"), model,
-                               str(ckpts / "global_step_6/data.pt.stale-before-round-000")).splitlines()[-1])
+    seen = json.loads(
+        run_verl(
+            "check",
+            str(ckpts / "gradsel-round-000.parquet"),
+            model,
+            str(ckpts / "global_step_6/data.pt.stale-before-round-000"),
+        ).splitlines()[-1]
+    )
     selected = sorted(int(pid.rsplit(":", 1)[1]) for pid in recorded_selection(store).problem_ids)
     assert seen["rows"] == 4 and sorted(seen["fresh"]) == selected  # every selected row, from the beginning
     assert len(seen["stale"]) == 2, seen  # from the old file's position: only the new file's second batch
@@ -213,15 +259,36 @@ def test_openrlhf_reads_the_selection_with_its_own_prompt_reader(store, tmp_path
     from gradsel.inputs.models import resolve_model_path
 
     out = tmp_path / "round0.jsonl"
-    run_cli("select", "--store", str(store), "--top-k", "4", "--allow-fewer", "--include-zero-advantage",
-            "--format", "openrlhf", "--out", str(out))
+    run_cli(
+        "select",
+        "--store",
+        str(store),
+        "--top-k",
+        "4",
+        "--allow-fewer",
+        "--include-zero-advantage",
+        "--format",
+        "openrlhf",
+        "--out",
+        str(out),
+    )
     model = str(resolve_model_path("tiny-arith"))
-    proc = subprocess.run([str(OPENRLHF_PYTHON), "-c", OPENRLHF_READER, str(out), model], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    proc = subprocess.run(
+        [str(OPENRLHF_PYTHON), "-c", OPENRLHF_READER, str(out), model],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     read = json.loads(proc.stdout.strip().splitlines()[-1])
     problems = {p.problem_id: p for p in read_problems(store / "rounds/round-000/chunk.parquet").problems}
     tokenizer = AutoTokenizer.from_pretrained(model)
-    expected = [[tokenizer.apply_chat_template(problems[pid].prompt, tokenize=False, add_generation_prompt=True),
-                 problems[pid].ground_truth] for pid in recorded_selection(store).problem_ids]
+    expected = [
+        [
+            tokenizer.apply_chat_template(problems[pid].prompt, tokenize=False, add_generation_prompt=True),
+            problems[pid].ground_truth,
+        ]
+        for pid in recorded_selection(store).problem_ids
+    ]
     assert read == expected

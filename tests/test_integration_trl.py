@@ -8,18 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
 from gradsel.core.errors import GradselError
+from gradsel.demo.tasks import write_regime
+from gradsel.inputs.models import resolve_model_path
 from gradsel.integrations import recorded_selection
 from gradsel.integrations.trl import SelectionSampler
-from gradsel.inputs.models import resolve_model_path
-from gradsel.demo.tasks import write_regime
+from helpers import run_cli
 
 SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
 SELECT = ["--top-k", "4", "--allow-fewer", "--include-zero-advantage", "--format", "ids"]
 
 
 # -- the sampler alone -------------------------------------------------------------------------
+
 
 def test_sampler_groups_like_repeat_sampler_and_draws_only_the_selection():
     from trl.trainer.utils import RepeatSampler
@@ -52,8 +53,9 @@ def test_sampler_swaps_at_the_next_generation_batch_and_keeps_its_length():
 def test_rank_weighting_draws_the_best_ranked_most():
     from gradsel.integrations.trl import rank_weights
 
-    sampler = SelectionSampler(list(range(4)), prompts_per_epoch=4000, mini_repeat_count=1, batch_size=4,
-                               weights=rank_weights(4))
+    sampler = SelectionSampler(
+        list(range(4)), prompts_per_epoch=4000, mini_repeat_count=1, batch_size=4, weights=rank_weights(4)
+    )
     drawn = list(sampler)
     counts = [drawn.count(i) for i in range(4)]
     assert counts == sorted(counts, reverse=True) and counts[0] > 3 * counts[3], counts
@@ -66,6 +68,7 @@ def test_sampler_refuses_an_epoch_without_a_whole_batch():
 
 # -- TRL's GRPOTrainer -------------------------------------------------------------------------
 
+
 def reward_recorder(drawn: list[list[str]]):
     """gradsel's registry reward, in TRL's reward-function signature, noting the problems of every
     generation batch the trainer drew."""
@@ -77,8 +80,15 @@ def reward_recorder(drawn: list[list[str]]):
         out = []
         for completion, rm, extra, source in zip(completions, reward_model, extra_info, data_source):
             text = completion[0]["content"] if isinstance(completion, list) else completion
-            problem = Problem(str(extra["index"]), 0, "", rm["ground_truth"], data_source=source,
-                              reward_style=rm["style"], extra_info=extra)
+            problem = Problem(
+                str(extra["index"]),
+                0,
+                "",
+                rm["ground_truth"],
+                data_source=source,
+                reward_style=rm["style"],
+                extra_info=extra,
+            )
             out.append(resolve_reward(problem)(problem, text, 0, 0))
         return out
 
@@ -89,10 +99,25 @@ def grpo_config(out: Path, epochs: int, save: str = "no"):
     from trl import GRPOConfig
 
     # 4 completions a step = 2 prompts x 2 generations; 4 selected prompts = 2 steps an epoch.
-    return GRPOConfig(output_dir=str(out), per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
-                      num_train_epochs=epochs, learning_rate=1e-3, beta=0.0, temperature=1.0, logging_steps=1,
-                      save_strategy=save, report_to=[], use_cpu=True, seed=0, bf16=False,
-                      dataloader_num_workers=0, disable_tqdm=True, lr_scheduler_type="constant")
+    return GRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=4,
+        num_train_epochs=epochs,
+        learning_rate=1e-3,
+        beta=0.0,
+        temperature=1.0,
+        logging_steps=1,
+        save_strategy=save,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        bf16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+    )
 
 
 def trainer(model, pool: Path, store: Path, out: Path, drawn: list, epochs: int, **kwargs):
@@ -102,9 +127,15 @@ def trainer(model, pool: Path, store: Path, out: Path, drawn: list, epochs: int,
     from gradsel.integrations.trl import GradselGRPOTrainer
 
     save = kwargs.pop("save", "no")
-    return GradselGRPOTrainer(model=str(model), reward_funcs=reward_recorder(drawn), args=grpo_config(out, epochs, save),
-                              train_dataset=load_dataset("parquet", data_files=str(pool))["train"],
-                              processing_class=AutoTokenizer.from_pretrained(model), store=store, **kwargs)
+    return GradselGRPOTrainer(
+        model=str(model),
+        reward_funcs=reward_recorder(drawn),
+        args=grpo_config(out, epochs, save),
+        train_dataset=load_dataset("parquet", data_files=str(pool))["train"],
+        processing_class=AutoTokenizer.from_pretrained(model),
+        store=store,
+        **kwargs,
+    )
 
 
 def weights(model) -> dict:
@@ -124,8 +155,20 @@ def test_grpo_trainer_follows_a_refresh_between_epochs(tmp_path):
     model = resolve_model_path("tiny-arith")
     pool, val = write_regime(tmp_path / "data", "clean", size=40, val_size=4, seed=3)
     store = tmp_path / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "8", *SCORE)
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "8",
+        *SCORE,
+    )
     run_cli("select", "--store", str(store), *SELECT, "--out", str(tmp_path / "round0.txt"))
 
     drawn: list[list[str]] = []
@@ -153,7 +196,9 @@ def test_grpo_trainer_follows_a_refresh_between_epochs(tmp_path):
     relaunch.train(resume_from_checkpoint=str(tmp_path / "b/checkpoint-2"))
     assert first + second == drawn
     resumed = weights(relaunch.model)
-    assert all(torch.equal(final[k], resumed[k]) for k in final), [k for k in final if not torch.equal(final[k], resumed[k])]
+    assert all(torch.equal(final[k], resumed[k]) for k in final), [
+        k for k in final if not torch.equal(final[k], resumed[k])
+    ]
 
 
 def test_trainer_refuses_a_store_without_a_selection(tmp_path):
@@ -168,6 +213,7 @@ def test_trainer_refuses_a_store_without_a_selection(tmp_path):
 
 # -- the callback's reading of the store ---------------------------------------------------------
 
+
 def rounds_store(root: Path, selections: dict[int, list[str] | None]) -> Path:
     """A store's round lineage as `score --chunk-size` and `refresh` record it: complete rounds
     (with their checkpoint hash) and each round's selection.json where `select` ran."""
@@ -175,8 +221,15 @@ def rounds_store(root: Path, selections: dict[int, list[str] | None]) -> Path:
     for index, ids in selections.items():
         directory = root / "rounds" / f"round-{index:03d}"
         directory.mkdir(parents=True, exist_ok=True)
-        rounds.append({"round": index, "dir": f"rounds/round-{index:03d}", "chunk_ids": ids or [],
-                       "model": "m", "checkpoint": f"sha256:{index}"})
+        rounds.append(
+            {
+                "round": index,
+                "dir": f"rounds/round-{index:03d}",
+                "chunk_ids": ids or [],
+                "model": "m",
+                "checkpoint": f"sha256:{index}",
+            }
+        )
         if ids is not None:
             (directory / "selection.json").write_text(json.dumps({"selected_ids": ids}))
     (root / "manifest.json").write_text(json.dumps({"format_version": 2, "rounds_store": True, "rounds": rounds}))

@@ -9,16 +9,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gradsel"
 
 # Lowest floor first. A folder may import its own modules and any folder on a lower floor.
 FLOORS = [
-    ["core"],          # errors, files, console, choices, schemas
-    ["store"],         # the store directory, its stages and vectors
-    ["inputs"],        # problems, snapshot, models
-    ["rewards"],       # reward records, payouts
-    ["rollout"],       # stage 1
-    ["gradients"],     # stage 2
-    ["selection"],     # stage 3
-    ["pipeline"],      # the recipes over the stages
+    ["core"],  # errors, files, console, choices, schemas
+    ["store"],  # the store directory, its stages and vectors
+    ["inputs"],  # problems, snapshot, models
+    ["rewards"],  # reward records, payouts
+    ["rollout"],  # stage 1
+    ["gradients"],  # stage 2
+    ["selection"],  # stage 3
+    ["pipeline"],  # the recipes over the stages
     ["review", "integrations", "demo"],  # readers of a finished store, trainers, the bundled demo
-    ["cli"],           # the command line
+    ["cli"],  # the command line
 ]
 FLOOR = {folder: level for level, folders in enumerate(FLOORS) for folder in folders}
 
@@ -37,7 +37,11 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("gradsel"):
             found.add(node.module)
             # `from gradsel.core import console` imports the module gradsel.core.console
-            found |= {f"{node.module}.{a.name}" for a in node.names if (PACKAGE.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").exists()}
+            found |= {
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if (PACKAGE.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").exists()
+            }
     return found
 
 
@@ -80,7 +84,7 @@ def test_no_import_cycles():
             if nxt.startswith(node + "."):
                 continue
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"

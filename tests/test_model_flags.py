@@ -6,9 +6,17 @@ import pytest
 import torch
 
 from gradsel.core.errors import GradselError
-from gradsel.gradients import (ProblemRollouts, exact_parameters, exact_problem_gradient, group_advantages,
-                               make_spec, projected_features, resolve_units, truncate_validation_gradient,
-                               validation_gradient)
+from gradsel.gradients import (
+    ProblemRollouts,
+    exact_parameters,
+    exact_problem_gradient,
+    group_advantages,
+    make_spec,
+    projected_features,
+    resolve_units,
+    truncate_validation_gradient,
+    validation_gradient,
+)
 from gradsel.inputs.models import load_causal_lm
 from toy_models import LOSS_AGG, toy_groups
 

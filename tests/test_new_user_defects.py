@@ -12,10 +12,9 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import GRADSEL, ROOT, run_cli
-from gradsel.inputs.problems import read_problems
 from gradsel.demo.tasks import verl_row, write_regime
-from helpers import assert_user_error
+from gradsel.inputs.problems import read_problems
+from helpers import GRADSEL, ROOT, assert_user_error, run_cli
 from verl_data import gsm8k_rows, math_rows, write_parquet
 
 SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
@@ -58,6 +57,7 @@ def scored(tmp_path_factory):
 
 # -- 1. ids ---------------------------------------------------------------------------------------
 
+
 def test_ids_are_unique_per_data_source_and_stable(tmp_path):
     rows = gsm8k_rows([(2, 3), (4, 1)], "train") + math_rows("train")  # both number from 0
     path = write_parquet(rows, tmp_path / "train.parquet")
@@ -78,6 +78,7 @@ def test_pool_and_validation_ids_stay_apart(scored):
 
 # -- 2. JSONL lines -------------------------------------------------------------------------------
 
+
 def test_jsonl_rows_emitted_are_the_rows_selected(scored):
     _, pool, _, store = scored
     ids = run_cli("select", "--store", str(store), "--all", "--format", "ids", "--out", "-").stdout.split()
@@ -88,25 +89,39 @@ def test_jsonl_rows_emitted_are_the_rows_selected(scored):
 
 # -- 3. --balance on a missing column ---------------------------------------------------------------
 
+
 def test_balance_on_a_missing_column_is_refused(scored):
     _, _, _, store = scored
-    proc = run_cli("select", "--store", str(store), "--top-k", "2", "--balance", "ability",
-                   "--format", "ids", check=False)
+    proc = run_cli(
+        "select", "--store", str(store), "--top-k", "2", "--balance", "ability", "--format", "ids", check=False
+    )
     assert_user_error(proc, "data_source")
 
 
 # -- 4. a JSONL field of mixed types ----------------------------------------------------------------
 
+
 def test_mixed_type_jsonl_field_to_parquet_is_refused_not_a_traceback(scored, tmp_path):
     _, _, _, store = scored
     out = tmp_path / "sel.parquet"
-    proc = run_cli("select", "--store", str(store), "--all", "--include-zero-advantage", "--format", "verl",
-                   "--out", str(out), check=False)
+    proc = run_cli(
+        "select",
+        "--store",
+        str(store),
+        "--all",
+        "--include-zero-advantage",
+        "--format",
+        "verl",
+        "--out",
+        str(out),
+        check=False,
+    )
     assert_user_error(proc, "extra_info")
     assert "--format jsonl" in proc.stderr and not out.exists()
 
 
 # -- 5. a failed first run does not pin the store -----------------------------------------------
+
 
 def test_a_run_that_wrote_no_shard_does_not_pin_its_inputs(tmp_path):
     pool, val = write_regime(tmp_path / "data", "clean", size=8, val_size=16, seed=2)
@@ -121,27 +136,56 @@ def test_a_run_that_wrote_no_shard_does_not_pin_its_inputs(tmp_path):
 
 # -- 12. unwritable places, 14. --out a directory ---------------------------------------------------
 
+
 def test_out_that_is_a_directory(scored, tmp_path):
     _, _, _, store = scored
-    proc = run_cli("select", "--store", str(store), "--top-k", "2", "--format", "ids", "--out", str(tmp_path),
-                   "--force", check=False)
+    proc = run_cli(
+        "select",
+        "--store",
+        str(store),
+        "--top-k",
+        "2",
+        "--format",
+        "ids",
+        "--out",
+        str(tmp_path),
+        "--force",
+        check=False,
+    )
     assert_user_error(proc, "is a directory")
 
 
 # -- 13. bad score options before any work --------------------------------------------------------
 
-@pytest.mark.parametrize("flag,value,needle", [("--dtype", "float64", "--dtype"), ("--device", "tpu", "--device"),
-                                               ("--modules", "[", "--modules")])
+
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [("--dtype", "float64", "--dtype"), ("--device", "tpu", "--device"), ("--modules", "[", "--modules")],
+)
 def test_bad_score_options_fail_before_any_work(tmp_path, flag, value, needle):
     pool = write_parquet(arith_rows(4, "train"), tmp_path / "pool.parquet")
     store = tmp_path / "store"
-    proc = run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(pool), "--store", str(store),
-                   *SCORE, flag, value, check=False)
+    proc = run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(pool),
+        "--store",
+        str(store),
+        *SCORE,
+        flag,
+        value,
+        check=False,
+    )
     assert_user_error(proc, needle)
     assert not (store / "rollouts").exists()
 
 
 # -- 15. bare gradsel ---------------------------------------------------------------------------------
+
 
 def test_bare_gradsel_prints_help_and_exits_0():
     proc = run_cli(check=False)
@@ -150,23 +194,38 @@ def test_bare_gradsel_prints_help_and_exits_0():
 
 # -- 17. a closed pipe ----------------------------------------------------------------------------------
 
+
 def test_a_closed_pipe_is_not_an_error(scored):
     _, _, _, store = scored
     env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(" ".join([*GRADSEL, "select", "--store", str(store), "--all", "--format", "jsonl",
-                                    "--out", "-"]) + " | head -c 1 > /dev/null; echo ${PIPESTATUS[0]}",
-                          shell=True, executable="/bin/bash", capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        " ".join([*GRADSEL, "select", "--store", str(store), "--all", "--format", "jsonl", "--out", "-"])
+        + " | head -c 1 > /dev/null; echo ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.stdout.strip() == "0", proc.stderr
     assert "Traceback" not in proc.stderr and "error" not in proc.stderr
 
 
 # -- 12. unwritable stores and outputs --------------------------------------------------------------
 
+
 def run_as_nobody(*args: str, home) -> subprocess.CompletedProcess:
     """The CLI as an unprivileged user: root writes through read-only permissions."""
     env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "HOME": str(home), "COLUMNS": "200"}
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *GRADSEL, *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *GRADSEL, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 @pytest.fixture
@@ -184,8 +243,12 @@ def _nobody_can_run_gradsel() -> bool:
     """The unprivileged user must reach this checkout and its interpreter (CI's folder may not let it)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         return False
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *GRADSEL, "--version"],
-                           capture_output=True, cwd="/", timeout=120)
+    probe = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *GRADSEL, "--version"],
+        capture_output=True,
+        cwd="/",
+        timeout=120,
+    )
     return probe.returncode == 0
 
 
@@ -195,21 +258,66 @@ def test_read_only_store_selects_and_unwritable_places_are_user_errors(world_rea
     tmp_path = world_readable_tmp
     pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
     store = tmp_path / "store"  # owned by root: read-only to the user below
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "15", *SCORE)
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "15",
+        *SCORE,
+    )
     home = tmp_path / "home"
     home.mkdir()
     home.chmod(0o777)
     out = home / "round0.jsonl"
-    proc = run_as_nobody("select", "--store", str(store), "--top-k", "2", "--allow-fewer", "--format", "jsonl",
-                         "--out", str(out), home=home)
+    proc = run_as_nobody(
+        "select",
+        "--store",
+        str(store),
+        "--top-k",
+        "2",
+        "--allow-fewer",
+        "--format",
+        "jsonl",
+        "--out",
+        str(out),
+        home=home,
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and "read-only" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_as_nobody("select", "--store", str(store), "--top-k", "2", "--allow-fewer", "--format", "jsonl",
-                         "--out", str(tmp_path / "x.jsonl"), home=home)
+    proc = run_as_nobody(
+        "select",
+        "--store",
+        str(store),
+        "--top-k",
+        "2",
+        "--allow-fewer",
+        "--format",
+        "jsonl",
+        "--out",
+        str(tmp_path / "x.jsonl"),
+        home=home,
+    )
     assert_user_error(proc, "permission denied")
-    proc = run_as_nobody("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store",
-                         str(store), *SCORE, home=home)
+    proc = run_as_nobody(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        *SCORE,
+        home=home,
+    )
     assert_user_error(proc, "permission denied")
     proc = run_as_nobody("demo-data", "--out", str(tmp_path / "d"), "--size", "4", "--val-size", "2", home=home)
     assert_user_error(proc, "permission denied")
@@ -217,13 +325,26 @@ def test_read_only_store_selects_and_unwritable_places_are_user_errors(world_rea
 
 # -- 6, 18. refresh: an incomplete round, another vocabulary ------------------------------------------
 
+
 def _rounds_store(tmp_path):
     from gradsel.inputs.models import resolve_model_path
 
     pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
     store = tmp_path / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "10", *SCORE)
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "10",
+        *SCORE,
+    )
     run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
     ckpt2 = tmp_path / "ckpt2"
     shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
@@ -237,8 +358,9 @@ def test_an_incomplete_round_is_finished_or_restarted_never_silently_rescored(tm
     store, ckpt2 = _rounds_store(tmp_path)
     m = json.loads((store / "manifest.json").read_text())
     # A refresh that died in round 1, started with a checkpoint since found broken.
-    m["rounds"].append({"round": 1, "dir": "rounds/round-001", "chunk_ids": m["pool_order"][10:20],
-                        "model": str(ckpt2)})
+    m["rounds"].append(
+        {"round": 1, "dir": "rounds/round-001", "chunk_ids": m["pool_order"][10:20], "model": str(ckpt2)}
+    )
     (store / "manifest.json").write_text(json.dumps(m))
     proc = run_cli("refresh", "--store", str(store), "--model", "tiny-arith", check=False)
     assert_user_error(proc, f"it was started with {ckpt2}")
@@ -266,6 +388,7 @@ def test_refresh_refuses_a_checkpoint_with_another_vocabulary(tmp_path):
 
 # -- 10. LoRA adapters without a tokenizer ------------------------------------------------------------
 
+
 @pytest.fixture
 def lora_adapter(tmp_path):
     peft = pytest.importorskip("peft")
@@ -274,8 +397,9 @@ def lora_adapter(tmp_path):
     from gradsel.inputs.models import resolve_model_path
 
     base_dir = resolve_model_path("tiny-arith")
-    lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                               peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
     lora.save_pretrained(tmp_path / "adapter")  # PEFT saves no tokenizer
     cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(base_dir)
@@ -287,8 +411,9 @@ def lora_adapter(tmp_path):
 def test_a_lora_adapter_scores_with_its_base_tokenizer_merged_once(lora_adapter, tmp_path):
     pool, val = write_regime(tmp_path / "data", "clean", size=10, val_size=16, seed=2)
     store = tmp_path / "store"
-    run_cli("score", "--model", str(lora_adapter), "--pool", str(pool), "--val", str(val), "--store", str(store),
-            *SCORE)
+    run_cli(
+        "score", "--model", str(lora_adapter), "--pool", str(pool), "--val", str(val), "--store", str(store), *SCORE
+    )
     merged = list((store / "merged").iterdir())
     assert len(merged) == 1 and (merged[0] / "tokenizer.json").is_file() and (merged[0] / "model.safetensors").is_file()
 
@@ -296,13 +421,30 @@ def test_a_lora_adapter_scores_with_its_base_tokenizer_merged_once(lora_adapter,
 @pytest.mark.slow
 def test_a_lora_adapter_rolls_out_through_vllm(lora_adapter, tmp_path):
     pool, val = write_regime(tmp_path / "data", "clean", size=10, val_size=16, seed=2)
-    summary = json.loads(run_cli("score", "--model", str(lora_adapter), "--pool", str(pool), "--val", str(val),
-                                 "--store", str(tmp_path / "store"), "--engine", "vllm", "--max-tokens", "6",
-                                 "--n", "4").stdout)
+    summary = json.loads(
+        run_cli(
+            "score",
+            "--model",
+            str(lora_adapter),
+            "--pool",
+            str(pool),
+            "--val",
+            str(val),
+            "--store",
+            str(tmp_path / "store"),
+            "--engine",
+            "vllm",
+            "--max-tokens",
+            "6",
+            "--n",
+            "4",
+        ).stdout
+    )
     assert summary["candidates"] == 10
 
 
 # -- 11. a checkpoint still being written ---------------------------------------------------------------
+
 
 def test_a_truncated_safetensors_file_is_a_user_error(tmp_path):
     from gradsel.inputs.models import resolve_model_path
@@ -312,12 +454,24 @@ def test_a_truncated_safetensors_file_is_a_user_error(tmp_path):
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     pool, val = write_regime(tmp_path / "data", "clean", size=4, val_size=4, seed=2)
-    proc = run_cli("score", "--model", str(model), "--pool", str(pool), "--val", str(val),
-                   "--store", str(tmp_path / "store"), *SCORE, check=False)
+    proc = run_cli(
+        "score",
+        "--model",
+        str(model),
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(tmp_path / "store"),
+        *SCORE,
+        check=False,
+    )
     assert_user_error(proc, "is incomplete or damaged")
 
 
 # -- 16. Ctrl-C ------------------------------------------------------------------------------------------
+
 
 def test_an_interrupt_says_what_was_kept_even_when_started_in_the_background(tmp_path):
     import signal
@@ -325,12 +479,34 @@ def test_an_interrupt_says_what_was_kept_even_when_started_in_the_background(tmp
 
     pool, val = write_regime(tmp_path / "data", "clean", size=400, val_size=16, seed=2)
     store = tmp_path / "store"
-    args = ["score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--engine", "hf", "--n", "8", "--shard-size", "16"]
+    args = [
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--engine",
+        "hf",
+        "--n",
+        "8",
+        "--shard-size",
+        "16",
+    ]
     env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
     # As `gradsel score ... &` in a script: the shell starts it with SIGINT ignored.
-    proc = subprocess.Popen([*GRADSEL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = subprocess.Popen(
+        [*GRADSEL, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     marker = store / "rollouts" / "train" / "shard-00000.done.json"
     deadline = time.monotonic() + 600
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -344,23 +520,38 @@ def test_an_interrupt_says_what_was_kept_even_when_started_in_the_background(tmp
 
 # -- 7. the hint for a round without a selection -----------------------------------------------------
 
+
 def test_a_round_without_a_selection_names_the_select_that_helps(tmp_path):
     from gradsel.inputs.models import resolve_model_path
 
     pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
     store = tmp_path / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "10", *SCORE)
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "10",
+        *SCORE,
+    )
     ckpt2 = tmp_path / "ckpt2"
     shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
     (ckpt2 / "generation_config.json").write_text("{}")  # a new content hash
-    proc = run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "2", "--format", "ids",
-                   check=False)
+    proc = run_cli(
+        "refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "2", "--format", "ids", check=False
+    )
     assert_user_error(proc, "round 0 has no selection yet")
     assert f"gradsel select --store {store}" in proc.stderr and "within refresh" not in proc.stderr
 
 
 # -- 19. the reward used, per data source ---------------------------------------------------------------
+
 
 def test_info_shows_the_reward_used_per_data_source(scored):
     _, pool, _, store = scored

@@ -7,10 +7,10 @@ source, beside arithmetic rows the same model is paid on."""
 import json
 
 import pytest
-from helpers import run_cli
-from verl_data import gsm8k_routed_arith, write_parquet
 
 from gradsel.rewards.registry import REGISTRY
+from helpers import run_cli
+from verl_data import gsm8k_routed_arith, write_parquet
 
 GSM8K_WARNING = "no rollout of data source 'openai/gsm8k' was paid by reward gsm8k"
 
@@ -31,8 +31,25 @@ def mixed_data(tmp_path_factory):
 def scored(mixed_data, tmp_path_factory):
     pool, val = mixed_data
     store = tmp_path_factory.mktemp("store") / "s"
-    proc = run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-                   "--engine", "hf", "--n", "4", "--n-val", "8", "--max-tokens", "6")
+    proc = run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--engine",
+        "hf",
+        "--n",
+        "4",
+        "--n-val",
+        "8",
+        "--max-tokens",
+        "6",
+    )
     return store, proc
 
 
@@ -60,9 +77,25 @@ def test_score_warns_of_a_never_paid_source_and_records_it(scored):
     assert len(record["samples"]) == 2 and all(0 < len(s) <= 120 and "####" not in s for s in record["samples"])
     assert record["message"] == line.removeprefix("warning: ")
 
-    again = run_cli("score", "--model", "tiny-arith", "--pool", runs["train"]["problems_file"],
-                    "--val", runs["val"]["problems_file"], "--store", str(store), "--engine", "hf", "--n", "4", "--n-val", "8",
-                    "--max-tokens", "6")
+    again = run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        runs["train"]["problems_file"],
+        "--val",
+        runs["val"]["problems_file"],
+        "--store",
+        str(store),
+        "--engine",
+        "hf",
+        "--n",
+        "4",
+        "--n-val",
+        "8",
+        "--max-tokens",
+        "6",
+    )
     assert "rollouts/train: complete, reused" in again.stderr and GSM8K_WARNING in again.stderr
 
 
@@ -81,8 +114,21 @@ def test_info_and_report_show_the_warning(scored, tmp_path):
 
 def test_check_sample_prints_pass_rates_and_the_warning(mixed_data):
     pool, _ = mixed_data
-    proc = run_cli("check", "--pool", str(pool), "--model", "tiny-arith",
-                   "--sample", "8", "--n", "4", "--engine", "hf", "--max-tokens", "6")
+    proc = run_cli(
+        "check",
+        "--pool",
+        str(pool),
+        "--model",
+        "tiny-arith",
+        "--sample",
+        "8",
+        "--n",
+        "4",
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "6",
+    )
     report = json.loads(proc.stdout)
     assert report["ok"] is True
     sample = {s["data_source"]: s for s in report["files"][0]["sample"]}
@@ -93,7 +139,8 @@ def test_check_sample_prints_pass_rates_and_the_warning(mixed_data):
     assert sum(s["paid"] for name, s in sample.items() if name != "openai/gsm8k") > 0
     assert "pass rate" in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("warning:")] == [
-        "warning: " + gsm8k["warning"]]
+        "warning: " + gsm8k["warning"]
+    ]
     # Without --sample, check rolls nothing out, as before.
     assert "sample" not in json.loads(run_cli("check", "--pool", str(pool)).stdout)["files"][0]
 

@@ -36,15 +36,21 @@ def test_key_overrides(tmp_path):
     assert p.prompt == "1+1=" and p.ground_truth == "2"
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b'{"input": "1+1=", "label": 2}\n{"input": oops}\n', ":2: invalid JSON"),
-    (b'{"input": "1+1=", "label": 2}\n{"input": "\xff\xfe", "label": 1}\n', ":2: line is not valid UTF-8"),
-    (b'{"input": "", "label": 2}\n', "non-empty"),
-    (b'{"input": "1+1="}\n', "no usable reference answer"),
-    (b'[1, 2]\n', "expected a JSON object"),
-    (b'{"input": "1+1=", "label": 2, "extra_info": {"index": 1}}\n'
-     b'{"input": "2+2=", "label": 4, "extra_info": {"index": 1}}\n', "duplicate problem id"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b'{"input": "1+1=", "label": 2}\n{"input": oops}\n', ":2: invalid JSON"),
+        (b'{"input": "1+1=", "label": 2}\n{"input": "\xff\xfe", "label": 1}\n', ":2: line is not valid UTF-8"),
+        (b'{"input": "", "label": 2}\n', "non-empty"),
+        (b'{"input": "1+1="}\n', "no usable reference answer"),
+        (b"[1, 2]\n", "expected a JSON object"),
+        (
+            b'{"input": "1+1=", "label": 2, "extra_info": {"index": 1}}\n'
+            b'{"input": "2+2=", "label": 4, "extra_info": {"index": 1}}\n',
+            "duplicate problem id",
+        ),
+    ],
+)
 def test_bad_jsonl_is_a_clear_error(tmp_path, content, needle):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)

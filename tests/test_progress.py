@@ -3,8 +3,8 @@
 
 import re
 
-from helpers import run_cli
 from gradsel.core.console import PLAIN_INTERVAL_S, PlainProgress
+from helpers import run_cli
 
 
 class Clock:
@@ -49,12 +49,30 @@ def test_a_captured_run_logs_a_line_per_shard(tmp_path):
     from gradsel.demo.tasks import write_regime
 
     pool, val = write_regime(tmp_path / "data", "noisy", size=20, val_size=4)
-    proc = run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val),
-                   "--store", str(tmp_path / "s"), "--engine", "hf", "--n", "2", "--max-tokens", "4",
-                   "--shard-size", "6")
+    proc = run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(tmp_path / "s"),
+        "--engine",
+        "hf",
+        "--n",
+        "2",
+        "--max-tokens",
+        "4",
+        "--shard-size",
+        "6",
+    )
     line = r"{stage} \({what}\): {done}/20, [^\n]*\d+ tokens/s, \d+:\d\d:\d\d elapsed$"
     for stage, what in (("rollouts/train", "hf, k=2"), ("gradients/train", r"projected, \d+x\d+")):
-        found = [int(m) for m in re.findall(line.format(stage=re.escape(stage), what=what, done=r"(\d+)"),
-                                            proc.stderr, flags=re.M)]
+        found = [
+            int(m)
+            for m in re.findall(line.format(stage=re.escape(stage), what=what, done=r"(\d+)"), proc.stderr, flags=re.M)
+        ]
         assert found == [6, 12, 18, 20], (stage, proc.stderr[-3000:])
     assert "━" not in proc.stderr  # no bar drawn into the log

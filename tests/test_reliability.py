@@ -30,6 +30,7 @@ SCORE = [*ROLLOUT, "--n-val", "4"]
 class Chain:
     """One command killed again and again; each time a run gets to the end unkilled, its store is
     compared with the uninterrupted one and the chain starts again from the command's start state."""
+
     command: str
     kills: int = 0
     killed_at: list[str] = field(default_factory=list)  # finished rollout+vector shards at each kill
@@ -57,8 +58,9 @@ def _env() -> dict:
     return {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **ONE_THREAD}
 
 
-def kill_chain(command: str, args: list[str], store: Path, *, kills: int, total: int, span: float, seed: int,
-               same, reset) -> Chain:
+def kill_chain(
+    command: str, args: list[str], store: Path, *, kills: int, total: int, span: float, seed: int, same, reset
+) -> Chain:
     """Run `gradsel args` and SIGKILL it `kills` times, each rerun resuming what the last left.
     Each kill lands at a seeded random point of the work still to do: just after a random one of
     the shards this run has left to finish (of `total`, the uninterrupted run's count), so inside
@@ -77,8 +79,9 @@ def kill_chain(command: str, args: list[str], store: Path, *, kills: int, total:
     while chain.kills < kills:
         before = _markers(store)
         target = rng.randint(len(set(before) - baseline) + 1, total + 1)  # total + 1: after the last shard
-        proc = subprocess.Popen([*GRADSEL, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [*GRADSEL, *args], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         if target > total:
             try:
                 proc.wait(timeout=rng.uniform(0.5, span))
@@ -110,9 +113,13 @@ def kill_chain(command: str, args: list[str], store: Path, *, kills: int, total:
 
 def _same_tables(a: Path, b: Path) -> bool:
     """The same Parquet files (rollouts, vectors, scores, chunks), with equal tables."""
+
     def tables(root: Path) -> list[Path]:
-        return sorted(p.relative_to(root) for p in root.rglob("*.parquet")
-                      if "snapshot" not in p.parts and p.name != "history.parquet")
+        return sorted(
+            p.relative_to(root)
+            for p in root.rglob("*.parquet")
+            if "snapshot" not in p.parts and p.name != "history.parquet"
+        )
 
     return tables(a) == tables(b) and all(pq.read_table(a / rel).equals(pq.read_table(b / rel)) for rel in tables(a))
 
@@ -124,8 +131,8 @@ def _selection(store: Path) -> list[str]:
 def run_faults(work: Path, kills: int, seed: int = 0) -> list[Chain]:
     """Kill chains of `rollout`, `score` (round 0) and `refresh` (round 1), each against a store
     made by the same command uninterrupted."""
-    from gradsel.inputs.models import resolve_model_path
     from gradsel.demo.tasks import write_regime
+    from gradsel.inputs.models import resolve_model_path
 
     pool, val = write_regime(work / "data", "noisy", size=24, val_size=6, seed=4)
     ckpt2 = work / "ckpt2"
@@ -137,8 +144,20 @@ def run_faults(work: Path, kills: int, seed: int = 0) -> list[Chain]:
     def commands(store: Path) -> dict[str, list[str]]:
         return {
             "rollout": ["rollout", "--model", "tiny-arith", "--problems", str(pool), "--store", str(store), *ROLLOUT],
-            "score": ["score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-                      "--chunk-size", "12", *SCORE],
+            "score": [
+                "score",
+                "--model",
+                "tiny-arith",
+                "--pool",
+                str(pool),
+                "--val",
+                str(val),
+                "--store",
+                str(store),
+                "--chunk-size",
+                "12",
+                *SCORE,
+            ],
             "refresh": ["refresh", "--store", str(store), "--model", str(ckpt2)],
         }
 
@@ -154,17 +173,34 @@ def run_faults(work: Path, kills: int, seed: int = 0) -> list[Chain]:
     def rollout_lane() -> list[Chain]:
         ref, faulty = work / "ref-rollout", work / "faulty-rollout"
         ref_run = uninterrupted(commands(ref)["rollout"], ref)
-        return [kill_chain("rollout", commands(faulty)["rollout"], faulty, kills=kills, seed=seed, **ref_run,
-                           same=lambda s: _same_tables(ref, s), reset=fresh(faulty))]
+        return [
+            kill_chain(
+                "rollout",
+                commands(faulty)["rollout"],
+                faulty,
+                kills=kills,
+                seed=seed,
+                **ref_run,
+                same=lambda s: _same_tables(ref, s),
+                reset=fresh(faulty),
+            )
+        ]
 
     def rounds_lane() -> list[Chain]:
         """score, then refresh on the store the killed score chain left."""
         ref, faulty = work / "ref-rounds", work / "faulty-rounds"
         ref_run = uninterrupted(commands(ref)["score"], ref)
         ref_selection = _selection(ref)  # round 0's selection, which refresh needs
-        score = kill_chain("score", commands(faulty)["score"], faulty, kills=kills, seed=seed, **ref_run,
-                           same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
-                           reset=fresh(faulty))
+        score = kill_chain(
+            "score",
+            commands(faulty)["score"],
+            faulty,
+            kills=kills,
+            seed=seed,
+            **ref_run,
+            same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
+            reset=fresh(faulty),
+        )
 
         base = work / "faulty-rounds-after-round-0"
         shutil.copytree(faulty, base)
@@ -175,9 +211,16 @@ def run_faults(work: Path, kills: int, seed: int = 0) -> list[Chain]:
             shutil.rmtree(faulty)
             shutil.copytree(base, faulty)
 
-        refresh = kill_chain("refresh", commands(faulty)["refresh"], faulty, kills=kills, seed=seed, **ref_run,
-                             same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
-                             reset=back_to_round_0)
+        refresh = kill_chain(
+            "refresh",
+            commands(faulty)["refresh"],
+            faulty,
+            kills=kills,
+            seed=seed,
+            **ref_run,
+            same=lambda s: _same_tables(ref, s) and _selection(s) == ref_selection,
+            reset=back_to_round_0,
+        )
         return [score, refresh]
 
     # The two lanes touch separate stores, so they run side by side: one process each, one torch
@@ -203,8 +246,20 @@ def test_readers_never_see_a_round_being_written(tmp_path):
 
     pool, val = write_regime(tmp_path / "data", "clean", size=12, val_size=4, seed=1)
     store = tmp_path / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "6", *SCORE)
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "6",
+        *SCORE,
+    )
     first = _selection(store)
     # A refresh that died half way: round 1 is recorded, its scores are not.
     m = json.loads((store / "manifest.json").read_text())
@@ -221,11 +276,16 @@ def test_readers_never_see_a_round_being_written(tmp_path):
 
 
 def _table(chains: list[Chain]) -> str:
-    lines = ["| command | SIGKILLs | finished rollout+vector shards at each kill | runs finished and compared | "
-             "finished shards redone | outcome |", "| --- | ---: | --- | ---: | ---: | --- |"]
+    lines = [
+        "| command | SIGKILLs | finished rollout+vector shards at each kill | runs finished and compared | "
+        "finished shards redone | outcome |",
+        "| --- | ---: | --- | ---: | ---: | --- |",
+    ]
     for c in chains:
-        lines.append(f"| `{c.command}` | {c.kills} | {', '.join(c.killed_at)} | {c.completions} | {c.shards_redone} | "
-                     f"{'identical to the uninterrupted store' if c.identical else 'DIFFERENT'} |")
+        lines.append(
+            f"| `{c.command}` | {c.kills} | {', '.join(c.killed_at)} | {c.completions} | {c.shards_redone} | "
+            f"{'identical to the uninterrupted store' if c.identical else 'DIFFERENT'} |"
+        )
     return "\n".join(lines)
 
 

@@ -6,15 +6,15 @@ import os
 import re
 import shutil
 
-import pyarrow.compute as pc
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from browser import Chromium, find_chromium
-from helpers import ROOT, run_cli
-from gradsel.inputs.models import resolve_model_path
 from gradsel.demo.tasks import write_regime
+from gradsel.inputs.models import resolve_model_path
+from helpers import ROOT, run_cli
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6", "--shard-size", "16"]
 STAGES = {"rollouts/train", "rollouts/val", "gradients/train", "gradients/val", "scores"}
@@ -31,11 +31,46 @@ def rounds_store(tmp_path_factory):
     cfg["rms_norm_eps"] = 1.1e-5  # a new content hash, the same weights
     (ckpt2 / "config.json").write_text(json.dumps(cfg))
     store = tmp / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "30", *SCORE)
-    run_cli("select", "--store", str(store), "--top-k", "6", "--allow-fewer", "--format", "ids", "--out", str(tmp / "r0.txt"))
-    run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "6", "--allow-fewer", "--format", "ids",
-            "--out", str(tmp / "r1.txt"))
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "30",
+        *SCORE,
+    )
+    run_cli(
+        "select",
+        "--store",
+        str(store),
+        "--top-k",
+        "6",
+        "--allow-fewer",
+        "--format",
+        "ids",
+        "--out",
+        str(tmp / "r0.txt"),
+    )
+    run_cli(
+        "refresh",
+        "--store",
+        str(store),
+        "--model",
+        str(ckpt2),
+        "--top-k",
+        "6",
+        "--allow-fewer",
+        "--format",
+        "ids",
+        "--out",
+        str(tmp / "r1.txt"),
+    )
     return store
 
 
@@ -60,8 +95,9 @@ def test_info_shows_what_each_stage_cost(rounds_store):
     # response whose copies' advantages cancel (a coin-flip judge paid the same answer 1 and 0).
     from gradsel.gradients import group_advantages
 
-    table = pa.concat_tables(pq.read_table(s, columns=["problem_id", "prompt_token_ids", "response_token_ids",
-                                                       "reward"]) for s in shards).to_pylist()
+    table = pa.concat_tables(
+        pq.read_table(s, columns=["problem_id", "prompt_token_ids", "response_token_ids", "reward"]) for s in shards
+    ).to_pylist()
     by_problem: dict[str, list[dict]] = {}
     for row in table:
         by_problem.setdefault(row["problem_id"], []).append(row)
@@ -87,8 +123,15 @@ def test_report_is_one_self_contained_deterministic_file(rounds_store, tmp_path)
     assert "<script" not in page and "<link" not in page
     assert not re.search(r'(src|href)="(https?:)?//', page)
     assert "<b>5</b> selected by <code>--mode reliable --target subspace</code>" in page
-    for section in ("Pass rates by data source", "Score against pass rate", "What each mode would keep",
-                    "Judge consistency and validation alignment", "Rounds", "Cost per stage", "Projector and provenance"):
+    for section in (
+        "Pass rates by data source",
+        "Score against pass rate",
+        "What each mode would keep",
+        "Judge consistency and validation alignment",
+        "Rounds",
+        "Cost per stage",
+        "Projector and provenance",
+    ):
         assert f"<h2>{section}</h2>" in page
     run_cli("report", "--store", str(rounds_store), "--out", str(tmp_path / "again.html"), "--top-k", "5")
     assert (tmp_path / "again.html").read_bytes() == out.read_bytes()
@@ -132,8 +175,10 @@ def test_report_renders_in_headless_chromium(rounds_store, tmp_path, chromium):
 def test_the_browser_harness_sees_errors_and_empty_plots(tmp_path, chromium):
     """The check above would pass on a broken page if the harness saw nothing."""
     page = tmp_path / "broken.html"
-    page.write_text('<figure class="plot"><svg width="400" height="200"></svg></figure>'
-                    '<script>console.error("drawn wrong"); throw new Error("boom")</script>')
+    page.write_text(
+        '<figure class="plot"><svg width="400" height="200"></svg></figure>'
+        '<script>console.error("drawn wrong"); throw new Error("boom")</script>'
+    )
     errors = chromium.load(page.as_uri())
     assert any("drawn wrong" in e for e in errors) and any("boom" in e for e in errors)
     assert json.loads(chromium.evaluate(PLOTS)) == [{"width": 400, "height": 200, "marks": 0}]

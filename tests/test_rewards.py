@@ -42,7 +42,8 @@ def test_plugin_rewards_and_their_failures(tmp_path, monkeypatch):
         "    return {'score': float(solution_str.strip() == ground_truth)}\n"
         "def boom(*a):\n    raise RuntimeError('judge down')\n"
         "def nan(*a):\n    return float('nan')\n"
-        "def text(*a):\n    return 'yes'\n")
+        "def text(*a):\n    return 'yes'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     p = problem()
     assert resolve_reward(p, "myreward:ok")(p, "42", 0, 0) == 1.0
@@ -79,8 +80,15 @@ GSM8K_SUFFIX = 'Let\'s think step by step and output the final answer after "###
 
 
 def verl_problem(source, answer, style="rule"):
-    return Problem("0", 0, [{"role": "user", "content": "q " + GSM8K_SUFFIX}], answer, data_source=source,
-                   reward_style=style, extra_info={"split": "train", "index": 0})
+    return Problem(
+        "0",
+        0,
+        [{"role": "user", "content": "q " + GSM8K_SUFFIX}],
+        answer,
+        data_source=source,
+        reward_style=style,
+        extra_info={"split": "train", "index": 0},
+    )
 
 
 def test_gsm8k_is_verl_strict_rule():
@@ -94,8 +102,17 @@ def test_gsm8k_is_verl_strict_rule():
     assert judge(p, "#### 71", 0, 0) == 0.0
 
 
-@pytest.mark.parametrize("source", ["lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500",
-                                    "numina_cn_k12", "numina_olympiads", "numina_amc_aime"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "lighteval/MATH",
+        "DigitalLearningGmbH/MATH-lighteval",
+        "HuggingFaceH4/MATH-500",
+        "numina_cn_k12",
+        "numina_olympiads",
+        "numina_amc_aime",
+    ],
+)
 def test_math_sources_check_the_boxed_answer_mathematically(source):
     pytest.importorskip("math_verify")
     p = verl_problem(source, "\\frac{\\sqrt{2}}{2}")
@@ -152,15 +169,26 @@ def test_reward_verl_names_what_is_missing():
 
 # -- answer equivalence for judge consistency ----------------------------------------------------
 
+
 def test_math_answers_are_grouped_by_equivalence():
     pytest.importorskip("math_verify")
     from gradsel.rewards.registry import answer_classes
 
     p = verl_problem("lighteval/MATH", "\\frac{1}{2}")
     judge = resolve_reward(p)
-    responses = ["$\\boxed{1/2}$", "$\\boxed{0.5}$", "$\\boxed{\\frac{1}{2}}$", "$\\boxed{3/2}$",
-                 "$\\boxed{\\frac{\\sqrt{2}}{2}}$", "$\\boxed{\\frac{\\sqrt{3}}{2}}$", "no box",
-                 "$\\boxed{\\frac{1}{\\sqrt{2}}}$", "$\\boxed{x^2+1}$", "$\\boxed{1+x^{2}}$", "$\\boxed{x^2-1}$"]
+    responses = [
+        "$\\boxed{1/2}$",
+        "$\\boxed{0.5}$",
+        "$\\boxed{\\frac{1}{2}}$",
+        "$\\boxed{3/2}$",
+        "$\\boxed{\\frac{\\sqrt{2}}{2}}$",
+        "$\\boxed{\\frac{\\sqrt{3}}{2}}$",
+        "no box",
+        "$\\boxed{\\frac{1}{\\sqrt{2}}}$",
+        "$\\boxed{x^2+1}$",
+        "$\\boxed{1+x^{2}}$",
+        "$\\boxed{x^2-1}$",
+    ]
     c = answer_classes(judge, p, responses)
     assert c[0] == c[1] == c[2]
     assert len({c[2], c[3], c[4], c[5]}) == 4

@@ -7,21 +7,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import run_cli
+from gradsel.core.schema import ROLLOUTS
 from gradsel.inputs.models import load_tokenizer
 from gradsel.inputs.problems import read_problems
-from gradsel.rollout.stage import SamplingConfig, run_rollout_stage
-from gradsel.core.schema import ROLLOUTS
 from gradsel.inputs.snapshot import snapshot_into_store
+from gradsel.rollout.stage import SamplingConfig, run_rollout_stage
 from gradsel.store.directory import open_store
+from helpers import run_cli
 
 
 def rollout_into(store_dir, pool, n=4, split="train"):
     store = open_store(store_dir)
     snap = snapshot_into_store(store, "tiny-arith")
-    return run_rollout_stage(store, split, read_problems(pool), model_path=Path(snap.path),
-                             model_hash=snap.content_hash, cfg=SamplingConfig(n=n, max_tokens=8, seed=1),
-                             engine="hf", shard_size=16).table()
+    return run_rollout_stage(
+        store,
+        split,
+        read_problems(pool),
+        model_path=Path(snap.path),
+        model_hash=snap.content_hash,
+        cfg=SamplingConfig(n=n, max_tokens=8, seed=1),
+        engine="hf",
+        shard_size=16,
+    ).table()
 
 
 def check_rollout_records(table, pool, n):
@@ -67,8 +74,22 @@ def test_resume_after_lost_and_corrupt_shards(tmp_path, noisy_data):
 
 def test_store_refuses_other_inputs(tmp_path, noisy_data):
     rollout_into(tmp_path / "s", noisy_data / "pool.parquet")
-    proc = run_cli("rollout", "--model", "tiny-arith", "--problems", str(noisy_data / "pool.parquet"),
-                   "--store", str(tmp_path / "s"), "--n", "3", "--engine", "hf", "--max-tokens", "8", check=False)
+    proc = run_cli(
+        "rollout",
+        "--model",
+        "tiny-arith",
+        "--problems",
+        str(noisy_data / "pool.parquet"),
+        "--store",
+        str(tmp_path / "s"),
+        "--n",
+        "3",
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "8",
+        check=False,
+    )
     assert proc.returncode == 2 and "different inputs" in proc.stderr
 
 
@@ -77,10 +98,27 @@ def test_rollout_cli_with_openrlhf_jsonl_and_plugin_reward(tmp_path):
     pool.write_text("".join(json.dumps({"input": f"{a}+{a}=", "label": 2 * a}) + "\n" for a in range(1, 9)))
     (tmp_path / "myjudge.py").write_text(
         "def compute_score(data_source, solution_str, ground_truth, extra_info):\n"
-        "    return float(solution_str.strip() == ground_truth)\n")
-    proc = run_cli("rollout", "--model", "tiny-arith", "--problems", str(pool), "--store", str(tmp_path / "s"),
-                   "--n", "4", "--engine", "hf", "--max-tokens", "8", "--reward", "myjudge:compute_score",
-                   env={"PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+        "    return float(solution_str.strip() == ground_truth)\n"
+    )
+    proc = run_cli(
+        "rollout",
+        "--model",
+        "tiny-arith",
+        "--problems",
+        str(pool),
+        "--store",
+        str(tmp_path / "s"),
+        "--n",
+        "4",
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "8",
+        "--reward",
+        "myjudge:compute_score",
+        env={"PYTHONPATH": str(tmp_path)},
+        cwd=tmp_path,
+    )
     summary = json.loads(proc.stdout)
     assert summary["problems"] == 8 and summary["rollouts"] == 32
     table = pq.read_table(tmp_path / "s/rollouts/train/shard-00000.parquet")
@@ -93,9 +131,27 @@ def test_rollout_cli_with_openrlhf_jsonl_and_plugin_reward(tmp_path):
 def test_vllm_rollouts_record_generated_tokens(tmp_path, noisy_data):
     pytest.importorskip("vllm")
     pool = noisy_data / "pool.parquet"
-    proc = run_cli("rollout", "--model", "tiny-arith", "--problems", str(pool), "--store", str(tmp_path / "s"),
-                   "--n", "4", "--engine", "vllm", "--max-tokens", "8", "--seed", "1",
-                   "--gpu-memory-utilization", "0.25", "--max-model-len", "64")  # passed through to vLLM
+    proc = run_cli(
+        "rollout",
+        "--model",
+        "tiny-arith",
+        "--problems",
+        str(pool),
+        "--store",
+        str(tmp_path / "s"),
+        "--n",
+        "4",
+        "--engine",
+        "vllm",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "1",
+        "--gpu-memory-utilization",
+        "0.25",
+        "--max-model-len",
+        "64",
+    )  # passed through to vLLM
     assert json.loads(proc.stdout)["rollouts"] == 4 * 60
     shards = sorted((tmp_path / "s/rollouts/train").glob("shard-*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in shards])
@@ -126,8 +182,21 @@ def test_max_model_len_refuses_longer_prompts_before_any_rollout(tmp_path, noisy
     """--max-model-len is vLLM's context: a prompt that leaves no room in it is refused up front,
     with the problems named, whatever the engine, and the store keeps no shard."""
     pool = noisy_data / "pool.parquet"
-    args = ["rollout", "--model", "tiny-arith", "--problems", str(pool), "--store", str(tmp_path / "s"), "--n", "2",
-            "--engine", "hf", "--max-tokens", "4"]
+    args = [
+        "rollout",
+        "--model",
+        "tiny-arith",
+        "--problems",
+        str(pool),
+        "--store",
+        str(tmp_path / "s"),
+        "--n",
+        "2",
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "4",
+    ]
     proc = run_cli(*args, "--max-model-len", "5", check=False)
     assert proc.returncode == 2 and "exceed 4 tokens" in proc.stderr, proc.stderr[-2000:]
     assert not list((tmp_path / "s").rglob("shard-*.parquet"))

@@ -8,13 +8,13 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import GRADSEL, ROOT, run_cli
 from gradsel.core.errors import GradselError
+from gradsel.demo.tasks import write_regime
 from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import read_problems
 from gradsel.pipeline.rounds import round_selection
 from gradsel.store.directory import writer_lock
-from gradsel.demo.tasks import write_regime
+from helpers import GRADSEL, ROOT, run_cli
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]
 
@@ -44,8 +44,20 @@ def round0(data, tmp_path_factory):
     takes its own copy."""
     pool, val, _ = data
     store = tmp_path_factory.mktemp("rounds-round0") / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "20", *SCORE)
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "20",
+        *SCORE,
+    )
     return store
 
 
@@ -63,8 +75,9 @@ def messy_jsonl(pool, dest, pad: int = 0):
     bytes of an extra top-level field per row (gradsel ignores it). Returns (path, the bytes of
     each problem's line without its line end, by problem id)."""
     ids = [p.problem_id for p in read_problems(pool).problems]
-    lines = [json.dumps({**row, **({"notes": "x" * pad} if pad else {})}).encode()
-             for row in pq.read_table(pool).to_pylist()]
+    lines = [
+        json.dumps({**row, **({"notes": "x" * pad} if pad else {})}).encode() for row in pq.read_table(pool).to_pylist()
+    ]
     physical = []
     for i, line in enumerate(lines):
         if i in (1, 7, 30):
@@ -85,12 +98,46 @@ def test_rounds_cut_jsonl_chunks_from_the_pools_own_rows(setup):
     tmp, pool, val, ckpt2 = setup
     jsonl, line_of = messy_jsonl(pool, tmp / "pool.jsonl")
     store = tmp / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(jsonl), "--val", str(val), "--store", str(store),
-            "--chunk-size", "20", *SCORE)
-    run_cli("select", "--store", str(store), "--top-k", "5", "--allow-fewer", "--format", "jsonl",
-            "--out", str(tmp / "r0.jsonl"))
-    run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "5", "--allow-fewer",
-            "--format", "jsonl", "--out", str(tmp / "r1.jsonl"))
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(jsonl),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "20",
+        *SCORE,
+    )
+    run_cli(
+        "select",
+        "--store",
+        str(store),
+        "--top-k",
+        "5",
+        "--allow-fewer",
+        "--format",
+        "jsonl",
+        "--out",
+        str(tmp / "r0.jsonl"),
+    )
+    run_cli(
+        "refresh",
+        "--store",
+        str(store),
+        "--model",
+        str(ckpt2),
+        "--top-k",
+        "5",
+        "--allow-fewer",
+        "--format",
+        "jsonl",
+        "--out",
+        str(tmp / "r1.jsonl"),
+    )
     rounds = manifest(store)["rounds"]
     assert len(rounds) == 2
     for r in rounds:
@@ -107,14 +154,42 @@ def test_refresh_selects_and_records_under_the_lock_it_scored_under(setup):
     # Rows of 150 KB: one selected row alone is more than twice a Linux pipe's 64 KiB.
     jsonl, line_of = messy_jsonl(pool, tmp / "pool.jsonl", pad=150_000)
     store = tmp / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(jsonl), "--val", str(val), "--store", str(store),
-            "--chunk-size", "20", *SCORE)
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(jsonl),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "20",
+        *SCORE,
+    )
     run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
     env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(tmp / "refresh.err", "w") as err:
-        proc = subprocess.Popen([*GRADSEL, "refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "3",
-                                 "--allow-fewer", "--format", "jsonl"], stdout=subprocess.PIPE, stderr=err,
-                                cwd=ROOT, env=env)
+        proc = subprocess.Popen(
+            [
+                *GRADSEL,
+                "refresh",
+                "--store",
+                str(store),
+                "--model",
+                str(ckpt2),
+                "--top-k",
+                "3",
+                "--allow-fewer",
+                "--format",
+                "jsonl",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=ROOT,
+            env=env,
+        )
         try:
             first = proc.stdout.read(1)  # the round is scored; its selection is being written
             assert first == b"{", (tmp / "refresh.err").read_text()[-3000:]
@@ -133,9 +208,34 @@ def test_rounds_take_disjoint_chunks_and_record_history(setup, round0):
     tmp, pool, val, ckpt2 = setup
     store = tmp / "store"
     shutil.copytree(round0, store)
-    run_cli("select", "--store", str(store), "--top-k", "5", "--allow-fewer", "--format", "ids", "--out", str(tmp / "r0.txt"))
-    out = json.loads(run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "5",
-                             "--allow-fewer", "--format", "ids", "--out", str(tmp / "r1.txt")).stdout)
+    run_cli(
+        "select",
+        "--store",
+        str(store),
+        "--top-k",
+        "5",
+        "--allow-fewer",
+        "--format",
+        "ids",
+        "--out",
+        str(tmp / "r0.txt"),
+    )
+    out = json.loads(
+        run_cli(
+            "refresh",
+            "--store",
+            str(store),
+            "--model",
+            str(ckpt2),
+            "--top-k",
+            "5",
+            "--allow-fewer",
+            "--format",
+            "ids",
+            "--out",
+            str(tmp / "r1.txt"),
+        ).stdout
+    )
     assert out["round"] == 1 and out["candidates"] == 20
     rounds = manifest(store)["rounds"]
     assert [len(r["chunk_ids"]) for r in rounds] == [20, 20]
@@ -143,7 +243,9 @@ def test_rounds_take_disjoint_chunks_and_record_history(setup, round0):
     assert rounds[0]["checkpoint"] != rounds[1]["checkpoint"]
     assert (tmp / "r1.txt").read_text().split() == rounds[1]["selected_ids"]
     history = pq.read_table(store / "history.parquet").to_pylist()
-    assert len(history) == 40 and sum(h["selected"] for h in history) == len(rounds[0]["selected_ids"]) + len(rounds[1]["selected_ids"])
+    assert len(history) == 40 and sum(h["selected"] for h in history) == len(rounds[0]["selected_ids"]) + len(
+        rounds[1]["selected_ids"]
+    )
     # The chunk file holds the original rows, unchanged.
     original = {r["extra_info"]["index"]: r for r in pq.read_table(pool).to_pylist()}
     chunk = pq.read_table(store / "rounds/round-001/chunk.parquet").to_pylist()
@@ -155,12 +257,26 @@ def test_rounds_take_disjoint_chunks_and_record_history(setup, round0):
 def test_identical_checkpoint_is_refused_and_unselected_can_return(setup):
     tmp, pool, val, _ = setup
     store = tmp / "store"
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(store),
-            "--chunk-size", "40", *SCORE)
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "40",
+        *SCORE,
+    )
     run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
     proc = run_cli("refresh", "--store", str(store), "--model", "tiny-arith", check=False)
     assert proc.returncode == 2 and "identical to round 0" in proc.stderr
-    run_cli("refresh", "--store", str(store), "--model", "tiny-arith", "--force", "--chunk-size", "40", "--reuse-unselected")
+    run_cli(
+        "refresh", "--store", str(store), "--model", "tiny-arith", "--force", "--chunk-size", "40", "--reuse-unselected"
+    )
     rounds = manifest(store)["rounds"]
     second = rounds[1]["chunk_ids"]
     assert len(second) == 40
@@ -202,13 +318,38 @@ def test_trl_loop_learns_what_the_selection_teaches(tmp_path):
 
     from helpers import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "examples/trl_loop.py"), "--regimes", "wrong-answer",
-                           "--arms", "oracle", "unwanted", "--rounds", "1", "--steps", "20", "--lr", "1e-4", "--chunk-size", "100",
-                           "--top-k", "24", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples/trl_loop.py"),
+            "--regimes",
+            "wrong-answer",
+            "--arms",
+            "oracle",
+            "unwanted",
+            "--rounds",
+            "1",
+            "--steps",
+            "20",
+            "--lr",
+            "1e-4",
+            "--chunk-size",
+            "100",
+            "--top-k",
+            "24",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {arm: json.loads((tmp_path / f"wrong-answer/seed0/{arm}/results.json").read_text())["rounds"]
-            for arm in ("oracle", "unwanted")}
+    runs = {
+        arm: json.loads((tmp_path / f"wrong-answer/seed0/{arm}/results.json").read_text())["rounds"]
+        for arm in ("oracle", "unwanted")
+    }
     assert all([r["round"] for r in rounds] == [0, 1] and rounds[1]["trained_on"] > 0 for rounds in runs.values())
     assert runs["oracle"][0] == runs["unwanted"][0]  # one round-0 store and checkpoint for both arms
     assert all(0 <= r[key] <= 1 for rounds in runs.values() for r in rounds for key in ("sampled", "greedy"))

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import run_cli
 from gradsel.core.schema import SCORES, stored_vectors
 from gradsel.demo.tasks import write_regime
+from helpers import run_cli
 
 
 def spearman(a, b):
@@ -21,8 +21,22 @@ def scored(tmp_path_factory):
     """A clean 120-problem pool scored with the default projected feature and with exact gradients."""
     root = tmp_path_factory.mktemp("score")
     write_regime(root / "data", "clean", size=120, val_size=24, seed=5)
-    common = ["--model", "tiny-arith", "--pool", str(root / "data/pool.parquet"), "--val", str(root / "data/val.parquet"),
-              "--store", str(root / "store"), "--engine", "hf", "--max-tokens", "8", "--n", "8"]
+    common = [
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(root / "data/pool.parquet"),
+        "--val",
+        str(root / "data/val.parquet"),
+        "--store",
+        str(root / "store"),
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "8",
+        "--n",
+        "8",
+    ]
     run_cli("score", *common)
     run_cli("score", *common, "--feature", "exact", "--modules", r"\.layers\.\d+\.")
     run_cli("score", *common, "--alignment", "lowrank")
@@ -92,17 +106,39 @@ def test_moe_checkpoint_directory_scores_like_exact(tmp_path):
     from gradsel.inputs.models import load_tokenizer
 
     tokenizer = load_tokenizer("tiny-arith")
-    config = transformers.MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                        max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = transformers.MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     write_regime(tmp_path / "data", "clean", size=40, val_size=8, seed=1)
-    common = ["--model", str(tmp_path / "model"), "--pool", str(tmp_path / "data/pool.parquet"),
-              "--val", str(tmp_path / "data/val.parquet"), "--store", str(tmp_path / "store"), "--engine", "hf",
-              "--max-tokens", "6", "--reward", "random"]  # a random model solves nothing: coin-flip rewards
+    common = [
+        "--model",
+        str(tmp_path / "model"),
+        "--pool",
+        str(tmp_path / "data/pool.parquet"),
+        "--val",
+        str(tmp_path / "data/val.parquet"),
+        "--store",
+        str(tmp_path / "store"),
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "6",
+        "--reward",
+        "random",
+    ]  # a random model solves nothing: coin-flip rewards
     run_cli("score", *common, "--alignment", "lowrank")
     run_cli("score", *common, "--feature", "exact", "--modules", r"\.layers\.\d+\.")
     tables = feature_tables(tmp_path / "store")

@@ -9,17 +9,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import GRADSEL, ROOT, run_cli
 from gradsel.core.errors import GradselError
 from gradsel.core.fsutil import atomic_write_json, atomic_write_table
+from gradsel.core.schema import SCORES, vectors_table
 from gradsel.inputs.problems import read_problems
 from gradsel.rollout.stage import problems_to_table
-from gradsel.core.schema import SCORES, vectors_table
 from gradsel.selection.select import SelectConfig, select
 from gradsel.store.directory import FORMAT_VERSION, Store, write_shard
+from helpers import GRADSEL, ROOT, run_cli
 
-SPEC = {"feature": "projected", "seed": 0, "k_out": 2, "k_in": 2, "blocks": 1, "modules": ["m"],
-        "dims": [[4, 4]], "dtype": "float32", "kind": "rademacher"}
+SPEC = {
+    "feature": "projected",
+    "seed": 0,
+    "k_out": 2,
+    "k_in": 2,
+    "blocks": 1,
+    "modules": ["m"],
+    "dims": [[4, 4]],
+    "dtype": "float32",
+    "kind": "rademacher",
+}
 # problem: (cos, dot, pass_rate, zero_advantage, data_source, unit vector)
 HANDMADE = {
     "0": (0.9, 0.5, 0.25, False, "a", [1, 0, 0, 0]),
@@ -35,29 +44,70 @@ HANDMADE = {
 def store(tmp_path):
     pool = tmp_path / "pool.jsonl"
     # No data_source in the rows, so the ids are the bare indices the hand-made scores use.
-    pool.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1="}],
-                                        "reward_model": {"style": "rule", "ground_truth": str(int(i) + 1)},
-                                        "extra_info": {"index": int(i)}}) + "\n"
-                            for i in HANDMADE))
+    pool.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": f"{i}+1="}],
+                    "reward_model": {"style": "rule", "ground_truth": str(int(i) + 1)},
+                    "extra_info": {"index": int(i)},
+                }
+            )
+            + "\n"
+            for i in HANDMADE
+        )
+    )
     root = tmp_path / "store"
     problem_set = read_problems(pool)
     atomic_write_table(root / "rollouts/train/problems.parquet", problems_to_table(problem_set.problems))
     features = root / "features/f0"
-    rows = [{"problem_id": pid, "split": "train", "data_source": src, "n_rollouts": 8, "pass_rate": pr,
-             "reward_mean": pr, "reward_std": 0.0 if zero else 0.5, "zero_advantage": zero,
-             "grad_norm": 0.0 if zero else 1.0, "score_cos": cos, "score_dot": dot,
-             "judge_consistency": 0.5 if pid == "0" else 1.0}
-            for pid, (cos, dot, pr, zero, src, _) in HANDMADE.items()]
+    rows = [
+        {
+            "problem_id": pid,
+            "split": "train",
+            "data_source": src,
+            "n_rollouts": 8,
+            "pass_rate": pr,
+            "reward_mean": pr,
+            "reward_std": 0.0 if zero else 0.5,
+            "zero_advantage": zero,
+            "grad_norm": 0.0 if zero else 1.0,
+            "score_cos": cos,
+            "score_dot": dot,
+            "judge_consistency": 0.5 if pid == "0" else 1.0,
+        }
+        for pid, (cos, dot, pr, zero, src, _) in HANDMADE.items()
+    ]
     rows.append({**rows[0], "problem_id": "v0", "split": "val"})
     atomic_write_table(features / "scores.parquet", pa.Table.from_pylist(rows, schema=SCORES))
-    write_shard(features / "train", 0, vectors_table(list(HANDMADE), np.array([v[-1] for v in HANDMADE.values()]),
-                                                     [float(any(v[-1])) for v in HANDMADE.values()], dtype="float32"))
+    write_shard(
+        features / "train",
+        0,
+        vectors_table(
+            list(HANDMADE),
+            np.array([v[-1] for v in HANDMADE.values()]),
+            [float(any(v[-1])) for v in HANDMADE.values()],
+            dtype="float32",
+        ),
+    )
     write_shard(features / "val", 0, vectors_table(["v0"], np.array([[0, 0, 1, 0]]), [1.0], dtype="float32"))
     atomic_write_json(features / "spec.json", {"projector": SPEC})
-    atomic_write_json(root / "manifest.json", {
-        "format_version": FORMAT_VERSION, "projector": SPEC, "features": "features/f0",
-        "rollouts": {"train": {"problems_file": str(pool), "problems_sha256": problem_set.content_hash,
-                               "sampling": {"n": 8}, "engine": "hf"}}})
+    atomic_write_json(
+        root / "manifest.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "projector": SPEC,
+            "features": "features/f0",
+            "rollouts": {
+                "train": {
+                    "problems_file": str(pool),
+                    "problems_sha256": problem_set.content_hash,
+                    "sampling": {"n": 8},
+                    "engine": "hf",
+                }
+            },
+        },
+    )
     return Store(root)
 
 
@@ -79,7 +129,9 @@ def test_every_mode_on_a_handmade_table(store):
     cosine = dict(mode="gradalign", target="mean")
     assert picks(store, **cosine, all=True, top_k=None) == ["0", "1", "5", "2", "3"]
     assert picks(store, **cosine, min_score=0.2, top_k=None, all=True) == ["0", "1", "5"]
-    assert picks(store, mode="gradalign", target="max", top_k=1) == ["3"]  # the only candidate along the val problem's vector
+    assert picks(store, mode="gradalign", target="max", top_k=1) == [
+        "3"
+    ]  # the only candidate along the val problem's vector
     assert picks(store, mode="gradalign", target="subspace", top_k=1) == ["3"]  # the only one in the val span
     # The default: reliable, by the share of each candidate in the validation vectors' span (vectors
     # are stored). 1, 2, 5 tie at 0 (ids break it); 0 sinks: its judge is unreliable.
@@ -108,11 +160,24 @@ def test_auto_target_is_the_papers_for_the_papers_modes_and_subspace_for_reliabl
     assert picks(store, mode="gradalign") == picks(store, mode="gradalign", target="mean") == ["0", "1", "5"]
     assert picks(store, mode="simacc") == picks(store, mode="simacc", target="mean") == ["1", "0", "5"]
     assert picks(store, mode="simacc", target="subspace") != picks(store, mode="simacc")
-    assert picks(store) == picks(store, mode="reliable", target="subspace") != picks(store, mode="reliable", target="mean")
+    assert (
+        picks(store) == picks(store, mode="reliable", target="subspace") != picks(store, mode="reliable", target="mean")
+    )
     # Through the CLI, and the selection manifest records the target that auto became.
     out = tmp_path / "gradalign.txt"
-    run_cli("select", "--store", str(store.root), "--mode", "gradalign", "--top-k", "3", "--format", "ids",
-            "--out", str(out))
+    run_cli(
+        "select",
+        "--store",
+        str(store.root),
+        "--mode",
+        "gradalign",
+        "--top-k",
+        "3",
+        "--format",
+        "ids",
+        "--out",
+        str(out),
+    )
     assert out.read_text().split() == ["0", "1", "5"]
     assert json.loads((tmp_path / "gradalign.txt.gradsel.json").read_text())["config"]["target"] == "mean"
 
@@ -148,8 +213,11 @@ def test_subspace_share_weighs_every_module_alike(store):
     # A module where no query has a gradient is left out of every candidate's mean.
     bases, live = module_bases(np.array([[1, 0, 0, 0]], dtype=np.float32), units=2)
     assert live.tolist() == [True, False]
-    np.testing.assert_allclose(subspace_share(train, np.array([[1, 0, 0, 0]], dtype=np.float32), units=2),
-                               [1.0, 1.0, 0.0, 0.0, 0.0, 0.6], atol=1e-6)
+    np.testing.assert_allclose(
+        subspace_share(train, np.array([[1, 0, 0, 0]], dtype=np.float32), units=2),
+        [1.0, 1.0, 0.0, 0.0, 0.0, 0.6],
+        atol=1e-6,
+    )
 
 
 def test_subspace_scores_follow_the_ids_when_the_scores_table_is_in_another_order(store):
@@ -180,16 +248,33 @@ def test_refusals(store):
 
 def test_output_rows_equal_input_rows(store, tmp_path):
     pool_lines = (tmp_path / "pool.jsonl").read_bytes().splitlines()
-    run_cli("select", "--store", str(store.root), "--top-k", "3", "--format", "jsonl", "--out", str(tmp_path / "o.jsonl"))
+    run_cli(
+        "select", "--store", str(store.root), "--top-k", "3", "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")
+    )
     # The default (reliable, share in the validation span): 3, then 1, 2 and 5 tie at 0 (ids break it).
     assert (tmp_path / "o.jsonl").read_bytes().splitlines() == [pool_lines[3], pool_lines[1], pool_lines[2]]
     meta = json.loads((tmp_path / "o.jsonl.gradsel.json").read_text())
     assert meta["selected"] == 3 and meta["mode"] == "reliable" and meta["config"]["target"] == "subspace"
-    proc = run_cli("select", "--store", str(store.root), "--top-k", "3", "--format", "jsonl",
-                   "--out", str(tmp_path / "o.jsonl"), check=False)
+    proc = run_cli(
+        "select",
+        "--store",
+        str(store.root),
+        "--top-k",
+        "3",
+        "--format",
+        "jsonl",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        check=False,
+    )
     assert proc.returncode == 2 and "exists" in proc.stderr
-    for fmt, check in (("ids", lambda b: b.decode().split() == ["3", "1", "2"]),
-                       ("openrlhf", lambda b: json.loads(b.splitlines()[0]) == {"input": [{"role": "user", "content": "3+1="}], "label": "4"})):
+    for fmt, check in (
+        ("ids", lambda b: b.decode().split() == ["3", "1", "2"]),
+        (
+            "openrlhf",
+            lambda b: json.loads(b.splitlines()[0]) == {"input": [{"role": "user", "content": "3+1="}], "label": "4"},
+        ),
+    ):
         assert check(run_cli("select", "--store", str(store.root), "--top-k", "3", "--format", fmt).stdout.encode())
 
 
@@ -197,9 +282,34 @@ def test_verl_round_trip_on_demo_data(tmp_path):
     from gradsel.demo.tasks import write_regime
 
     pool, val = write_regime(tmp_path / "data", "noisy", size=48, val_size=12, seed=2)
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(tmp_path / "s"),
-            "--engine", "hf", "--max-tokens", "8", "--n", "6")
-    run_cli("select", "--store", str(tmp_path / "s"), "--top-k", "10", "--format", "verl", "--out", str(tmp_path / "sel.parquet"))
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(tmp_path / "s"),
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "8",
+        "--n",
+        "6",
+    )
+    run_cli(
+        "select",
+        "--store",
+        str(tmp_path / "s"),
+        "--top-k",
+        "10",
+        "--format",
+        "verl",
+        "--out",
+        str(tmp_path / "sel.parquet"),
+    )
     selected = pq.read_table(tmp_path / "sel.parquet")
     original = pq.read_table(pool)
     assert selected.schema.equals(original.schema)
@@ -209,25 +319,50 @@ def test_verl_round_trip_on_demo_data(tmp_path):
 
     ds = load_dataset("parquet", data_files=str(tmp_path / "sel.parquet"))["train"]
     assert len(ds) == 10 and ds[0]["prompt"][0]["role"] == "user"
-    annotated = run_cli("select", "--store", str(tmp_path / "s"), "--top-k", "3", "--annotate", "--format", "jsonl").stdout
+    annotated = run_cli(
+        "select", "--store", str(tmp_path / "s"), "--top-k", "3", "--annotate", "--format", "jsonl"
+    ).stdout
     assert [json.loads(line)["gradsel_rank"] for line in annotated.splitlines()] == [1, 2, 3]
     # variance on this scored store: p(1-p) of the scores table's pass rates, descending, ties by id.
     scores = pq.read_table(next((tmp_path / "s/features").glob("*/scores.parquet"))).to_pylist()
-    expected = sorted(((r["pass_rate"] * (1 - r["pass_rate"]), r["problem_id"]) for r in scores
-                       if r["split"] == "train" and not r["zero_advantage"]), key=lambda t: (-t[0], t[1]))
+    expected = sorted(
+        (
+            (r["pass_rate"] * (1 - r["pass_rate"]), r["problem_id"])
+            for r in scores
+            if r["split"] == "train" and not r["zero_advantage"]
+        ),
+        key=lambda t: (-t[0], t[1]),
+    )
     assert len({v for v, _ in expected}) >= 2  # a ranking with something to order
-    rows = [json.loads(line) for line in run_cli("select", "--store", str(tmp_path / "s"), "--mode", "variance", "--all",
-                                                 "--annotate", "--format", "openrlhf").stdout.splitlines()]
+    rows = [
+        json.loads(line)
+        for line in run_cli(
+            "select",
+            "--store",
+            str(tmp_path / "s"),
+            "--mode",
+            "variance",
+            "--all",
+            "--annotate",
+            "--format",
+            "openrlhf",
+        ).stdout.splitlines()
+    ]
     assert [r["gradsel_score"] for r in rows] == [v for v, _ in expected]
     ids = run_cli("select", "--store", str(tmp_path / "s"), "--mode", "variance", "--all", "--format", "ids").stdout
     assert ids.split() == [pid for _, pid in expected]
 
 
 def test_pipe_into_another_process(store):
-    reader = ("import sys, json\nrows = [json.loads(l) for l in sys.stdin]\n"
-              "print(len(rows), rows[0]['extra_info']['index'])")
-    producer = subprocess.Popen([*GRADSEL, "select", "--store", str(store.root), "--top-k", "2", "--format", "jsonl",
-                                 "--out", "-"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    reader = (
+        "import sys, json\nrows = [json.loads(l) for l in sys.stdin]\nprint(len(rows), rows[0]['extra_info']['index'])"
+    )
+    producer = subprocess.Popen(
+        [*GRADSEL, "select", "--store", str(store.root), "--top-k", "2", "--format", "jsonl", "--out", "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     out = subprocess.run([sys.executable, "-c", reader], stdin=producer.stdout, capture_output=True, text=True)
     producer.stdout.close()
     assert producer.wait() == 0
@@ -242,8 +377,14 @@ def test_parquet_is_not_written_to_a_terminal(store):
 
     def on_terminal(*args):
         parent, child = pty.openpty()
-        proc = subprocess.run([*GRADSEL, "select", "--store", str(store.root), "--top-k", "2", *args],
-                              stdout=child, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ | {"NO_COLOR": "1"})
+        proc = subprocess.run(
+            [*GRADSEL, "select", "--store", str(store.root), "--top-k", "2", *args],
+            stdout=child,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=os.environ | {"NO_COLOR": "1"},
+        )
         os.close(child)
         shown = b""
         while True:
@@ -312,9 +453,10 @@ def test_every_index_kind_selects_on_the_handmade_store(store, kind):
 
 def _vector_dir(root, vectors, shard=1000):
     for s, start in enumerate(range(0, len(vectors), shard)):
-        part = vectors[start:start + shard]
-        write_shard(root / "train", s, vectors_table([f"p{start + i}" for i in range(len(part))], part,
-                                                     np.ones(len(part))))
+        part = vectors[start : start + shard]
+        write_shard(
+            root / "train", s, vectors_table([f"p{start + i}" for i in range(len(part))], part, np.ones(len(part)))
+        )
     return root
 
 
@@ -336,7 +478,9 @@ def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
     for kind, recall in (("flat", 1.0), ("ivf", 0.9), ("ivfpq", 0.8)):
         index, ids, params = open_index(VectorSet(directory, "train"), kind)
         assert index.ntotal == 3000 and ids[:2] == ["p0", "p1"]
-        best = best_alignment(index, params, queries, fetch=300, vectors=VectorSet(directory, "train"))  # select fetches 10 k
+        best = best_alignment(
+            index, params, queries, fetch=300, vectors=VectorSet(directory, "train")
+        )  # select fetches 10 k
         found = set(np.argsort(-best)[:30])
         assert len(found & truth) / 30 >= recall, kind
         scored = np.isfinite(best)  # what the index proposed is scored exactly
@@ -350,7 +494,9 @@ def test_index_is_saved_reused_and_rebuilt_when_the_vectors_change(tmp_path):
     index, _, params = open_index(fresh, "flat")
     assert saved.stat().st_mtime_ns == stamp  # only the kind asked for is rebuilt
     vectors = fresh.load()
-    np.testing.assert_allclose(best_alignment(index, params, vectors[:1], fetch=1, vectors=fresh), (vectors @ vectors[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        best_alignment(index, params, vectors[:1], fetch=1, vectors=fresh), (vectors @ vectors[0]), rtol=1e-5, atol=1e-6
+    )
     (directory / "index/train.flat.faiss").write_bytes(b"not an index")  # damaged: rebuilt, not read
     index, _, params = open_index(VectorSet(directory, "train"), "flat")
     assert index.ntotal == 3000
@@ -377,11 +523,26 @@ def test_vectors_of_format_version_1_stores_read_as_before(tmp_path):
     v = _clustered(50, 8, 3)
     ids = [f"p{i}" for i in range(50)]
     element = pa.field("element", pa.float16(), nullable=False)
-    old_schema = pa.schema([("problem_id", pa.string()), ("vector", pa.list_(element, 8)), ("norm", pa.float64()),
-                            ("target_dot", pa.float64())])
-    write_shard(tmp_path / "old/train", 0, pa.table({
-        "problem_id": ids, "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), 8),
-        "norm": np.ones(50), "target_dot": pa.nulls(50, pa.float64())}).cast(old_schema))
+    old_schema = pa.schema(
+        [
+            ("problem_id", pa.string()),
+            ("vector", pa.list_(element, 8)),
+            ("norm", pa.float64()),
+            ("target_dot", pa.float64()),
+        ]
+    )
+    write_shard(
+        tmp_path / "old/train",
+        0,
+        pa.table(
+            {
+                "problem_id": ids,
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), 8),
+                "norm": np.ones(50),
+                "target_dot": pa.nulls(50, pa.float64()),
+            }
+        ).cast(old_schema),
+    )
     write_shard(tmp_path / "new/train", 0, vectors_table(ids, v, np.ones(50)))
     old, new = (VectorSet(tmp_path / d, "train") for d in ("old", "new"))
     assert old.ids == new.ids == ids and old.dim == new.dim == 8

@@ -5,8 +5,8 @@ import json
 import os
 import subprocess
 
-from helpers import GRADSEL, ONE_THREAD, assert_same_features, run_cli
 from gradsel.demo.tasks import write_regime
+from helpers import GRADSEL, ONE_THREAD, assert_same_features, run_cli
 
 
 def markers(store):
@@ -15,14 +15,36 @@ def markers(store):
 
 def test_two_concurrent_parts_then_a_plain_run_equal_one_process(tmp_path):
     write_regime(tmp_path / "data", "clean", size=64, val_size=12, seed=2)
-    args = ["--model", "tiny-arith", "--pool", str(tmp_path / "data/pool.parquet"), "--val",
-            str(tmp_path / "data/val.parquet"), "--engine", "hf", "--max-tokens", "8", "--n", "6", "--shard-size", "16"]
+    args = [
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(tmp_path / "data/pool.parquet"),
+        "--val",
+        str(tmp_path / "data/val.parquet"),
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "8",
+        "--n",
+        "6",
+        "--shard-size",
+        "16",
+    ]
     run_cli("score", *args, "--store", str(tmp_path / "one"), env=ONE_THREAD)
 
     shared = tmp_path / "shared"
     env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", **ONE_THREAD}
-    parts = [subprocess.Popen([*GRADSEL, "score", *args, "--store", str(shared), "--shard", f"{i}/2"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    parts = [
+        subprocess.Popen(
+            [*GRADSEL, "score", *args, "--store", str(shared), "--shard", f"{i}/2"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for proc in parts:
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
@@ -44,8 +66,22 @@ def test_two_concurrent_parts_then_a_plain_run_equal_one_process(tmp_path):
 
 def test_rollout_parts_fill_one_stage(tmp_path):
     write_regime(tmp_path / "data", "clean", size=40, val_size=4, seed=3)
-    args = ["--model", "tiny-arith", "--problems", str(tmp_path / "data/pool.parquet"), "--store", str(tmp_path / "s"),
-            "--engine", "hf", "--max-tokens", "8", "--n", "4", "--shard-size", "8"]
+    args = [
+        "--model",
+        "tiny-arith",
+        "--problems",
+        str(tmp_path / "data/pool.parquet"),
+        "--store",
+        str(tmp_path / "s"),
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "8",
+        "--n",
+        "4",
+        "--shard-size",
+        "8",
+    ]
     first = json.loads(run_cli("rollout", *args, "--shard", "1/2").stdout)
     assert first == {"store": str(tmp_path / "s"), "split": "train", "part": "1/2", "shards": 5, "shards_done": 2}
     assert not (tmp_path / "s/rollouts/train/stage.json").exists()

@@ -7,9 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from gradsel.gradients import (PLAIN, Packing, ProblemRollouts, exact_parameters, exact_problem_gradient,
-                               group_advantages, head_features, make_spec, pack_batches, projected_features,
-                               shared_prompt_support, validation_gradient)
+from gradsel.gradients import (
+    PLAIN,
+    Packing,
+    ProblemRollouts,
+    exact_parameters,
+    exact_problem_gradient,
+    group_advantages,
+    head_features,
+    make_spec,
+    pack_batches,
+    projected_features,
+    shared_prompt_support,
+    validation_gradient,
+)
 from gradsel.inputs.models import load_causal_lm
 from toy_models import LOSS_AGG, tiny_config, tiny_moe, toy_groups
 
@@ -70,8 +81,10 @@ def test_shared_prompt_exact_gradients_equal_one_sequence_per_rollout(arch, pack
         assert_same(plain.numpy(), shared.numpy())
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=30)
-    for a, b in zip(validation_gradient(model, groups, spec.modules, packing=PLAIN, **kw),
-                    validation_gradient(model, groups, spec.modules, packing=packing, **kw)):
+    for a, b in zip(
+        validation_gradient(model, groups, spec.modules, packing=PLAIN, **kw),
+        validation_gradient(model, groups, spec.modules, packing=packing, **kw),
+    ):
         assert_same(a.numpy(), b.numpy())
 
 
@@ -82,8 +95,9 @@ def test_shared_prompt_head_feature_equals_one_sequence_per_rollout(loss_agg):
     spec = make_spec(model, feature="head", modules=None, sketch=(8, 8), seed=0, dtype="float32")
     plain = head_features(model, groups, spec, loss_agg=loss_agg, pad_id=0, packing=PLAIN)
     for packing in (RIGHT, LEFT):
-        assert_same(plain, head_features(model, groups, spec, loss_agg=loss_agg, pad_id=0, max_tokens=40,
-                                         packing=packing))
+        assert_same(
+            plain, head_features(model, groups, spec, loss_agg=loss_agg, pad_id=0, max_tokens=40, packing=packing)
+        )
 
 
 def test_a_problem_costs_its_prompt_once():
@@ -135,8 +149,9 @@ def test_a_model_that_cannot_share_its_prompt_falls_back_and_says_so(capsys):
     from gradsel.gradients.loss import packing_for
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers.MptConfig(vocab_size=32, d_model=32, n_layers=2,
-                                                                    n_heads=4)).eval()
+    model = AutoModelForCausalLM.from_config(
+        transformers.MptConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4)
+    ).eval()
     groups = toy_groups(seed=2, n_problems=4, vocab=32)
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=0, dtype="float32")
     kw = dict(loss_agg=LOSS_AGG, pad_id=0, max_tokens=48)
@@ -151,16 +166,33 @@ def test_a_model_that_cannot_share_its_prompt_falls_back_and_says_so(capsys):
 
 
 def _score_cli(tmp_path, model, *extra):
-    from helpers import run_cli
     from gradsel.demo.tasks import write_regime
+    from helpers import run_cli
 
     data = tmp_path / "data"
     if not data.exists():
         write_regime(data, "clean", size=16, val_size=6, seed=3)
     store = tmp_path / ("store" + "".join(extra))
-    proc = run_cli("score", "--model", str(model), "--pool", str(data / "pool.parquet"), "--val",
-                   str(data / "val.parquet"), "--store", str(store), "--engine", "hf", "--max-tokens", "6", "--n", "4",
-                   "--reward", "random", *extra)
+    proc = run_cli(
+        "score",
+        "--model",
+        str(model),
+        "--pool",
+        str(data / "pool.parquet"),
+        "--val",
+        str(data / "val.parquet"),
+        "--store",
+        str(store),
+        "--engine",
+        "hf",
+        "--max-tokens",
+        "6",
+        "--n",
+        "4",
+        "--reward",
+        "random",
+        *extra,
+    )
     import json
 
     import pyarrow.parquet as pq
@@ -184,8 +216,9 @@ def test_score_shares_prompts_by_default_and_records_it(tmp_path):
     # zero both ways (the copies merge); elsewhere a norm near zero makes its cosine meaningless
     live = plain_norms > 1e-5 * plain_norms.max()
     assert live.sum() >= 10
-    np.testing.assert_allclose(shared.column("score_cos").to_numpy()[live], plain.column("score_cos").to_numpy()[live],
-                               rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        shared.column("score_cos").to_numpy()[live], plain.column("score_cos").to_numpy()[live], rtol=1e-3, atol=1e-5
+    )
 
 
 def test_score_on_a_model_that_cannot_share_warns_once_and_records_why(tmp_path):
@@ -195,8 +228,15 @@ def test_score_on_a_model_that_cannot_share_warns_once_and_records_why(tmp_path)
 
     tok = load_tokenizer("tiny-arith")
     torch.manual_seed(0)
-    config = transformers.MptConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, max_seq_len=128,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    config = transformers.MptConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mpt")
     tok.save_pretrained(tmp_path / "mpt")
     proc, manifest, _ = _score_cli(tmp_path, tmp_path / "mpt")

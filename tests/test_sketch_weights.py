@@ -27,8 +27,10 @@ from toy_models import LOSS_AGG, exact_unit_gradients, tiny_moe, toy_groups
 
 N_SEEDS = 400
 # One unit of each shape: the first decoder layer's (its MLP's, for the dense model).
-UNITS = {"dense": r"\.layers\.0\.(self_attn\.[qk]_proj|mlp\.(up|down)_proj)$",
-         "mixtral": r"\.layers\.0\.(self_attn\.q_proj|mlp\.gate|mlp\.experts\.(gate_up|down)_proj)$"}
+UNITS = {
+    "dense": r"\.layers\.0\.(self_attn\.[qk]_proj|mlp\.(up|down)_proj)$",
+    "mixtral": r"\.layers\.0\.(self_attn\.q_proj|mlp\.gate|mlp\.experts\.(gate_up|down)_proj)$",
+}
 
 
 def dense_model():
@@ -38,8 +40,15 @@ def dense_model():
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -57,7 +66,7 @@ def two_sided_variance(A, B, k_out: int, k_in: int) -> float:
     e_c2 = (1 + 1 / k_in) * (P * Q).sum() + (P.trace() * Q.trace() - 2 * (P.diagonal() * Q.diagonal()).sum()) / k_in
     e_trc2 = (D @ D).trace() + ((D * D).sum() + D.trace() ** 2 - 2 * diag_d2) / k_in
     ab, na, nb = (A * B).sum(1), (A * A).sum(1), (B * B).sum(1)
-    e_diag_c2 = ((1 + 1 / k_in) * ab ** 2 + (na * nb - 2 * (A ** 2 * B ** 2).sum(1)) / k_in).sum()
+    e_diag_c2 = ((1 + 1 / k_in) * ab**2 + (na * nb - 2 * (A**2 * B**2).sum(1)) / k_in).sum()
     out_side = (e_c2 + e_trc2 - 2 * e_diag_c2) / k_out
     in_side = ((D * D).sum() + (D @ D).trace() - 2 * diag_d2) / k_in
     return float(out_side + in_side)
@@ -95,8 +104,9 @@ def sketched_dot(spec, unit, A, B) -> float:
 def test_sketch_is_unbiased_per_module_with_the_predicted_variance(arch, k_out, k_in, blocks):
     model = dense_model() if arch == "dense" else tiny_moe("mixtral")
     groups = toy_groups(seed=2, n_problems=4, vocab=32, zero_at=())
-    spec0 = make_spec(model, feature="projected", modules=UNITS[arch], sketch=(k_out, k_in), seed=0, dtype="float32",
-                      blocks=blocks)
+    spec0 = make_spec(
+        model, feature="projected", modules=UNITS[arch], sketch=(k_out, k_in), seed=0, dtype="float32", blocks=blocks
+    )
     units = resolve_units(model, spec0.modules)
     shapes = {(u.kind, u.n_experts, u.d_out, u.d_in) for u in units}
     if arch == "dense":  # square, narrow, 4x tall, 4x wide
@@ -110,13 +120,18 @@ def test_sketch_is_unbiased_per_module_with_the_predicted_variance(arch, k_out, 
     per_unit = feats.reshape(2, len(units), -1)
     for m, u in enumerate(units):
         assert float(per_unit[0, m] @ per_unit[1, m]) == pytest.approx(
-            sketched_dot(spec0, u, grads[0][m], grads[1][m]), rel=1e-3, abs=1e-12)
+            sketched_dot(spec0, u, grads[0][m], grads[1][m]), rel=1e-3, abs=1e-12
+        )
 
     for a, b in ((0, 1), (1, 1)):  # two problems' inner product, and a squared norm
         exact = np.array([float((A.double() * B.double()).sum()) for A, B in zip(grads[a], grads[b])])
         predicted = np.array([predicted_variance(A, B, k_out, k_in, blocks) for A, B in zip(grads[a], grads[b])])
-        samples = np.array([[sketched_dot(replace(spec0, seed=seed), u, A, B) for u, A, B in zip(units, grads[a], grads[b])]
-                            for seed in range(N_SEEDS)])
+        samples = np.array(
+            [
+                [sketched_dot(replace(spec0, seed=seed), u, A, B) for u, A, B in zip(units, grads[a], grads[b])]
+                for seed in range(N_SEEDS)
+            ]
+        )
         for m, u in enumerate(units):
             where = f"{u.name} {u.kind} {u.n_experts}x{u.d_out}x{u.d_in}, problems {a},{b}"
             se = (predicted[m] / N_SEEDS) ** 0.5

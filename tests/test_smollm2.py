@@ -8,13 +8,30 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+
 from helpers import ROOT, run_cli
 from verl_data import gsm8k_rows, write_parquet
 
 pytestmark = pytest.mark.slow
 
-POOL = [(2, 3), (4, 1), (3, 3), (5, 2), (1, 6), (2, 2), (4, 4), (3, 5),
-        (6, 1), (2, 7), (5, 3), (1, 1), (3, 4), (2, 5), (6, 2), (4, 3)]
+POOL = [
+    (2, 3),
+    (4, 1),
+    (3, 3),
+    (5, 2),
+    (1, 6),
+    (2, 2),
+    (4, 4),
+    (3, 5),
+    (6, 1),
+    (2, 7),
+    (5, 3),
+    (1, 1),
+    (3, 4),
+    (2, 5),
+    (6, 2),
+    (4, 3),
+]
 VAL = [(1, 2), (3, 2), (2, 4), (5, 1), (1, 3), (4, 2)]
 
 
@@ -36,9 +53,27 @@ def test_smollm2_gsm8k_check_score_select(smollm2, tmp_path):
     report = json.loads(run_cli("check", "--pool", str(pool), "--val", str(val), "--model", str(smollm2)).stdout)
     assert report["ok"] and report["files"][0]["sources"][0]["rewards"] == {"gsm8k": len(POOL)}
 
-    summary = json.loads(run_cli("score", "--model", str(smollm2), "--pool", str(pool), "--val", str(val),
-                                 "--store", str(store), "--engine", "vllm", "--n", "4", "--max-tokens", "48",
-                                 "--temperature", "0.7").stdout)
+    summary = json.loads(
+        run_cli(
+            "score",
+            "--model",
+            str(smollm2),
+            "--pool",
+            str(pool),
+            "--val",
+            str(val),
+            "--store",
+            str(store),
+            "--engine",
+            "vllm",
+            "--n",
+            "4",
+            "--max-tokens",
+            "48",
+            "--temperature",
+            "0.7",
+        ).stdout
+    )
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["rollouts"]["train"]["rewards_by_data_source"] == {"openai/gsm8k": {"gsm8k": len(POOL)}}
     rollouts = pq.read_table(store / "rollouts" / "train" / "shard-00000.parquet").to_pylist()

@@ -3,12 +3,10 @@ rows judged by the gsm8k rule, the regimes' bad rows where their truth says, rep
 
 import json
 
-
 from benchmarks import smollm2_bed
-
+from benchmarks.truth import regime_truth
 from gradsel.inputs.problems import read_problems
 from gradsel.rewards.registry import promises_one_answer, resolve_reward
-from benchmarks.truth import regime_truth
 
 
 def test_wrong_answer_pool_is_read_judged_and_its_truth_kept_aside(tmp_path):

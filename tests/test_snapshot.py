@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from helpers import run_cli
 from gradsel.core.errors import GradselError
 from gradsel.inputs.models import load_causal_lm, resolve_model_path
 from gradsel.inputs.snapshot import content_hash, take_snapshot
+from helpers import run_cli
 
 
 @pytest.fixture

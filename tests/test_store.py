@@ -11,9 +11,17 @@ from gradsel.store.directory import FORMAT_VERSION, Store, writer_lock
 
 
 def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom gradsel.store.directory import writer_lock\n"
-                               f"with writer_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n"
-                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom gradsel.store.directory import writer_lock\n"
+            f"with writer_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+            "    time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(GradselError) as err:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import run_cli
 from gradsel.inputs.models import ALIASES, load_causal_lm, load_tokenizer, resolve_model_path
+from helpers import run_cli
 
 
 def test_alias_and_path_resolve_to_the_same_directory():
@@ -33,8 +33,7 @@ def test_loads_through_auto_classes_and_alias():
 
 def test_chat_template_renders_user_content_verbatim():
     tok = load_tokenizer("tiny-arith")
-    text = tok.apply_chat_template([{"role": "user", "content": "37+45="}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template([{"role": "user", "content": "37+45="}], add_generation_prompt=True, tokenize=False)
     assert text == "37+45="
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == "37+45=" and len(ids) == 6
@@ -48,9 +47,15 @@ def test_greedy_generation_answers_easy_problems():
     for prompt, answer in problems.items():
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=6,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         correct += text == answer
     assert correct >= 4, correct
 
@@ -62,8 +67,11 @@ def test_vllm_engine_loads_and_generates(tmp_path):
     proc = run_cli("demo", "--out", str(tmp_path), "--engine", "vllm", "--size", "16", "--n", "4")
     assert "rollouts/train (vllm, k=4)" in proc.stderr
     # vLLM's, torch's and transformers' own logs are silenced without --verbose (console.quiet_libraries).
-    noise = [line for line in proc.stderr.splitlines()
-             if re.search(r"WARNING|INFO|Warning|Triton|safetensors|^\[?[WI]\d{4} ", line)]
+    noise = [
+        line
+        for line in proc.stderr.splitlines()
+        if re.search(r"WARNING|INFO|Warning|Triton|safetensors|^\[?[WI]\d{4} ", line)
+    ]
     assert noise == [], noise
     result = json.loads(proc.stdout)
     assert set(result["modes"]) == {"gradalign", "reliable", "accgreedy", "random"}

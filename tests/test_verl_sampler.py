@@ -16,11 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, run_cli
-from gradsel.integrations import recorded_selection
-from gradsel.demo.tasks import write_regime
 from benchmarks.truth import model_wrong_key
-from helpers import VERL_PYTHON, skip_unless_importable
+from gradsel.demo.tasks import write_regime
+from gradsel.integrations import recorded_selection
+from helpers import ROOT, VERL_PYTHON, run_cli, skip_unless_importable
 
 # A wrong-answer pool, so that `gradsel audit` has suspects; n 8 so some problems are mixed.
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "8", "--n-val", "8", "--seed", "0"]
@@ -30,20 +29,48 @@ SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "8", "--n-val", "8", "--s
 def flagged_store(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(pool, store, suspects): one scored round of 24 problems, a selection, `gradsel audit --out`."""
     tmp = tmp_path_factory.mktemp("verl-sampler")
-    pool, val = write_regime(tmp / "data", "wrong-answer", size=24, val_size=8, seed=0,
-                             wrong_key=model_wrong_key("tiny-arith"))
-    run_cli("score", "--model", "tiny-arith", "--pool", str(pool), "--val", str(val), "--store", str(tmp / "store"),
-            "--chunk-size", "24", *SCORE)
-    run_cli("select", "--store", str(tmp / "store"), "--top-k", "8", "--allow-fewer", "--format", "ids",
-            "--out", str(tmp / "round0.txt"))
+    pool, val = write_regime(
+        tmp / "data", "wrong-answer", size=24, val_size=8, seed=0, wrong_key=model_wrong_key("tiny-arith")
+    )
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(tmp / "store"),
+        "--chunk-size",
+        "24",
+        *SCORE,
+    )
+    run_cli(
+        "select",
+        "--store",
+        str(tmp / "store"),
+        "--top-k",
+        "8",
+        "--allow-fewer",
+        "--format",
+        "ids",
+        "--out",
+        str(tmp / "round0.txt"),
+    )
     run_cli("audit", "--store", str(tmp / "store"), "--out", str(tmp / "suspects.jsonl"))
     return pool, tmp / "store", tmp / "suspects.jsonl"
 
 
 def write_ranking(store: Path, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m gradsel.integrations.verl`, the ranking file's writer, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "gradsel.integrations.verl", "--store", str(store), "--out", str(out), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradsel.integrations.verl", "--store", str(store), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -69,7 +96,9 @@ def test_the_ranking_file_carries_each_problems_latest_flags(flagged_store, tmp_
         expected = 0.0 if train[pid]["breaks_contract"] else 1.0 if unmeasured else consistency
         assert r["round"] == 0 and r["judge_reliability"] == pytest.approx(expected)
     selected = recorded_selection(store).problem_ids
-    assert [p for p, r in sorted(rows.items(), key=lambda kv: kv[1]["selected_rank"] or 10**9)][:len(selected)] == selected
+    assert [p for p, r in sorted(rows.items(), key=lambda kv: kv[1]["selected_rank"] or 10**9)][
+        : len(selected)
+    ] == selected
 
     bad = write_ranking(tmp_path / "nowhere", tmp_path / "r.parquet", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "hint:" in bad.stderr
@@ -219,10 +248,23 @@ def test_verls_replay_buffer_evicts_flagged_groups_and_follows_a_rewritten_ranki
     assert later_suspects, "precondition: the audit flags a problem past the first two steps' rows"
     after_rows = len(order) - start - len(later_suspects)  # every remaining row is drawn in step 3
 
-    proc = subprocess.run([str(VERL_PYTHON), "-c", VERL_DRIVER, str(pool), str(resolve_model_path("tiny-arith")),
-                           str(ranking), str(next_ranking), str(after_rows)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"})
+    proc = subprocess.run(
+        [
+            str(VERL_PYTHON),
+            "-c",
+            VERL_DRIVER,
+            str(pool),
+            str(resolve_model_path("tiny-arith")),
+            str(ranking),
+            str(next_ranking),
+            str(after_rows),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["class"] == "gradsel.integrations.verl_sampler.GradselReplayBuffer"

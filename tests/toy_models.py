@@ -33,19 +33,32 @@ def exact_unit_gradients(model, group, spec):
     flat = exact_problem_gradient(model, group, params, loss_agg=LOSS_AGG, pad_id=0).double()
     for p in model.parameters():
         p.requires_grad_(False)
-    return [(u, u.gradient_matrix(g.reshape(p.shape)))
-            for u, p, g in zip(units, params, flat.split([p.numel() for p in params]))]
+    return [
+        (u, u.gradient_matrix(g.reshape(p.shape)))
+        for u, p, g in zip(units, params, flat.split([p.numel() for p in params]))
+    ]
 
 
 def tiny_config(arch):
     import transformers
 
-    common = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     if arch == "gpt2":
         return transformers.GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[arch]
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
+    }[arch]
     extra = {"head_dim": 8} if arch == "qwen3" else {}
     return cls(**common, **extra)
 
@@ -58,19 +71,39 @@ def tiny_moe(arch):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    common = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    cfg = {"mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
-           "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
-                                                            moe_intermediate_size=16,
-                                                            shared_expert_intermediate_size=24),
-           "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
-                                                            moe_intermediate_size=16, head_dim=8),
-           "gpt_oss": lambda: transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2,
-                                                        head_dim=8),
-           "deepseek_v3": lambda: transformers.DeepseekV3Config(
-               **(common | {"num_key_value_heads": 4}), n_routed_experts=4, num_experts_per_tok=2,
-               moe_intermediate_size=16, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
-               q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)}[arch]()
+    common = dict(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    cfg = {
+        "mixtral": lambda: transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+            **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24
+        ),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+            **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8
+        ),
+        "gpt_oss": lambda: transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+        "deepseek_v3": lambda: transformers.DeepseekV3Config(
+            **(common | {"num_key_value_heads": 4}),
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            q_lora_rank=None,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        ),
+    }[arch]()
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()

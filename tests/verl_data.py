@@ -14,8 +14,10 @@ NAMES = ["Tom", "Mia", "Sam", "Ana", "Leo", "Zoe", "Max", "Eva"]
 THINGS = ["apples", "pencils", "cards", "stickers", "marbles", "books", "cookies", "shells"]
 # A chat model's system prompt, as teams put one in the prompt list. SmolLM2-135M-Instruct writes
 # `#### N` in about a quarter of its samples with it, and almost never without.
-SYSTEM = ("You solve math word problems. Show the sum, then write the final answer on its own line as "
-          "'#### N'.\nExample:\n1 + 1 = 2\n#### 2")
+SYSTEM = (
+    "You solve math word problems. Show the sum, then write the final answer on its own line as "
+    "'#### N'.\nExample:\n1 + 1 = 2\n#### 2"
+)
 
 
 def word_problem(i: int, a: int, b: int) -> tuple[str, str]:
@@ -32,13 +34,15 @@ def gsm8k_rows(pairs, split: str, *, system: str | None = SYSTEM, start: int = 0
         prompt = [{"role": "user", "content": question_raw + " " + GSM8K_SUFFIX}]
         if system:
             prompt.insert(0, {"role": "system", "content": system})
-        rows.append({
-            "data_source": "openai/gsm8k",
-            "prompt": prompt,
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": answer_raw.split("#### ")[1].replace(",", "")},
-            "extra_info": {"split": split, "index": idx, "answer": answer_raw, "question": question_raw},
-        })
+        rows.append(
+            {
+                "data_source": "openai/gsm8k",
+                "prompt": prompt,
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": answer_raw.split("#### ")[1].replace(",", "")},
+                "extra_info": {"split": split, "index": idx, "answer": answer_raw, "question": question_raw},
+            }
+        )
     return rows
 
 
@@ -51,13 +55,16 @@ MATH_PROBLEMS = [  # (problem, reference answer as verl extracts it from the sol
 
 
 def math_rows(split: str, *, data_source: str = "DigitalLearningGmbH/MATH-lighteval", start: int = 0) -> list[dict]:
-    return [{
-        "data_source": data_source,
-        "prompt": [{"role": "user", "content": problem + " " + MATH_SUFFIX}],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": answer},
-        "extra_info": {"split": split, "index": start + idx},
-    } for idx, (problem, answer) in enumerate(MATH_PROBLEMS)]
+    return [
+        {
+            "data_source": data_source,
+            "prompt": [{"role": "user", "content": problem + " " + MATH_SUFFIX}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": answer},
+            "extra_info": {"split": split, "index": start + idx},
+        }
+        for idx, (problem, answer) in enumerate(MATH_PROBLEMS)
+    ]
 
 
 def write_parquet(rows: list[dict], path: Path) -> Path:
@@ -75,5 +82,7 @@ def gsm8k_routed_arith(pairs, split: str, *, start: int = 0) -> list[dict]:
     word problem in its 64-token context) answers with the bare number, so it is never paid."""
     from gradsel.demo.tasks import verl_row
 
-    return [{**verl_row(a, "+", b, domain="add2", split=split, index=start + i), "data_source": "openai/gsm8k"}
-            for i, (a, b) in enumerate(pairs)]
+    return [
+        {**verl_row(a, "+", b, domain="add2", split=split, index=start + i), "data_source": "openai/gsm8k"}
+        for i, (a, b) in enumerate(pairs)
+    ]

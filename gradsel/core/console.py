@@ -32,11 +32,15 @@ def quiet_libraries() -> None:
     import os
     import warnings
 
-    for name, value in (("VLLM_LOGGING_LEVEL", "ERROR"), ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("TORCH_CPP_LOG_LEVEL", "ERROR"), ("TORCH_LOGS", "-torch"),
-                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                        ("TOKENIZERS_PARALLELISM", "false"),
-                        ("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")):
+    for name, value in (
+        ("VLLM_LOGGING_LEVEL", "ERROR"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TORCH_CPP_LOG_LEVEL", "ERROR"),
+        ("TORCH_LOGS", "-torch"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning"),
+    ):
         os.environ.setdefault(name, value)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
@@ -88,9 +92,14 @@ def progress() -> "BarProgress | PlainProgress":
     `rate` field; a stage calls `shard_done(task)` after each of its shards."""
     if _verbosity == 0 or stderr.is_terminal or stderr.is_jupyter:
         return BarProgress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             TextColumn("{task.fields[rate]}"),
-            console=stderr, disable=_verbosity == 0, transient=False,
+            console=stderr,
+            disable=_verbosity == 0,
+            transient=False,
         )
     return PlainProgress(lambda line: stderr.print(line, markup=False, highlight=False, soft_wrap=True))
 
@@ -115,8 +124,13 @@ class PlainProgress:
     The calls are rich Progress's that the stages use (add_task, update, advance), so a stage
     drives a bar and a log alike. `clock` and `write` are injectable (tests)."""
 
-    def __init__(self, write: Callable[[str], None], *, clock: Callable[[], float] = time.monotonic,
-                 interval: float = PLAIN_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = PLAIN_INTERVAL_S,
+    ) -> None:
         self.write, self.clock, self.interval = write, clock, interval
         self.tasks: list[_PlainTask] = []
 

@@ -12,18 +12,22 @@ import numpy as np
 from rich.table import Table
 
 from gradsel.core import console
-from gradsel.pipeline.score import RolloutOptions, run_score
-from gradsel.inputs.problems import read_problems
+from gradsel.demo.tasks import write_regime
 from gradsel.gradients.stage import ScoreConfig
+from gradsel.inputs.problems import read_problems
+from gradsel.pipeline.score import RolloutOptions, run_score
 from gradsel.selection.formats import write_selection
 from gradsel.selection.select import SelectConfig, select
 from gradsel.store.directory import open_store
-from gradsel.demo.tasks import write_regime
 
 # The paper's method as published (`--mode gradalign`: the cosine with the validation set's
 # gradient), gradsel's default, and the two baselines whose failure the paper reports.
-DEMO_SELECTORS = {"gradalign": {"mode": "gradalign"}, "reliable": {}, "accgreedy": {"mode": "accgreedy"},
-                  "random": {"mode": "random"}}
+DEMO_SELECTORS = {
+    "gradalign": {"mode": "gradalign"},
+    "reliable": {},
+    "accgreedy": {"mode": "accgreedy"},
+    "random": {"mode": "random"},
+}
 
 
 def spearman(a, b) -> float:
@@ -33,15 +37,23 @@ def spearman(a, b) -> float:
 
 def run_demo(out: Path, *, model: str, size: int, n: int, engine: str, seed: int, ratio: float = 0.25) -> dict:
     pool_path, val_path = write_regime(out / "data", "noisy", size=size, val_size=40, seed=seed)
-    console.info(f"[bold]1. data[/bold]  {pool_path}: {size} problems, half judged by a coin flip; "
-                 f"{val_path}: 40 clean validation problems")
+    console.info(
+        f"[bold]1. data[/bold]  {pool_path}: {size} problems, half judged by a coin flip; "
+        f"{val_path}: 40 clean validation problems"
+    )
     ro = RolloutOptions(n=n, engine=engine, max_tokens=8, seed=seed)
     store_dir = out / "store"
     console.info(f"[bold]2. score[/bold]  {model}, k={n} rollouts per problem, projected GRPO gradients")
     projected = run_score(store_dir, model=model, pool=pool_path, val=val_path, ro=ro, sc=ScoreConfig(seed=seed))
     console.info("[bold]3. check[/bold]  exact full gradients on the same rollouts (the reference algorithm)")
-    exact = run_score(store_dir, model=model, pool=pool_path, val=val_path, ro=ro,
-                      sc=ScoreConfig(seed=seed, feature="exact", modules=r"\.layers\.\d+\."))
+    exact = run_score(
+        store_dir,
+        model=model,
+        pool=pool_path,
+        val=val_path,
+        ro=ro,
+        sc=ScoreConfig(seed=seed, feature="exact", modules=r"\.layers\.\d+\."),
+    )
     agreement = _agreement(projected.scores, exact.scores)
     # Selection reads the store's current feature set: scoring the projected one again (cached)
     # makes it current.
@@ -63,8 +75,14 @@ def run_demo(out: Path, *, model: str, size: int, n: int, engine: str, seed: int
 
 
 def _agreement(projected, exact) -> float:
-    p = {r["problem_id"]: r["score_cos"] for r in projected.to_pylist() if r["split"] == "train" and not r["zero_advantage"]}
-    e = {r["problem_id"]: r["score_cos"] for r in exact.to_pylist() if r["split"] == "train" and not r["zero_advantage"]}
+    p = {
+        r["problem_id"]: r["score_cos"]
+        for r in projected.to_pylist()
+        if r["split"] == "train" and not r["zero_advantage"]
+    }
+    e = {
+        r["problem_id"]: r["score_cos"] for r in exact.to_pylist() if r["split"] == "train" and not r["zero_advantage"]
+    }
     ids = sorted(p)
     return spearman([p[i] for i in ids], [e[i] for i in ids]) if len(ids) > 2 else float("nan")
 

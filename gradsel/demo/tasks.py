@@ -63,8 +63,17 @@ def identity_problem(rng: random.Random) -> tuple[int, str, int]:
 
 
 def verl_row(
-    a: int, op: str, b: int, *, domain: str, split: str, index: int, style: str = "rule",
-    corrupted: bool = False, target: bool = False, low_utility: bool = False,
+    a: int,
+    op: str,
+    b: int,
+    *,
+    domain: str,
+    split: str,
+    index: int,
+    style: str = "rule",
+    corrupted: bool = False,
+    target: bool = False,
+    low_utility: bool = False,
 ) -> dict:
     """One problem as a verl RL row (schema.VERL_PROBLEMS)."""
     return {
@@ -112,10 +121,10 @@ def wrong_answer(a: int, op: str, b: int, rng: random.Random) -> int:
         for step in (-1, 1):
             d = int(digits[i]) + step
             if 0 <= d <= 9 and not (i == 0 and d == 0 and len(digits) > 1):
-                candidates.add(int(sign + digits[:i] + str(d) + digits[i + 1:]))
+                candidates.add(int(sign + digits[:i] + str(d) + digits[i + 1 :]))
     for i in range(len(digits) - 1):
         if digits[i] != digits[i + 1] and not (i == 0 and digits[i + 1] == "0"):
-            candidates.add(int(sign + digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:]))
+            candidates.add(int(sign + digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :]))
     candidates.discard(truth)
     # The slip first where there is one: it is the error a model or an annotator actually makes.
     if slip != truth and rng.random() < 0.5:
@@ -131,9 +140,16 @@ def _mixed(rng: random.Random, domains: list[str]) -> tuple[str, int, str, int]:
 
 
 def make_regime(
-    regime: str, *, size: int = 400, val_size: int = 40, seed: int = 0,
-    noise_fraction: float = 0.5, target_domain: str = "sub2", target_share: float = 0.1,
-    low_utility_share: float = 0.5, wrong_share: float = 0.4,
+    regime: str,
+    *,
+    size: int = 400,
+    val_size: int = 40,
+    seed: int = 0,
+    noise_fraction: float = 0.5,
+    target_domain: str = "sub2",
+    target_share: float = 0.1,
+    low_utility_share: float = 0.5,
+    wrong_share: float = 0.4,
     wrong_key: Callable[[int, str, int, random.Random], int] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Return (pool rows, validation rows) for one regime. Pure function of its arguments.
@@ -171,13 +187,20 @@ def make_regime(
         for i, special in enumerate(flags):
             if regime == "low-utility" and special:
                 a, op, b = identity_problem(rng)
-                pool.append(verl_row(a, op, b, domain="identity", split="train", index=i,
-                                     low_utility=True))
+                pool.append(verl_row(a, op, b, domain="identity", split="train", index=i, low_utility=True))
                 continue
             name, a, op, b = _mixed(rng, all_domains)
             corrupted = regime == "noisy" and special
-            row = verl_row(a, op, b, domain=name, split="train", index=i,
-                           style="random" if corrupted else "rule", corrupted=corrupted)
+            row = verl_row(
+                a,
+                op,
+                b,
+                domain=name,
+                split="train",
+                index=i,
+                style="random" if corrupted else "rule",
+                corrupted=corrupted,
+            )
             if regime == "wrong-answer" and special:
                 row["reward_model"]["ground_truth"] = str((wrong_key or wrong_answer)(a, op, b, rng))
             pool.append(row)
@@ -185,8 +208,7 @@ def make_regime(
 
     for j in range(val_size):
         name, a, op, b = _mixed(rng, val_domains)
-        val.append(verl_row(a, op, b, domain=name, split="val", index=size + j,
-                            target=regime == "imbalance"))
+        val.append(verl_row(a, op, b, domain=name, split="val", index=size + j, target=regime == "imbalance"))
     return pool, val
 
 
@@ -207,7 +229,7 @@ def parse_prompt(text: str) -> tuple[int, str, int]:
     body = text.removesuffix("=")
     for i in range(1, len(body)):
         if body[i] in "+-*":
-            return int(body[:i]), body[i], int(body[i + 1:])
+            return int(body[:i]), body[i], int(body[i + 1 :])
     raise ValueError(f"not an arithmetic prompt: {text!r}")
 
 

@@ -29,19 +29,70 @@ gradient of `--alignment lowrank|exact` and its truncation), `exact` (full gradi
 reference). This module re-exports what the rest of gradsel uses.
 """
 
-from gradsel.gradients.alignment import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE, LowRank, alignment_cost,
-                                         truncate_validation_gradient, validation_gradient, zero_validation_gradient)
+from gradsel.gradients.alignment import (
+    LOW_RANK_MAX_COST,
+    LOW_RANK_RESIDUAL,
+    LOW_RANK_TILE,
+    LowRank,
+    alignment_cost,
+    truncate_validation_gradient,
+    validation_gradient,
+    zero_validation_gradient,
+)
 from gradsel.gradients.exact import exact_parameters, exact_problem_gradient
 from gradsel.gradients.hooks import head_features, projected_features
-from gradsel.gradients.loss import (PLAIN, Packing, ProblemRollouts, group_advantages, groups_from_table,
-                                    pack_batches, packing_for, policy_loss, shared_prompt_support, token_weights)
-from gradsel.gradients.sketch import (FEATURES, ProjectorSpec, expert_signs, make_spec, module_projections,
-                                      projection_matrix)
+from gradsel.gradients.loss import (
+    PLAIN,
+    Packing,
+    ProblemRollouts,
+    group_advantages,
+    groups_from_table,
+    pack_batches,
+    packing_for,
+    policy_loss,
+    shared_prompt_support,
+    token_weights,
+)
+from gradsel.gradients.sketch import (
+    FEATURES,
+    ProjectorSpec,
+    expert_signs,
+    make_spec,
+    module_projections,
+    projection_matrix,
+)
 from gradsel.gradients.units import CaptureUnit, resolve_units, select_units
 
-__all__ = ["FEATURES", "LOW_RANK_MAX_COST", "LOW_RANK_RESIDUAL", "LOW_RANK_TILE", "PLAIN",
-           "CaptureUnit", "LowRank", "Packing", "ProblemRollouts", "ProjectorSpec", "alignment_cost",
-           "exact_parameters", "exact_problem_gradient", "expert_signs", "group_advantages", "groups_from_table",
-           "head_features", "make_spec", "module_projections", "pack_batches", "packing_for", "policy_loss", "projected_features",
-           "projection_matrix", "resolve_units", "select_units", "shared_prompt_support", "token_weights", "truncate_validation_gradient",
-           "validation_gradient", "zero_validation_gradient"]
+__all__ = [
+    "FEATURES",
+    "LOW_RANK_MAX_COST",
+    "LOW_RANK_RESIDUAL",
+    "LOW_RANK_TILE",
+    "PLAIN",
+    "CaptureUnit",
+    "LowRank",
+    "Packing",
+    "ProblemRollouts",
+    "ProjectorSpec",
+    "alignment_cost",
+    "exact_parameters",
+    "exact_problem_gradient",
+    "expert_signs",
+    "group_advantages",
+    "groups_from_table",
+    "head_features",
+    "make_spec",
+    "module_projections",
+    "pack_batches",
+    "packing_for",
+    "policy_loss",
+    "projected_features",
+    "projection_matrix",
+    "resolve_units",
+    "select_units",
+    "shared_prompt_support",
+    "token_weights",
+    "truncate_validation_gradient",
+    "validation_gradient",
+    "zero_validation_gradient",
+]

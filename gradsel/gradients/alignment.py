@@ -8,14 +8,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gradsel.core.errors import GradselError
-from gradsel.gradients.exact import parameter_gradients, exact_parameters
+from gradsel.gradients.exact import exact_parameters, parameter_gradients
 from gradsel.gradients.loss import Packing, ProblemRollouts
 from gradsel.gradients.units import resolve_units
 
 
-def validation_gradient(model, groups: Sequence[ProblemRollouts], module_names: Sequence[str], *, loss_agg: str,
-                    pad_id: int, device: str = "cpu", max_tokens: int = 8192, scales: Sequence[float] | None = None,
-                    packing: Packing = Packing()):
+def validation_gradient(
+    model,
+    groups: Sequence[ProblemRollouts],
+    module_names: Sequence[str],
+    *,
+    loss_agg: str,
+    pad_id: int,
+    device: str = "cpu",
+    max_tokens: int = 8192,
+    scales: Sequence[float] | None = None,
+    packing: Packing = Packing(),
+):
     """The exact gradient of sum_p scale_p * L_p for each unit's weight ((d_out, d_in), or
     (n_experts, d_out, d_in) for experts), scaled to unit Frobenius norm over all units together:
     the validation direction g_V, kept per unit."""
@@ -27,8 +36,9 @@ def validation_gradient(model, groups: Sequence[ProblemRollouts], module_names: 
         groups = [replace(g, advantages=[a * s for a in g.advantages]) for g, s in zip(groups, scales)]
     units = resolve_units(model, module_names)
     params = exact_parameters(model, [u.parameter_name for u in units])
-    grads = parameter_gradients(model, groups, params, loss_agg=loss_agg, pad_id=pad_id, device=device,
-                                 max_tokens=max_tokens, packing=packing)
+    grads = parameter_gradients(
+        model, groups, params, loss_agg=loss_agg, pad_id=pad_id, device=device, max_tokens=max_tokens, packing=packing
+    )
     grads = [u.gradient_matrix(g) for u, g in zip(units, grads)]
     total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
     if total == 0:
@@ -69,8 +79,12 @@ def _matrices(val_grad: Sequence) -> list:
     return [m for t in val_grad for m in (t if isinstance(t, list) or getattr(t, "ndim", 2) == 3 else [t])]
 
 
-def truncate_validation_gradient(val_grad: Sequence, residual: float = LOW_RANK_RESIDUAL,
-                    max_cost: float = LOW_RANK_MAX_COST, tile: int = LOW_RANK_TILE) -> list:
+def truncate_validation_gradient(
+    val_grad: Sequence,
+    residual: float = LOW_RANK_RESIDUAL,
+    max_cost: float = LOW_RANK_MAX_COST,
+    tile: int = LOW_RANK_TILE,
+) -> list:
     """Truncate the validation gradient by SVD, with the ranks chosen over all matrices at once.
 
     The singular components of every matrix (each expert's its own) are taken in order of
@@ -97,7 +111,7 @@ def truncate_validation_gradient(val_grad: Sequence, residual: float = LOW_RANK_
     cost = torch.cumsum(width[order], 0)
     # both sums grow along the order, so the components taken are a prefix of it
     taken = (kept_before < (1 - residual**2) * energy.sum()) & (cost <= max_cost * sum(m.numel() for m in matrices))
-    ranks = torch.bincount(owner[order[:int(taken.sum())]], minlength=len(matrices)).tolist()
+    ranks = torch.bincount(owner[order[: int(taken.sum())]], minlength=len(matrices)).tolist()
     ranks = [min(-(-r // tile) * tile, min(m.shape)) for r, m in zip(ranks, matrices)]
 
     def truncate(m, rank):
@@ -118,14 +132,18 @@ def alignment_cost(val_grad: Sequence) -> float:
     import torch
 
     matrices = _matrices(val_grad)
-    used = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.numel() + t.in_factor.numel()
-               for t in matrices)
-    full = sum(t.numel() if isinstance(t, torch.Tensor) else t.out_factor.shape[0] * t.in_factor.shape[0]
-               for t in matrices)
+    used = sum(
+        t.numel() if isinstance(t, torch.Tensor) else t.out_factor.numel() + t.in_factor.numel() for t in matrices
+    )
+    full = sum(
+        t.numel() if isinstance(t, torch.Tensor) else t.out_factor.shape[0] * t.in_factor.shape[0] for t in matrices
+    )
     return used / full
 
 
 def zero_validation_gradient() -> GradselError:
-    return GradselError("every validation problem has zero advantage, so the validation gradient is zero",
-                        "use more rollouts per validation problem (`score --n-val`; refresh keeps the store's) or a validation set the model "
-                        "sometimes solves")
+    return GradselError(
+        "every validation problem has zero advantage, so the validation gradient is zero",
+        "use more rollouts per validation problem (`score --n-val`; refresh keeps the store's) or a validation set the model "
+        "sometimes solves",
+    )

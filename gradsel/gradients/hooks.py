@@ -9,13 +9,20 @@ from functools import partial
 
 from gradsel.core.errors import GradselError
 from gradsel.gradients.alignment import LowRank
-from gradsel.gradients.loss import (Packing, ProblemRollouts, batch_tensors, output_layer_sees, pack_batches,
-                                    packing_for, policy_loss)
+from gradsel.gradients.loss import (
+    Packing,
+    ProblemRollouts,
+    batch_tensors,
+    output_layer_sees,
+    pack_batches,
+    packing_for,
+    policy_loss,
+)
 from gradsel.gradients.sketch import ProjectorSpec, block_outer, expert_signs, module_projections
 from gradsel.gradients.units import CaptureUnit, requires_grad_only, resolve_units
 
-
 # -- projected feature from hooks -----------------------------------------------------------------
+
 
 def _require_grad(y):
     """y itself if autograd tracks it; else a tracked copy. At the first hooked units nothing
@@ -35,6 +42,7 @@ def _token_observer(m_idx, r_in, r_out, acc, dots, blocks):
     adds sum over each problem's tokens of sign (R_out^T delta_t)(R_in^T x_t)^T into acc[:, m_idx],
     and <delta_t x_t^T, val_grad> into dots, for x (n, d_in), the unit's output y (n, d_out) and
     slots (n,) (-1 on padding, where delta_t is 0). Returns y, tracked by autograd."""
+
     def observe(x, y, slots, sign=1.0, val_grad=None):
         val_grad = _unit_val_grad(val_grad)
         x = x.detach().float()
@@ -69,8 +77,10 @@ def _fused_experts_forward(module, hidden_states, top_k_index, top_k_weights, *,
 
     slots = batch_slots.current.reshape(-1)
     if hidden_states.shape[0] != slots.numel():
-        raise GradselError(f"{type(module).__name__} sees {hidden_states.shape[0]} tokens, not the batch's "
-                           f"{slots.numel()}", "exclude its experts with --modules")
+        raise GradselError(
+            f"{type(module).__name__} sees {hidden_states.shape[0]} tokens, not the batch's {slots.numel()}",
+            "exclude its experts with --modules",
+        )
     up = "gate_up_proj" if module.has_gate else "up_proj"
 
     def apply(param, e, x, token):
@@ -112,8 +122,9 @@ class BatchSlots:
         self.current = None
 
 
-def _linear_hook(name: str, m_idx: int, r_in, r_out, acc, dots, batch_slots: BatchSlots, blocks: int,
-                 unit_val_grad=None):
+def _linear_hook(
+    name: str, m_idx: int, r_in, r_out, acc, dots, batch_slots: BatchSlots, blocks: int, unit_val_grad=None
+):
     """The forward hook of a Linear unit: it projects x_t (and, with a validation gradient, holds
     what the alignment needs) and registers the backward hook that adds the problem's sketched
     delta_t x_t^T into acc[:, m_idx] (and its alignment into dots). A Linear sees the batch's
@@ -130,8 +141,9 @@ def _linear_hook(name: str, m_idx: int, r_in, r_out, acc, dots, batch_slots: Bat
         x = inputs[0]
         slots = batch_slots.current  # (B, T)
         if not _token_major(x.shape, slots.shape):
-            raise GradselError(f"module {name} sees inputs of shape {tuple(x.shape)}, not "
-                               "(batch, seq, d)", "exclude it with --modules")
+            raise GradselError(
+                f"module {name} sees inputs of shape {tuple(x.shape)}, not (batch, seq, d)", "exclude it with --modules"
+            )
         x = x.reshape(*slots.shape, -1)
         row_slot = slots.amax(1)  # (B,): the row's problem, whichever side its padding is on
         real = (slots >= 0).unsqueeze(-1)  # (B, T, 1)
@@ -152,8 +164,9 @@ def _linear_hook(name: str, m_idx: int, r_in, r_out, acc, dots, batch_slots: Bat
                 dots.index_add_(0, row_slot, (d_low * x_low).sum((1, 2)).double())
             B, T = d_proj.shape[:2]
             # Sum over a row's tokens inside the batched matmul: (B, blocks, k_out, k_in).
-            per_row = torch.einsum("rtbo,rtbi->rboi", d_proj.reshape(B, T, blocks, -1),
-                                   x_proj.reshape(B, T, blocks, -1))
+            per_row = torch.einsum(
+                "rtbo,rtbi->rboi", d_proj.reshape(B, T, blocks, -1), x_proj.reshape(B, T, blocks, -1)
+            )
             acc[:, m_idx].index_add_(0, row_slot, per_row.reshape(B, -1))
             if x_held is not None:  # delta_t . (G_V x_t): one more matmul, the cost of the forward
                 gx = x_held.float() @ unit_val_grad.T  # (B, T, d_out)
@@ -169,6 +182,7 @@ def _linear_hook(name: str, m_idx: int, r_in, r_out, acc, dots, batch_slots: Bat
 def _router_hooks(name: str, observe, batch_slots: BatchSlots, unit_val_grad=None):
     """(pre-hook, forward hook) of a router unit: its input made tracked, so the logits and the
     scores made from them are; its per-token logits shown to `observe` (_token_observer)."""
+
     def pre_hook(module, args):
         x = args[0]
         return args if x.requires_grad else (x.detach().requires_grad_(True), *args[1:])
@@ -176,10 +190,15 @@ def _router_hooks(name: str, observe, batch_slots: BatchSlots, unit_val_grad=Non
     def forward_hook(module, inputs, output):
         x = inputs[0].reshape(-1, inputs[0].shape[-1])
         logits = output[0] if isinstance(output, tuple) else None
-        if logits is None or logits.shape != (x.shape[0], module.weight.shape[0]) \
-                or x.shape[0] != batch_slots.current.numel():
-            raise GradselError(f"router {name} ({type(module).__name__}) does not return its "
-                               "per-token logits first", "exclude it with --modules")
+        if (
+            logits is None
+            or logits.shape != (x.shape[0], module.weight.shape[0])
+            or x.shape[0] != batch_slots.current.numel()
+        ):
+            raise GradselError(
+                f"router {name} ({type(module).__name__}) does not return its per-token logits first",
+                "exclude it with --modules",
+            )
         observe(x, logits, batch_slots.current.reshape(-1), val_grad=unit_val_grad)
         return output
 
@@ -189,6 +208,7 @@ def _router_hooks(name: str, observe, batch_slots: BatchSlots, unit_val_grad=Non
 def _expert_observer(observe, signs, unit_val_grad=None):
     """The observer of one hooked weight of a fused-experts unit (_fused_experts_forward): expert
     e's delta is signed by signs[e] (expert_signs) and aligned with its own validation gradient."""
+
     def observer(e, x, y, slots):
         return observe(x, y, slots, sign=float(signs[e]), val_grad=None if unit_val_grad is None else unit_val_grad[e])
 
@@ -196,8 +216,9 @@ def _expert_observer(observe, signs, unit_val_grad=None):
 
 
 @contextmanager
-def _capture(units: Sequence[CaptureUnit], projections, acc, batch_slots: BatchSlots, blocks, signs, val_grad=None,
-             dots=None):
+def _capture(
+    units: Sequence[CaptureUnit], projections, acc, batch_slots: BatchSlots, blocks, signs, val_grad=None, dots=None
+):
     """Hooks that project x_t and delta_t of each unit and add the outer products into
     acc[slot, unit] (n_slots, n_units, k_out * k_in). With a validation gradient per unit, they also add
     <delta_t x_t^T, G_V> into dots[slot]: exactly, delta_t . (G_V x_t), for a (d_out, d_in)
@@ -212,8 +233,9 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, batch_slots: BatchS
         r_in, r_out = projections[m_idx]
         unit_val_grad = None if val_grad is None else val_grad[m_idx]
         if unit.kind == "linear":
-            hook = _linear_hook(unit.name, m_idx, r_in, r_out, acc, dots, batch_slots, blocks,
-                                _unit_val_grad(unit_val_grad))
+            hook = _linear_hook(
+                unit.name, m_idx, r_in, r_out, acc, dots, batch_slots, blocks, _unit_val_grad(unit_val_grad)
+            )
             handles.append(unit.module.register_forward_hook(hook))
             continue
         observe = _token_observer(m_idx, r_in, r_out, acc, dots, blocks)
@@ -233,9 +255,19 @@ def _capture(units: Sequence[CaptureUnit], projections, acc, batch_slots: BatchS
             del module.forward  # back to the class's forward
 
 
-def projected_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
-                       pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None,
-                       val_grad: list | None = None, packing: Packing = Packing()):
+def projected_features(
+    model,
+    groups: Sequence[ProblemRollouts],
+    spec: ProjectorSpec,
+    *,
+    loss_agg: str,
+    pad_id: int,
+    device: str = "cpu",
+    max_tokens: int = 8192,
+    progress=None,
+    val_grad: list | None = None,
+    packing: Packing = Packing(),
+):
     """(n_problems, spec.dim) float32 array of projected gradients; zero rows for zero advantage.
 
     With `val_grad` (per unit, the validation gradient: a (d_out, d_in) tensor or its LowRank
@@ -264,9 +296,18 @@ def projected_features(model, groups: Sequence[ProblemRollouts], spec: Projector
     return (features, dots.cpu().numpy()) if val_grad is not None else features
 
 
-def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec, *, loss_agg: str,
-                  pad_id: int, device: str = "cpu", max_tokens: int = 8192, progress=None,
-                  packing: Packing = Packing()):
+def head_features(
+    model,
+    groups: Sequence[ProblemRollouts],
+    spec: ProjectorSpec,
+    *,
+    loss_agg: str,
+    pad_id: int,
+    device: str = "cpu",
+    max_tokens: int = 8192,
+    progress=None,
+    packing: Packing = Packing(),
+):
     """Output-layer gradient from the forward pass alone: delta_t = w_t (softmax_t - onehot_t)."""
     import torch
 
@@ -283,8 +324,11 @@ def head_features(model, groups: Sequence[ProblemRollouts], spec: ProjectorSpec,
             with output_layer_sees(model, rows, cols, captured):
                 logits = model(**batch.model_inputs(model)).logits[0].float()  # (N, V)
             if "h" not in captured:  # the model computed its logits without calling its output module
-                raise GradselError(f"{type(model).__name__} does not call its output layer as a module, so "
-                                   "--feature head cannot see its input", "use --feature projected")
+                raise GradselError(
+                    f"{type(model).__name__} does not call its output layer as a module, so "
+                    "--feature head cannot see its input",
+                    "use --feature projected",
+                )
             probs = torch.softmax(logits, dim=-1)
             probs[torch.arange(len(rows), device=probs.device), ids[rows, cols + 1]] -= 1
             delta = probs * weights[rows, cols].unsqueeze(-1)  # d(sum w nll)/d logits

@@ -61,8 +61,9 @@ def groups_from_table(table, adv: str) -> list[ProblemRollouts]:
     """Group a rollouts table (schema.ROLLOUTS) by problem, in first-seen order."""
     groups: dict[str, ProblemRollouts] = {}
     cols = table.select(["problem_id", "prompt_token_ids", "response_token_ids", "reward", "answer_class"]).to_pydict()
-    for pid, p, r, rew, answer in zip(cols["problem_id"], cols["prompt_token_ids"], cols["response_token_ids"],
-                                      cols["reward"], cols["answer_class"]):
+    for pid, p, r, rew, answer in zip(
+        cols["problem_id"], cols["prompt_token_ids"], cols["response_token_ids"], cols["reward"], cols["answer_class"]
+    ):
         g = groups.setdefault(pid, ProblemRollouts(pid, [], [], []))
         g.prompt_ids.append(p)
         g.response_ids.append(r)
@@ -74,6 +75,7 @@ def groups_from_table(table, adv: str) -> list[ProblemRollouts]:
 
 
 # -- packing ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PackedSequence:
@@ -121,7 +123,9 @@ class Packing:
 PLAIN = Packing(share_prompts=False)
 
 
-def _distinct_responses(group: ProblemRollouts, weights: Sequence[float]) -> dict[tuple[int, ...], list[tuple[list[int], float]]]:
+def _distinct_responses(
+    group: ProblemRollouts, weights: Sequence[float]
+) -> dict[tuple[int, ...], list[tuple[list[int], float]]]:
     """A problem's responses by prompt, identical ones merged: per prompt, each distinct response
     once with the summed weight of its copies. Copies have identical per-token gradients, so one
     carrying their weight gives the same gradient; where the weights cancel (every response one
@@ -131,9 +135,10 @@ def _distinct_responses(group: ProblemRollouts, weights: Sequence[float]) -> dic
     for p, r, w in zip(group.prompt_ids, group.response_ids, weights):
         if r and w != 0.0:
             merged.setdefault(tuple(p), {}).setdefault(tuple(r), []).append(w)
-    return {prompt: [(list(r), sum(ws)) for r, ws in responses.items()
-                     if abs(sum(ws)) > 1e-12 * sum(abs(w) for w in ws)]
-            for prompt, responses in merged.items()}
+    return {
+        prompt: [(list(r), sum(ws)) for r, ws in responses.items() if abs(sum(ws)) > 1e-12 * sum(abs(w) for w in ws)]
+        for prompt, responses in merged.items()
+    }
 
 
 def _shared_rows(slot: int, group: ProblemRollouts, weights: Sequence[float], max_tokens: int) -> list[SharedPromptRow]:
@@ -162,8 +167,9 @@ def _shared_rows(slot: int, group: ProblemRollouts, weights: Sequence[float], ma
     return rows
 
 
-def pack_batches(groups: Sequence[ProblemRollouts], loss_agg: str, max_tokens: int,
-                 share_prompts: bool = False) -> Iterator[list[PackedSequence] | list[SharedPromptRow]]:
+def pack_batches(
+    groups: Sequence[ProblemRollouts], loss_agg: str, max_tokens: int, share_prompts: bool = False
+) -> Iterator[list[PackedSequence] | list[SharedPromptRow]]:
     """Rows of non-zero-advantage problems, sorted by length, packed under a token budget
     (padded length x count). A row is one sequence (PackedSequence), or with `share_prompts`
     one problem's responses over one copy of its prompt (SharedPromptRow). Deterministic for the
@@ -218,8 +224,12 @@ class PackedBatch:
         sliding window as transformers would apply it to each original sequence)."""
         if self.attend is None:
             return {"input_ids": self.ids, "attention_mask": self.mask, "use_cache": False}
-        return {"input_ids": self.ids, "position_ids": self.positions, "use_cache": False,
-                "attention_mask": _attention_masks(model, self.attend, self.positions)}
+        return {
+            "input_ids": self.ids,
+            "position_ids": self.positions,
+            "use_cache": False,
+            "attention_mask": _attention_masks(model, self.attend, self.positions),
+        }
 
 
 def _attention_masks(model, attend, positions):
@@ -234,8 +244,11 @@ def _attention_masks(model, attend, positions):
     layer_types = set(getattr(config, "layer_types", None) or []) if hasattr(config, "layer_types") else set()
 
     def additive(allowed):
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        return (
+            torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            .masked_fill(~allowed, torch.finfo(dtype).min)
+            .unsqueeze(1)
+        )
 
     def windowed():
         near = positions.unsqueeze(2) - positions.unsqueeze(1) < window
@@ -248,8 +261,9 @@ def _attention_masks(model, attend, positions):
     return additive(windowed() if window is not None else attend)
 
 
-def batch_tensors(batch: Sequence[PackedSequence] | Sequence[SharedPromptRow], pad_id: int, device,
-                   padding_side: str = "right") -> PackedBatch:
+def batch_tensors(
+    batch: Sequence[PackedSequence] | Sequence[SharedPromptRow], pad_id: int, device, padding_side: str = "right"
+) -> PackedBatch:
     """A packed batch's tensors, each row's padding on `padding_side`. Every row's last real
     position predicts nothing (weight 0)."""
     import torch
@@ -265,26 +279,27 @@ def batch_tensors(batch: Sequence[PackedSequence] | Sequence[SharedPromptRow], p
     for b, s in enumerate(batch):
         n = len(s.ids)
         start = 0 if padding_side == "right" else T - n
-        ids[b, start:start + n] = torch.tensor(s.ids)
-        slots[b, start:start + n] = s.slot
+        ids[b, start : start + n] = torch.tensor(s.ids)
+        slots[b, start : start + n] = s.slot
         if not shared:
-            weights[b, start + s.prompt_len - 1:start + n - 1] = s.weight
-            positions[b, start:start + n] = torch.arange(n)
-            segments[b, start:start + n] = 1
+            weights[b, start + s.prompt_len - 1 : start + n - 1] = s.weight
+            positions[b, start : start + n] = torch.arange(n)
+            segments[b, start : start + n] = 1
             continue
         at = start + len(s.shared)
         positions[b, start:at] = torch.arange(len(s.shared))
         segments[b, start:at] = 0
         for i, (tail, w) in enumerate(zip(s.tails, s.weights), start=1):
             m = len(tail)
-            positions[b, at:at + m] = torch.arange(len(s.shared), len(s.shared) + m)
-            segments[b, at:at + m] = i
-            weights[b, at:at + m - 1] = w  # tail[0] (the prompt's last token) predicts the first response token
+            positions[b, at : at + m] = torch.arange(len(s.shared), len(s.shared) + m)
+            segments[b, at : at + m] = i
+            weights[b, at : at + m - 1] = w  # tail[0] (the prompt's last token) predicts the first response token
             at += m
     if not shared:
         if padding_side == "right":
-            return PackedBatch(ids.to(device), weights.to(device), slots.to(device),
-                               mask=(slots >= 0).long().to(device))
+            return PackedBatch(
+                ids.to(device), weights.to(device), slots.to(device), mask=(slots >= 0).long().to(device)
+            )
         # left padding: a 2D mask with padding first would shift the positions; the 4D path
         # states them, so the plain rows go through it as one-segment rows
     real = segments >= 0
@@ -292,8 +307,14 @@ def batch_tensors(batch: Sequence[PackedSequence] | Sequence[SharedPromptRow], p
     causal = positions.unsqueeze(2) >= positions.unsqueeze(1)
     attend = real.unsqueeze(2) & real.unsqueeze(1) & same_part & causal
     attend |= torch.eye(T, dtype=torch.bool).unsqueeze(0)  # padding sees itself: no empty softmax row
-    return PackedBatch(ids.to(device), weights.to(device), slots.to(device), attend=attend.to(device),
-                       positions=positions.to(device), segments=segments.to(device))
+    return PackedBatch(
+        ids.to(device),
+        weights.to(device),
+        slots.to(device),
+        attend=attend.to(device),
+        positions=positions.to(device),
+        segments=segments.to(device),
+    )
 
 
 def weighted_nll(logits, ids, weights):
@@ -314,6 +335,7 @@ def weighted_nll(logits, ids, weights):
 def output_layer_sees(model, rows, cols, captured: dict | None = None):
     """Feed the output layer only the hidden states at (rows, cols): (B, T, d) -> (1, N, d).
     The model's own code after the layer (logit soft-capping, say) still runs."""
+
     def gather(module, args):
         h = args[0][rows, cols].unsqueeze(0)
         if captured is not None:
@@ -378,8 +400,10 @@ def packing_for(model, packing: Packing) -> Packing:
     if first:
         from gradsel.core import console
 
-        console.warn(f"prompts are not shared in the gradient pass: {reason}; each rollout runs its prompt "
-                     "(the vectors are the same, the pass is slower)")
+        console.warn(
+            f"prompts are not shared in the gradient pass: {reason}; each rollout runs its prompt "
+            "(the vectors are the same, the pass is slower)"
+        )
     return replace(packing, share_prompts=False)
 
 
@@ -392,7 +416,9 @@ def _probe_shared_rows(model) -> str | None:
         return f"attention implementation {impl!r} takes no custom 4D mask (eager and sdpa do)"
     kinds = set(getattr(config, "layer_types", None) or []) if hasattr(config, "layer_types") else set()
     if kinds - {"full_attention", "sliding_attention"}:
-        return f"layer kinds {sorted(kinds - {'full_attention', 'sliding_attention'})} need masks gradsel does not build"
+        return (
+            f"layer kinds {sorted(kinds - {'full_attention', 'sliding_attention'})} need masks gradsel does not build"
+        )
     window = getattr(config, "sliding_window", None) or None
     gen = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]

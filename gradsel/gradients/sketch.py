@@ -55,7 +55,7 @@ def module_projections(spec: ProjectorSpec, name: str, d_out: int, d_in: int, de
     """(R_in, R_out) of one module: `blocks` independent sketches side by side. Each block's R_in
     has entry variance 1/k_in; R_out keeps the 1/(blocks k_out) of a (d_out, blocks k_out) matrix,
     so the concatenated feature's inner product is the average of the blocks' estimates."""
-    r_in = projection_matrix(spec.seed, name, "in", d_in, spec.blocks * spec.k_in, spec.kind) * spec.blocks ** 0.5
+    r_in = projection_matrix(spec.seed, name, "in", d_in, spec.blocks * spec.k_in, spec.kind) * spec.blocks**0.5
     r_out = projection_matrix(spec.seed, name, "out", d_out, spec.blocks * spec.k_out, spec.kind)
     return r_in.to(device), r_out.to(device)
 
@@ -77,8 +77,17 @@ def block_outer(d_proj, x_proj, blocks: int):
     return (d_proj.reshape(n, blocks, -1, 1) * x_proj.reshape(n, blocks, 1, -1)).reshape(n, -1)
 
 
-def make_spec(model, *, feature: str, modules: str | None, sketch: tuple[int, int], seed: int,
-              dtype: str, kind: str = "rademacher", blocks: int = 1) -> ProjectorSpec:
+def make_spec(
+    model,
+    *,
+    feature: str,
+    modules: str | None,
+    sketch: tuple[int, int],
+    seed: int,
+    dtype: str,
+    kind: str = "rademacher",
+    blocks: int = 1,
+) -> ProjectorSpec:
     if feature not in FEATURES:
         raise GradselError(f"unknown feature {feature!r}", f"choose one of {', '.join(FEATURES)}")
     if feature == "exact":  # the reference: every parameter (or the --modules units' weights), no projection
@@ -86,9 +95,25 @@ def make_spec(model, *, feature: str, modules: str | None, sketch: tuple[int, in
         if modules:
             params = dict(named)
             named = [(u.parameter_name, params[u.parameter_name]) for u in select_units(model, modules)]
-        return ProjectorSpec(feature=feature, seed=seed, k_out=0, k_in=0, modules=tuple(n for n, _ in named),
-                             dims=tuple((p.numel(), 1) for _, p in named), dtype=dtype, kind="none")
+        return ProjectorSpec(
+            feature=feature,
+            seed=seed,
+            k_out=0,
+            k_in=0,
+            modules=tuple(n for n, _ in named),
+            dims=tuple((p.numel(), 1) for _, p in named),
+            dtype=dtype,
+            kind="none",
+        )
     chosen = select_units(model, modules, feature=feature)
-    return ProjectorSpec(feature=feature, seed=seed, k_out=sketch[0], k_in=sketch[1], blocks=blocks,
-                         modules=tuple(u.name for u in chosen),
-                         dims=tuple((u.n_experts * u.d_out, u.d_in) for u in chosen), dtype=dtype, kind=kind)
+    return ProjectorSpec(
+        feature=feature,
+        seed=seed,
+        k_out=sketch[0],
+        k_in=sketch[1],
+        blocks=blocks,
+        modules=tuple(u.name for u in chosen),
+        dims=tuple((u.n_experts * u.d_out, u.d_in) for u in chosen),
+        dtype=dtype,
+        kind=kind,
+    )

@@ -27,14 +27,29 @@ from gradsel.core import console
 from gradsel.core.choices import ADVANTAGES, ALIGNMENTS, DTYPES, LOSS_AGGS, VAL_AGGS
 from gradsel.core.errors import GradselError
 from gradsel.core.fsutil import atomic_write_json, atomic_write_table
+from gradsel.gradients import (
+    LOW_RANK_MAX_COST,
+    LOW_RANK_RESIDUAL,
+    LOW_RANK_TILE,
+    Packing,
+    ProjectorSpec,
+    exact_parameters,
+    exact_problem_gradient,
+    group_advantages,
+    groups_from_table,
+    head_features,
+    make_spec,
+    packing_for,
+    projected_features,
+    shared_prompt_support,
+    truncate_validation_gradient,
+    validation_gradient,
+    zero_validation_gradient,
+)
 from gradsel.rewards.registry import breaks_contract, judge_consistency, paid_answers
-from gradsel.gradients import (LOW_RANK_MAX_COST, LOW_RANK_RESIDUAL, LOW_RANK_TILE, Packing, ProjectorSpec,
-                               exact_parameters, exact_problem_gradient, group_advantages, groups_from_table,
-                               head_features, make_spec, packing_for, projected_features, shared_prompt_support,
-                               truncate_validation_gradient, validation_gradient, zero_validation_gradient)
-from gradsel.store.vectors import VectorSet
-from gradsel.store.stage import Stage
 from gradsel.store.directory import cost_since, shard_path, stable_key
+from gradsel.store.stage import Stage
+from gradsel.store.vectors import VectorSet
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,9 @@ class ScoreConfig:
     feature: str = "projected"
     sketch: tuple[int, int] = (16, 16)  # (k_out, k_in) per module
     blocks: int = 1  # independent sketches per module
-    modules: str | None = None  # regex over module names; None = every Linear, router and expert stack in the decoder blocks
+    modules: str | None = (
+        None  # regex over module names; None = every Linear, router and expert stack in the decoder blocks
+    )
     adv: str = "grpo"
     loss_agg: str = "seq-mean-token-mean"
     val_agg: str = "batch"
@@ -62,8 +79,12 @@ class ScoreConfig:
     share_prompts: bool = True
 
     def validate(self) -> None:
-        for value, allowed, flag in ((self.adv, ADVANTAGES, "--adv"), (self.loss_agg, LOSS_AGGS, "--loss-agg"),
-                                     (self.val_agg, VAL_AGGS, "--val-agg"), (self.alignment, ALIGNMENTS, "--alignment")):
+        for value, allowed, flag in (
+            (self.adv, ADVANTAGES, "--adv"),
+            (self.loss_agg, LOSS_AGGS, "--loss-agg"),
+            (self.val_agg, VAL_AGGS, "--val-agg"),
+            (self.alignment, ALIGNMENTS, "--alignment"),
+        ):
             if value not in allowed:
                 raise GradselError(f"unknown {flag} {value!r}", f"choose one of {', '.join(allowed)}")
         if self.dtype not in DTYPES:
@@ -74,8 +95,10 @@ class ScoreConfig:
             try:
                 re.compile(self.modules)
             except re.error as exc:
-                raise GradselError(f"--modules {self.modules!r} is not a regular expression ({exc})",
-                                   "for example --modules 'mlp|self_attn'") from exc
+                raise GradselError(
+                    f"--modules {self.modules!r} is not a regular expression ({exc})",
+                    "for example --modules 'mlp|self_attn'",
+                ) from exc
 
 
 def parse_sketch(text: str) -> tuple[int, int]:
@@ -116,9 +139,18 @@ def validation_direction(unit_vectors: np.ndarray, norms: np.ndarray, val_agg: s
     return direction / n
 
 
-def score_stage(store, *, model_path: Path, model_hash: str, train, val,
-                data_sources: dict[str, dict[str, str]], cfg: ScoreConfig, part=None,
-                contracts: dict[str, dict[str, bool]] | None = None):
+def score_stage(
+    store,
+    *,
+    model_path: Path,
+    model_hash: str,
+    train,
+    val,
+    data_sources: dict[str, dict[str, str]],
+    cfg: ScoreConfig,
+    part=None,
+    contracts: dict[str, dict[str, bool]] | None = None,
+):
     """Compute (or resume) features and scores from two rollout stages (rollout.RolloutShards);
     return (scores table (schema.SCORES), projector spec). Feature shard i is made from rollout
     shard i, under its own lock. With `part` (store.Part) only that part's train shards are made,
@@ -132,10 +164,19 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     cfg, device = _settled_config(cfg, part)
     model = load_causal_lm(model_path, dtype=cfg.dtype, device=device)
     pad_id = load_tokenizer(model_path).pad_token_id
-    spec = make_spec(model, feature=cfg.feature, modules=cfg.modules, sketch=cfg.sketch, seed=cfg.seed,
-                     dtype=cfg.dtype, blocks=cfg.blocks)
-    console.debug(f"projector: {cfg.feature}, {len(spec.modules)} modules, vector dim {spec.dim}, device {device}, "
-                  f"{cfg.max_tokens_per_batch} tokens per packed pass")
+    spec = make_spec(
+        model,
+        feature=cfg.feature,
+        modules=cfg.modules,
+        sketch=cfg.sketch,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        blocks=cfg.blocks,
+    )
+    console.debug(
+        f"projector: {cfg.feature}, {len(spec.modules)} modules, vector dim {spec.dim}, device {device}, "
+        f"{cfg.max_tokens_per_batch} tokens per packed pass"
+    )
     stage = _features_stage(store, spec, cfg, model_hash, train, val)
     if stage.complete:
         import pyarrow.parquet as pq
@@ -145,9 +186,16 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
         store.update_manifest(costs=stage.record().get("costs", {}), **_manifest_fields(spec, cfg, stage))
         return pq.read_table(stage.directory / "scores.parquet"), spec
     stage.claim("features")
-    atomic_write_json(stage.directory / "spec.json", {
-        "projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg}, "val_agg": cfg.val_agg,
-        "alignment": cfg.alignment, "vector_dtype": cfg.vector_dtype})
+    atomic_write_json(
+        stage.directory / "spec.json",
+        {
+            "projector": spec.to_dict(),
+            "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg},
+            "val_agg": cfg.val_agg,
+            "alignment": cfg.alignment,
+            "vector_dtype": cfg.vector_dtype,
+        },
+    )
     split = _FeatureSplit(model, spec, cfg, pad_id, device, _packing(store, model, cfg))
     if cfg.feature == "exact":
         aligned = _exact_alignment(split, train, val)
@@ -158,19 +206,40 @@ def score_stage(store, *, model_path: Path, model_hash: str, train, val,
     if aligned is None:  # a part: the scores are the whole run's
         return None, spec
     contracts = contracts or {}
-    rows = _score_rows(train, "train", aligned.norms_train, aligned.cos, aligned.dots, data_sources["train"], cfg.adv,
-                       contracts.get("train", {}))
-    rows += _score_rows(val, "val", aligned.norms_val, aligned.val_cos, aligned.val_dots, data_sources["val"], cfg.adv,
-                        contracts.get("val", {}))
+    rows = _score_rows(
+        train,
+        "train",
+        aligned.norms_train,
+        aligned.cos,
+        aligned.dots,
+        data_sources["train"],
+        cfg.adv,
+        contracts.get("train", {}),
+    )
+    rows += _score_rows(
+        val,
+        "val",
+        aligned.norms_val,
+        aligned.val_cos,
+        aligned.val_dots,
+        data_sources["val"],
+        cfg.adv,
+        contracts.get("val", {}),
+    )
     table = pa.Table.from_pylist(rows, schema=SCORES)
     atomic_write_table(stage.directory / "scores.parquet", table)
     costs = aligned.costs  # stage name -> what it cost (store.stage_cost), recorded in the manifest
     if cfg.feature != "exact":
-        costs |= {f"gradients/{name}": stage.sub(name).cost(shards.n_shards)
-                  for name, shards in (("train", train), ("val", val))}
+        costs |= {
+            f"gradients/{name}": stage.sub(name).cost(shards.n_shards)
+            for name, shards in (("train", train), ("val", val))
+        }
     costs["scores"] = cost_since(aligned.start, bytes=(stage.directory / "scores.parquet").stat().st_size)
-    stage.finish({"train": train.n_problems, "val": val.n_problems, "costs": costs},
-                 manifest=_manifest_fields(spec, cfg, stage), costs=costs)
+    stage.finish(
+        {"train": train.n_problems, "val": val.n_problems, "costs": costs},
+        manifest=_manifest_fields(spec, cfg, stage),
+        costs=costs,
+    )
     return table, spec
 
 
@@ -194,10 +263,17 @@ def _features_stage(store, spec: ProjectorSpec, cfg: ScoreConfig, model_hash: st
     numbers and the rollout stages' keys (each feature shard also records its rollout shard's
     checksum)."""
     method = {k: v for k, v in asdict(cfg).items() if k != "share_prompts"} | {
-        "device": None, "shard_size": None, "max_tokens_per_batch": None}  # numbers unchanged
+        "device": None,
+        "shard_size": None,
+        "max_tokens_per_batch": None,
+    }  # numbers unchanged
     if cfg.alignment == "lowrank":  # the truncation rule sets the scores too
-        method["low_rank"] = {"residual": LOW_RANK_RESIDUAL, "max_cost": LOW_RANK_MAX_COST, "tile": LOW_RANK_TILE,
-                              "ranks": "global"}
+        method["low_rank"] = {
+            "residual": LOW_RANK_RESIDUAL,
+            "max_cost": LOW_RANK_MAX_COST,
+            "tile": LOW_RANK_TILE,
+            "ranks": "global",
+        }
     key = stable_key({"model": model_hash, "spec": spec.to_dict(), "cfg": method, "train": train.key, "val": val.key})
     feature_id = stable_key({"spec": spec.to_dict(), "cfg": method})[:16]
     return Stage.at(store, "features", feature_id, key=key)
@@ -207,6 +283,7 @@ def _features_stage(store, spec: ProjectorSpec, cfg: ScoreConfig, model_hash: st
 class _Alignment:
     """Each candidate's and validation problem's gradient norm, cosine and dot with the validation
     direction; what computing them cost so far, and when the scores' own cost began."""
+
     norms_train: np.ndarray
     cos: np.ndarray
     dots: np.ndarray
@@ -222,12 +299,21 @@ def _exact_alignment(split: _FeatureSplit, train, val) -> _Alignment:
     cfg = split.cfg
     train_groups, val_groups = groups_from_table(train.table(), cfg.adv), groups_from_table(val.table(), cfg.adv)
     start = time.perf_counter()
-    dots, norms_train, norms_val = _exact_scores(split.model, train_groups, val_groups, split.spec, cfg, split.pad_id,
-                                                 split.device, split.packing)
+    dots, norms_train, norms_val = _exact_scores(
+        split.model, train_groups, val_groups, split.spec, cfg, split.pad_id, split.device, split.packing
+    )
     costs = {"gradients": cost_since(start)}
     start = time.perf_counter()  # the scores' own cost starts here, in every alignment
-    return _Alignment(norms_train, _safe_div(dots, norms_train), dots, norms_val, np.zeros(len(val_groups)),
-                      np.zeros(len(val_groups)), costs, start)
+    return _Alignment(
+        norms_train,
+        _safe_div(dots, norms_train),
+        dots,
+        norms_val,
+        np.zeros(len(val_groups)),
+        np.zeros(len(val_groups)),
+        costs,
+        start,
+    )
 
 
 def _hooked_alignment(split: _FeatureSplit, stage: Stage, train, val, part) -> _Alignment | None:
@@ -240,9 +326,17 @@ def _hooked_alignment(split: _FeatureSplit, stage: Stage, train, val, part) -> _
     norms_val, _ = _stored_norms(stage.directory / "val", val.n_shards)
     scales = None if cfg.val_agg == "batch" else [1 / n if n > 0 else 0.0 for n in norms_val]
     start = time.perf_counter()
-    val_grad = validation_gradient(model, val_groups, spec.modules, loss_agg=cfg.loss_agg, pad_id=split.pad_id,
-                                   device=split.device, max_tokens=cfg.max_tokens_per_batch, scales=scales,
-                                   packing=split.packing)
+    val_grad = validation_gradient(
+        model,
+        val_groups,
+        spec.modules,
+        loss_agg=cfg.loss_agg,
+        pad_id=split.pad_id,
+        device=split.device,
+        max_tokens=cfg.max_tokens_per_batch,
+        scales=scales,
+        packing=split.packing,
+    )
     if cfg.alignment == "lowrank":
         val_grad = truncate_validation_gradient(val_grad)
     costs = {"validation-gradient": cost_since(start)}
@@ -251,11 +345,27 @@ def _hooked_alignment(split: _FeatureSplit, stage: Stage, train, val, part) -> _
         return None
     start = time.perf_counter()
     norms_train, dots = _stored_norms(stage.directory / "train", train.n_shards)
-    _, val_dots = projected_features(model, val_groups, spec, loss_agg=cfg.loss_agg, pad_id=split.pad_id,
-                                     device=split.device, max_tokens=cfg.max_tokens_per_batch, val_grad=val_grad,
-                                     packing=split.packing)
-    return _Alignment(norms_train, _safe_div(dots, norms_train), dots, norms_val, _safe_div(val_dots, norms_val),
-                      val_dots, costs, start)
+    _, val_dots = projected_features(
+        model,
+        val_groups,
+        spec,
+        loss_agg=cfg.loss_agg,
+        pad_id=split.pad_id,
+        device=split.device,
+        max_tokens=cfg.max_tokens_per_batch,
+        val_grad=val_grad,
+        packing=split.packing,
+    )
+    return _Alignment(
+        norms_train,
+        _safe_div(dots, norms_train),
+        dots,
+        norms_val,
+        _safe_div(val_dots, norms_val),
+        val_dots,
+        costs,
+        start,
+    )
 
 
 def _sketch_alignment(split: _FeatureSplit, stage: Stage, train, val, part) -> _Alignment | None:
@@ -279,8 +389,13 @@ def _sketch_alignment(split: _FeatureSplit, stage: Stage, train, val, part) -> _
 
 def _manifest_fields(spec: ProjectorSpec, cfg: ScoreConfig, stage: Stage) -> dict:
     """What the manifest says of the store's current features (what `select` and `info` read)."""
-    return {"projector": spec.to_dict(), "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg}, "val_agg": cfg.val_agg,
-            "alignment": cfg.alignment, "features": stage.name}
+    return {
+        "projector": spec.to_dict(),
+        "loss": {"adv": cfg.adv, "loss_agg": cfg.loss_agg},
+        "val_agg": cfg.val_agg,
+        "alignment": cfg.alignment,
+        "features": stage.name,
+    }
 
 
 def _packing(store, model, cfg: ScoreConfig) -> Packing:
@@ -300,8 +415,9 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 class _FeatureSplit:
     """Makes a split's feature shards from its rollout shards, each under its own lock."""
 
-    def __init__(self, model, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int, device: str,
-                 packing: Packing) -> None:
+    def __init__(
+        self, model, spec: ProjectorSpec, cfg: ScoreConfig, pad_id: int, device: str, packing: Packing
+    ) -> None:
         self.model, self.spec, self.cfg, self.pad_id, self.device = model, spec, cfg, pad_id, device
         self.packing = packing
 
@@ -315,8 +431,11 @@ class _FeatureSplit:
             return
         compute = projected_features if spec.feature == "projected" else head_features
         with console.progress() as bar:
-            task = bar.add_task(f"gradients/{label} ({spec.feature}, {spec.k_out}x{spec.k_in})",
-                                total=sum(rollouts.problems_in(i) for i in todo), rate="")
+            task = bar.add_task(
+                f"gradients/{label} ({spec.feature}, {spec.k_out}x{spec.k_in})",
+                total=sum(rollouts.problems_in(i) for i in todo),
+                rate="",
+            )
             start, tokens = time.perf_counter(), 0
 
             def tick(n_seqs: int, n_tokens: int) -> None:
@@ -327,8 +446,18 @@ class _FeatureSplit:
             def make(i: int):
                 groups = groups_from_table(rollouts.shard(i), cfg.adv)
                 kwargs = {"val_grad": val_grad} if val_grad is not None else {}
-                out = compute(self.model, groups, spec, loss_agg=cfg.loss_agg, pad_id=self.pad_id, device=self.device,
-                              max_tokens=cfg.max_tokens_per_batch, progress=tick, packing=self.packing, **kwargs)
+                out = compute(
+                    self.model,
+                    groups,
+                    spec,
+                    loss_agg=cfg.loss_agg,
+                    pad_id=self.pad_id,
+                    device=self.device,
+                    max_tokens=cfg.max_tokens_per_batch,
+                    progress=tick,
+                    packing=self.packing,
+                    **kwargs,
+                )
                 return self._table(groups, *(out if val_grad is not None else (out, None)))
 
             for i, _ in shards.make(todo, make, source=rollouts.checksum, tokens=lambda: tokens):
@@ -348,8 +477,10 @@ def _stored_norms(directory: Path, n_shards: int) -> tuple[np.ndarray, np.ndarra
     import pyarrow.parquet as pq
 
     tables = [pq.read_table(shard_path(directory, i), columns=["norm", "target_dot"]) for i in range(n_shards)]
-    return (np.concatenate([t.column("norm").to_numpy() for t in tables]),
-            np.concatenate([t.column("target_dot").to_numpy(zero_copy_only=False) for t in tables]))
+    return (
+        np.concatenate([t.column("norm").to_numpy() for t in tables]),
+        np.concatenate([t.column("target_dot").to_numpy(zero_copy_only=False) for t in tables]),
+    )
 
 
 def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device, packing):
@@ -360,8 +491,9 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device, pa
     with console.progress() as bar:
         task = bar.add_task("exact gradients", total=len(val_groups) + len(train_groups), rate="")
         for g in val_groups:
-            grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device,
-                                          packing=packing).double()
+            grad = exact_problem_gradient(
+                model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device, packing=packing
+            ).double()
             n = float(grad.norm())
             val_norms.append(n)
             contrib = grad if cfg.val_agg == "batch" else (grad / n if n > 0 else grad)
@@ -372,8 +504,9 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device, pa
         val_grad = val_grad / val_grad.norm()
         dots, norms = [], []
         for g in train_groups:
-            grad = exact_problem_gradient(model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device,
-                                          packing=packing).double()
+            grad = exact_problem_gradient(
+                model, g, params, loss_agg=cfg.loss_agg, pad_id=pad_id, device=device, packing=packing
+            ).double()
             dots.append(float(grad @ val_grad))
             norms.append(float(grad.norm()))
             bar.advance(task)
@@ -381,8 +514,9 @@ def _exact_scores(model, train_groups, val_groups, spec, cfg, pad_id, device, pa
     return np.array(dots), np.array(norms), np.array(val_norms)
 
 
-def _score_rows(rollouts, split: str, norms, cos, dots, data_sources: dict[str, str], adv: str,
-                contracts: dict[str, bool]) -> list[dict]:
+def _score_rows(
+    rollouts, split: str, norms, cos, dots, data_sources: dict[str, str], adv: str, contracts: dict[str, bool]
+) -> list[dict]:
     """One SCORES row per problem of a rollout stage (problem order), reading only its rewards
     and answer classes; `contracts`: problem id -> whether its judge promises one paid answer."""
     per_problem: dict[str, tuple[list[float], list]] = {}
@@ -396,13 +530,22 @@ def _score_rows(rollouts, split: str, norms, cos, dots, data_sources: dict[str, 
     for (pid, (rewards, answers)), n, c, d in zip(per_problem.items(), norms, cos, dots):
         r = np.asarray(rewards, dtype=np.float64)
         zero_advantage = all(a == 0.0 for a in group_advantages(rewards, adv))
-        rows.append({
-            "problem_id": pid, "split": split, "data_source": data_sources.get(pid, ""),
-            "n_rollouts": len(r), "pass_rate": float((r > 0).mean()), "reward_mean": float(r.mean()),
-            "reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0, "zero_advantage": zero_advantage,
-            "grad_norm": float(n), "score_cos": float(c) if n > 0 else 0.0, "score_dot": float(d) if n > 0 else 0.0,
-            "judge_consistency": judge_consistency(answers, rewards),
-            "paid_answers": paid_answers(answers, rewards),
-            "breaks_contract": breaks_contract(contracts.get(pid, False), answers, rewards),
-        })
+        rows.append(
+            {
+                "problem_id": pid,
+                "split": split,
+                "data_source": data_sources.get(pid, ""),
+                "n_rollouts": len(r),
+                "pass_rate": float((r > 0).mean()),
+                "reward_mean": float(r.mean()),
+                "reward_std": float(r.std(ddof=1)) if len(r) > 1 else 0.0,
+                "zero_advantage": zero_advantage,
+                "grad_norm": float(n),
+                "score_cos": float(c) if n > 0 else 0.0,
+                "score_dot": float(d) if n > 0 else 0.0,
+                "judge_consistency": judge_consistency(answers, rewards),
+                "paid_answers": paid_answers(answers, rewards),
+                "breaks_contract": breaks_contract(contracts.get(pid, False), answers, rewards),
+            }
+        )
     return rows

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from gradsel.core.errors import GradselError
 
-
 # -- capture units --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CaptureUnit:
@@ -101,11 +101,14 @@ def select_units(model, pattern: str | None = None, *, feature: str = "projected
             f"unsupported module type for gradient capture: {', '.join(refused[:3])}"
             + (f" and {len(refused) - 3} more" if len(refused) > 3 else ""),
             "gradsel captures nn.Linear layers, MoE routers and transformers' fused experts; "
-            r"narrow --modules to those, e.g. --modules '\.layers\.\d+\.self_attn\.'")
+            r"narrow --modules to those, e.g. --modules '\.layers\.\d+\.self_attn\.'",
+        )
     if not chosen:
-        raise GradselError(f"no Linear, router or expert weight matches {regex.pattern!r}",
-                          "check --modules against model.named_modules(); an expert weight is named "
-                          "<experts module>.gate_up_proj (or .up_proj) and .down_proj")
+        raise GradselError(
+            f"no Linear, router or expert weight matches {regex.pattern!r}",
+            "check --modules against model.named_modules(); an expert weight is named "
+            "<experts module>.gate_up_proj (or .up_proj) and .down_proj",
+        )
     return chosen
 
 
@@ -117,7 +120,9 @@ def resolve_units(model, names: Sequence[str]) -> list[CaptureUnit]:
             found[u.name] = u
     missing = [n for n in names if n not in found]
     if missing:
-        raise GradselError(f"the model has no capturable module {missing[0]!r}", "score with the model the store was made with")
+        raise GradselError(
+            f"the model has no capturable module {missing[0]!r}", "score with the model the store was made with"
+        )
     return [found[n] for n in names]
 
 

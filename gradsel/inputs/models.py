@@ -19,8 +19,7 @@ def resolve_model_path(model: str | Path) -> Path:
     if not path.is_dir():
         raise GradselError(
             f"model {str(model)!r} is not a directory",
-            "pass a local Hugging Face model directory or the alias 'tiny-arith' "
-            "(gradsel never downloads from a hub)",
+            "pass a local Hugging Face model directory or the alias 'tiny-arith' (gradsel never downloads from a hub)",
         )
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise GradselError(
@@ -60,8 +59,10 @@ def load_tokenizer(model: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise GradselError(f"cannot load a tokenizer from {path}: {exc}".splitlines()[0],
-                           "the model directory needs tokenizer files (tokenizer.json or similar)") from exc
+        raise GradselError(
+            f"cannot load a tokenizer from {path}: {exc}".splitlines()[0],
+            "the model directory needs tokenizer files (tokenizer.json or similar)",
+        ) from exc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -83,8 +84,10 @@ def load_causal_lm(model: str | Path, *, dtype: str = "float32", device: str = "
         else:
             lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        raise GradselError(f"cannot load model weights from {path}: {exc}".splitlines()[0],
-                           "check that the directory holds a complete transformers checkpoint") from exc
+        raise GradselError(
+            f"cannot load model weights from {path}: {exc}".splitlines()[0],
+            "check that the directory holds a complete transformers checkpoint",
+        ) from exc
     return lm.to(device).eval()
 
 
@@ -118,8 +121,10 @@ def load_peft_merged(adapter_dir: Path, torch_dtype):
         raise GradselError("loading a LoRA adapter needs the 'peft' package", "pip install peft") from exc
     base = adapter_base(adapter_dir)
     if base is None:
-        raise GradselError(f"{adapter_dir / 'adapter_config.json'} names no base_model_name_or_path",
-                           "set it to the local directory of the base model")
+        raise GradselError(
+            f"{adapter_dir / 'adapter_config.json'} names no base_model_name_or_path",
+            "set it to the local directory of the base model",
+        )
     base_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch_dtype)
     return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
 

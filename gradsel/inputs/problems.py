@@ -19,7 +19,6 @@ from gradsel.core.errors import GradselError
 from gradsel.core.fsutil import file_sha256
 
 
-
 @dataclass(frozen=True)
 class Problem:
     problem_id: str
@@ -56,8 +55,11 @@ def _read_parquet_rows(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise _file_error(path, f"not a readable Parquet file ({str(exc).splitlines()[0]})",
-                          "check the file is complete Parquet; use a .jsonl extension for JSON lines") from exc
+        raise _file_error(
+            path,
+            f"not a readable Parquet file ({str(exc).splitlines()[0]})",
+            "check the file is complete Parquet; use a .jsonl extension for JSON lines",
+        ) from exc
 
 
 def jsonl_lines(data: bytes) -> list[bytes]:
@@ -105,18 +107,21 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _file_error(path, f"line is not valid UTF-8 (byte {exc.start})",
-                              "re-encode the file as UTF-8", lineno) from exc
+            raise _file_error(
+                path, f"line is not valid UTF-8 (byte {exc.start})", "re-encode the file as UTF-8", lineno
+            ) from exc
         if not text.strip():
             continue
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise _file_error(path, f"invalid JSON ({exc.msg}, column {exc.colno})",
-                              "each line must hold one JSON object", lineno) from exc
+            raise _file_error(
+                path, f"invalid JSON ({exc.msg}, column {exc.colno})", "each line must hold one JSON object", lineno
+            ) from exc
         if not isinstance(row, dict):
-            raise _file_error(path, f"expected a JSON object, got {type(row).__name__}",
-                              "each line must hold one JSON object", lineno)
+            raise _file_error(
+                path, f"expected a JSON object, got {type(row).__name__}", "each line must hold one JSON object", lineno
+            )
         rows.append((index, row))
     return rows
 
@@ -128,8 +133,7 @@ def _check_prompt(value: Any) -> list[dict[str, str]] | str | None:
     if isinstance(value, (list, tuple)) and value:
         msgs = []
         for m in value:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 return None
             msgs.append({"role": m["role"], "content": m["content"]})
         return msgs if any(m["content"].strip() for m in msgs) else None
@@ -148,8 +152,9 @@ def _answer_text(value: Any) -> str | None:
     return None
 
 
-def problem_from_row(row: dict, source_row: int, *, prompt_key: str | None = None,
-                     answer_key: str | None = None) -> Problem:
+def problem_from_row(
+    row: dict, source_row: int, *, prompt_key: str | None = None, answer_key: str | None = None
+) -> Problem:
     """Map one verl, OpenRLHF or TRL row to a Problem; raise ValueError with what is wrong."""
     keys = [prompt_key] if prompt_key else ["prompt", "input"]
     key = next((k for k in keys if k in row), None)
@@ -163,8 +168,9 @@ def problem_from_row(row: dict, source_row: int, *, prompt_key: str | None = Non
     field = answer_field(row, answer_key)
     answer = _answer_text(_lookup(row, field) if field else None)
     if answer is None:
-        raise ValueError("no usable reference answer (reward_model.ground_truth, label or answer; "
-                         "a string or a number)")
+        raise ValueError(
+            "no usable reference answer (reward_model.ground_truth, label or answer; a string or a number)"
+        )
 
     extra_info = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
     data_source = row.get("data_source") if isinstance(row.get("data_source"), str) else ""
@@ -178,7 +184,10 @@ def problem_from_row(row: dict, source_row: int, *, prompt_key: str | None = Non
         problem_id = "h" + digest[:16]
     style = reward_model.get("style")
     return Problem(
-        problem_id=problem_id, source_row=source_row, prompt=prompt, ground_truth=answer,
+        problem_id=problem_id,
+        source_row=source_row,
+        prompt=prompt,
+        ground_truth=answer,
         data_source=data_source,
         reward_style=style if isinstance(style, str) else "",
         extra_info=extra_info,
@@ -205,13 +214,14 @@ def _lookup(row: dict, dotted: str) -> Any:
     return value
 
 
-def read_problems(path: str | Path, *, prompt_key: str | None = None,
-                  answer_key: str | None = None) -> ProblemSet:
+def read_problems(path: str | Path, *, prompt_key: str | None = None, answer_key: str | None = None) -> ProblemSet:
     """Read a problem file (.parquet, or .jsonl/.json lines) into validated Problems."""
     path = Path(path)
     if not path.is_file():
-        raise GradselError(f"problem file {path} does not exist",
-                           "make one with `gradsel demo-data` or pass a verl Parquet / JSONL file")
+        raise GradselError(
+            f"problem file {path} does not exist",
+            "make one with `gradsel demo-data` or pass a verl Parquet / JSONL file",
+        )
     fmt = "jsonl" if is_jsonl(path) else "parquet"
     rows = _read_jsonl_rows(path) if fmt == "jsonl" else list(enumerate(_read_parquet_rows(path)))
     if not rows:
@@ -226,17 +236,22 @@ def read_problems(path: str | Path, *, prompt_key: str | None = None,
             bad.setdefault(str(exc), []).append(i + 1)
             continue
         if p.problem_id in seen:
-            raise _file_error(path, f"duplicate problem id {p.problem_id!r} ({label}s {seen[p.problem_id] + 1} and {i + 1})",
-                              "make extra_info.index unique within each data_source, or drop it to use content hashes")
+            raise _file_error(
+                path,
+                f"duplicate problem id {p.problem_id!r} ({label}s {seen[p.problem_id] + 1} and {i + 1})",
+                "make extra_info.index unique within each data_source, or drop it to use content hashes",
+            )
         seen[p.problem_id] = i
         problems.append(p)
     if bad:
         message, lines = next(iter(bad.items()))
         shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
-        raise _file_error(path, f"{label}{'s' if len(lines) > 1 else ''} {shown}: {message}",
-                          "fix those rows, or point --prompt-key/--answer-key at the right columns")
-    return ProblemSet(path=path.resolve(), format=fmt, problems=problems,
-                      content_hash=file_sha256(path))
+        raise _file_error(
+            path,
+            f"{label}{'s' if len(lines) > 1 else ''} {shown}: {message}",
+            "fix those rows, or point --prompt-key/--answer-key at the right columns",
+        )
+    return ProblemSet(path=path.resolve(), format=fmt, problems=problems, content_hash=file_sha256(path))
 
 
 def _check_columns(path: Path, first_row: dict, prompt_key: str | None, answer_key: str | None) -> None:
@@ -244,11 +259,17 @@ def _check_columns(path: Path, first_row: dict, prompt_key: str | None, answer_k
     found = ", ".join(sorted(first_row)) or "none"
     prompt_keys = [prompt_key] if prompt_key else ["prompt", "input"]
     if not any(k in first_row for k in prompt_keys):
-        raise _file_error(path, f"missing prompt column {' or '.join(map(repr, prompt_keys))} (columns found: {found})",
-                          "name the prompt column with --prompt-key")
+        raise _file_error(
+            path,
+            f"missing prompt column {' or '.join(map(repr, prompt_keys))} (columns found: {found})",
+            "name the prompt column with --prompt-key",
+        )
     if answer_key and _lookup(first_row, answer_key) is None and answer_key.split(".")[0] not in first_row:
-        raise _file_error(path, f"missing answer column {answer_key!r} (columns found: {found})",
-                          "name the answer column with --answer-key; dots reach into structs")
+        raise _file_error(
+            path,
+            f"missing answer column {answer_key!r} (columns found: {found})",
+            "name the answer column with --answer-key; dots reach into structs",
+        )
 
 
 def write_verl_parquet(rows: list[dict], path: Path) -> None:

@@ -43,11 +43,16 @@ class Snapshot:
 
 def _hashed_files(directory: Path) -> list[Path]:
     """Weight files plus the JSON files that change what the weights compute."""
-    files = [p for p in directory.iterdir() if p.is_file() and
-             (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".json") or p.name.endswith(".model"))]
+    files = [
+        p
+        for p in directory.iterdir()
+        if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".json") or p.name.endswith(".model"))
+    ]
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        raise GradselError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {directory}",
-                           "point --model at a saved checkpoint directory")
+        raise GradselError(
+            f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {directory}",
+            "point --model at a saved checkpoint directory",
+        )
     return sorted(files, key=lambda p: p.name)
 
 
@@ -68,8 +73,10 @@ def check_safetensors(directory: Path) -> None:
                 except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                     ok = False
         if not ok:
-            raise GradselError(f"{path} is incomplete or damaged ({size} bytes; its header does not match)",
-                               "if the trainer is still saving this checkpoint, wait for it to finish, then rerun")
+            raise GradselError(
+                f"{path} is incomplete or damaged ({size} bytes; its header does not match)",
+                "if the trainer is still saving this checkpoint, wait for it to finish, then rerun",
+            )
 
 
 def content_hash(directory: Path, *, mode: str = "sha256") -> tuple[str, list[dict]]:
@@ -101,8 +108,9 @@ def take_snapshot(model: str | Path, *, mode: str = "sha256", copy_into: Path | 
     if adapter_config.is_file():
         base_name = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base_name:
-            raise GradselError(f"{adapter_config} names no base_model_name_or_path",
-                               "set it to the local directory of the base model")
+            raise GradselError(
+                f"{adapter_config} names no base_model_name_or_path", "set it to the local directory of the base model"
+            )
         base = take_snapshot(base_name, mode=mode, copy_into=copy_into)
         config = json.loads(adapter_config.read_text())
     else:
@@ -166,7 +174,8 @@ def snapshot_into_store(store, model: str | Path, *, mode: str = "sha256", copy:
             raise GradselError(
                 f"store {store.root} was made with checkpoint {recorded['source_path']} "
                 f"({recorded['content_hash'][:19]}), not this one ({snap.content_hash[:19]})",
-                "use a new --store for another checkpoint (rounds come with `gradsel refresh`)")
+                "use a new --store for another checkpoint (rounds come with `gradsel refresh`)",
+            )
         if not copy and Path(recorded["path"]).is_dir():
             return Snapshot.from_dict(recorded)  # keep pointing at a frozen copy made earlier
     store.update_manifest(snapshot=snap.to_dict())

@@ -32,24 +32,32 @@ def recorded_selection(store_dir: str | Path, round_index: int | None = None) ->
     store = existing_store(store_dir)
     manifest = store.read_manifest()
     if not manifest.get("rounds_store"):
-        raise GradselError(f"{store_dir} is a store without rounds: `gradsel select` records no selection in it",
-                           "create the store with `gradsel score --chunk-size M ...`, or hand the file that "
-                           "`gradsel select --out FILE` wrote to the trainer yourself")
+        raise GradselError(
+            f"{store_dir} is a store without rounds: `gradsel select` records no selection in it",
+            "create the store with `gradsel score --chunk-size M ...`, or hand the file that "
+            "`gradsel select --out FILE` wrote to the trainer yourself",
+        )
     complete = [r for r in manifest["rounds"] if "checkpoint" in r]
     if round_index is None:
         if not complete:
-            raise GradselError(f"{store_dir} has no complete round yet",
-                               "let `gradsel score --chunk-size M` (or the running `refresh`) finish first")
+            raise GradselError(
+                f"{store_dir} has no complete round yet",
+                "let `gradsel score --chunk-size M` (or the running `refresh`) finish first",
+            )
         entry = complete[-1]
     else:
         entry = next((r for r in complete if r["round"] == round_index), None)
         if entry is None:
-            raise GradselError(f"{store_dir} has no complete round {round_index}",
-                               f"complete rounds: {', '.join(str(r['round']) for r in complete) or 'none'}")
+            raise GradselError(
+                f"{store_dir} has no complete round {round_index}",
+                f"complete rounds: {', '.join(str(r['round']) for r in complete) or 'none'}",
+            )
     ids = round_selection(Path(store_dir), entry)
     if ids is None:
-        raise GradselError(f"round {entry['round']} of {store_dir} has no selection yet",
-                           f"run `gradsel select --store {store_dir} --top-k K --out FILE` first")
+        raise GradselError(
+            f"round {entry['round']} of {store_dir} has no selection yet",
+            f"run `gradsel select --store {store_dir} --top-k K --out FILE` first",
+        )
     if not ids:
         raise GradselError(f"round {entry['round']}'s selection is empty", "select at least one problem")
     return RecordedSelection(entry["round"], list(ids), round_dir(Path(store_dir), entry["round"]) / "selection.json")

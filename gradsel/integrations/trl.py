@@ -50,16 +50,27 @@ class SelectionSampler(Sampler[int]):
     """RepeatSampler's layout over the selected rows only; `set_selection` swaps them at the next
     generation batch."""
 
-    def __init__(self, positions: Sequence[int], *, prompts_per_epoch: int | None = None, mini_repeat_count: int,
-                 batch_size: int = 1, repeat_count: int = 1, shuffle: bool = True, seed: int = 0,
-                 weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        positions: Sequence[int],
+        *,
+        prompts_per_epoch: int | None = None,
+        mini_repeat_count: int,
+        batch_size: int = 1,
+        repeat_count: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        weights: Sequence[float] | None = None,
+    ) -> None:
         self.mini_repeat_count, self.batch_size, self.repeat_count = mini_repeat_count, batch_size, repeat_count
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         size = prompts_per_epoch if prompts_per_epoch is not None else len(positions)
         self.batches_per_epoch = size // batch_size
         if self.batches_per_epoch < 1:
-            raise GradselError(f"an epoch of {size} prompts holds no whole generation batch of {batch_size} prompts",
-                               "select more problems, or lower the generation batch size")
+            raise GradselError(
+                f"an epoch of {size} prompts holds no whole generation batch of {batch_size} prompts",
+                "select more problems, or lower the generation batch size",
+            )
         self.set_selection(positions, weights)
 
     def set_selection(self, positions: Sequence[int], weights: Sequence[float] | None = None) -> None:
@@ -67,8 +78,10 @@ class SelectionSampler(Sampler[int]):
         if not positions:
             raise GradselError("the selection is empty", "select at least one problem")
         if weights is not None and (len(weights) != len(positions) or min(weights) < 0 or sum(weights) <= 0):
-            raise GradselError("weights must be one non-negative number per selected row, not all zero",
-                               "pass weighting='rank', or no weights")
+            raise GradselError(
+                "weights must be one non-negative number per selected row, not all zero",
+                "pass weighting='rank', or no weights",
+            )
         self.positions = [int(p) for p in positions]
         self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
         self._changed = True
@@ -80,14 +93,21 @@ class SelectionSampler(Sampler[int]):
         """Prompts from generation batch `start_batch` of this epoch on, for the current selection."""
         n = len(self.positions)
         if self.weights is not None:
-            draws = torch.multinomial(self.weights, self.batches_per_epoch * self.batch_size, replacement=True,
-                                      generator=_generator(self.seed, self.epoch, start_batch, "weighted"))
+            draws = torch.multinomial(
+                self.weights,
+                self.batches_per_epoch * self.batch_size,
+                replacement=True,
+                generator=_generator(self.seed, self.epoch, start_batch, "weighted"),
+            )
             yield from (self.positions[i] for i in draws.tolist())
             return
         cycle = 0
         while True:  # a selection smaller than the epoch is cycled through, each pass in a fresh order
-            order = (torch.randperm(n, generator=_generator(self.seed, self.epoch, start_batch, cycle)).tolist()
-                     if self.shuffle else range(n))
+            order = (
+                torch.randperm(n, generator=_generator(self.seed, self.epoch, start_batch, cycle)).tolist()
+                if self.shuffle
+                else range(n)
+            )
             yield from (self.positions[i] for i in order)
             cycle += 1
 
@@ -115,8 +135,10 @@ def dataset_problem_ids(dataset, *, prompt_key: str | None = None, answer_key: s
         try:
             ids.append(problem_from_row(row, i, prompt_key=prompt_key, answer_key=answer_key).problem_id)
         except ValueError as exc:
-            raise GradselError(f"row {i} of the trainer's dataset: {exc}",
-                               "pass the pool file the store was scored from as train_dataset") from exc
+            raise GradselError(
+                f"row {i} of the trainer's dataset: {exc}",
+                "pass the pool file the store was scored from as train_dataset",
+            ) from exc
     return ids
 
 
@@ -135,8 +157,14 @@ class FollowSelection(TrainerCallback):
     `gradsel refresh --store S --model OUTPUT_DIR/gradsel-step-N ...` itself (on the main process;
     the others wait), so the next round is scored with the checkpoint being trained."""
 
-    def __init__(self, store: str | Path, *, every_n_steps: int | None = None, weighting: str = "uniform",
-                 refresh: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        store: str | Path,
+        *,
+        every_n_steps: int | None = None,
+        weighting: str = "uniform",
+        refresh: Sequence[str] | None = None,
+    ) -> None:
         if weighting not in ("uniform", "rank"):
             raise GradselError(f"unknown weighting {weighting!r}", "use 'uniform' or 'rank'")
         if every_n_steps is not None and every_n_steps < 1:
@@ -154,9 +182,11 @@ class FollowSelection(TrainerCallback):
     def positions(self, selection: RecordedSelection) -> tuple[list[int], list[float] | None]:
         missing = [pid for pid in selection.problem_ids if pid not in self.position_of]
         if missing:
-            raise GradselError(f"{len(missing)} problems of round {selection.round}'s selection are not in the "
-                               f"trainer's dataset (first: {missing[0]})",
-                               "pass the whole pool the store was scored from as train_dataset")
+            raise GradselError(
+                f"{len(missing)} problems of round {selection.round}'s selection are not in the "
+                f"trainer's dataset (first: {missing[0]})",
+                "pass the whole pool the store was scored from as train_dataset",
+            )
         positions = [self.position_of[pid] for pid in selection.problem_ids]
         return positions, rank_weights(len(positions)) if self.weighting == "rank" else None
 
@@ -168,12 +198,28 @@ class FollowSelection(TrainerCallback):
         checkpoint = Path(self.trainer.args.output_dir) / f"gradsel-step-{global_step}"
         self.trainer.save_model(str(checkpoint))  # every rank: FSDP and DeepSpeed gather the weights here
         if self.trainer.is_world_process_zero():
-            proc = subprocess.run([sys.executable, "-m", "gradsel.cli", "-q", "refresh", "--store", str(self.store),
-                                   "--model", str(checkpoint), *self.refresh], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "gradsel.cli",
+                    "-q",
+                    "refresh",
+                    "--store",
+                    str(self.store),
+                    "--model",
+                    str(checkpoint),
+                    *self.refresh,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 lines = proc.stderr.strip().splitlines()
-                console.warn(f"gradsel refresh on {checkpoint} failed (exit {proc.returncode}): "
-                             + next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else ""))
+                console.warn(
+                    f"gradsel refresh on {checkpoint} failed (exit {proc.returncode}): "
+                    + next((ln for ln in lines if ln.startswith("error:")), lines[-1] if lines else "")
+                )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
 
@@ -194,8 +240,10 @@ class FollowSelection(TrainerCallback):
             return False
         self.current = latest
         self.history.append((global_step, latest.round))
-        console.info(f"gradsel: step {global_step}: drawing round {latest.round}'s selection "
-                     f"({len(latest.problem_ids)} problems)")
+        console.info(
+            f"gradsel: step {global_step}: drawing round {latest.round}'s selection "
+            f"({len(latest.problem_ids)} problems)"
+        )
         return True
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -246,11 +294,24 @@ def make_trainer_class(base=None):
         problem_ids: the dataset rows' gradsel ids, if the rows no longer carry the columns they
         were scored from."""
 
-        def __init__(self, *args, store: str | Path, selection_round: int | None = None, follow="epoch",
-                     weighting: str = "uniform", refresh: Sequence[str] | None = None,
-                     prompts_per_epoch: int | None = None, problem_ids: list[str] | None = None, **kwargs):
-            self.gradsel = FollowSelection(store, every_n_steps=None if follow in ("epoch", None) else int(follow),
-                                           weighting=weighting, refresh=refresh)
+        def __init__(
+            self,
+            *args,
+            store: str | Path,
+            selection_round: int | None = None,
+            follow="epoch",
+            weighting: str = "uniform",
+            refresh: Sequence[str] | None = None,
+            prompts_per_epoch: int | None = None,
+            problem_ids: list[str] | None = None,
+            **kwargs,
+        ):
+            self.gradsel = FollowSelection(
+                store,
+                every_n_steps=None if follow in ("epoch", None) else int(follow),
+                weighting=weighting,
+                refresh=refresh,
+            )
             self.gradsel_follow = follow is not None
             self.gradsel.current = recorded_selection(store, selection_round)
             self.gradsel_prompts_per_epoch = prompts_per_epoch
@@ -266,11 +327,15 @@ def make_trainer_class(base=None):
             positions, weights = self.gradsel.positions(self.gradsel.current)
             batch = self.args.generation_batch_size // self.num_generations
             sampler = SelectionSampler(
-                positions, weights=weights,
+                positions,
+                weights=weights,
                 prompts_per_epoch=self.gradsel_prompts_per_epoch or len(positions) // batch * batch,
-                mini_repeat_count=self.num_generations, batch_size=batch,
+                mini_repeat_count=self.num_generations,
+                batch_size=batch,
                 repeat_count=self.num_iterations * self.args.steps_per_generation,
-                shuffle=self.shuffle_dataset, seed=self.args.seed)
+                shuffle=self.shuffle_dataset,
+                seed=self.args.seed,
+            )
             self.gradsel.sampler = sampler
             return sampler
 

@@ -49,74 +49,118 @@ class Handoff:
 def latest_checkpoint(checkpoints: Path) -> tuple[Path, int]:
     """The checkpoint `trainer.resume_mode=auto` resumes, found as verl finds it."""
     if not checkpoints.is_dir():
-        raise GradselError(f"--checkpoints {checkpoints} is not a directory",
-                           "pass the trainer.default_local_dir of the verl run to resume")
+        raise GradselError(
+            f"--checkpoints {checkpoints} is not a directory",
+            "pass the trainer.default_local_dir of the verl run to resume",
+        )
     tracker = checkpoints / TRACKER
     if not tracker.is_file():
         found = sorted(p.name for p in checkpoints.glob("global_step_*"))
-        raise GradselError(f"{checkpoints} has no {TRACKER}: verl's resume_mode=auto would start from scratch"
-                           + (f" (it holds {', '.join(found[-3:])})" if found else ""),
-                           "pass the trainer.default_local_dir of a verl run that saved a checkpoint "
-                           "(trainer.save_freq); an async_save run writes no tracker")
+        raise GradselError(
+            f"{checkpoints} has no {TRACKER}: verl's resume_mode=auto would start from scratch"
+            + (f" (it holds {', '.join(found[-3:])})" if found else ""),
+            "pass the trainer.default_local_dir of a verl run that saved a checkpoint "
+            "(trainer.save_freq); an async_save run writes no tracker",
+        )
     text = tracker.read_text().strip()
     if not text.isdigit():
-        raise GradselError(f"{tracker} holds {text[:40]!r}, not a step number", "verl writes the step of the latest checkpoint there")
+        raise GradselError(
+            f"{tracker} holds {text[:40]!r}, not a step number", "verl writes the step of the latest checkpoint there"
+        )
     step = int(text)
     folder = checkpoints / f"global_step_{step}"
     if not folder.is_dir():
-        raise GradselError(f"{tracker} names step {step}, but {folder.name} is missing",
-                           "verl would start from scratch: restore the checkpoint or the tracker")
+        raise GradselError(
+            f"{tracker} names step {step}, but {folder.name} is missing",
+            "verl would start from scratch: restore the checkpoint or the tracker",
+        )
     return folder, step
 
 
-def prepare_relaunch(store: Path, checkpoints: Path, out: Path | None, *, train_batch_size: int, epochs: int = 1,
-                     force: bool = False) -> Handoff:
+def prepare_relaunch(
+    store: Path, checkpoints: Path, out: Path | None, *, train_batch_size: int, epochs: int = 1, force: bool = False
+) -> Handoff:
     """Write the latest round's selection as verl Parquet, move the checkpoint's stale dataloader
     state aside, and return the launcher's overrides. Everything is checked before anything is
     written; the Parquet is written before the state moves."""
     from gradsel.pipeline.rounds import round_dir
     from gradsel.selection.formats import check_out_path, write_selection
-    from gradsel.selection.select import Selection, SelectConfig
+    from gradsel.selection.select import SelectConfig, Selection
     from gradsel.store.directory import Store
 
     if train_batch_size < 1 or epochs < 1:
-        raise GradselError("--train-batch-size and --epochs must be at least 1", "for example --train-batch-size 256 --epochs 1")
+        raise GradselError(
+            "--train-batch-size and --epochs must be at least 1", "for example --train-batch-size 256 --epochs 1"
+        )
     selection = recorded_selection(store)
     folder, step = latest_checkpoint(Path(checkpoints))
     rows = len(selection.problem_ids)
     steps_per_epoch = rows // train_batch_size
     if steps_per_epoch == 0:
-        raise GradselError(f"round {selection.round}'s selection has {rows} problems, fewer than one batch of "
-                           f"{train_batch_size}: verl drops an incomplete batch and would train on none",
-                           "select more problems (--top-k), or pass the smaller data.train_batch_size you launch with")
+        raise GradselError(
+            f"round {selection.round}'s selection has {rows} problems, fewer than one batch of "
+            f"{train_batch_size}: verl drops an incomplete batch and would train on none",
+            "select more problems (--top-k), or pass the smaller data.train_batch_size you launch with",
+        )
     out = Path(out) if out is not None else Path(checkpoints) / f"gradsel-round-{selection.round:03d}.parquet"
     check_out_path(str(out), force)
     stale, moved = folder / "data.pt", folder / f"data.pt.stale-before-round-{selection.round:03d}"
     if stale.exists() and moved.exists():
-        raise GradselError(f"{folder.name} holds both data.pt and {moved.name}",
-                           "verl saved this step again after an earlier hand-off: move one of them away yourself")
+        raise GradselError(
+            f"{folder.name} holds both data.pt and {moved.name}",
+            "verl saved this step again after an earlier hand-off: move one of them away yourself",
+        )
 
     round_store = Store(round_dir(Path(store), selection.round))
     # The recorded ids, in their rank order, through select's own writer. The selection's mode
     # was not recorded, so the sidecar says where the ids came from instead of a mode.
-    write_selection(round_store, Selection(selection.problem_ids, [float("nan")] * rows, rows, SelectConfig(all=True)),
-                    fmt="verl", out=str(out), annotate=False, force=True)
+    write_selection(
+        round_store,
+        Selection(selection.problem_ids, [float("nan")] * rows, rows, SelectConfig(all=True)),
+        fmt="verl",
+        out=str(out),
+        annotate=False,
+        force=True,
+    )
     sidecar = out.with_name(out.name + ".gradsel.json")
     from gradsel.core.fsutil import atomic_write_json
 
-    atomic_write_json(sidecar, json.loads(sidecar.read_text()) | {
-        "mode": None, "config": None, "recorded_selection": str(selection.path), "round": selection.round,
-        "handoff": {"trainer": "verl", "checkpoint": str(folder), "global_step": step}})
+    atomic_write_json(
+        sidecar,
+        json.loads(sidecar.read_text())
+        | {
+            "mode": None,
+            "config": None,
+            "recorded_selection": str(selection.path),
+            "round": selection.round,
+            "handoff": {"trainer": "verl", "checkpoint": str(folder), "global_step": step},
+        },
+    )
     moved_before = moved if moved.exists() else None
     if stale.exists():
         stale.rename(moved)
     total_epochs = step // steps_per_epoch + epochs
     total_steps = step + epochs * steps_per_epoch
-    overrides = [f"data.train_files={out.resolve()}", "trainer.resume_mode=auto",
-                 f"trainer.default_local_dir={Path(checkpoints).resolve()}",
-                 f"trainer.total_epochs={total_epochs}", f"trainer.total_training_steps={total_steps}"]
-    return Handoff(out, rows, selection.round, folder, step, steps_per_epoch, total_epochs, total_steps,
-                   None if moved_before else moved if moved.exists() else None, moved_before, overrides)
+    overrides = [
+        f"data.train_files={out.resolve()}",
+        "trainer.resume_mode=auto",
+        f"trainer.default_local_dir={Path(checkpoints).resolve()}",
+        f"trainer.total_epochs={total_epochs}",
+        f"trainer.total_training_steps={total_steps}",
+    ]
+    return Handoff(
+        out,
+        rows,
+        selection.round,
+        folder,
+        step,
+        steps_per_epoch,
+        total_epochs,
+        total_steps,
+        None if moved_before else moved if moved.exists() else None,
+        moved_before,
+        overrides,
+    )
 
 
 # -- the ranking file of verl's V1 custom sampler (gradsel/integrations/verl_sampler.py) ---------------
@@ -152,8 +196,12 @@ def ranking_rows(store: Path, audit: Path | None = None) -> list[dict]:
         table = pq.read_table(sub.root / features / "scores.parquet")
         c = Candidates.from_table(table.filter(pc.equal(table.column("split"), "train")))
         for pid, zero, reliability in zip(c.ids, c.zero_advantage.tolist(), judge_reliability(c).tolist()):
-            latest[pid] = {"problem_id": pid, "round": entry["round"], "zero_advantage": bool(zero),
-                           "judge_reliability": float(reliability)}
+            latest[pid] = {
+                "problem_id": pid,
+                "round": entry["round"],
+                "zero_advantage": bool(zero),
+                "judge_reliability": float(reliability),
+            }
     if not latest:
         raise GradselError(f"{store} has no scored round yet", "let `gradsel score --chunk-size M` finish first")
     selected = recorded_selection(store).problem_ids
@@ -182,9 +230,16 @@ def write_ranking(store: Path, out: Path, audit: Path | None = None) -> int:
     from gradsel.core.fsutil import atomic_write_table
 
     rows = ranking_rows(Path(store), audit)
-    schema = pa.schema([("problem_id", pa.string()), ("round", pa.int32()), ("zero_advantage", pa.bool_()),
-                        ("judge_reliability", pa.float64()), ("suspect_key", pa.bool_()),
-                        ("selected_rank", pa.int32())])
+    schema = pa.schema(
+        [
+            ("problem_id", pa.string()),
+            ("round", pa.int32()),
+            ("zero_advantage", pa.bool_()),
+            ("judge_reliability", pa.float64()),
+            ("suspect_key", pa.bool_()),
+            ("selected_rank", pa.int32()),
+        ]
+    )
     assert tuple(schema.names) == RANKING_COLUMNS
     atomic_write_table(Path(out), pa.Table.from_pylist(rows, schema=schema))
     return len(rows)

@@ -37,7 +37,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import transfer_queue as tq
-
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
 
 logger = logging.getLogger(__name__)
@@ -54,9 +53,15 @@ def flagged_problems(ranking: Path, evict: tuple[str, ...], min_judge_reliabilit
     table = pq.read_table(ranking, columns=["problem_id", "zero_advantage", "judge_reliability", "suspect_key"])
     flagged: dict[str, list[str]] = {}
     for row in table.to_pylist():
-        reasons = [name for name, hit in (("zero_advantage", row["zero_advantage"]),
-                                          ("unreliable_judge", row["judge_reliability"] < min_judge_reliability),
-                                          ("suspect_key", row["suspect_key"])) if hit and name in evict]
+        reasons = [
+            name
+            for name, hit in (
+                ("zero_advantage", row["zero_advantage"]),
+                ("unreliable_judge", row["judge_reliability"] < min_judge_reliability),
+                ("suspect_key", row["suspect_key"]),
+            )
+            if hit and name in evict
+        ]
         if reasons:
             flagged[row["problem_id"]] = reasons
     return flagged
@@ -66,8 +71,12 @@ def problem_id_of(fields: dict) -> str:
     """gradsel's id of the problem a rollout answered, from the dataset columns verl stored with it."""
     from gradsel.inputs.problems import problem_from_row
 
-    row = {"prompt": fields.get("raw_prompt"), "reward_model": fields.get("reward_model"),
-           "extra_info": fields.get("extra_info"), "data_source": fields.get("data_source")}
+    row = {
+        "prompt": fields.get("raw_prompt"),
+        "reward_model": fields.get("reward_model"),
+        "extra_info": fields.get("extra_info"),
+        "data_source": fields.get("data_source"),
+    }
     return problem_from_row(row, 0).problem_id
 
 
@@ -82,8 +91,10 @@ class GradselEviction:
         super().__init__(*args, sampler_kwargs=sampler_kwargs, **kwargs)
         options = dict(sampler_kwargs or {})
         if not options.get("ranking"):
-            raise ValueError("GradselReplayBuffer needs trainer.v1.sampler.sampler_kwargs.ranking: the file "
-                             "`python -m gradsel.integrations.verl --store S --out FILE` writes")
+            raise ValueError(
+                "GradselReplayBuffer needs trainer.v1.sampler.sampler_kwargs.ranking: the file "
+                "`python -m gradsel.integrations.verl --store S --out FILE` writes"
+            )
         self.ranking = Path(str(options["ranking"]))
         self.evict = tuple(options.get("evict") or REASONS)
         unknown = sorted(set(self.evict) - set(REASONS))
@@ -137,7 +148,9 @@ class GradselEviction:
             data = tq.kv_batch_get(keys=list(first_key.values()), partition_id=partition_id, select_fields=ID_FIELDS)
             for i, uid in enumerate(first_key):
                 try:
-                    known[uid] = problem_id_of({name: _plain(data[name][i]) for name in ID_FIELDS if name in data.keys()})
+                    known[uid] = problem_id_of(
+                        {name: _plain(data[name][i]) for name in ID_FIELDS if name in data.keys()}
+                    )
                 except ValueError as exc:  # a row gradsel cannot name was never scored, so never flagged
                     logger.warning("gradsel: group %s has no problem id (%s); it is kept", uid, exc)
                     known[uid] = ""
@@ -157,7 +170,8 @@ class GradselEviction:
 
     def _evict_terminal_groups(self, global_steps: int, partition_id: str, eviction_reasons):
         evicted, stale_count, dapo_count, metrics = super()._evict_terminal_groups(
-            global_steps, partition_id, eviction_reasons)
+            global_steps, partition_id, eviction_reasons
+        )
         ours = self._gradsel_evicting.pop(partition_id, {})
         if ours:
             prefix = self._metrics_prefix(partition_id)

@@ -27,8 +27,9 @@ def _score_part(store_dir: str, model: str, pool: str, val: str, ro, sc, part) -
     return str(part)
 
 
-def run_score_ray(store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc, address: str | None = None,
-                  parts: int | None = None):
+def run_score_ray(
+    store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc, address: str | None = None, parts: int | None = None
+):
     """Score through Ray: `parts` tasks (default one per GPU of the cluster, else one per CPU),
     each with one GPU where the cluster has GPUs, else one CPU. `address`: an existing cluster
     (`ray.init(address=...)`); None starts a local one."""
@@ -37,8 +38,8 @@ def run_score_ray(store_dir: Path, *, model: str, pool: Path, val: Path, ro, sc,
     except ImportError as exc:
         raise GradselError("--executor ray needs Ray", "pip install 'gradsel[ray]'") from exc
     from gradsel.core import console
-    from gradsel.pipeline.score import run_score
     from gradsel.inputs.problems import read_problems
+    from gradsel.pipeline.score import run_score
     from gradsel.rewards.registry import check_rewards
 
     for path in (val, pool):  # bad input is refused here, before a cluster starts

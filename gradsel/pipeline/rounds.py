@@ -26,10 +26,10 @@ from pathlib import Path
 from gradsel.core import console
 from gradsel.core.errors import GradselError
 from gradsel.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_table
-from gradsel.pipeline.score import RolloutOptions, ScoreResult, run_score
+from gradsel.gradients.stage import ScoreConfig
 from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import is_jsonl, original_rows, read_problems
-from gradsel.gradients.stage import ScoreConfig
+from gradsel.pipeline.score import RolloutOptions, ScoreResult, run_score
 from gradsel.store.directory import FORMAT_VERSION, Store, open_store
 
 
@@ -80,8 +80,12 @@ def _next_chunk(root: Path, manifest: dict, chunk_size: int | None, reuse_unsele
 
 def _score_round(root: Path, index: int, *, model: str, chunk_ids: list[str], run: dict) -> ScoreResult:
     pool_path = Path(run["pool"])
-    problems = {p.problem_id: p for p in read_problems(pool_path, prompt_key=run["ro"]["prompt_key"],
-                                                       answer_key=run["ro"]["answer_key"]).problems}
+    problems = {
+        p.problem_id: p
+        for p in read_problems(
+            pool_path, prompt_key=run["ro"]["prompt_key"], answer_key=run["ro"]["answer_key"]
+        ).problems
+    }
     directory = round_dir(root, index)
     directory.mkdir(parents=True, exist_ok=True)
     chunk = write_chunk(pool_path, [problems[pid].source_row for pid in chunk_ids], directory)
@@ -92,19 +96,40 @@ def _score_round(root: Path, index: int, *, model: str, chunk_ids: list[str], ru
     return run_score(directory, model=model, pool=chunk, val=Path(run["val"]), ro=ro, sc=sc)
 
 
-def start_rounds(store_dir: Path, *, model: str, pool: Path, val: Path, ro: RolloutOptions, sc: ScoreConfig,
-                 chunk_size: int, order_seed: int = 0) -> ScoreResult:
+def start_rounds(
+    store_dir: Path,
+    *,
+    model: str,
+    pool: Path,
+    val: Path,
+    ro: RolloutOptions,
+    sc: ScoreConfig,
+    chunk_size: int,
+    order_seed: int = 0,
+) -> ScoreResult:
     """`score --chunk-size M`: fix the pool order and score round 0 (its first chunk)."""
     store = open_store(store_dir)
     manifest = _read_top(store)
     ids = [p.problem_id for p in read_problems(pool, prompt_key=ro.prompt_key, answer_key=ro.answer_key).problems]
     if chunk_size > len(ids):
-        raise GradselError(f"--chunk-size {chunk_size} is larger than the pool ({len(ids)} problems)",
-                           "use a smaller chunk, or leave --chunk-size out to score the whole pool at once")
+        raise GradselError(
+            f"--chunk-size {chunk_size} is larger than the pool ({len(ids)} problems)",
+            "use a smaller chunk, or leave --chunk-size out to score the whole pool at once",
+        )
     if not manifest:
-        manifest = {"format_version": FORMAT_VERSION, "rounds_store": True, "run": {
-            "pool": str(Path(pool).resolve()), "val": str(Path(val).resolve()), "ro": asdict(ro), "sc": asdict(sc)},
-            "chunk_size": chunk_size, "pool_order": pool_order(ids, order_seed), "rounds": []}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "rounds_store": True,
+            "run": {
+                "pool": str(Path(pool).resolve()),
+                "val": str(Path(val).resolve()),
+                "ro": asdict(ro),
+                "sc": asdict(sc),
+            },
+            "chunk_size": chunk_size,
+            "pool_order": pool_order(ids, order_seed),
+            "rounds": [],
+        }
         atomic_write_json(store.manifest_path, manifest)
     elif manifest["rounds"]:
         last = manifest["rounds"][-1]
@@ -133,8 +158,15 @@ def _finish_round(store_dir: Path, manifest: dict, index: int, model: str, chunk
     return result
 
 
-def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse_unselected: bool = False,
-            force: bool = False, restart_round: bool = False) -> tuple[int, ScoreResult]:
+def refresh(
+    store_dir: Path,
+    *,
+    model: str,
+    chunk_size: int | None = None,
+    reuse_unselected: bool = False,
+    force: bool = False,
+    restart_round: bool = False,
+) -> tuple[int, ScoreResult]:
     """Snapshot the new checkpoint, roll out and score the next chunk and the validation set.
 
     A round that a failed or killed refresh left incomplete is finished with the checkpoint it
@@ -147,8 +179,9 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
     store = Store(Path(store_dir))
     manifest = _read_top(store)
     if not manifest or not manifest.get("rounds_store"):
-        raise GradselError(f"{store_dir} is not a store with rounds",
-                           "create one with `gradsel score --chunk-size M ...`")
+        raise GradselError(
+            f"{store_dir} is not a store with rounds", "create one with `gradsel score --chunk-size M ...`"
+        )
     last = manifest["rounds"][-1]
     if "checkpoint" not in last and restart_round:
         console.info(f"round {last['round']} is incomplete; dropping it and scoring its chunk with {model}")
@@ -159,17 +192,23 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
             return 0, _finish_round(store_dir, manifest, 0, model, last["chunk_ids"])
         last = manifest["rounds"][-1]
     elif restart_round:
-        raise GradselError(f"round {last['round']} is complete: --restart-round has nothing to restart",
-                           "leave --restart-round out to score the next round")
+        raise GradselError(
+            f"round {last['round']} is complete: --restart-round has nothing to restart",
+            "leave --restart-round out to score the next round",
+        )
     if "checkpoint" not in last:  # the last round never finished
         started = last["model"]
         if resolve_model_path(model) != resolve_model_path(started):
-            raise GradselError(f"round {last['round']} is incomplete: it was started with {started}, not {model}",
-                               f"rerun with --model {started} to finish it, or add --restart-round to drop it "
-                               f"and score its chunk with {model}")
+            raise GradselError(
+                f"round {last['round']} is incomplete: it was started with {started}, not {model}",
+                f"rerun with --model {started} to finish it, or add --restart-round to drop it "
+                f"and score its chunk with {model}",
+            )
         if chunk_size is not None or reuse_unselected:
-            raise GradselError(f"round {last['round']} is incomplete; --chunk-size and --reuse-unselected apply "
-                               "to a new round", "rerun without them to finish this round, or add --restart-round")
+            raise GradselError(
+                f"round {last['round']} is incomplete; --chunk-size and --reuse-unselected apply to a new round",
+                "rerun without them to finish this round, or add --restart-round",
+            )
         console.info(f"round {last['round']} is incomplete; finishing it with {started}")
         return last["round"], _resume_round(store_dir, manifest, last["round"], started)
     mode = manifest["run"]["ro"]["hash_mode"]
@@ -178,17 +217,23 @@ def refresh(store_dir: Path, *, model: str, chunk_size: int | None = None, reuse
         if new_hash == last["checkpoint"]:  # a rerun of the refresh that made it (killed as it ended)
             console.info(f"round {last['round']} is already complete for this checkpoint")
             return last["round"], _resume_round(store_dir, manifest, last["round"], model)
-        raise GradselError(f"round {last['round']} has no selection yet, so the next chunk cannot be chosen",
-                           f"run `gradsel select --store {store_dir} --top-k K --out FILE` for round {last['round']} "
-                           "first (a selection inside refresh applies to the round it scores)")
+        raise GradselError(
+            f"round {last['round']} has no selection yet, so the next chunk cannot be chosen",
+            f"run `gradsel select --store {store_dir} --top-k K --out FILE` for round {last['round']} "
+            "first (a selection inside refresh applies to the round it scores)",
+        )
     _check_vocabulary(Path(store_dir), manifest, model)
     if new_hash == last["checkpoint"] and not force:
-        raise GradselError(f"checkpoint {model} is identical to round {last['round']}'s ({new_hash[:19]})",
-                           "pass the new checkpoint after training, or --force to rescore the same one")
+        raise GradselError(
+            f"checkpoint {model} is identical to round {last['round']}'s ({new_hash[:19]})",
+            "pass the new checkpoint after training, or --force to rescore the same one",
+        )
     chunk_ids = _next_chunk(Path(store_dir), manifest, chunk_size, reuse_unselected)
     if not chunk_ids:
-        raise GradselError("no problems left to offer: every pool problem was offered in an earlier round",
-                           "pass --reuse-unselected to offer unselected problems again")
+        raise GradselError(
+            "no problems left to offer: every pool problem was offered in an earlier round",
+            "pass --reuse-unselected to offer unselected problems again",
+        )
     index = last["round"] + 1
     return index, _finish_round(store_dir, manifest, index, model, chunk_ids)
 
@@ -202,13 +247,13 @@ def _check_vocabulary(root: Path, manifest: dict, model: str) -> None:
     if first is None:  # a store written before vocabularies were recorded
         return
     if vocabulary_digest(model) != first:
-        raise GradselError(f"checkpoint {model} has a different vocabulary from this store's round 0",
-                           "its token ids would mean other tokens: score it into a new store "
-                           "(`gradsel score --chunk-size M ...`)")
+        raise GradselError(
+            f"checkpoint {model} has a different vocabulary from this store's round 0",
+            "its token ids would mean other tokens: score it into a new store (`gradsel score --chunk-size M ...`)",
+        )
 
 
-def select_emit_record(store_dir: Path, round_store: Path, cfg, *, fmt: str, out: str, annotate: bool,
-                       force: bool):
+def select_emit_record(store_dir: Path, round_store: Path, cfg, *, fmt: str, out: str, annotate: bool, force: bool):
     """Select from a round's store (or a plain store), write the subset, and record the choice
     for `refresh`: what `select` and `refresh` both do. Returns (Selection, rows written)."""
     from gradsel.selection.formats import write_selection
@@ -234,8 +279,10 @@ def record_selection(store_dir: Path, round_store: Path, selected_ids: list[str]
     except OSError as exc:  # a read-only store still selects (docs/store.md); the output is written
         if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
             raise
-        console.warn(f"the store is read-only: this selection is not recorded in {round_store.name} "
-                     "(`refresh` needs a recorded selection of the latest round)")
+        console.warn(
+            f"the store is read-only: this selection is not recorded in {round_store.name} "
+            "(`refresh` needs a recorded selection of the latest round)"
+        )
 
 
 def write_history(root: Path, manifest: dict) -> None:
@@ -253,9 +300,16 @@ def write_history(root: Path, manifest: dict) -> None:
         selected = set(round_selection(root, entry) or [])
         for r in pq.read_table(sub.root / features / "scores.parquet").to_pylist():
             if r["split"] == "train":
-                rows.append({"round": entry["round"], "problem_id": r["problem_id"],
-                             "checkpoint": entry.get("checkpoint", ""), "score_cos": r["score_cos"],
-                             "pass_rate": r["pass_rate"], "selected": r["problem_id"] in selected})
+                rows.append(
+                    {
+                        "round": entry["round"],
+                        "problem_id": r["problem_id"],
+                        "checkpoint": entry.get("checkpoint", ""),
+                        "score_cos": r["score_cos"],
+                        "pass_rate": r["pass_rate"],
+                        "selected": r["problem_id"] in selected,
+                    }
+                )
     atomic_write_table(root / "history.parquet", pa.Table.from_pylist(rows, schema=HISTORY))
 
 

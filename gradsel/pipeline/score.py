@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradsel.gradients.stage import ScoreConfig, score_stage
 from gradsel.inputs.problems import read_problems
+from gradsel.inputs.snapshot import loadable_path, snapshot_into_store
 from gradsel.rewards.registry import check_rewards, promises_one_answer, resolve_reward
 from gradsel.rollout.stage import LazyEngine, SamplingConfig, VLLMOptions, rollout_stage, run_rollout_stage
-from gradsel.gradients.stage import ScoreConfig, score_stage
-from gradsel.inputs.snapshot import loadable_path, snapshot_into_store
 from gradsel.store.directory import open_store
 
 
@@ -48,8 +48,9 @@ class ScoreResult:
     spec: object  # gradients.ProjectorSpec
 
 
-def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: RolloutOptions,
-              sc: ScoreConfig, part=None) -> ScoreResult:
+def run_score(
+    store_dir: Path, *, model: str, pool: Path, val: Path, ro: RolloutOptions, sc: ScoreConfig, part=None
+) -> ScoreResult:
     """Score `pool` against `val` into the store. `part` (store.Part, `--shard i/N`): make only that
     part's train shards of rollouts and features (the validation set's too where the alignment
     needs them, shared through their locks), and leave the scores, None in the result, to a run
@@ -74,19 +75,48 @@ def run_score(store_dir: Path, *, model: str, pool: Path, val: Path, ro: Rollout
     for split, problem_set, n in (("val", val_set, ro.n_val or ro.n), ("train", pool_set, ro.n)):
         cfg = SamplingConfig(n=n, temperature=ro.temperature, top_p=ro.top_p, max_tokens=ro.max_tokens, seed=ro.seed)
         if split == "val" and not val_now:
-            stages[split] = rollout_stage(store, split, problem_set, model_hash=snap.content_hash, cfg=cfg,
-                                          engine_name=engine.name, reward=ro.reward, shard_size=ro.shard_size)
+            stages[split] = rollout_stage(
+                store,
+                split,
+                problem_set,
+                model_hash=snap.content_hash,
+                cfg=cfg,
+                engine_name=engine.name,
+                reward=ro.reward,
+                shard_size=ro.shard_size,
+            )
             continue
-        stages[split] = run_rollout_stage(store, split, problem_set, model_path=model_path,
-                                          model_hash=snap.content_hash, cfg=cfg, engine=engine, reward=ro.reward,
-                                          shard_size=ro.shard_size, part=part if split == "train" else None,
-                                          vllm=ro.vllm)
+        stages[split] = run_rollout_stage(
+            store,
+            split,
+            problem_set,
+            model_path=model_path,
+            model_hash=snap.content_hash,
+            cfg=cfg,
+            engine=engine,
+            reward=ro.reward,
+            shard_size=ro.shard_size,
+            part=part if split == "train" else None,
+            vllm=ro.vllm,
+        )
     # Per split: verl numbers extra_info.index from 0 in train and test files alike.
-    sources = {split: {p.problem_id: p.data_source for p in problem_set.problems}
-               for split, problem_set in (("train", pool_set), ("val", val_set))}
-    contracts = {split: {p.problem_id: promises_one_answer(resolve_reward(p, ro.reward), p) for p in problem_set.problems}
-                 for split, problem_set in (("train", pool_set), ("val", val_set))}
-    scores, spec = score_stage(store, model_path=model_path, model_hash=snap.content_hash,
-                               train=stages["train"], val=stages["val"], data_sources=sources, cfg=sc, part=part,
-                               contracts=contracts)
+    sources = {
+        split: {p.problem_id: p.data_source for p in problem_set.problems}
+        for split, problem_set in (("train", pool_set), ("val", val_set))
+    }
+    contracts = {
+        split: {p.problem_id: promises_one_answer(resolve_reward(p, ro.reward), p) for p in problem_set.problems}
+        for split, problem_set in (("train", pool_set), ("val", val_set))
+    }
+    scores, spec = score_stage(
+        store,
+        model_path=model_path,
+        model_hash=snap.content_hash,
+        train=stages["train"],
+        val=stages["val"],
+        data_sources=sources,
+        cfg=sc,
+        part=part,
+        contracts=contracts,
+    )
     return ScoreResult(store_dir, scores, spec)

@@ -56,19 +56,28 @@ class AuditConfig:
 
     def validate(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
-            raise GradselError(f"--threshold {self.threshold} is outside [0, 1]", f"the suspicion score is in [0, 1]; the default is {DEFAULT_THRESHOLD}")
+            raise GradselError(
+                f"--threshold {self.threshold} is outside [0, 1]",
+                f"the suspicion score is in [0, 1]; the default is {DEFAULT_THRESHOLD}",
+            )
         if self.teach_steps < 0:
-            raise GradselError(f"--teach-steps {self.teach_steps} is negative", "pass 0 to skip the taught copy, or a few steps (10-30)")
+            raise GradselError(
+                f"--teach-steps {self.teach_steps} is negative",
+                "pass 0 to skip the taught copy, or a few steps (10-30)",
+            )
         if not self.teach_lr > 0:
             raise GradselError(f"--teach-lr {self.teach_lr} must be positive", "e.g. 1e-4 for a small model")
         if "{answer}" not in self.teach_template:
-            raise GradselError(f"--teach-template {self.teach_template!r} has no {{answer}}",
-                               "write the response text around {answer}, e.g. '#### {answer}'")
+            raise GradselError(
+                f"--teach-template {self.teach_template!r} has no {{answer}}",
+                "write the response text around {answer}, e.g. '#### {answer}'",
+            )
 
 
 @dataclass
 class Evidence:
     """One problem's audit: what each signal measured, the suspicion and the proposed key."""
+
     problem_id: str
     source_row: int
     data_source: str
@@ -108,9 +117,11 @@ class AuditResult:
 
 # -- reading the store --------------------------------------------------------------------------
 
+
 @dataclass
 class _Rollouts:
     """One stage of rollouts/train: its problems and, per problem, (response text, reward, answer class)."""
+
     problems: dict[str, Problem]
     responses: dict[str, list[tuple[str, float, int | None]]]
     prompt_ids: dict[str, list[int]]
@@ -120,9 +131,18 @@ def _read_stage_problems(stage: Path) -> list[Problem]:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(stage / "problems.parquet").to_pylist()
-    return [Problem(problem_id=r["problem_id"], source_row=r["source_row"], prompt=json.loads(r["prompt_messages_json"]),
-                    ground_truth=r["ground_truth"], data_source=r["data_source"] or "", reward_style=r["reward_style"] or "",
-                    extra_info=json.loads(r["extra_info_json"] or "{}")) for r in rows]
+    return [
+        Problem(
+            problem_id=r["problem_id"],
+            source_row=r["source_row"],
+            prompt=json.loads(r["prompt_messages_json"]),
+            ground_truth=r["ground_truth"],
+            data_source=r["data_source"] or "",
+            reward_style=r["reward_style"] or "",
+            extra_info=json.loads(r["extra_info_json"] or "{}"),
+        )
+        for r in rows
+    ]
 
 
 def _read_stage(stage: Path) -> _Rollouts | None:
@@ -151,16 +171,22 @@ def store_stages(root: Path) -> tuple[list[_Rollouts], dict]:
     from gradsel.store.directory import existing_store
 
     manifest = existing_store(root).read_manifest()
-    dirs = ([round_dir(root, e["round"]) / "rollouts" / "train" for e in manifest.get("rounds", [])]
-            if manifest.get("rounds_store") else [root / "rollouts" / "train"])
+    dirs = (
+        [round_dir(root, e["round"]) / "rollouts" / "train" for e in manifest.get("rounds", [])]
+        if manifest.get("rounds_store")
+        else [root / "rollouts" / "train"]
+    )
     stages = [s for s in (_read_stage(d) for d in dirs) if s is not None and s.responses]
     if not stages:
-        raise GradselError(f"store {root} holds no train rollouts to audit",
-                           "make them with `gradsel rollout --split train` or `gradsel score`")
+        raise GradselError(
+            f"store {root} holds no train rollouts to audit",
+            "make them with `gradsel rollout --split train` or `gradsel score`",
+        )
     return stages, manifest
 
 
 # -- signals ------------------------------------------------------------------------------------
+
 
 def normalise_question(problem: Problem) -> str:
     """The question as near-duplicates share it: the user turns' text, NFKC, lowercase, without
@@ -188,8 +214,15 @@ def rollout_evidence(problem: Problem, responses, reward_override: str | None) -
     counts: Counter = Counter(cls for _, _, cls in responses if cls is not None)
     key_share = sum(r > 0 for _, r, _ in responses) / n if n else 0.0
     if not counts:
-        return {"n_rollouts": n, "key_share": key_share, "plurality_answer": None, "plurality_share": 0.0,
-                "plurality_paid": False, "rollout_signal": 0.0, "answers": {}}
+        return {
+            "n_rollouts": n,
+            "key_share": key_share,
+            "plurality_answer": None,
+            "plurality_share": 0.0,
+            "plurality_paid": False,
+            "rollout_signal": 0.0,
+            "answers": {},
+        }
     top = max(counts.values())
     plurality = min(c for c, k in counts.items() if k == top)  # ties: the first answer seen
     first_answer = {}
@@ -199,11 +232,20 @@ def rollout_evidence(problem: Problem, responses, reward_override: str | None) -
     paid = any(r > 0 for _, r, cls in responses if cls == plurality)
     share = top / n
     # Every distinct unpaid answer with its share: the candidates for a better key.
-    unpaid = {first_answer[c]: k / n for c, k in counts.items() if c in first_answer
-              and not any(r > 0 for _, r, cl in responses if cl == c)}
-    return {"n_rollouts": n, "key_share": key_share, "plurality_answer": first_answer.get(plurality),
-            "plurality_share": share, "plurality_paid": paid,
-            "rollout_signal": 0.0 if paid else max(0.0, share - key_share), "answers": unpaid}
+    unpaid = {
+        first_answer[c]: k / n
+        for c, k in counts.items()
+        if c in first_answer and not any(r > 0 for _, r, cl in responses if cl == c)
+    }
+    return {
+        "n_rollouts": n,
+        "key_share": key_share,
+        "plurality_answer": first_answer.get(plurality),
+        "plurality_share": share,
+        "plurality_paid": paid,
+        "rollout_signal": 0.0 if paid else max(0.0, share - key_share),
+        "answers": unpaid,
+    }
 
 
 def _canonical(problem: Problem, answer: str, reward_override: str | None) -> str:
@@ -241,12 +283,12 @@ def history_evidence(pid: str, stages: list[_Rollouts], reward_override: str | N
         return sum(a is not None and _canonical(problem, a, reward_override) == target for a in answers) / len(resp)
 
     p0, p1 = plurality_share(seen[0]), plurality_share(seen[-1])
-    return {**out, "plurality_share_trend": p1 - p0,
-            "history_signal": min(1.0, max(-1.0, (p1 - p0) - (k1 - k0)))}
+    return {**out, "plurality_share_trend": p1 - p0, "history_signal": min(1.0, max(-1.0, (p1 - p0) - (k1 - k0)))}
 
 
-def duplicate_evidence(problems: list[Problem], answers: dict[str, list[str]],
-                       canonical) -> dict[str, tuple[list[str], float]]:
+def duplicate_evidence(
+    problems: list[Problem], answers: dict[str, list[str]], canonical
+) -> dict[str, tuple[list[str], float]]:
     """problem id -> (the differing keys of the problems with the same normalised question, best
     supported first; the duplicate signal). The group's rollouts are pooled: a key that fewer of
     them give than another key of the group scores 1, a tie 0.5, the best supported key 0."""
@@ -261,7 +303,9 @@ def duplicate_evidence(problems: list[Problem], answers: dict[str, list[str]],
         pooled = Counter(a for p in members for a in answers.get(p.problem_id, []))
         for p in members:
             own = canonical(p, p.ground_truth)
-            others = {canonical(q, q.ground_truth): q.ground_truth for q in members if canonical(q, q.ground_truth) != own}
+            others = {
+                canonical(q, q.ground_truth): q.ground_truth for q in members if canonical(q, q.ground_truth) != own
+            }
             ranked = sorted(others, key=lambda k: (-pooled[k], k))
             best = pooled[ranked[0]]
             signal = 1.0 if best > pooled[own] else 0.5 if best == pooled[own] else 0.0
@@ -270,6 +314,7 @@ def duplicate_evidence(problems: list[Problem], answers: dict[str, list[str]],
 
 
 # -- the taught copy ----------------------------------------------------------------------------
+
 
 def _sequences(tok, prompt_ids: list[int], texts: list[str]) -> list[tuple[list[int], int]]:
     """prompt + response ids for each text (its tokens, then EOS), with where the response starts."""
@@ -288,18 +333,18 @@ def _response_logps(lm, seqs: list[tuple[list[int], int]], pad_id: int, batch: i
 
     out = []
     for i in range(0, len(seqs), batch):
-        chunk = seqs[i:i + batch]
+        chunk = seqs[i : i + batch]
         width = max(len(s) for s, _ in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, (s, _) in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
+            ids[j, : len(s)] = torch.tensor(s)
+            mask[j, : len(s)] = 1
         with torch.no_grad():
             logp = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.float(), -1)
         for j, (s, start) in enumerate(chunk):
             targets = torch.tensor(s[start:])
-            out.append(float(logp[j, start - 1:len(s) - 1].gather(-1, targets[:, None]).sum()))
+            out.append(float(logp[j, start - 1 : len(s) - 1].gather(-1, targets[:, None]).sum()))
     return out
 
 
@@ -321,9 +366,9 @@ def teach_copy(model_path: Path, val: list[tuple[list[int], str]], cfg: AuditCon
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)  # loss on the answer tokens only
     for j, (s, start) in enumerate(seqs):
-        ids[j, :len(s)] = torch.tensor(s)
-        mask[j, :len(s)] = 1
-        labels[j, start:len(s)] = torch.tensor(s[start:])
+        ids[j, : len(s)] = torch.tensor(s)
+        mask[j, : len(s)] = 1
+        labels[j, start : len(s)] = torch.tensor(s[start:])
     lm.train()
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.teach_lr, weight_decay=0.0)
     for step in range(cfg.teach_steps):
@@ -338,9 +383,16 @@ def teach_copy(model_path: Path, val: list[tuple[list[int], str]], cfg: AuditCon
 
 # -- the audit ----------------------------------------------------------------------------------
 
-def audit_stages(stages: list[_Rollouts], cfg: AuditConfig, *, reward_override: str | None = None,
-                 model_path: Path | None = None, val: list[tuple[list[int], str]] | None = None,
-                 pool: Path | None = None) -> AuditResult:
+
+def audit_stages(
+    stages: list[_Rollouts],
+    cfg: AuditConfig,
+    *,
+    reward_override: str | None = None,
+    model_path: Path | None = None,
+    val: list[tuple[list[int], str]] | None = None,
+    pool: Path | None = None,
+) -> AuditResult:
     """Every problem of the latest stage holding it, with its evidence; `val` (prompt ids, key)
     and `model_path` are needed when cfg.teach_steps > 0."""
     latest: dict[str, tuple[Problem, list, list[int]]] = {}
@@ -348,19 +400,31 @@ def audit_stages(stages: list[_Rollouts], cfg: AuditConfig, *, reward_override: 
         for pid, resp in stage.responses.items():
             latest[pid] = (stage.problems[pid], resp, stage.prompt_ids[pid])
     order = sorted(latest, key=lambda pid: (latest[pid][0].source_row, pid)) if len(stages) == 1 else sorted(latest)
+
     def canonical(problem: Problem, answer: str) -> str:
         return _canonical(problem, answer, reward_override)
 
-    answers = {pid: [canonical(latest[pid][0], a) for a in _answers(latest[pid][0], latest[pid][1], reward_override)
-                     if a is not None] for pid in order}
+    answers = {
+        pid: [
+            canonical(latest[pid][0], a)
+            for a in _answers(latest[pid][0], latest[pid][1], reward_override)
+            if a is not None
+        ]
+        for pid in order
+    }
     dups = duplicate_evidence([latest[pid][0] for pid in order], answers, canonical)
     evidence, alternatives = [], []
     for pid in order:
         problem, resp, _ = latest[pid]
         roll = rollout_evidence(problem, resp, reward_override)
         alternatives.append(roll.pop("answers"))
-        e = Evidence(problem_id=pid, source_row=problem.source_row, data_source=problem.data_source,
-                     key=problem.ground_truth, **roll)
+        e = Evidence(
+            problem_id=pid,
+            source_row=problem.source_row,
+            data_source=problem.data_source,
+            key=problem.ground_truth,
+            **roll,
+        )
         for name, value in history_evidence(pid, stages, reward_override).items():
             setattr(e, name, value)
         if pid in dups:
@@ -369,8 +433,10 @@ def audit_stages(stages: list[_Rollouts], cfg: AuditConfig, *, reward_override: 
     taught = cfg.teach_steps > 0
     if taught:
         if model_path is None or not val:
-            raise GradselError("--teach-steps needs validation rows and the store's checkpoint",
-                               "score the store with --val, pass --val, or use --teach-steps 0")
+            raise GradselError(
+                "--teach-steps needs validation rows and the store's checkpoint",
+                "score the store with --val, pass --val, or use --teach-steps 0",
+            )
         _taught_signals(evidence, alternatives, [latest[e.problem_id][2] for e in evidence], model_path, val, cfg)
     for e in evidence:
         e.suspicion = suspicion(e, cfg.history_weight)
@@ -394,8 +460,14 @@ def suspicion(e: Evidence, history_weight: float = HISTORY_WEIGHT) -> float:
     return min(1.0, max(0.0, sum(signals) / len(signals) + history + DUPLICATE_WEIGHT * e.duplicate_signal))
 
 
-def _taught_signals(evidence: list[Evidence], alternatives: list[dict], prompt_ids: list[list[int]],
-                    model_path: Path, val, cfg: AuditConfig) -> None:
+def _taught_signals(
+    evidence: list[Evidence],
+    alternatives: list[dict],
+    prompt_ids: list[list[int]],
+    model_path: Path,
+    val,
+    cfg: AuditConfig,
+) -> None:
     tok, lm, pad = teach_copy(model_path, val, cfg)
     seqs, spans = [], []
     for e, alts, ids in zip(evidence, alternatives, prompt_ids):
@@ -404,7 +476,7 @@ def _taught_signals(evidence: list[Evidence], alternatives: list[dict], prompt_i
         seqs += _sequences(tok, ids, [cfg.teach_template.format(answer=t) for t in texts])
     logps = _response_logps(lm, seqs, pad)
     for e, (start, texts) in zip(evidence, spans):
-        scores = logps[start:start + len(texts)]
+        scores = logps[start : start + len(texts)]
         e.taught_logp_key = scores[0]
         if len(texts) == 1:
             e.taught_signal = 0.0
@@ -418,7 +490,9 @@ def evidence_rows(result: AuditResult, *, suspects_only: bool = True) -> list[di
     return [asdict(e) for e in (result.suspects if suspects_only else result.evidence)]
 
 
-def val_rows_from_store(root: Path, manifest: dict, model_path: Path, val_file: Path | None) -> list[tuple[list[int], str]]:
+def val_rows_from_store(
+    root: Path, manifest: dict, model_path: Path, val_file: Path | None
+) -> list[tuple[list[int], str]]:
     """(prompt ids, key) of the validation rows: `val_file` when given, else the store's val rollouts'
     problems (a rounds store: its recorded --val file)."""
     from gradsel.inputs.models import load_tokenizer
@@ -432,16 +506,17 @@ def val_rows_from_store(root: Path, manifest: dict, model_path: Path, val_file: 
     else:
         stage = root / "rollouts" / "val"
         if not (stage / "problems.parquet").is_file():
-            raise GradselError(f"store {root} holds no validation rows to teach with",
-                               "pass --val FILE, or --teach-steps 0")
+            raise GradselError(
+                f"store {root} holds no validation rows to teach with", "pass --val FILE, or --teach-steps 0"
+            )
         problems = _read_stage_problems(stage)
     return list(zip(encode_prompts(load_tokenizer(model_path), problems), [p.ground_truth for p in problems]))
 
 
 def store_checkpoint(root: Path, manifest: dict) -> Path:
     """The checkpoint the store's latest rollouts were made with."""
-    from gradsel.pipeline.rounds import latest_round_store
     from gradsel.inputs.snapshot import Snapshot, loadable_path
+    from gradsel.pipeline.rounds import latest_round_store
     from gradsel.store.directory import Store
 
     sub = Store(latest_round_store(root))
@@ -461,6 +536,7 @@ def pool_of(root: Path, manifest: dict) -> Path | None:
 
 # -- --fix --------------------------------------------------------------------------------------
 
+
 def fixed_pool(pool: Path, changes: dict[str, tuple[str, str]], *, answer_key: str | None = None):
     """The pool with each changed problem's key replaced, everything else as the file holds it:
     for JSON lines the bytes of every unchanged line; for Parquet an Arrow table of the same
@@ -471,13 +547,17 @@ def fixed_pool(pool: Path, changes: dict[str, tuple[str, str]], *, answer_key: s
     problems = {p.problem_id: p for p in read_problems(pool, answer_key=answer_key).problems}
     missing = [pid for pid in changes if pid not in problems]
     if missing:
-        raise GradselError(f"{len(missing)} audited problems are not in {pool} (e.g. {missing[0]!r})",
-                           "pass the pool the store was made from with --pool (and its --answer-key, if any)")
+        raise GradselError(
+            f"{len(missing)} audited problems are not in {pool} (e.g. {missing[0]!r})",
+            "pass the pool the store was made from with --pool (and its --answer-key, if any)",
+        )
     moved = [pid for pid, (old, _) in changes.items() if problems[pid].ground_truth != old]
     if moved:
-        raise GradselError(f"the key of {moved[0]!r} in {pool} is {problems[moved[0]].ground_truth!r}, "
-                           f"the store's rollouts were judged against {changes[moved[0]][0]!r}",
-                           "the pool changed since the rollouts: roll it out again, or pass the original with --pool")
+        raise GradselError(
+            f"the key of {moved[0]!r} in {pool} is {problems[moved[0]].ground_truth!r}, "
+            f"the store's rollouts were judged against {changes[moved[0]][0]!r}",
+            "the pool changed since the rollouts: roll it out again, or pass the original with --pool",
+        )
     by_row = {problems[pid].source_row: new for pid, (_, new) in changes.items()}
     if is_jsonl(pool):
         lines = jsonl_lines(pool.read_bytes())
@@ -510,6 +590,7 @@ def _set(obj: dict, dotted: str, value: str) -> None:
 
 def _replace_column(table, path: list[str], by_row: dict[int, str], pa):
     """The table with the (nested) field at `path` replaced at rows `by_row`, same schema."""
+
     def replace(array, parts):
         if len(parts) == 0:
             values = array.to_pylist()
@@ -517,16 +598,21 @@ def _replace_column(table, path: list[str], by_row: dict[int, str], pa):
                 try:
                     values[row] = type(values[row])(key) if isinstance(values[row], (int, float)) else key
                 except ValueError:
-                    raise GradselError(f"the proposed key {key!r} of row {row} does not fit the pool's "
-                                       f"{array.type} key column", "fix that row by hand, or raise --threshold") from None
+                    raise GradselError(
+                        f"the proposed key {key!r} of row {row} does not fit the pool's {array.type} key column",
+                        "fix that row by hand, or raise --threshold",
+                    ) from None
             return pa.array(values, array.type)
         struct = array
         children = [struct.field(i) for i in range(struct.type.num_fields)]
         names = [struct.type.field(i).name for i in range(struct.type.num_fields)]
         i = names.index(parts[0])
         children[i] = replace(children[i], parts[1:])
-        return pa.StructArray.from_arrays(children, fields=[struct.type.field(j) for j in range(len(names))],
-                                          mask=struct.is_null() if struct.null_count else None)
+        return pa.StructArray.from_arrays(
+            children,
+            fields=[struct.type.field(j) for j in range(len(names))],
+            mask=struct.is_null() if struct.null_count else None,
+        )
 
     i = table.schema.get_field_index(path[0])
     column = table.column(i).combine_chunks()
@@ -553,13 +639,15 @@ def check_outputs(out: Path | None, fix: Path | None, pool: Path | None, force: 
 
     if out is not None:
         if out.suffix.lower() not in OUT_SUFFIXES:
-            raise GradselError(f"--out {out}: unknown format {out.suffix or '(no suffix)'}",
-                               "end it in .parquet or .jsonl")
+            raise GradselError(
+                f"--out {out}: unknown format {out.suffix or '(no suffix)'}", "end it in .parquet or .jsonl"
+            )
         _check_output_path(out, "--out", force)
     if fix is not None:
         if pool is None:
-            raise GradselError("--fix needs the pool the store was made from, and the store records none",
-                               "pass it with --pool")
+            raise GradselError(
+                "--fix needs the pool the store was made from, and the store records none", "pass it with --pool"
+            )
         if not pool.is_file():
             raise GradselError(f"the pool {pool} does not exist", "pass the pool the store was made from with --pool")
         if fix.resolve() == pool.resolve():
@@ -583,9 +671,17 @@ def _reward_override(manifest: dict) -> str | None:
     return manifest.get("rollouts", {}).get("train", {}).get("reward")
 
 
-def run_audit(store: Path, cfg: AuditConfig, *, out: Path | None = None, fix: Path | None = None,
-              pool: Path | None = None, val: Path | None = None, answer_key: str | None = None,
-              force: bool = False) -> dict:
+def run_audit(
+    store: Path,
+    cfg: AuditConfig,
+    *,
+    out: Path | None = None,
+    fix: Path | None = None,
+    pool: Path | None = None,
+    val: Path | None = None,
+    answer_key: str | None = None,
+    force: bool = False,
+) -> dict:
     """`gradsel audit`: audit the store, print the suspects, write --out and --fix. Returns the summary."""
     import pyarrow as pa
 
@@ -603,11 +699,15 @@ def run_audit(store: Path, cfg: AuditConfig, *, out: Path | None = None, fix: Pa
     if cfg.teach_steps:
         model_path = store_checkpoint(store, manifest)
         val_rows = val_rows_from_store(store, manifest, model_path, val)
-    result = audit_stages(stages, cfg, reward_override=_reward_override(manifest), model_path=model_path,
-                          val=val_rows, pool=pool)
+    result = audit_stages(
+        stages, cfg, reward_override=_reward_override(manifest), model_path=model_path, val=val_rows, pool=pool
+    )
     suspects = result.suspects
-    changes = {e.problem_id: (e.key, e.proposed_key) for e in suspects
-               if e.proposed_key is not None and e.proposed_key.strip() != e.key.strip()}
+    changes = {
+        e.problem_id: (e.key, e.proposed_key)
+        for e in suspects
+        if e.proposed_key is not None and e.proposed_key.strip() != e.key.strip()
+    }
     fixed = fixed_pool(pool, changes, answer_key=answer_key) if fix is not None else None
     print_table(result)
     if out is not None:
@@ -617,9 +717,17 @@ def run_audit(store: Path, cfg: AuditConfig, *, out: Path | None = None, fix: Pa
         else:
             atomic_write_bytes(out, "".join(json.dumps(r) + "\n" for r in rows).encode())
     if fix is not None:
-        change_rows = [{"problem_id": e.problem_id, "source_row": e.source_row, "old_key": e.key,
-                        "new_key": changes[e.problem_id][1], "suspicion": round(e.suspicion, 4)}
-                       for e in suspects if e.problem_id in changes]
+        change_rows = [
+            {
+                "problem_id": e.problem_id,
+                "source_row": e.source_row,
+                "old_key": e.key,
+                "new_key": changes[e.problem_id][1],
+                "suspicion": round(e.suspicion, 4),
+            }
+            for e in suspects
+            if e.problem_id in changes
+        ]
         if isinstance(fixed, bytes):
             atomic_write_bytes(fix, fixed)
         else:
@@ -628,9 +736,16 @@ def run_audit(store: Path, cfg: AuditConfig, *, out: Path | None = None, fix: Pa
         for r in change_rows:
             console.info(f"changed {r['problem_id']} (row {r['source_row']}): key {r['old_key']!r} -> {r['new_key']!r}")
         console.info(f"wrote {fix}: {len(change_rows)} keys changed, listed in {changes_path(fix)}")
-    return {"store": str(store), "problems": len(result.evidence), "suspects": len(suspects),
-            "threshold": cfg.threshold, "taught": result.taught, "out": str(out) if out else None,
-            "fix": str(fix) if fix else None, "changed": len(changes) if fix else 0}
+    return {
+        "store": str(store),
+        "problems": len(result.evidence),
+        "suspects": len(suspects),
+        "threshold": cfg.threshold,
+        "taught": result.taught,
+        "out": str(out) if out else None,
+        "fix": str(fix) if fix else None,
+        "changed": len(changes) if fix else 0,
+    }
 
 
 def print_table(result: AuditResult, limit: int = 40) -> None:
@@ -642,15 +757,28 @@ def print_table(result: AuditResult, limit: int = 40) -> None:
     if not suspects:
         return
     table = Table(title="suspect keys", title_justify="left")
-    for col in ("problem", "key", "proposed", "suspicion", "key share", "plurality share", "duplicates",
-                *(["taught p(alt)"] if result.taught else [])):
+    for col in (
+        "problem",
+        "key",
+        "proposed",
+        "suspicion",
+        "key share",
+        "plurality share",
+        "duplicates",
+        *(["taught p(alt)"] if result.taught else []),
+    ):
         table.add_column(col, overflow="fold")
     for e in suspects[:limit]:
-        table.add_row(e.problem_id, e.key, e.proposed_key or "-", f"{e.suspicion:.2f}", f"{e.key_share:.2f}",
-                      f"{e.plurality_share:.2f} ({e.plurality_answer})" if e.plurality_answer is not None else "-",
-                      ", ".join(e.duplicate_keys) or "-",
-                      *([f"{e.taught_signal:.2f}" if e.taught_signal is not None else "-"] if result.taught else []))
+        table.add_row(
+            e.problem_id,
+            e.key,
+            e.proposed_key or "-",
+            f"{e.suspicion:.2f}",
+            f"{e.key_share:.2f}",
+            f"{e.plurality_share:.2f} ({e.plurality_answer})" if e.plurality_answer is not None else "-",
+            ", ".join(e.duplicate_keys) or "-",
+            *([f"{e.taught_signal:.2f}" if e.taught_signal is not None else "-"] if result.taught else []),
+        )
     console.stderr.print(table)
     if len(suspects) > limit:
         console.info(f"... and {len(suspects) - limit} more (--out lists them all)")
-

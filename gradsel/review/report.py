@@ -43,10 +43,10 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
     import pyarrow.parquet as pq
 
     from gradsel.pipeline.rounds import latest_round_store
+    from gradsel.review.summary import store_summary
     from gradsel.selection.select import Candidates, load_score_table, mode_score_array, select
     from gradsel.selection.targets import resolve_target
     from gradsel.store.directory import existing_store
-    from gradsel.review.summary import store_summary
 
     summary = store_summary(store_dir)
     store = existing_store(latest_round_store(store_dir))
@@ -68,8 +68,9 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
             by_mode[mode] = selection.problem_ids
             continue
         try:
-            by_mode[mode] = select(store, replace(asked, mode=mode, top_k=k, ratio=None, all=False,
-                                                  allow_fewer=True)).problem_ids
+            by_mode[mode] = select(
+                store, replace(asked, mode=mode, top_k=k, ratio=None, all=False, allow_fewer=True)
+            ).problem_ids
         except GradselError:  # a mode with nothing eligible is left out of the comparison
             continue
     history = Path(store_dir) / "history.parquet"
@@ -85,9 +86,11 @@ def build_report(store_dir: Path, cfg: SelectConfig) -> str:
         _provenance(summary, manifest),
     ]
     title = f"gradsel report: {Path(store_dir).name}"
-    lead = (f"{len(candidates.ids):,} candidates from {len(set(sources)):,} data sources; "
-            f"<b>{k:,}</b> selected by <code>--mode {cfg.mode} --target {cfg.target}</code> "
-            f"({_how_many(cfg)}), of {selection.eligible:,} eligible.")
+    lead = (
+        f"{len(candidates.ids):,} candidates from {len(set(sources)):,} data sources; "
+        f"<b>{k:,}</b> selected by <code>--mode {cfg.mode} --target {cfg.target}</code> "
+        f"({_how_many(cfg)}), of {selection.eligible:,} eligible."
+    )
     return _page(title, lead, sections)
 
 
@@ -109,6 +112,7 @@ def _how_many(cfg: SelectConfig) -> str:
 
 # -- sections -------------------------------------------------------------------------------------
 
+
 def _pass_rates(c, sources: np.ndarray) -> Section:
     plt = _pyplot()
     groups = sorted(set(sources))
@@ -123,8 +127,10 @@ def _pass_rates(c, sources: np.ndarray) -> Section:
     ax.set_xlabel("pass rate (share of the k rollouts rewarded)")
     ax.set_ylabel("problems")
     ax.legend(fontsize=7, frameon=False)
-    note = (f"{c.zero_advantage.mean():.0%} of the pool has zero advantage (every rollout rewarded alike): "
-            "no GRPO signal, left out of every selection unless --include-zero-advantage.")
+    note = (
+        f"{c.zero_advantage.mean():.0%} of the pool has zero advantage (every rollout rewarded alike): "
+        "no GRPO signal, left out of every selection unless --include-zero-advantage."
+    )
     return Section("Pass rates by data source", _svg(fig), note)
 
 
@@ -137,10 +143,25 @@ def _scores(c, sources: np.ndarray, scores: np.ndarray, chosen: np.ndarray, cfg:
     raster = len(scores) > RASTER_POINTS
     for g in sorted(set(sources)):
         mask = (sources == g) & finite
-        ax.scatter(c.pass_rate[mask] + jitter[mask], scores[mask], s=9, alpha=0.7, label=g or "(none)",
-                   rasterized=raster, linewidths=0)
-    ax.scatter(c.pass_rate[chosen & finite] + jitter[chosen & finite], scores[chosen & finite], s=36,
-               facecolors="none", edgecolors="black", linewidths=0.8, label="selected", rasterized=raster)
+        ax.scatter(
+            c.pass_rate[mask] + jitter[mask],
+            scores[mask],
+            s=9,
+            alpha=0.7,
+            label=g or "(none)",
+            rasterized=raster,
+            linewidths=0,
+        )
+    ax.scatter(
+        c.pass_rate[chosen & finite] + jitter[chosen & finite],
+        scores[chosen & finite],
+        s=36,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=0.8,
+        label="selected",
+        rasterized=raster,
+    )
     ax.set_xlabel("pass rate")
     ax.set_ylabel(f"{cfg.mode} score (target {cfg.target})")
     ax.legend(fontsize=7, frameon=False, loc="best")
@@ -152,8 +173,9 @@ def _modes(by_mode: dict[str, list[str]], source_of: dict[str, str], current: st
     modes = list(by_mode)
     groups = sorted(set(source_of.values()))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [1.3, 1]})
-    shares = np.array([[sum(source_of[p] == g for p in by_mode[m]) / max(len(by_mode[m]), 1) for g in groups]
-                       for m in modes])
+    shares = np.array(
+        [[sum(source_of[p] == g for p in by_mode[m]) / max(len(by_mode[m]), 1) for g in groups] for m in modes]
+    )
     base = np.zeros(len(modes))
     for j, g in enumerate(groups):
         left.barh(modes, shares[:, j], left=base, label=g or "(none)")
@@ -169,13 +191,22 @@ def _modes(by_mode: dict[str, list[str]], source_of: dict[str, str], current: st
     right.set_yticks(range(len(modes)), modes, fontsize=8)
     for i in range(len(modes)):
         for j in range(len(modes)):
-            right.text(j, i, f"{overlap[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                       color="white" if overlap[i, j] < 0.6 else "black")
+            right.text(
+                j,
+                i,
+                f"{overlap[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if overlap[i, j] < 0.6 else "black",
+            )
     fig.colorbar(im, ax=right, label="Jaccard overlap")
-    note = (f"Each mode takes as many problems as --mode {current} did. Left: data sources in each "
-            "selection; right: how much two selections share. Left out: "
-            f"{english_list(m for m in MODE_RECORDS if m not in COMPARED_MODES)}, which query a FAISS index "
-            "or repeat another mode's order, and --target max, which queries one.")
+    note = (
+        f"Each mode takes as many problems as --mode {current} did. Left: data sources in each "
+        "selection; right: how much two selections share. Left out: "
+        f"{english_list(m for m in MODE_RECORDS if m not in COMPARED_MODES)}, which query a FAISS index "
+        "or repeat another mode's order, and --target max, which queries one."
+    )
     return Section("What each mode would keep", _svg(fig), note)
 
 
@@ -194,9 +225,11 @@ def _distributions(c, sources: np.ndarray, train: VectorSet, val: VectorSet, man
 
         axes[2].hist(subspace_scores(c.ids, c.rows, train, val)[live], bins=40, color="tab:orange")
         axes[2].set_xlabel("share in the validation span\n(--target subspace)")
-    note = ("Judge consistency is 1 where identical answers always got the same reward; below 1 the "
-            "reference or the judge disagrees with itself. Alignment: how the candidates' gradients "
-            "relate to the validation set's.")
+    note = (
+        "Judge consistency is 1 where identical answers always got the same reward; below 1 the "
+        "reference or the judge disagrees with itself. Alignment: how the candidates' gradients "
+        "relate to the validation set's."
+    )
     return Section("Judge consistency and validation alignment", _svg(fig), note)
 
 
@@ -204,8 +237,9 @@ def _rounds(summary: dict, history) -> Section:
     """`history`: the rounds' scores (history.parquet's round and score_cos columns), or None."""
     rounds = summary["rounds"]
     if not rounds:
-        return Section("Rounds", "<p>This store has one round: `gradsel score --chunk-size M` and "
-                       "`gradsel refresh` make more.</p>")
+        return Section(
+            "Rounds", "<p>This store has one round: `gradsel score --chunk-size M` and `gradsel refresh` make more.</p>"
+        )
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
     names = [f"round {r['round']}" for r in rounds]
@@ -219,12 +253,16 @@ def _rounds(summary: dict, history) -> Section:
     right.boxplot([v if len(v) else [np.nan] for v in by_round], tick_labels=names)
     right.set_ylabel("score_cos")
     right.set_title("scores at each round's checkpoint", fontsize=9)
-    rows = "".join(f"<tr><td>{r['round']}</td><td>{html.escape(str(r['model']))}</td>"
-                   f"<td><code>{html.escape(str(r['checkpoint'])[:23])}</code></td><td>{r['offered']}</td>"
-                   f"<td>{r['selected']}</td></tr>" for r in rounds)
+    rows = "".join(
+        f"<tr><td>{r['round']}</td><td>{html.escape(str(r['model']))}</td>"
+        f"<td><code>{html.escape(str(r['checkpoint'])[:23])}</code></td><td>{r['offered']}</td>"
+        f"<td>{r['selected']}</td></tr>"
+        for r in rounds
+    )
     table = f"<table><tr><th>round</th><th>model</th><th>checkpoint</th><th>offered</th><th>selected</th></tr>{rows}</table>"
-    return Section("Rounds", _svg(fig) + table,
-                   "Score drift: each round is scored at its own checkpoint (history.parquet).")
+    return Section(
+        "Rounds", _svg(fig) + table, "Score drift: each round is scored at its own checkpoint (history.parquet)."
+    )
 
 
 def _warnings(summary: dict) -> list[Section]:
@@ -244,15 +282,25 @@ def _contract(summary: dict) -> list[Section]:
     from gradsel.rewards.payouts import CONTRACT_SHARE
 
     broken = ' class="broken"'
-    body = "".join(f"<tr{broken if c['share'] > CONTRACT_SHARE else ''}><td>{html.escape(split)}</td>"
-                   f"<td>{html.escape(c['data_source'] or '(empty)')}</td><td>{html.escape(c['reward'])}</td>"
-                   f"<td>{c['mixed']}</td><td>{c['broken']}</td><td>{c['share']:.0%}</td></tr>" for split, c in rows)
-    table = ("<table><tr><th>split</th><th>data_source</th><th>reward</th><th>mixed problems</th>"
-             f"<th>paid two answers</th><th>share</th></tr>{body}</table>")
-    return [Section("Judge contract", table,
-                    "A binary judge that compares an answer with one reference pays at most one answer per problem. "
-                    "A problem paid two different answers breaks that, and ranks last in the default selection; a "
-                    f"source above {CONTRACT_SHARE:.0%} (in red) has a reward function that ignores the answer.")]
+    body = "".join(
+        f"<tr{broken if c['share'] > CONTRACT_SHARE else ''}><td>{html.escape(split)}</td>"
+        f"<td>{html.escape(c['data_source'] or '(empty)')}</td><td>{html.escape(c['reward'])}</td>"
+        f"<td>{c['mixed']}</td><td>{c['broken']}</td><td>{c['share']:.0%}</td></tr>"
+        for split, c in rows
+    )
+    table = (
+        "<table><tr><th>split</th><th>data_source</th><th>reward</th><th>mixed problems</th>"
+        f"<th>paid two answers</th><th>share</th></tr>{body}</table>"
+    )
+    return [
+        Section(
+            "Judge contract",
+            table,
+            "A binary judge that compares an answer with one reference pays at most one answer per problem. "
+            "A problem paid two different answers breaks that, and ranks last in the default selection; a "
+            f"source above {CONTRACT_SHARE:.0%} (in red) has a reward function that ignores the answer.",
+        )
+    ]
 
 
 def _costs(costs: dict) -> Section:
@@ -266,10 +314,14 @@ def _costs(costs: dict) -> Section:
     ax.barh(list(costs), [c["wall_s"] for c in costs.values()], color="tab:gray")
     ax.invert_yaxis()
     ax.set_xlabel("seconds (summed over processes)")
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{html.escape(describe_cost(c))}</td></tr>"
-                   for name, c in costs.items())
-    return Section("Cost per stage", _svg(fig) + f"<table>{rows}</table>",
-                   "Recorded when each stage completed; shards made by several processes sum their seconds.")
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(describe_cost(c))}</td></tr>" for name, c in costs.items()
+    )
+    return Section(
+        "Cost per stage",
+        _svg(fig) + f"<table>{rows}</table>",
+        "Recorded when each stage completed; shards made by several processes sum their seconds.",
+    )
 
 
 def _provenance(summary: dict, manifest: dict) -> Section:
@@ -277,22 +329,30 @@ def _provenance(summary: dict, manifest: dict) -> Section:
 
     from gradsel.review.summary import describe_rewards_by_source
 
-    rows = {"store": summary["store"], "format version": summary["format_version"],
-            "checkpoint": summary["checkpoint"]["path"], "content hash": summary["checkpoint"]["content_hash"]}
+    rows = {
+        "store": summary["store"],
+        "format version": summary["format_version"],
+        "checkpoint": summary["checkpoint"]["path"],
+        "content hash": summary["checkpoint"]["content_hash"],
+    }
     for split, r in summary["rollouts"].items():
         rows[f"rollouts/{split}"] = f"k={r['n']} via {r['engine']} from {r['problems_file']}"
         if r.get("rewards"):
             rows[f"rewards/{split}"] = describe_rewards_by_source(r["rewards"])
-    rows["projector"] = json.dumps({k: v for k, v in (manifest.get("projector") or {}).items() if k not in ("modules", "dims")})
+    rows["projector"] = json.dumps(
+        {k: v for k, v in (manifest.get("projector") or {}).items() if k not in ("modules", "dims")}
+    )
     rows["modules"] = f"{len((manifest.get('projector') or {}).get('modules', []))}"
     rows["loss"] = json.dumps(manifest.get("loss"))
     rows["library versions"] = json.dumps(manifest.get("library_versions"))
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>"
-                   for k, v in rows.items())
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows.items()
+    )
     return Section("Projector and provenance", f"<table>{body}</table>")
 
 
 # -- rendering ------------------------------------------------------------------------------------
+
 
 def _pyplot():
     import matplotlib
@@ -300,8 +360,15 @@ def _pyplot():
     matplotlib.use("Agg")  # no display: figures go to SVG
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "gradsel", "font.size": 8,
-                         "axes.spines.top": False, "axes.spines.right": False})
+    plt.rcParams.update(
+        {
+            "svg.fonttype": "none",
+            "svg.hashsalt": "gradsel",
+            "font.size": 8,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
     return plt
 
 
@@ -313,7 +380,7 @@ def _svg(fig) -> str:
     fig.savefig(buffer, format="svg", metadata={"Date": None}, dpi=110)
     plt.close(fig)
     text = buffer.getvalue()
-    svg = re.sub(r"<metadata>.*?</metadata>", "", text[text.index("<svg"):], flags=re.S)  # RDF, no content
+    svg = re.sub(r"<metadata>.*?</metadata>", "", text[text.index("<svg") :], flags=re.S)  # RDF, no content
     return '<figure class="plot">' + svg + "</figure>"
 
 
@@ -330,8 +397,10 @@ tr.broken td { color: #b00020; font-weight: bold; }
 
 
 def _page(title: str, lead: str, sections: list[Section]) -> str:
-    parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{lead}</p>"]
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{lead}</p>",
+    ]
     for s in sections:
         parts.append(f"<section><h2>{html.escape(s.title)}</h2>{s.body}")
         if s.note:

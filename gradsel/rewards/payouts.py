@@ -68,17 +68,27 @@ class SourcePay:
         example = ""
         if self.broken_example:
             pid, texts = self.broken_example
-            example = (f" Problem {pid} was paid both " +
-                       " and ".join(json.dumps(t[:SAMPLE_CHARS], ensure_ascii=False) for t in texts) + ".")
-        return (f"{where}: reward {self.reward} paid two or more different answers to {self.broken} of {self.mixed} "
-                f"mixed problems ({self.broken_share:.0%}) of data source {self.data_source or '(empty)'!r}. A judge "
-                f"that compares an answer with one reference pays at most one, so this reward function ignores the "
-                f"answer (a coin flip, or a bug): its problems rank last in the default selection.{example}")
+            example = (
+                f" Problem {pid} was paid both "
+                + " and ".join(json.dumps(t[:SAMPLE_CHARS], ensure_ascii=False) for t in texts)
+                + "."
+            )
+        return (
+            f"{where}: reward {self.reward} paid two or more different answers to {self.broken} of {self.mixed} "
+            f"mixed problems ({self.broken_share:.0%}) of data source {self.data_source or '(empty)'!r}. A judge "
+            f"that compares an answer with one reference pays at most one, so this reward function ignores the "
+            f"answer (a coin flip, or a bug): its problems rank last in the default selection.{example}"
+        )
 
     def contract_record(self) -> dict:
         """The pair's contract tally, as the manifest keeps it (`gradsel info`, the report)."""
-        return {"data_source": self.data_source, "reward": self.reward, "one_answer": self.one_answer,
-                "mixed": self.mixed, "broken": self.broken}
+        return {
+            "data_source": self.data_source,
+            "reward": self.reward,
+            "one_answer": self.one_answer,
+            "mixed": self.mixed,
+            "broken": self.broken,
+        }
 
     def uniform(self, min_problems: int = MIN_PROBLEMS) -> bool:
         """Whether to warn: enough problems, and none or all of their rollouts paid."""
@@ -88,20 +98,30 @@ class SourcePay:
         """The warning's one line, `where` naming the rollouts (e.g. `rollouts/train`)."""
         how = "no rollout" if self.paid == 0 else "every rollout"
         quoted = ", ".join(json.dumps(s[:SAMPLE_CHARS], ensure_ascii=False) for s in self.samples)
-        return (f"{where}: {how} of data source {self.data_source or '(empty)'!r} was paid by reward {self.reward} "
-                f"({self.paid} of {self.rollouts} rollouts, {self.problems} problems), so every one of its problems "
-                f"has zero advantage and leaves the candidates. {self.reward} reads {self.answer_form}. "
-                f"Sample responses: {quoted}")
+        return (
+            f"{where}: {how} of data source {self.data_source or '(empty)'!r} was paid by reward {self.reward} "
+            f"({self.paid} of {self.rollouts} rollouts, {self.problems} problems), so every one of its problems "
+            f"has zero advantage and leaves the candidates. {self.reward} reads {self.answer_form}. "
+            f"Sample responses: {quoted}"
+        )
 
     def record(self, where: str) -> dict:
         """The never-paid warning as the manifest keeps it."""
-        return {"data_source": self.data_source, "reward": self.reward, "problems": self.problems,
-                "rollouts": self.rollouts, "paid": self.paid, "answer_form": self.answer_form,
-                "samples": [s[:SAMPLE_CHARS] for s in self.samples], "message": self.warning(where)}
+        return {
+            "data_source": self.data_source,
+            "reward": self.reward,
+            "problems": self.problems,
+            "rollouts": self.rollouts,
+            "paid": self.paid,
+            "answer_form": self.answer_form,
+            "samples": [s[:SAMPLE_CHARS] for s in self.samples],
+            "message": self.warning(where),
+        }
 
 
-def tally_pay(problems: Sequence[Problem], reward: str | None,
-              rollouts: Iterable[tuple[str, int, float, str, int | None]]) -> list[SourcePay]:
+def tally_pay(
+    problems: Sequence[Problem], reward: str | None, rollouts: Iterable[tuple[str, int, float, str, int | None]]
+) -> list[SourcePay]:
     """Per (data source, reward) pair of `problems` (first-seen order): problems, rollouts and paid
     rollouts among `rollouts`, given as (problem_id, sample, reward, response_text, answer_class),
     and the judge's contract (mixed problems, and those paid two answer classes); the samples
@@ -113,8 +133,9 @@ def tally_pay(problems: Sequence[Problem], reward: str | None,
         pair = (p.data_source, judge.name)
         pair_of[p.problem_id] = pair
         if pair not in pays:
-            pays[pair] = SourcePay(p.data_source, judge.name, judge.answer_form,
-                                   one_answer=promises_one_answer(judge, p))
+            pays[pair] = SourcePay(
+                p.data_source, judge.name, judge.answer_form, one_answer=promises_one_answer(judge, p)
+            )
     # Per problem: (rewards, answer classes, paid texts by class); closed when its rollouts end
     # (a stage lists each problem's rollouts together).
     current: tuple[str, list[float], list, dict[int, str]] | None = None
@@ -154,7 +175,9 @@ def stage_pay(shards, problems: Sequence[Problem], reward: str | None) -> list[S
     def rows():
         for i in range(shards.n_shards):
             cols = shards.shard(i, ["problem_id", "sample", "reward", "response_text", "answer_class"]).to_pydict()
-            yield from zip(cols["problem_id"], cols["sample"], cols["reward"], cols["response_text"], cols["answer_class"])
+            yield from zip(
+                cols["problem_id"], cols["sample"], cols["reward"], cols["response_text"], cols["answer_class"]
+            )
 
     return tally_pay(problems, reward, rows())
 

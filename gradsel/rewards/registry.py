@@ -63,11 +63,12 @@ def last_boxed(text: str) -> str | None:
     for i in range(open_at, len(text)):
         depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
-            return text[open_at + 1:i]
+            return text[open_at + 1 : i]
     return None
 
 
 # -- math-verify -----------------------------------------------------------------------------------
+
 
 def _math_verify():
     try:
@@ -126,6 +127,7 @@ def math_equal(gold: str, answer: str) -> bool:
 
 
 # -- the judges ---------------------------------------------------------------------------------
+
 
 def int_reward(problem: Problem, response: str, sample: int, seed: int) -> float:
     """1.0 when the last integer in the response equals the reference integer."""
@@ -208,23 +210,57 @@ class Reward:
         return self.score(problem, response, sample, seed)
 
 
-REGISTRY: dict[str, Reward] = {r.name: r for r in (
-    Reward("int", int_reward, _last_int, answer_form="the last integer in the response", one_answer=True),
-    Reward("exact", exact_reward, lambda text: text.strip(), one_answer=True,
-           answer_form="the whole response, equal to the reference once stripped of surrounding whitespace"),
-    # The coin flip stands in for a binary reference judge that ignores the answer (the noisy
-    # regime: rows that claim such a judge but are coin-flipped). It declares the contract of the
-    # judge it stands in for, which it then breaks, as the broken judge would.
-    Reward("random", random_reward, final_answer, answer_form="nothing: a seeded coin flip, whatever the response",
-           one_answer=True),
-    Reward("math", math_reward, last_boxed, math_equal, math_key, checks_ground_truth=True, one_answer=True,
-           answer_form="\\boxed{...}: the last \\boxed{} answer, equal to the reference under math-verify"),
-    Reward("gsm8k", gsm8k_reward, gsm8k_answer, one_answer=True,
-           answer_form=f"#### N: the number after the last '#### ' in the response's last {_TAIL_CHARS} characters"),
-    Reward("math_dapo", dapo_reward, dapo_answer, math_equal, math_key, checks_ground_truth=True, one_answer=True,
-           answer_form=f"Answer: ...: the text after the last 'Answer:' in the response's last {_TAIL_CHARS} "
-                       "characters, equal to the reference under math-verify (pays 1, else -1)"),
-)}
+REGISTRY: dict[str, Reward] = {
+    r.name: r
+    for r in (
+        Reward("int", int_reward, _last_int, answer_form="the last integer in the response", one_answer=True),
+        Reward(
+            "exact",
+            exact_reward,
+            lambda text: text.strip(),
+            one_answer=True,
+            answer_form="the whole response, equal to the reference once stripped of surrounding whitespace",
+        ),
+        # The coin flip stands in for a binary reference judge that ignores the answer (the noisy
+        # regime: rows that claim such a judge but are coin-flipped). It declares the contract of the
+        # judge it stands in for, which it then breaks, as the broken judge would.
+        Reward(
+            "random",
+            random_reward,
+            final_answer,
+            answer_form="nothing: a seeded coin flip, whatever the response",
+            one_answer=True,
+        ),
+        Reward(
+            "math",
+            math_reward,
+            last_boxed,
+            math_equal,
+            math_key,
+            checks_ground_truth=True,
+            one_answer=True,
+            answer_form="\\boxed{...}: the last \\boxed{} answer, equal to the reference under math-verify",
+        ),
+        Reward(
+            "gsm8k",
+            gsm8k_reward,
+            gsm8k_answer,
+            one_answer=True,
+            answer_form=f"#### N: the number after the last '#### ' in the response's last {_TAIL_CHARS} characters",
+        ),
+        Reward(
+            "math_dapo",
+            dapo_reward,
+            dapo_answer,
+            math_equal,
+            math_key,
+            checks_ground_truth=True,
+            one_answer=True,
+            answer_form=f"Answer: ...: the text after the last 'Answer:' in the response's last {_TAIL_CHARS} "
+            "characters, equal to the reference under math-verify (pays 1, else -1)",
+        ),
+    )
+}
 
 # verl's generic styles: the reward is then chosen by data_source, as verl's default_compute_score does.
 RULE_STYLES = ("", "rule")
@@ -238,8 +274,10 @@ ROUTES: dict[str, str] = {
     "DigitalLearningGmbH/MATH-lighteval": "math",
     "HuggingFaceH4/MATH-500": "math",
     "math_dapo": "math_dapo",
-    **{f"numina_{name}": "math" for name in
-       ("aops_forum", "synthetic_math", "amc_aime", "synthetic_amc", "cn_k12", "olympiads")},
+    **{
+        f"numina_{name}": "math"
+        for name in ("aops_forum", "synthetic_math", "amc_aime", "synthetic_amc", "cn_k12", "olympiads")
+    },
 }
 # data_source prefixes: verl's `aime*`, and gradsel's own bundled arithmetic (`gradsel demo-data`).
 ROUTE_PREFIXES: tuple[tuple[str, str], ...] = (("aime", "math_dapo"), ("arith/", "int"))
@@ -258,7 +296,8 @@ def _unknown_source(data_source: str, rows: int) -> GradselError:
         f"no reward for data_source {data_source!r} ({rows} row{'s' if rows != 1 else ''}, reward_model.style "
         "'rule'); gradsel will not guess one",
         f"pass --reward NAME ({', '.join(REGISTRY)}, verl) or --reward module:function; "
-        f"data sources routed by default: {known}")
+        f"data sources routed by default: {known}",
+    )
 
 
 def _plugin(spec: str) -> Reward:
@@ -266,8 +305,10 @@ def _plugin(spec: str) -> Reward:
     try:
         func = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
-        raise GradselError(f"cannot import reward plugin {spec!r}: {exc}",
-                           "use module:function with the module importable from the current directory") from exc
+        raise GradselError(
+            f"cannot import reward plugin {spec!r}: {exc}",
+            "use module:function with the module importable from the current directory",
+        ) from exc
     return _verl_style(spec, func)
 
 
@@ -279,33 +320,48 @@ def _verl_style(name: str, func) -> Reward:
         try:
             out = func(problem.data_source, response, problem.ground_truth, problem.extra_info)
         except Exception as exc:  # a user's plugin can raise anything; report it, do not crash
-            raise GradselError(f"reward {name} raised {type(exc).__name__}: {exc} "
-                               f"(problem {problem.problem_id}, data_source {problem.data_source!r})",
-                               "fix the reward function; nothing was written for this shard") from exc
+            raise GradselError(
+                f"reward {name} raised {type(exc).__name__}: {exc} "
+                f"(problem {problem.problem_id}, data_source {problem.data_source!r})",
+                "fix the reward function; nothing was written for this shard",
+            ) from exc
         if isinstance(out, dict):
             out = out.get("score")
         if isinstance(out, bool) or not isinstance(out, (int, float)):
-            raise GradselError(f"reward {name} returned {type(out).__name__}, not a number "
-                               f"(problem {problem.problem_id})", "return a float, or a dict with a 'score' float")
+            raise GradselError(
+                f"reward {name} returned {type(out).__name__}, not a number (problem {problem.problem_id})",
+                "return a float, or a dict with a 'score' float",
+            )
         if not math.isfinite(out):
-            raise GradselError(f"reward {name} returned {out} (problem {problem.problem_id})",
-                               "rewards must be finite numbers")
+            raise GradselError(
+                f"reward {name} returned {out} (problem {problem.problem_id})", "rewards must be finite numbers"
+            )
         return float(out)
 
-    form = ("what verl's default_compute_score reads for the row's data_source" if name == "verl"
-            else f"whatever the plugin {name} reads")
+    form = (
+        "what verl's default_compute_score reads for the row's data_source"
+        if name == "verl"
+        else f"whatever the plugin {name} reads"
+    )
     # verl's routes promise the contract per row (`promises_one_answer`); a plugin declares it itself.
-    return Reward(name, call, final_answer, extracts=False, answer_form=form,
-                  one_answer=name != "verl" and getattr(func, "gradsel_one_answer", False) is True)
+    return Reward(
+        name,
+        call,
+        final_answer,
+        extracts=False,
+        answer_form=form,
+        one_answer=name != "verl" and getattr(func, "gradsel_one_answer", False) is True,
+    )
 
 
 def _verl_default() -> Reward:
     try:
         from verl.utils.reward_score import default_compute_score
     except ImportError as exc:
-        raise GradselError("--reward verl needs verl's reward functions, and verl is not importable",
-                           "pip install verl in this environment, or drop --reward to use gradsel's mirror "
-                           "of verl's table") from exc
+        raise GradselError(
+            "--reward verl needs verl's reward functions, and verl is not importable",
+            "pip install verl in this environment, or drop --reward to use gradsel's mirror of verl's table",
+        ) from exc
     return _verl_style("verl", default_compute_score)
 
 
@@ -316,9 +372,11 @@ def resolve_reward(problem: Problem, override: str | None = None) -> Reward:
     if problem.reward_style in REGISTRY:
         return REGISTRY[problem.reward_style]
     if problem.reward_style not in RULE_STYLES:
-        raise GradselError(f"unknown reward style {problem.reward_style!r} (problem {problem.problem_id})",
-                           f"styles gradsel knows: {', '.join([*REGISTRY, *RULE_STYLES[1:]])}; "
-                           "or pass --reward NAME or --reward module:function")
+        raise GradselError(
+            f"unknown reward style {problem.reward_style!r} (problem {problem.problem_id})",
+            f"styles gradsel knows: {', '.join([*REGISTRY, *RULE_STYLES[1:]])}; "
+            "or pass --reward NAME or --reward module:function",
+        )
     name = route(problem.data_source)
     if name is None:
         raise _unknown_source(problem.data_source, 1)
@@ -332,16 +390,18 @@ def _override(spec: str) -> Reward:
     if spec == "verl":
         return _verl_default()
     if spec not in REGISTRY:
-        raise GradselError(f"unknown reward {spec!r}",
-                           f"choose one of {', '.join([*REGISTRY, 'verl'])} or give module:function")
+        raise GradselError(
+            f"unknown reward {spec!r}", f"choose one of {', '.join([*REGISTRY, 'verl'])} or give module:function"
+        )
     return REGISTRY[spec]
 
 
 RewardsBySource = dict[str, dict[str, int]]  # data_source -> {reward name: rows it judges}
 
 
-def reward_findings(problems: Sequence[Problem], override: str | None = None
-                    ) -> tuple[RewardsBySource, list[GradselError]]:
+def reward_findings(
+    problems: Sequence[Problem], override: str | None = None
+) -> tuple[RewardsBySource, list[GradselError]]:
     """Resolve every problem's reward before any rollout: (every reward of each data source with
     the rows it judges, most rows first; problems found).
 
@@ -362,16 +422,21 @@ def reward_findings(problems: Sequence[Problem], override: str | None = None
         counts[reward.name] = counts.get(reward.name, 0) + 1
         if reward.checks_ground_truth and not parse_math(p.ground_truth):
             unparsable.append(p)
-    by_source = {source: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-                 for source, counts in by_source.items()}
+    by_source = {
+        source: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+        for source, counts in by_source.items()
+    }
     findings = [_unknown_source(source, rows) for source, rows in unknown.items()]
     if unparsable:
         shown = ", ".join(f"{p.problem_id} ({p.ground_truth[:40]!r})" for p in unparsable[:5])
         more = f" and {len(unparsable) - 5} more" if len(unparsable) > 5 else ""
-        findings.append(GradselError(
-            f"math-verify cannot parse the reference answer of {len(unparsable)} problem(s): {shown}{more}",
-            "fix reward_model.ground_truth (LaTeX without \\boxed, or a number), or pass --reward with a "
-            "judge that reads them"))
+        findings.append(
+            GradselError(
+                f"math-verify cannot parse the reference answer of {len(unparsable)} problem(s): {shown}{more}",
+                "fix reward_model.ground_truth (LaTeX without \\boxed, or a number), or pass --reward with a "
+                "judge that reads them",
+            )
+        )
     return by_source, findings
 
 
@@ -384,6 +449,7 @@ def check_rewards(problems: Sequence[Problem], override: str | None = None) -> R
 
 
 # -- judge consistency ----------------------------------------------------------------------------
+
 
 def answer_judge(reward: Reward, problem: Problem) -> Reward:
     """Whose extraction reads a response's answer: the reward's own, or for a plugin the one of
@@ -439,6 +505,7 @@ def judge_consistency(classes: Sequence[int | None], rewards: Sequence[float]) -
 
 
 # -- the judge's contract -------------------------------------------------------------------------
+
 
 def promises_one_answer(reward: Reward, problem: Problem) -> bool:
     """Whether the judge of this row promises the contract: binary, one reference, so at most one

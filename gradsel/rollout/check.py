@@ -34,13 +34,17 @@ class CheckReport:
     findings: list[GradselError] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"split": self.split, "path": self.path,
-                "sources": [s.__dict__ for s in self.sources],
-                "problems": [{"error": f.message, "hint": f.hint} for f in self.findings]}
+        return {
+            "split": self.split,
+            "path": self.path,
+            "sources": [s.__dict__ for s in self.sources],
+            "problems": [{"error": f.message, "hint": f.hint} for f in self.findings],
+        }
 
 
-def check_problem_set(problem_set: ProblemSet, split: str, *, reward: str | None = None,
-                      tokenizer=None, limit: int | None = None) -> CheckReport:
+def check_problem_set(
+    problem_set: ProblemSet, split: str, *, reward: str | None = None, tokenizer=None, limit: int | None = None
+) -> CheckReport:
     """Per data source: rows, reward, prompt token lengths; and every problem found."""
     problems = problem_set.problems
     by_source, findings = reward_findings(problems, reward)
@@ -82,13 +86,23 @@ def show_reports(reports: Sequence[CheckReport], limit: int | None) -> None:
 
     for report in reports:
         table = Table(title=f"{report.split}: {report.path}", title_justify="left")
-        for column in ("data_source", "rows", "reward", "prompt tokens min / median / max",
-                       f"over {limit}" if limit else "over limit"):
+        for column in (
+            "data_source",
+            "rows",
+            "reward",
+            "prompt tokens min / median / max",
+            f"over {limit}" if limit else "over limit",
+        ):
             table.add_column(column, justify="right" if column in ("rows",) else "left")
         for s in report.sources:
             tokens = " / ".join(map(str, s.prompt_tokens)) if s.prompt_tokens else "(pass --model)"
-            table.add_row(s.data_source or "(empty)", str(s.rows), describe_rewards(s.rewards, s.rows), tokens,
-                          str(s.too_long) if s.prompt_tokens and limit else "-")
+            table.add_row(
+                s.data_source or "(empty)",
+                str(s.rows),
+                describe_rewards(s.rewards, s.rows),
+                tokens,
+                str(s.too_long) if s.prompt_tokens and limit else "-",
+            )
         console.stderr.print(table)
     findings = [f for r in reports for f in r.findings]
     for f in findings:
@@ -99,6 +113,7 @@ def show_reports(reports: Sequence[CheckReport], limit: int | None) -> None:
 
 # -- check --sample: a few rollouts per data source -------------------------------------------------
 
+
 def sample_problems(problems: Sequence[Problem], per_source: int) -> list[Problem]:
     """Up to `per_source` problems of each data source, a seeded choice (the same every run, and
     not just a file's first rows, which may be sorted by difficulty), in file order."""
@@ -107,8 +122,11 @@ def sample_problems(problems: Sequence[Problem], per_source: int) -> list[Proble
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(problems):
         groups.setdefault(p.data_source, []).append(i)
-    chosen = [i for source, rows in groups.items()
-              for i in random.Random(f"gradsel-check/{source}").sample(rows, min(per_source, len(rows)))]
+    chosen = [
+        i
+        for source, rows in groups.items()
+        for i in random.Random(f"gradsel-check/{source}").sample(rows, min(per_source, len(rows)))
+    ]
     return [problems[i] for i in sorted(chosen)]
 
 
@@ -119,8 +137,9 @@ def sample_pay(problems: Sequence[Problem], engine, cfg, reward: str | None = No
     from gradsel.rollout.stage import rollout_batches
 
     rollouts = (r for batch in rollout_batches(problems, engine, cfg, reward=reward) for r in batch)
-    return tally_pay(problems, reward, ((r.problem_id, r.sample, r.reward, r.response_text, r.answer_class)
-                                        for r in rollouts))
+    return tally_pay(
+        problems, reward, ((r.problem_id, r.sample, r.reward, r.response_text, r.answer_class) for r in rollouts)
+    )
 
 
 def sample_engine(name: str, model: str):
@@ -133,8 +152,9 @@ def sample_engine(name: str, model: str):
     name = resolve_engine_name(name)
     if adapter_base(path) is not None:
         if name == "vllm":
-            raise GradselError("check --sample rolls a PEFT adapter out with transformers, not vLLM",
-                               "pass --engine hf (or auto)")
+            raise GradselError(
+                "check --sample rolls a PEFT adapter out with transformers, not vLLM", "pass --engine hf (or auto)"
+            )
         name = "hf"
     return make_engine(name, path)
 
@@ -155,8 +175,15 @@ def show_sample(split: str, pays, per_source: int) -> list[dict]:
         table.add_column(column, justify="left" if column in ("data_source", "reward") else "right")
     for pay in pays:
         contract = f"{pay.broken} of {pay.mixed} mixed" if pay.one_answer else "(no contract)"
-        table.add_row(pay.data_source or "(empty)", pay.reward, str(pay.problems), str(pay.rollouts), str(pay.paid),
-                      f"{pay.pass_rate:.2f}", contract)
+        table.add_row(
+            pay.data_source or "(empty)",
+            pay.reward,
+            str(pay.problems),
+            str(pay.rollouts),
+            str(pay.paid),
+            f"{pay.pass_rate:.2f}",
+            contract,
+        )
     console.stderr.print(table)
     flagged = uniform_pay(pays, min(MIN_PROBLEMS, per_source))
     for pay in flagged:
@@ -164,9 +191,19 @@ def show_sample(split: str, pays, per_source: int) -> list[dict]:
     breakers = contract_breakers(pays, min(MIN_MIXED, per_source))
     for pay in breakers:
         console.warn(pay.contract_warning(where))
-    return [{"data_source": pay.data_source, "reward": pay.reward, "problems": pay.problems,
-             "rollouts": pay.rollouts, "paid": pay.paid, "pass_rate": round(pay.pass_rate, 4),
-             "warning": pay.warning(where) if pay in flagged else None,
-             "one_answer": pay.one_answer, "mixed": pay.mixed, "broken": pay.broken,
-             "contract_warning": pay.contract_warning(where) if pay in breakers else None}
-            for pay in pays]
+    return [
+        {
+            "data_source": pay.data_source,
+            "reward": pay.reward,
+            "problems": pay.problems,
+            "rollouts": pay.rollouts,
+            "paid": pay.paid,
+            "pass_rate": round(pay.pass_rate, 4),
+            "warning": pay.warning(where) if pay in flagged else None,
+            "one_answer": pay.one_answer,
+            "mixed": pay.mixed,
+            "broken": pay.broken,
+            "contract_warning": pay.contract_warning(where) if pay in breakers else None,
+        }
+        for pay in pays
+    ]

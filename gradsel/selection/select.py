@@ -28,10 +28,10 @@ from gradsel.core import console
 from gradsel.core.choices import TARGETS
 from gradsel.core.errors import GradselError
 from gradsel.selection.index import index_alignment, resolve_kind
-from gradsel.selection.modes import MODES, REGISTRY as MODE_RECORDS, ModeInputs
+from gradsel.selection.modes import MODES, ModeInputs
+from gradsel.selection.modes import REGISTRY as MODE_RECORDS
 from gradsel.selection.targets import live_validation_vectors, resolve_target, subspace_scores
 from gradsel.store.vectors import VectorSet
-
 
 BALANCE_COLUMNS = ("data_source",)  # the scores' columns that name groups (schema.SCORES)
 
@@ -58,7 +58,9 @@ class SelectConfig:
         if self.mode not in MODES:
             raise GradselError(f"unknown mode {self.mode!r}", f"choose one of {', '.join(MODES)}")
         if sum(x is not None and x is not False for x in (self.top_k, self.ratio, self.all or None)) != 1:
-            raise GradselError("give exactly one of --top-k, --ratio and --all", "for example --top-k 256 or --ratio 0.05")
+            raise GradselError(
+                "give exactly one of --top-k, --ratio and --all", "for example --top-k 256 or --ratio 0.05"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise GradselError(f"--top-k must be at least 1, got {self.top_k}", "for example --top-k 256")
         if self.ratio is not None and not 0 < self.ratio <= 1:
@@ -67,19 +69,25 @@ class SelectConfig:
         if not (0 <= lo <= hi <= 1):
             raise GradselError(f"--band {lo},{hi} is outside [0, 1] or reversed", "for example --band 0.2,0.8")
         if self.diverse is not None and not 0 < self.diverse <= 1:
-            raise GradselError(f"--diverse must be in (0, 1], got {self.diverse}", "1 ranks by score alone; 0.7 is a common trade-off")
+            raise GradselError(
+                f"--diverse must be in (0, 1], got {self.diverse}", "1 ranks by score alone; 0.7 is a common trade-off"
+            )
         if self.target not in TARGETS:
             raise GradselError(f"unknown --target {self.target!r}", f"use {', '.join(TARGETS)}")
         resolve_kind(self.index, 0)
         if self.balance is not None and self.balance not in BALANCE_COLUMNS:
-            raise GradselError(f"cannot balance on {self.balance!r}: it is not a column of the scores",
-                               f"balance on {', '.join(BALANCE_COLUMNS)}")
+            raise GradselError(
+                f"cannot balance on {self.balance!r}: it is not a column of the scores",
+                f"balance on {', '.join(BALANCE_COLUMNS)}",
+            )
         if self.balance_weights is not None:
             if not self.balance:
                 raise GradselError("--balance-weights needs --balance COLUMN", "for example --balance data_source")
             if any(w < 0 for _, w in self.balance_weights) or not any(w > 0 for _, w in self.balance_weights):
-                raise GradselError("--balance-weights must be non-negative with at least one above zero",
-                                   "for example gsm8k=0.7,math=0.3")
+                raise GradselError(
+                    "--balance-weights must be non-negative with at least one above zero",
+                    "for example gsm8k=0.7,math=0.3",
+                )
 
 
 def parse_weights(text: str) -> tuple[tuple[str, float], ...]:
@@ -88,7 +96,9 @@ def parse_weights(text: str) -> tuple[tuple[str, float], ...]:
         pairs = [item.rsplit("=", 1) for item in text.split(",") if item.strip()]
         return tuple((name.strip(), float(weight)) for name, weight in pairs)
     except ValueError as exc:
-        raise GradselError(f"bad --balance-weights {text!r}", "write GROUP=WEIGHT pairs, for example gsm8k=0.7,math=0.3") from exc
+        raise GradselError(
+            f"bad --balance-weights {text!r}", "write GROUP=WEIGHT pairs, for example gsm8k=0.7,math=0.3"
+        ) from exc
 
 
 def parse_band(text: str) -> tuple[float, float]:
@@ -109,10 +119,12 @@ class Selection:
 
 # -- reading the store -------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Candidates:
     """Scored problems as columns, in store order: what the modes rank. A dict a row would cost
     seconds at a million candidates."""
+
     ids: list[str]
     pass_rate: np.ndarray
     score_cos: np.ndarray
@@ -128,15 +140,27 @@ class Candidates:
         def floats(name):
             return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
 
-        consistency = (np.nan_to_num(floats("judge_consistency"), nan=1.0) if "judge_consistency" in table.column_names
-                       else np.ones(table.num_rows))
-        broken = (np.asarray(table.column("breaks_contract").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-                  if "breaks_contract" in table.column_names else np.zeros(table.num_rows, dtype=bool))
-        return cls(table.column("problem_id").to_pylist(), floats("pass_rate"), floats("score_cos"),
-                   floats("score_dot"), consistency, broken,
-                   np.asarray(table.column("zero_advantage").to_numpy(zero_copy_only=False), dtype=bool),
-                   {c: table.column(c).to_pylist() for c in BALANCE_COLUMNS if c in table.column_names},
-                   np.arange(table.num_rows))
+        consistency = (
+            np.nan_to_num(floats("judge_consistency"), nan=1.0)
+            if "judge_consistency" in table.column_names
+            else np.ones(table.num_rows)
+        )
+        broken = (
+            np.asarray(table.column("breaks_contract").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+            if "breaks_contract" in table.column_names
+            else np.zeros(table.num_rows, dtype=bool)
+        )
+        return cls(
+            table.column("problem_id").to_pylist(),
+            floats("pass_rate"),
+            floats("score_cos"),
+            floats("score_dot"),
+            consistency,
+            broken,
+            np.asarray(table.column("zero_advantage").to_numpy(zero_copy_only=False), dtype=bool),
+            {c: table.column(c).to_pylist() for c in BALANCE_COLUMNS if c in table.column_names},
+            np.arange(table.num_rows),
+        )
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> "Candidates":
@@ -147,10 +171,17 @@ class Candidates:
         return cls.from_table(pa.Table.from_pylist(rows, schema=SCORES))
 
     def take(self, positions: np.ndarray) -> "Candidates":
-        return Candidates([self.ids[i] for i in positions], self.pass_rate[positions], self.score_cos[positions],
-                          self.score_dot[positions], self.consistency[positions], self.breaks_contract[positions],
-                          self.zero_advantage[positions],
-                          {c: [v[i] for i in positions] for c, v in self.groups.items()}, self.rows[positions])
+        return Candidates(
+            [self.ids[i] for i in positions],
+            self.pass_rate[positions],
+            self.score_cos[positions],
+            self.score_dot[positions],
+            self.consistency[positions],
+            self.breaks_contract[positions],
+            self.zero_advantage[positions],
+            {c: [v[i] for i in positions] for c, v in self.groups.items()},
+            self.rows[positions],
+        )
 
 
 def load_scores(store) -> tuple[dict, list[dict], Path]:
@@ -178,11 +209,15 @@ def check_same_spec(expected: dict, found: dict) -> None:
     """Vectors made under different projector specs must never be compared."""
     differ = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
     if differ:
-        raise GradselError(f"projector spec mismatch in {', '.join(differ)}: the store manifest and the vectors "
-                           "were made with different settings", "rescore with one spec, or select from a store made with it")
+        raise GradselError(
+            f"projector spec mismatch in {', '.join(differ)}: the store manifest and the vectors "
+            "were made with different settings",
+            "rescore with one spec, or select from a store made with it",
+        )
 
 
 # -- ranking -------------------------------------------------------------------------------------
+
 
 def mode_scores(rows: list[dict], cfg: SelectConfig, train: VectorSet, val: VectorSet, fetch: int) -> dict[str, float]:
     """problem id -> the ranking score of every row under cfg.mode (higher is better)."""
@@ -229,16 +264,19 @@ def warn_if_sketch_alignment(manifest: dict, cfg: SelectConfig, directory: Path)
     _WARNED_SKETCH.add(str(directory))
     spec = manifest.get("projector") or {}
     column = MODE_RECORDS[cfg.mode].alignment_column
-    console.warn(f"--mode {cfg.mode} ranks by {column}, estimated here from {spec.get('k_out')}x{spec.get('k_in')} "
-                 "sketches (`score --alignment sketch`); for the one computed in the gradient pass, rescore with "
-                 "`gradsel score --alignment lowrank`"
-                 + (" --feature projected" if spec.get("feature") == "head" else "") + " (the rollouts are reused)")
+    console.warn(
+        f"--mode {cfg.mode} ranks by {column}, estimated here from {spec.get('k_out')}x{spec.get('k_in')} "
+        "sketches (`score --alignment sketch`); for the one computed in the gradient pass, rescore with "
+        "`gradsel score --alignment lowrank`"
+        + (" --feature projected" if spec.get("feature") == "head" else "")
+        + " (the rollouts are reused)"
+    )
 
 
 def _mmr(ranked: list[str], scores: dict[str, float], k: int, lam: float, train: VectorSet) -> list[str]:
     """Maximal marginal relevance: pick argmax lam * score - (1 - lam) * max cos(chosen)."""
     pos = {pid: i for i, pid in enumerate(train.ids)}
-    pool = ranked[:min(len(ranked), max(10 * k, 1000))]  # candidates beyond this never win
+    pool = ranked[: min(len(ranked), max(10 * k, 1000))]  # candidates beyond this never win
     mat = train.take(np.array([pos[p] for p in pool]))
     s = np.array([scores[p] for p in pool], dtype=np.float64)
     if s.max() > s.min():
@@ -270,9 +308,12 @@ def select(store, cfg: SelectConfig) -> Selection:
         keep &= (lo <= candidates.pass_rate) & (candidates.pass_rate <= hi)
     eligible = candidates if keep.all() else candidates.take(np.flatnonzero(keep))
     if not eligible.ids:
-        raise GradselError("no candidate is eligible: every problem has zero advantage"
-                           if not cfg.include_zero_advantage else "no candidate is eligible",
-                           "more rollouts per problem (--n), a different pool, or --include-zero-advantage")
+        raise GradselError(
+            "no candidate is eligible: every problem has zero advantage"
+            if not cfg.include_zero_advantage
+            else "no candidate is eligible",
+            "more rollouts per problem (--n), a different pool, or --include-zero-advantage",
+        )
     n_candidates = len(candidates.ids)
     wanted = cfg.top_k if cfg.top_k is not None else round((cfg.ratio or 1) * n_candidates)
     # Quotas and score floors reach past the top of the ranking: give them every candidate.
@@ -282,12 +323,16 @@ def select(store, cfg: SelectConfig) -> Selection:
         above = np.flatnonzero(scores >= cfg.min_score)
         eligible, scores = eligible.take(above), scores[above]
     # Rank: score descending, ties by problem id so the order is deterministic.
-    order = np.lexsort((np.array(eligible.ids, dtype=object).astype(str), -scores)) if eligible.ids else np.zeros(0, int)
+    order = (
+        np.lexsort((np.array(eligible.ids, dtype=object).astype(str), -scores)) if eligible.ids else np.zeros(0, int)
+    )
     k = len(order) if cfg.all else cfg.top_k if cfg.top_k is not None else max(1, round(cfg.ratio * n_candidates))
     if k > len(order):
         if not cfg.allow_fewer:
-            raise GradselError(f"asked for {k} problems but only {len(order)} are eligible "
-                               f"(of {n_candidates} candidates)", "ask for fewer, or pass --allow-fewer to take all eligible")
+            raise GradselError(
+                f"asked for {k} problems but only {len(order)} are eligible (of {n_candidates} candidates)",
+                "ask for fewer, or pass --allow-fewer to take all eligible",
+            )
         k = len(order)
     if not cfg.balance and not (cfg.diverse is not None and cfg.diverse < 1):
         return Selection([eligible.ids[i] for i in order[:k]], scores[order[:k]].tolist(), len(order), cfg)
@@ -295,15 +340,21 @@ def select(store, cfg: SelectConfig) -> Selection:
     score_of = dict(zip(ranked, scores[order].tolist()))
     if cfg.balance:
         column = eligible.groups.get(cfg.balance, [""] * len(eligible.ids))
-        chosen = _balanced(ranked, {pid: {cfg.balance: v} for pid, v in zip(eligible.ids, column)}, cfg.balance, k,
-                           dict(cfg.balance_weights) if cfg.balance_weights else None)
+        chosen = _balanced(
+            ranked,
+            {pid: {cfg.balance: v} for pid, v in zip(eligible.ids, column)},
+            cfg.balance,
+            k,
+            dict(cfg.balance_weights) if cfg.balance_weights else None,
+        )
     else:
         chosen = _mmr(ranked, score_of, k, cfg.diverse, train)
     return Selection(chosen, [score_of[p] for p in chosen], len(ranked), cfg)
 
 
-def _balanced(ranked: list[str], rows: dict[str, dict], column: str, k: int,
-              weights: dict[str, float] | None = None) -> list[str]:
+def _balanced(
+    ranked: list[str], rows: dict[str, dict], column: str, k: int, weights: dict[str, float] | None = None
+) -> list[str]:
     """Per-group quotas, best first in each group. Quotas follow `weights` (groups not named get
     none) or else the groups' shares of the eligible pool; a group with fewer members than its
     quota gives the rest to the others, in proportion."""
@@ -313,8 +364,10 @@ def _balanced(ranked: list[str], rows: dict[str, dict], column: str, k: int,
     if weights is not None:
         unknown = sorted(set(weights) - set(groups))
         if unknown:
-            raise GradselError(f"--balance-weights names {', '.join(unknown)}, not a {column} of any eligible problem",
-                               f"the eligible groups are {', '.join(sorted(groups))}")
+            raise GradselError(
+                f"--balance-weights names {', '.join(unknown)}, not a {column} of any eligible problem",
+                f"the eligible groups are {', '.join(sorted(groups))}",
+            )
     share = {g: (weights.get(g, 0.0) if weights is not None else len(m)) for g, m in groups.items()}
     quota = dict.fromkeys(groups, 0)
     active = {g for g in groups if share[g] > 0}
@@ -323,7 +376,7 @@ def _balanced(ranked: list[str], rows: dict[str, dict], column: str, k: int,
         total = sum(share[g] for g in active)
         exact = {g: left * share[g] / total for g in active}
         q = {g: int(v) for g, v in exact.items()}
-        for g in sorted(active, key=lambda g: (-(exact[g] - q[g]), g))[:left - sum(q.values())]:
+        for g in sorted(active, key=lambda g: (-(exact[g] - q[g]), g))[: left - sum(q.values())]:
             q[g] += 1
         full = {g for g in active if q[g] >= len(groups[g])}
         if all(q[g] <= len(groups[g]) for g in active):
@@ -333,5 +386,5 @@ def _balanced(ranked: list[str], rows: dict[str, dict], column: str, k: int,
             quota[g] = len(groups[g])
             left -= quota[g]
         active -= full
-    keep = {pid for g, members in groups.items() for pid in members[:quota[g]]}
+    keep = {pid for g, members in groups.items() for pid in members[: quota[g]]}
     return [pid for pid in ranked if pid in keep]

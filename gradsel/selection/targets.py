@@ -29,8 +29,10 @@ def resolve_target(target: str, feature: str, mode: str) -> str:
     none, so there every mode's is mean. Modes that read no target get mean, which they ignore."""
     if feature == "exact":
         if target in ("max", "subspace"):
-            raise GradselError(f"--target {target} needs gradient vectors, and the exact feature stores none",
-                               "use --target mean, or select from a projected or head store")
+            raise GradselError(
+                f"--target {target} needs gradient vectors, and the exact feature stores none",
+                "use --target mean, or select from a projected or head store",
+            )
         return "mean"
     if target != "auto":
         return target
@@ -91,15 +93,14 @@ def module_bases(queries: np.ndarray, units: int, max_rank: int | None = None) -
             found.append(np.zeros((width, 0)))
             continue
         _, sv, vt = np.linalg.svd(rows / np.linalg.norm(rows, axis=1, keepdims=True), full_matrices=False)
-        found.append(vt[:min(max_rank, int((sv > sv[0] * 1e-6).sum()))].T)
+        found.append(vt[: min(max_rank, int((sv > sv[0] * 1e-6).sum()))].T)
     bases = np.zeros((units, width, max(b.shape[1] for b in found)), dtype=np.float32)
     for u, b in enumerate(found):
-        bases[u, :, :b.shape[1]] = b
+        bases[u, :, : b.shape[1]] = b
     return bases, np.array([b.shape[1] > 0 for b in found])
 
 
-def subspace_share(vectors: VectorSet, queries: np.ndarray, units: int = 1,
-                   max_rank: int | None = None) -> np.ndarray:
+def subspace_share(vectors: VectorSet, queries: np.ndarray, units: int = 1, max_rank: int | None = None) -> np.ndarray:
     """For every vector of the split, the mean over modules of ||P_u c_u|| / ||c_u||: the share of
     the candidate's gradient in module u (its slice c_u) that the validation gradients' span in
     that module (P_u, from module_bases) holds, whatever its sign. A zero slice counts 0. Each
@@ -130,5 +131,7 @@ def mean_direction(vectors: VectorSet) -> np.ndarray:
         total = s if total is None else total + s
     norm = np.linalg.norm(total)
     if norm == 0:
-        raise GradselError("every candidate vector is zero", "no problem carries a GRPO signal; rescore with more rollouts")
+        raise GradselError(
+            "every candidate vector is zero", "no problem carries a GRPO signal; rescore with more rollouts"
+        )
     return (total / norm).astype(np.float32)

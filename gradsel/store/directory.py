@@ -72,7 +72,8 @@ class Store:
             newer = isinstance(version, int) and version > FORMAT_VERSION
             raise GradselError(
                 f"store {self.root} has format version {version}, this gradsel reads {FORMAT_VERSION}",
-                "upgrade gradsel" if newer else "rescore into a new --store with this version")
+                "upgrade gradsel" if newer else "rescore into a new --store with this version",
+            )
         return manifest
 
     def update_manifest(self, costs: dict | None = None, **fields) -> dict:
@@ -107,14 +108,16 @@ def open_store(path: str | Path) -> Store:
 def existing_store(path: str | Path) -> Store:
     root = Path(path)
     if not (root / "manifest.json").is_file():
-        raise GradselError(f"{root} is not a gradsel store (no manifest.json)",
-                           "create one with `gradsel rollout` or `gradsel score`")
+        raise GradselError(
+            f"{root} is not a gradsel store (no manifest.json)", "create one with `gradsel rollout` or `gradsel score`"
+        )
     store = Store(root)
     store.read_manifest()
     return store
 
 
 # -- shards -----------------------------------------------------------------------------------
+
 
 def shard_marker(shard: Path) -> Path:
     """The done-marker beside a shard: shard-00000.parquet -> shard-00000.done.json."""
@@ -136,8 +139,12 @@ def write_shard(stage: Path, index: int, table, source: str | None = None, cost:
     (make_shards), summed into the stage's cost by stage_cost."""
     data, marker = _shard_paths(stage, index)
     atomic_write_table(data, table)
-    atomic_write_json(marker, {"rows": table.num_rows, "sha256": file_sha256(data)}
-                      | ({"source": source} if source else {}) | ({"cost": cost} if cost else {}))
+    atomic_write_json(
+        marker,
+        {"rows": table.num_rows, "sha256": file_sha256(data)}
+        | ({"source": source} if source else {})
+        | ({"cost": cost} if cost else {}),
+    )
 
 
 def shard_done(stage: Path, index: int, source: str | None = None) -> bool:
@@ -190,8 +197,9 @@ def make_shards(stage: Path, todo, make, *, source=lambda index: None, tokens=la
             if made:
                 start, tokens_before = time.perf_counter(), tokens()
                 table = make(index)
-                write_shard(stage, index, table, source=checksum,
-                            cost=cost_since(start, tokens=tokens() - tokens_before))
+                write_shard(
+                    stage, index, table, source=checksum, cost=cost_since(start, tokens=tokens() - tokens_before)
+                )
         yield index, made
 
 
@@ -223,9 +231,13 @@ def stage_cost(stage: Path, n_shards: int) -> dict:
     costs = [shard_record(stage, i).get("cost") or {} for i in range(n_shards)]
     wall = sum(c.get("wall_s", 0.0) for c in costs)
     tokens = sum(c.get("tokens", 0) for c in costs)
-    out = {"shards": n_shards, "wall_s": round(wall, 3), "tokens": tokens,
-           "tokens_per_s": round(tokens / wall, 1) if wall > 0 and tokens else None,
-           "bytes": sum(shard_path(stage, i).stat().st_size for i in range(n_shards))}
+    out = {
+        "shards": n_shards,
+        "wall_s": round(wall, 3),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 and tokens else None,
+        "bytes": sum(shard_path(stage, i).stat().st_size for i in range(n_shards)),
+    }
     for key in ("peak_rss_bytes", "peak_gpu_bytes"):
         if any(key in c for c in costs):
             out[key] = max(c.get(key, 0) for c in costs)
@@ -235,6 +247,7 @@ def stage_cost(stage: Path, n_shards: int) -> dict:
 @dataclass(frozen=True)
 class Part:
     """`--shard i/N`: this process makes the shards whose number is i modulo N."""
+
     index: int
     count: int
 
@@ -269,7 +282,8 @@ def check_stage_key(stage: Path, key: str, what: str) -> None:
         if recorded.get("key") != key:
             raise GradselError(
                 f"{stage} already holds {what} made from different inputs",
-                "use a new --store for new inputs (model, problems, sampling or reward), or delete that directory")
+                "use a new --store for new inputs (model, problems, sampling or reward), or delete that directory",
+            )
     else:
         atomic_write_json(marker, {"key": key})
 
@@ -279,6 +293,7 @@ def mark_stage_complete(stage: Path, key: str, **info) -> None:
 
 
 # -- the writer lock ----------------------------------------------------------------------------
+
 
 @contextmanager
 def writer_lock(root: Path):
@@ -305,7 +320,8 @@ def writer_lock(root: Path):
             holder = {}
         raise GradselError(
             f"store {root} is locked by pid {holder.get('pid', '?')} on host {holder.get('host', '?')}",
-            "wait for that run to finish (the lock goes with its process)") from None
+            "wait for that run to finish (the lock goes with its process)",
+        ) from None
     try:
         atomic_write_json(holder_path, {"pid": os.getpid(), "host": socket.gethostname()})
         yield

@@ -14,8 +14,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradsel.store.directory import (Part, Store, check_stage_key, make_shards, mark_stage_complete, shard_done,
-                                  stage_complete, stage_cost)
+from gradsel.store.directory import (
+    Part,
+    Store,
+    check_stage_key,
+    make_shards,
+    mark_stage_complete,
+    shard_done,
+    stage_complete,
+    stage_cost,
+)
 
 
 def split_parts(count: int) -> list[Part]:
@@ -27,6 +35,7 @@ def split_parts(count: int) -> list[Part]:
 class Stage:
     """A stage directory of a store and the key of its inputs. A stage whose shards sit in
     sub-directories (features/<id>/train, /val) hands them out with `sub`."""
+
     store: Store
     directory: Path
     key: str
@@ -72,8 +81,9 @@ class Stage:
         """The shards `part` makes (every one without a part)."""
         return [i for i in range(n_shards) if part is None or part.owns(i)]
 
-    def todo(self, n_shards: int, part: Part | None = None,
-             source: Callable[[int], str | None] = lambda index: None) -> list[int]:
+    def todo(
+        self, n_shards: int, part: Part | None = None, source: Callable[[int], str | None] = lambda index: None
+    ) -> list[int]:
         """The shards of `part` not done yet (checked against `source(index)`, the checksum of the
         input shard each is made from, where there is one)."""
         return [i for i in self.owned(n_shards, part) if not self.done(i, source=source(i))]
@@ -84,8 +94,14 @@ class Stage:
         mine = set(self.owned(n_shards, part))
         return all(self.done(i) for i in range(n_shards) if i not in mine)
 
-    def make(self, todo: Iterable[int], make: Callable, *, source: Callable[[int], str | None] = lambda index: None,
-             tokens: Callable[[], int] = lambda: 0) -> Iterator[tuple[int, bool]]:
+    def make(
+        self,
+        todo: Iterable[int],
+        make: Callable,
+        *,
+        source: Callable[[int], str | None] = lambda index: None,
+        tokens: Callable[[], int] = lambda: 0,
+    ) -> Iterator[tuple[int, bool]]:
         """Make the shards of `todo` (store.make_shards: each under its lock, skipped if another
         process made it meanwhile, written with a marker that records its cost). Yields
         (index, made) after each shard."""

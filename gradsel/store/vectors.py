@@ -29,6 +29,7 @@ class VectorSet:
     """The vectors of one split ("train" or "val") of a features directory. Its ids, layout and
     fingerprint are read from the shards once: make a new VectorSet to see a rescore (a selection
     makes its own)."""
+
     directory: Path
     split: str
 
@@ -39,8 +40,10 @@ class VectorSet:
     def shards(self) -> list[Path]:
         shards = sorted((self.directory / self.split).glob("shard-*.parquet"))
         if not shards:
-            raise GradselError(f"{self.directory} holds no {self.split} vectors (the exact feature stores none)",
-                               "score with --feature projected or head for vector-based modes")
+            raise GradselError(
+                f"{self.directory} holds no {self.split} vectors (the exact feature stores none)",
+                "score with --feature projected or head for vector-based modes",
+            )
         return shards
 
     @cached_property
@@ -49,9 +52,14 @@ class VectorSet:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pa.chunked_array([chunk for s in self.shards
-                                 for chunk in pq.read_table(s, columns=["problem_id"]).column("problem_id").chunks],
-                                type=pa.string())
+        return pa.chunked_array(
+            [
+                chunk
+                for s in self.shards
+                for chunk in pq.read_table(s, columns=["problem_id"]).column("problem_id").chunks
+            ],
+            type=pa.string(),
+        )
 
     @cached_property
     def ids(self) -> list[str]:
@@ -103,7 +111,7 @@ class VectorSet:
                 stored = stored_vectors(batch.column(0), field)
                 if buffer is None or not reuse or buffer.shape[0] < len(stored):
                     buffer = np.empty(stored.shape, dtype=np.float32)
-                out = buffer[:len(stored)]
+                out = buffer[: len(stored)]
                 with warnings.catch_warnings():  # a read-only view of the file's bytes: torch only reads it
                     warnings.simplefilter("ignore", UserWarning)
                     source = torch.from_numpy(np.ascontiguousarray(stored, dtype=stored.dtype.newbyteorder("=")))
