@@ -547,4 +547,4 @@ def test_vectors_of_format_version_1_stores_read_as_before(tmp_path):
     old, new = (VectorSet(tmp_path / d, "train") for d in ("old", "new"))
     assert old.ids == new.ids == ids and old.dim == new.dim == 8
     np.testing.assert_array_equal(old.load(), new.load())
-    np.testing.assert_array_equal(new[1], v.astype(np.float32))
+    np.testing.assert_array_equal(new.load(), v.astype(np.float32))
