@@ -2,12 +2,16 @@
 comparing stores, the CLI's error contract, and the trainers' environments. Tests never import
 other test modules."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+
+from gradsel.demo.tasks import verl_row
 
 ROOT = Path(__file__).resolve().parents[1]
 GRADSEL = [sys.executable, "-m", "gradsel.cli"]
@@ -41,7 +45,6 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def assert_same_features(found: Path, reference: Path) -> None:
     """Two feature directories hold the same scores and byte-identical vector shards."""
-    import pyarrow.parquet as pq
 
     assert pq.read_table(found / "scores.parquet").equals(pq.read_table(reference / "scores.parquet"))
     for split in ("train", "val"):
@@ -80,3 +83,24 @@ def skip_unless_importable(python: Path, module: str, env: str, variable: str) -
     failed = TRAINER_ENVS / f"{env}.install-failed"
     why = failed.read_text().strip() if variable not in os.environ and failed.is_file() else "run `make trainer-envs`"
     pytest.skip(f"{module} is not importable by {python}: {why} (or set {variable}; docs/trainers.md)")
+
+
+# Arguments that make `gradsel score` quick on the bundled model (transformers engine, short answers).
+QUICK_SCORE = ["--engine", "hf", "--max-tokens", "6", "--n", "4", "--n-val", "4"]
+
+
+def arith_rows(n: int, split: str, domain: str = "add1") -> list[dict]:
+    return [verl_row(i % 10, "+", (3 * i) % 10, domain=domain, split=split, index=i) for i in range(n)]
+
+
+def write_odd_jsonl(rows: list[dict], path):
+    """JSON lines with a BOM, CRLF endings, blank lines and a line holding only a no-break space."""
+    parts = []
+    for i, row in enumerate(rows):
+        parts.append(json.dumps(row))
+        if i % 4 == 1:
+            parts.append("\u00a0")
+        if i % 5 == 2:
+            parts.append("   ")
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(parts).encode() + b"\r\n")
+    return path

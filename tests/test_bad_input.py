@@ -14,7 +14,8 @@ import pytest
 
 from gradsel.demo.tasks import write_regime
 from gradsel.inputs.models import resolve_model_path
-from helpers import GRADSEL, ROOT, assert_user_error, run_cli
+from helpers import GRADSEL, QUICK_SCORE, ROOT, arith_rows, assert_user_error, run_cli
+from verl_data import write_parquet
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "4", "--n-val", "8"]
 
@@ -167,3 +168,29 @@ def test_out_of_space_keeps_a_valid_store_that_resumes(data, tmp_path):
     run_cli(*args, "--store", str(store))
     ref_scores = next((tmp_path / "ref/features").glob("*/scores.parquet"))
     assert pq.read_table(next((store / "features").glob("*/scores.parquet"))).equals(pq.read_table(ref_scores))
+
+
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [("--dtype", "float64", "--dtype"), ("--device", "tpu", "--device"), ("--modules", "[", "--modules")],
+)
+def test_bad_score_options_fail_before_any_work(tmp_path, flag, value, needle):
+    pool = write_parquet(arith_rows(4, "train"), tmp_path / "pool.parquet")
+    store = tmp_path / "store"
+    proc = run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(pool),
+        "--store",
+        str(store),
+        *QUICK_SCORE,
+        flag,
+        value,
+        check=False,
+    )
+    assert_user_error(proc, needle)
+    assert not (store / "rollouts").exists()

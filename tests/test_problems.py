@@ -6,6 +6,7 @@ import pytest
 
 from gradsel.core.errors import GradselError
 from gradsel.inputs.problems import read_problems
+from verl_data import gsm8k_rows, math_rows, write_parquet
 
 
 def write_jsonl(path, rows):
@@ -86,3 +87,21 @@ def test_empty_prompts_list_every_row(tmp_path):
     with pytest.raises(GradselError) as err:
         read_problems(write_jsonl(tmp_path / "p.jsonl", rows))
     assert err.value.message.split(": ")[1] == "lines 1, 4, 7"
+
+
+def test_ids_are_unique_per_data_source_and_stable(tmp_path):
+    rows = gsm8k_rows([(2, 3), (4, 1)], "train") + math_rows("train")  # both number from 0
+    path = write_parquet(rows, tmp_path / "train.parquet")
+    ids = [p.problem_id for p in read_problems(path).problems]
+    assert ids == ["openai/gsm8k:0", "openai/gsm8k:1", *(f"DigitalLearningGmbH/MATH-lighteval:{i}" for i in range(4))]
+    assert ids == [p.problem_id for p in read_problems(path).problems]
+
+
+def test_pool_and_validation_ids_stay_apart(odd_jsonl_store):
+    _, pool, val, store = odd_jsonl_store
+    features = json.loads((store / "manifest.json").read_text())["features"]
+    rows = pq.read_table(store / features / "scores.parquet").to_pylist()
+    for split, path in (("train", pool), ("val", val)):
+        truth = {p.problem_id: p.data_source for p in read_problems(path).problems}
+        scored_sources = {r["problem_id"]: r["data_source"] for r in rows if r["split"] == split}
+        assert scored_sources == truth

@@ -14,6 +14,7 @@ import pytest
 from browser import Chromium, find_chromium
 from gradsel.demo.tasks import write_regime
 from gradsel.inputs.models import resolve_model_path
+from gradsel.inputs.problems import read_problems
 from helpers import ROOT, run_cli
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6", "--shard-size", "16"]
@@ -182,3 +183,12 @@ def test_the_browser_harness_sees_errors_and_empty_plots(tmp_path, chromium):
     errors = chromium.load(page.as_uri())
     assert any("drawn wrong" in e for e in errors) and any("boom" in e for e in errors)
     assert json.loads(chromium.evaluate(PLOTS)) == [{"width": 400, "height": 200, "marks": 0}]
+
+
+def test_info_shows_the_reward_used_per_data_source(odd_jsonl_store):
+    _, pool, _, store = odd_jsonl_store
+    info = json.loads(run_cli("info", "--store", str(store)).stdout)
+    sources = [p.data_source for p in read_problems(pool).problems]
+    assert info["rollouts"]["train"]["rewards"] == {s: {"int": sources.count(s)} for s in set(sources)}
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["rollouts"]["train"]["reward"] is None  # no --reward: chosen per row, recorded per source

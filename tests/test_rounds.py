@@ -14,7 +14,7 @@ from gradsel.inputs.models import resolve_model_path
 from gradsel.inputs.problems import read_problems
 from gradsel.pipeline.rounds import round_selection
 from gradsel.store.directory import writer_lock
-from helpers import GRADSEL, ROOT, run_cli
+from helpers import GRADSEL, QUICK_SCORE, ROOT, assert_user_error, run_cli
 
 SCORE = ["--engine", "hf", "--max-tokens", "8", "--n", "6", "--n-val", "6"]
 
@@ -355,3 +355,92 @@ def test_trl_loop_learns_what_the_selection_teaches(tmp_path):
     assert all(0 <= r[key] <= 1 for rounds in runs.values() for r in rounds for key in ("sampled", "greedy"))
     assert runs["oracle"][1]["sampled"] > runs["unwanted"][1]["sampled"] + 0.02, runs
     assert (tmp_path / "wrong-answer/seed0/oracle/round0/checkpoint/model.safetensors").is_file()
+
+
+def _rounds_store(tmp_path):
+    from gradsel.inputs.models import resolve_model_path
+
+    pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
+    store = tmp_path / "store"
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "10",
+        *QUICK_SCORE,
+    )
+    run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
+    ckpt2 = tmp_path / "ckpt2"
+    shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
+    cfg = json.loads((ckpt2 / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1.1e-5  # a "trained" checkpoint: a new content hash
+    (ckpt2 / "config.json").write_text(json.dumps(cfg))
+    return store, ckpt2
+
+
+def test_an_incomplete_round_is_finished_or_restarted_never_silently_rescored(tmp_path):
+    store, ckpt2 = _rounds_store(tmp_path)
+    m = json.loads((store / "manifest.json").read_text())
+    # A refresh that died in round 1, started with a checkpoint since found broken.
+    m["rounds"].append(
+        {"round": 1, "dir": "rounds/round-001", "chunk_ids": m["pool_order"][10:20], "model": str(ckpt2)}
+    )
+    (store / "manifest.json").write_text(json.dumps(m))
+    proc = run_cli("refresh", "--store", str(store), "--model", "tiny-arith", check=False)
+    assert_user_error(proc, f"it was started with {ckpt2}")
+    assert "--restart-round" in proc.stderr
+    run_cli("refresh", "--store", str(store), "--model", "tiny-arith", "--restart-round", "--force")
+    m = json.loads((store / "manifest.json").read_text())
+    assert [r["round"] for r in m["rounds"]] == [0, 1]
+    assert m["rounds"][1]["model"] == "tiny-arith" and m["rounds"][1]["chunk_ids"] == m["pool_order"][10:20]
+    assert "checkpoint" in m["rounds"][1]
+    proc = run_cli("refresh", "--store", str(store), "--model", str(ckpt2), "--restart-round", check=False)
+    assert_user_error(proc, "nothing to restart")
+
+
+def test_refresh_refuses_a_checkpoint_with_another_vocabulary(tmp_path):
+    store, ckpt2 = _rounds_store(tmp_path)
+    tok = json.loads((ckpt2 / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    (a, ia), (b, ib) = list(vocab.items())[-2:]
+    vocab[a], vocab[b] = ib, ia  # two tokens swap ids
+    (ckpt2 / "tokenizer.json").write_text(json.dumps(tok))
+    proc = run_cli("refresh", "--store", str(store), "--model", str(ckpt2), check=False)
+    assert_user_error(proc, "different vocabulary")
+    assert len(json.loads((store / "manifest.json").read_text())["rounds"]) == 1
+
+
+def test_a_round_without_a_selection_names_the_select_that_helps(tmp_path):
+    from gradsel.inputs.models import resolve_model_path
+
+    pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
+    store = tmp_path / "store"
+    run_cli(
+        "score",
+        "--model",
+        "tiny-arith",
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        "--chunk-size",
+        "10",
+        *QUICK_SCORE,
+    )
+    ckpt2 = tmp_path / "ckpt2"
+    shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
+    (ckpt2 / "generation_config.json").write_text("{}")  # a new content hash
+    proc = run_cli(
+        "refresh", "--store", str(store), "--model", str(ckpt2), "--top-k", "2", "--format", "ids", check=False
+    )
+    assert_user_error(proc, "round 0 has no selection yet")
+    assert f"gradsel select --store {store}" in proc.stderr and "within refresh" not in proc.stderr

@@ -1,6 +1,7 @@
 """Selection: every mode on a hand-made store, faithful output, pipes, refusals, and the demo."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,11 +13,12 @@ import pytest
 from gradsel.core.errors import GradselError
 from gradsel.core.fsutil import atomic_write_json, atomic_write_table
 from gradsel.core.schema import SCORES, vectors_table
+from gradsel.demo.tasks import write_regime
 from gradsel.inputs.problems import read_problems
 from gradsel.rollout.stage import problems_to_table
 from gradsel.selection.select import SelectConfig, select
 from gradsel.store.directory import FORMAT_VERSION, Store, write_shard
-from helpers import GRADSEL, ROOT, run_cli
+from helpers import GRADSEL, ROOT, assert_user_error, run_cli
 
 SPEC = {
     "feature": "projected",
@@ -279,7 +281,6 @@ def test_output_rows_equal_input_rows(store, tmp_path):
 
 
 def test_verl_round_trip_on_demo_data(tmp_path):
-    from gradsel.demo.tasks import write_regime
 
     pool, val = write_regime(tmp_path / "data", "noisy", size=48, val_size=12, seed=2)
     run_cli(
@@ -548,3 +549,73 @@ def test_vectors_of_format_version_1_stores_read_as_before(tmp_path):
     assert old.ids == new.ids == ids and old.dim == new.dim == 8
     np.testing.assert_array_equal(old.load(), new.load())
     np.testing.assert_array_equal(new.load(), v.astype(np.float32))
+
+
+def test_jsonl_rows_emitted_are_the_rows_selected(odd_jsonl_store):
+    _, pool, _, store = odd_jsonl_store
+    ids = run_cli("select", "--store", str(store), "--all", "--format", "ids", "--out", "-").stdout.split()
+    emitted = run_cli("select", "--store", str(store), "--all", "--format", "jsonl", "--out", "-").stdout
+    got = [f"{r['data_source']}:{r['extra_info']['index']}" for r in map(json.loads, emitted.splitlines())]
+    assert got == ids and len(ids) > 0
+
+
+def test_balance_on_a_missing_column_is_refused(odd_jsonl_store):
+    _, _, _, store = odd_jsonl_store
+    proc = run_cli(
+        "select", "--store", str(store), "--top-k", "2", "--balance", "ability", "--format", "ids", check=False
+    )
+    assert_user_error(proc, "data_source")
+
+
+def test_mixed_type_jsonl_field_to_parquet_is_refused_not_a_traceback(odd_jsonl_store, tmp_path):
+    _, _, _, store = odd_jsonl_store
+    out = tmp_path / "sel.parquet"
+    proc = run_cli(
+        "select",
+        "--store",
+        str(store),
+        "--all",
+        "--include-zero-advantage",
+        "--format",
+        "verl",
+        "--out",
+        str(out),
+        check=False,
+    )
+    assert_user_error(proc, "extra_info")
+    assert "--format jsonl" in proc.stderr and not out.exists()
+
+
+def test_out_that_is_a_directory(odd_jsonl_store, tmp_path):
+    _, _, _, store = odd_jsonl_store
+    proc = run_cli(
+        "select",
+        "--store",
+        str(store),
+        "--top-k",
+        "2",
+        "--format",
+        "ids",
+        "--out",
+        str(tmp_path),
+        "--force",
+        check=False,
+    )
+    assert_user_error(proc, "is a directory")
+
+
+def test_a_closed_pipe_is_not_an_error(odd_jsonl_store):
+    _, _, _, store = odd_jsonl_store
+    env = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        " ".join([*GRADSEL, "select", "--store", str(store), "--all", "--format", "jsonl", "--out", "-"])
+        + " | head -c 1 > /dev/null; echo ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.stdout.strip() == "0", proc.stderr
+    assert "Traceback" not in proc.stderr and "error" not in proc.stderr

@@ -5,9 +5,10 @@ import shutil
 import pytest
 
 from gradsel.core.errors import GradselError
+from gradsel.demo.tasks import write_regime
 from gradsel.inputs.models import load_causal_lm, resolve_model_path
 from gradsel.inputs.snapshot import content_hash, take_snapshot
-from helpers import run_cli
+from helpers import QUICK_SCORE, assert_user_error, run_cli
 
 
 @pytest.fixture
@@ -71,3 +72,90 @@ def test_lora_adapter_on_its_base(tmp_path, model_copy):
     assert type(merged) is type(plain)
     q_merged = merged.model.layers[0].self_attn.q_proj.weight
     assert not q_merged.equal(plain.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.fixture
+def lora_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from gradsel.inputs.models import resolve_model_path
+
+    base_dir = resolve_model_path("tiny-arith")
+    lora = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
+    lora.save_pretrained(tmp_path / "adapter")  # PEFT saves no tokenizer
+    cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (tmp_path / "adapter/adapter_config.json").write_text(json.dumps(cfg))
+    assert not (tmp_path / "adapter/tokenizer.json").exists()
+    return tmp_path / "adapter"
+
+
+def test_a_lora_adapter_scores_with_its_base_tokenizer_merged_once(lora_adapter, tmp_path):
+    pool, val = write_regime(tmp_path / "data", "clean", size=10, val_size=16, seed=2)
+    store = tmp_path / "store"
+    run_cli(
+        "score",
+        "--model",
+        str(lora_adapter),
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(store),
+        *QUICK_SCORE,
+    )
+    merged = list((store / "merged").iterdir())
+    assert len(merged) == 1 and (merged[0] / "tokenizer.json").is_file() and (merged[0] / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_rolls_out_through_vllm(lora_adapter, tmp_path):
+    pool, val = write_regime(tmp_path / "data", "clean", size=10, val_size=16, seed=2)
+    summary = json.loads(
+        run_cli(
+            "score",
+            "--model",
+            str(lora_adapter),
+            "--pool",
+            str(pool),
+            "--val",
+            str(val),
+            "--store",
+            str(tmp_path / "store"),
+            "--engine",
+            "vllm",
+            "--max-tokens",
+            "6",
+            "--n",
+            "4",
+        ).stdout
+    )
+    assert summary["candidates"] == 10
+
+
+def test_a_truncated_safetensors_file_is_a_user_error(tmp_path):
+    from gradsel.inputs.models import resolve_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_path("tiny-arith"), model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    pool, val = write_regime(tmp_path / "data", "clean", size=4, val_size=4, seed=2)
+    proc = run_cli(
+        "score",
+        "--model",
+        str(model),
+        "--pool",
+        str(pool),
+        "--val",
+        str(val),
+        "--store",
+        str(tmp_path / "store"),
+        *QUICK_SCORE,
+        check=False,
+    )
+    assert_user_error(proc, "is incomplete or damaged")
