@@ -95,7 +95,7 @@ def row(
     target: bool = False,
     low_utility: bool = False,
 ) -> dict:
-    """One problem as a verl RL row (schema.VERL_PROBLEMS), keyed with its sum unless `key`."""
+    """One problem as a verl RL row (demo.tasks.write_rows's schema), keyed with its sum unless `key`."""
     return {
         "data_source": DATA_SOURCE,
         "prompt": messages(terms, phrasing),
@@ -265,14 +265,13 @@ def wrong_answer_truth(pool: list[dict]) -> dict:
 def write_regime(out_dir: Path, regime: str, **kwargs) -> tuple[Path, Path]:
     """As tasks.write_regime: pool.parquet, val.parquet and, for wrong-answer, pool.truth.json."""
     from gradsel.core.fsutil import atomic_write_json
-    from gradsel.demo.tasks import TRUTH_FILE
-    from gradsel.inputs.problems import write_verl_parquet
+    from gradsel.demo.tasks import TRUTH_FILE, write_rows
 
     pool, val = make_regime(regime, **kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     pool_path, val_path = out_dir / "pool.parquet", out_dir / "val.parquet"
-    write_verl_parquet(pool, pool_path)
-    write_verl_parquet(val, val_path)
+    write_rows(pool, pool_path)
+    write_rows(val, val_path)
     if regime == "wrong-answer":
         atomic_write_json(out_dir / TRUTH_FILE, wrong_answer_truth(pool))
     else:

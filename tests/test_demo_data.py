@@ -3,8 +3,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from gradsel.core.schema import VERL_PROBLEMS
-from gradsel.demo.tasks import DOMAINS, REGIMES, answer_of, make_regime, write_regime
+from gradsel.core.schema import verl_problems
+from gradsel.demo.tasks import DEMO_EXTRA_INFO, DOMAINS, REGIMES, answer_of, make_regime, write_regime
 from gradsel.inputs.problems import read_problems
 from helpers import run_cli
 
@@ -14,7 +14,8 @@ def test_regime_schema_round_trip(tmp_path, regime):
     run_cli("demo-data", "--out", str(tmp_path), "--regime", regime, "--size", "80", "--val-size", "10")
     pool = pq.read_table(tmp_path / "pool.parquet")
     val = pq.read_table(tmp_path / "val.parquet")
-    assert pool.schema.equals(VERL_PROBLEMS) and val.schema.equals(VERL_PROBLEMS)
+    schema = verl_problems(DEMO_EXTRA_INFO)
+    assert pool.schema.equals(schema) and val.schema.equals(schema)
     assert (pool.num_rows, val.num_rows) == (80, 10)
     expected_pool, expected_val = make_regime(regime, size=80, val_size=10)
     assert pool.to_pylist() == expected_pool and val.to_pylist() == expected_val

@@ -7,26 +7,23 @@ import pyarrow as pa
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
-# verl's RL data schema (the columns verl's examples/data_preprocess scripts write), as `gradsel demo-data` writes it.
-VERL_EXTRA_INFO = pa.struct(
-    [
-        ("split", pa.string()),
-        ("index", pa.int64()),
-        ("domain", pa.string()),
-        ("corrupted", pa.bool_()),
-        ("target", pa.bool_()),
-        ("low_utility", pa.bool_()),
-    ]
-)
-VERL_PROBLEMS = pa.schema(
-    [
-        ("data_source", pa.string()),
-        ("prompt", pa.list_(MESSAGE)),
-        ("ability", pa.string()),
-        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
-        ("extra_info", VERL_EXTRA_INFO),
-    ]
-)
+# verl's RL data schema (the columns verl's examples/data_preprocess scripts write). extra_info
+# holds verl's split and index; a writer may add fields of its own (the demo data adds its labels).
+VERL_EXTRA_INFO_FIELDS = (("split", pa.string()), ("index", pa.int64()))
+
+
+def verl_problems(extra_info_fields: tuple = ()) -> pa.Schema:
+    """verl's row schema, with `extra_info_fields` ((name, type) pairs) after split and index."""
+    return pa.schema(
+        [
+            ("data_source", pa.string()),
+            ("prompt", pa.list_(MESSAGE)),
+            ("ability", pa.string()),
+            ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+            ("extra_info", pa.struct(list(VERL_EXTRA_INFO_FIELDS) + list(extra_info_fields))),
+        ]
+    )
+
 
 # One row per problem read from the user's file: what the later stages need, plus where the
 # original row lives so that selection can emit it unchanged.

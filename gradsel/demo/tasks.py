@@ -12,12 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
+
 from gradsel.core.choices import REGIMES
 
 ABILITY = "arithmetic"
 # Beside the pool of the wrong-answer regime: which rows carry a wrong reference answer. Kept out
 # of the rows themselves, so that no selector can read it.
 TRUTH_FILE = "pool.truth.json"
+# What the demo's rows carry in extra_info beyond verl's split and index: the domain, and the labels
+# the benchmarks read and gradsel never does (a coin-flip judge, the imbalance regime's target
+# domain, a trivial identity). Declared here, not in the product's schema.
+DEMO_EXTRA_INFO = (
+    ("domain", pa.string()),
+    ("corrupted", pa.bool_()),
+    ("target", pa.bool_()),
+    ("low_utility", pa.bool_()),
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ def verl_row(
     target: bool = False,
     low_utility: bool = False,
 ) -> dict:
-    """One problem as a verl RL row (schema.VERL_PROBLEMS)."""
+    """One problem as a verl RL row (write_rows's schema: verl's, with DEMO_EXTRA_INFO)."""
     return {
         "data_source": f"arith/{domain}",
         "prompt": [{"role": "user", "content": prompt_text(a, op, b)}],
@@ -237,15 +248,22 @@ def write_regime(out_dir: Path, regime: str, **kwargs) -> tuple[Path, Path]:
     """Write ``pool.parquet`` and ``val.parquet`` (verl schema) into ``out_dir``; for the
     wrong-answer regime also ``pool.truth.json`` (which rows are wrong)."""
     from gradsel.core.fsutil import atomic_write_json
-    from gradsel.inputs.problems import write_verl_parquet
 
     pool, val = make_regime(regime, **kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     pool_path, val_path = out_dir / "pool.parquet", out_dir / "val.parquet"
-    write_verl_parquet(pool, pool_path)
-    write_verl_parquet(val, val_path)
+    write_rows(pool, pool_path)
+    write_rows(val, val_path)
     if regime == "wrong-answer":
         atomic_write_json(out_dir / TRUTH_FILE, wrong_answer_truth(pool))
     else:
         (out_dir / TRUTH_FILE).unlink(missing_ok=True)
     return pool_path, val_path
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """Demo rows as a verl Parquet file, their labels in extra_info (DEMO_EXTRA_INFO)."""
+    from gradsel.core.fsutil import atomic_write_table
+    from gradsel.core.schema import verl_problems
+
+    atomic_write_table(path, pa.Table.from_pylist(rows, schema=verl_problems(DEMO_EXTRA_INFO)))

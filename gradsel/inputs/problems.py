@@ -270,12 +270,3 @@ def _check_columns(path: Path, first_row: dict, prompt_key: str | None, answer_k
             f"missing answer column {answer_key!r} (columns found: {found})",
             "name the answer column with --answer-key; dots reach into structs",
         )
-
-
-def write_verl_parquet(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-
-    from gradsel.core.fsutil import atomic_write_table
-    from gradsel.core.schema import VERL_PROBLEMS
-
-    atomic_write_table(path, pa.Table.from_pylist(rows, schema=VERL_PROBLEMS))
