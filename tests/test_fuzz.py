@@ -173,7 +173,7 @@ VALUES = st.one_of(
 @settings(max_examples=120, deadline=None)
 @given(st.sampled_from(COMMANDS), st.lists(st.tuples(st.sampled_from(OPTIONS), VALUES), max_size=5))
 def test_random_arguments_never_give_a_traceback(tmp_path_factory, command, pairs):
-    from gradsel.cli.app import app as cli
+    import gradsel.cli.app as cli
 
     missing = tmp_path_factory.mktemp("fuzz") / "does-not-exist"  # every path the fuzzer names is absent
     argv = [command] if command else []
