@@ -357,9 +357,8 @@ def test_trl_loop_learns_what_the_selection_teaches(tmp_path):
     assert (tmp_path / "wrong-answer/seed0/oracle/round0/checkpoint/model.safetensors").is_file()
 
 
-def _rounds_store(tmp_path):
-    from gradsel.inputs.models import resolve_model_path
-
+def _chunked_store(tmp_path):
+    """A clean pool scored in chunks of 10 (round 0 made, nothing selected yet)."""
     pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
     store = tmp_path / "store"
     run_cli(
@@ -376,6 +375,13 @@ def _rounds_store(tmp_path):
         "10",
         *QUICK_SCORE,
     )
+    return store
+
+
+def _rounds_store(tmp_path):
+    from gradsel.inputs.models import resolve_model_path
+
+    store = _chunked_store(tmp_path)
     run_cli("select", "--store", str(store), "--top-k", "3", "--allow-fewer", "--format", "ids")
     ckpt2 = tmp_path / "ckpt2"
     shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
@@ -420,22 +426,7 @@ def test_refresh_refuses_a_checkpoint_with_another_vocabulary(tmp_path):
 def test_a_round_without_a_selection_names_the_select_that_helps(tmp_path):
     from gradsel.inputs.models import resolve_model_path
 
-    pool, val = write_regime(tmp_path / "data", "clean", size=30, val_size=16, seed=2)
-    store = tmp_path / "store"
-    run_cli(
-        "score",
-        "--model",
-        "tiny-arith",
-        "--pool",
-        str(pool),
-        "--val",
-        str(val),
-        "--store",
-        str(store),
-        "--chunk-size",
-        "10",
-        *QUICK_SCORE,
-    )
+    store = _chunked_store(tmp_path)
     ckpt2 = tmp_path / "ckpt2"
     shutil.copytree(resolve_model_path("tiny-arith"), ckpt2)
     (ckpt2 / "generation_config.json").write_text("{}")  # a new content hash
