@@ -220,7 +220,7 @@ def run_arm(
             model.zero_grad(set_to_none=True)
             for rows in pack_batches(groups, "seq-mean-token-mean", budget):  # one sequence per rollout
                 batch = batch_tensors(rows, 0, device)
-                weighted_nll(model(**batch.model_inputs(model)).logits, batch.ids, batch.weights).backward()
+                weighted_nll(batch.forward(model).logits, batch.ids, batch.weights).backward()
         elif arm in ("projected", "exact-align", "sketch", "shared"):
             projected_features(
                 model,

@@ -18,6 +18,7 @@ from gradsel.gradients import (
     make_spec,
     pack_batches,
     projected_features,
+    shared_prompt_attention,
     shared_prompt_support,
     validation_gradient,
 )
@@ -55,6 +56,8 @@ def test_shared_prompt_vectors_equal_one_sequence_per_rollout(arch):
     """Projected vectors (every Linear, router and expert stack) and the exact in-pass alignment."""
     model = build(arch)
     assert shared_prompt_support(model) is None  # the shared pass really runs, not the fallback
+    # sliding-window models keep the dense masks (the block attention applies no window)
+    assert shared_prompt_attention(model) == ("mask" if arch in ("mistral", "gpt_oss") else "blocks")
     vocab = model.get_input_embeddings().weight.shape[0]
     groups = toy_groups(seed=2, n_problems=5, vocab=min(vocab, 32))  # prompts of 3-6 tokens, one zero-advantage
     spec = make_spec(model, feature="projected", modules=None, sketch=(4, 4), seed=1, dtype="float32")
@@ -98,6 +101,43 @@ def test_shared_prompt_head_feature_equals_one_sequence_per_rollout(loss_agg):
         assert_same(
             plain, head_features(model, groups, spec, loss_agg=loss_agg, pad_id=0, max_tokens=40, packing=packing)
         )
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_block_attention_equals_the_dense_mask(padding_side):
+    """The block attention (gradients.attention) against sdpa over the dense 4D masks, on one
+    batch of rows with prompts of different lengths, a 1-token prompt (nothing to share: the
+    row is its responses alone), responses of different lengths and padding on either side:
+    the same logits and the same input-embedding gradients at every real position."""
+    from gradsel.gradients.loss import batch_tensors
+
+    model = load_causal_lm("tiny-arith")
+    assert shared_prompt_attention(model) == "blocks"
+    groups = toy_groups(seed=5, n_problems=4, k=4, zero_at=())
+    groups[0].prompt_ids = [[7]] * 4
+    rows = [r for batch in pack_batches(groups, LOSS_AGG, 1 << 20, share_prompts=True) for r in batch]
+    assert len(rows) == 4 and any(not r.shared for r in rows)
+    batch = batch_tensors(rows, 0, "cpu", padding_side)
+    assert (batch.slots < 0).any()  # padded
+
+    def run(attention):
+        embeddings = model.get_input_embeddings()
+        captured = {}
+        # the embeddings as a leaf, so their gradient is kept
+        handle = embeddings.register_forward_hook(
+            lambda m, a, out: captured.setdefault("e", out.detach().requires_grad_())
+        )
+        try:
+            logits = batch.forward(model, attention).logits
+        finally:
+            handle.remove()
+        real = batch.slots >= 0
+        (logits[real] * batch.weights[real].unsqueeze(-1)).sum().backward()
+        return logits[real].detach(), captured["e"].grad[real]
+
+    (blocks, blocks_grad), (dense, dense_grad) = run("blocks"), run("mask")
+    assert_same(dense.numpy(), blocks.numpy())
+    assert_same(dense_grad.numpy(), blocks_grad.numpy())
 
 
 def test_a_problem_costs_its_prompt_once():
@@ -206,8 +246,8 @@ def test_score_shares_prompts_by_default_and_records_it(tmp_path):
     those of --no-share-prompts (up to float32 rounding)."""
     _, shared_manifest, shared = _score_cli(tmp_path, "tiny-arith")
     _, plain_manifest, plain = _score_cli(tmp_path, "tiny-arith", "--no-share-prompts")
-    assert shared_manifest["prompt_sharing"] == {"used": True, "reason": None}
-    assert plain_manifest["prompt_sharing"] == {"used": False, "reason": "--no-share-prompts"}
+    assert shared_manifest["prompt_sharing"] == {"used": True, "reason": None, "attention": "blocks"}
+    assert plain_manifest["prompt_sharing"] == {"used": False, "reason": "--no-share-prompts", "attention": None}
     assert shared_manifest["features"] == plain_manifest["features"]  # the same feature space
     assert shared.column("problem_id").to_pylist() == plain.column("problem_id").to_pylist()
     norms, plain_norms = shared.column("grad_norm").to_numpy(), plain.column("grad_norm").to_numpy()

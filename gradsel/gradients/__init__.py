@@ -50,6 +50,7 @@ from gradsel.gradients.loss import (
     pack_batches,
     packing_for,
     policy_loss,
+    shared_prompt_attention,
     shared_prompt_support,
     token_weights,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "projection_matrix",
     "resolve_units",
     "select_units",
+    "shared_prompt_attention",
     "shared_prompt_support",
     "token_weights",
     "truncate_validation_gradient",

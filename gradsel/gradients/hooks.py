@@ -322,7 +322,7 @@ def head_features(
             rows, cols = torch.nonzero(weights, as_tuple=True)  # response positions only: (N,)
             captured = {}
             with output_layer_sees(model, rows, cols, captured):
-                logits = model(**batch.model_inputs(model)).logits[0].float()  # (N, V)
+                logits = batch.forward(model).logits[0].float()  # (N, V)
             if "h" not in captured:  # the model computed its logits without calling its output module
                 raise GradselError(
                     f"{type(model).__name__} does not call its output layer as a module, so "

@@ -12,6 +12,7 @@ import numpy as np
 
 from gradsel.core.choices import LOSS_AGGS
 from gradsel.core.errors import GradselError
+from gradsel.gradients.attention import blocks_attention, shared_prompt_layout
 
 EPS = 1e-6
 
@@ -212,24 +213,31 @@ class PackedBatch:
     attend: object | None = None  # (B, T, T) bool, shared-prompt rows
     positions: object | None = None  # (B, T) long, shared-prompt rows
     segments: object | None = None
+    shared: bool = False  # SharedPromptRow rows (not plain rows through the 4D path)
 
     @property
     def n_tokens(self) -> int:
         """Real (non-padding) positions run."""
         return int((self.slots >= 0).sum())
 
-    def model_inputs(self, model) -> dict:
-        """The model's keyword arguments: the 2D padding mask of plain rows, or for shared-prompt
-        rows their position ids and the additive 4D mask (per attention kind, with the model's
-        sliding window as transformers would apply it to each original sequence)."""
+    def forward(self, model, attention: str | None = None):
+        """The model's output on this batch. Plain rows pass their 2D padding mask. Shared-prompt
+        rows pass their position ids and either their layout to the block attention
+        (attention.py; `attention="blocks"`) or the additive 4D masks (`"mask"`: per attention
+        kind, with the model's sliding window as transformers would apply it to each original
+        sequence); by default, whichever `shared_prompt_support` found exact for the model."""
         if self.attend is None:
-            return {"input_ids": self.ids, "attention_mask": self.mask, "use_cache": False}
-        return {
-            "input_ids": self.ids,
-            "position_ids": self.positions,
-            "use_cache": False,
-            "attention_mask": _attention_masks(model, self.attend, self.positions),
-        }
+            return model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
+        if self.shared and (attention or shared_prompt_attention(model)) == "blocks":
+            with blocks_attention(model):
+                return model(
+                    input_ids=self.ids,
+                    position_ids=self.positions,
+                    use_cache=False,
+                    shared_prompt_layout=shared_prompt_layout(self.segments),
+                )
+        masks = _attention_masks(model, self.attend, self.positions)
+        return model(input_ids=self.ids, position_ids=self.positions, use_cache=False, attention_mask=masks)
 
 
 def _attention_masks(model, attend, positions):
@@ -314,6 +322,7 @@ def batch_tensors(
         attend=attend.to(device),
         positions=positions.to(device),
         segments=segments.to(device),
+        shared=shared,
     )
 
 
@@ -362,10 +371,10 @@ def policy_loss(model, batch: PackedBatch, *, all_logits: bool = False):
 
     ids, weights = batch.ids, batch.weights
     if all_logits:
-        return weighted_nll(model(**batch.model_inputs(model)).logits, ids, weights)
+        return weighted_nll(batch.forward(model).logits, ids, weights)
     rows, cols = torch.nonzero(weights, as_tuple=True)  # the last position of a row never has weight
     with output_layer_sees(model, rows, cols):
-        logits = model(**batch.model_inputs(model)).logits
+        logits = batch.forward(model).logits
     if logits.shape[:2] != (1, rows.numel()):  # a model that bypasses its output module's forward
         return weighted_nll(logits, ids, weights)
     nll = F.cross_entropy(logits[0].float(), ids[rows, cols + 1], reduction="none")
@@ -374,18 +383,26 @@ def policy_loss(model, batch: PackedBatch, *, all_logits: bool = False):
 
 # -- where prompt sharing applies -----------------------------------------------------------------
 
-_SHARED_SUPPORT = weakref.WeakKeyDictionary()  # model -> reason or None
+_SHARED_SUPPORT = weakref.WeakKeyDictionary()  # model -> (why not or None, "blocks" | "mask" | None)
 
 
 def shared_prompt_support(model) -> str | None:
     """None where `model` computes shared-prompt rows exactly as their own sequences; else why it
-    cannot, in words. Decided once per model: its attention must take a custom 4D mask (eager,
-    sdpa), its layers be of kinds whose masks gradsel builds (full, sliding window), and a probe
-    problem (two responses, the prompt longer than a small sliding window) must give the same
-    logits both ways, within the dtype's rounding."""
+    cannot, in words. Decided once per model: its attention must be eager or sdpa, its layers of
+    kinds whose masks gradsel builds (full, sliding window), and a probe problem (two responses,
+    the prompt longer than a small sliding window) must give the same logits both ways, within
+    the dtype's rounding: through the block attention (attention.py) where no layer has a sliding
+    window, else (or where that differs) through dense 4D masks."""
     if model not in _SHARED_SUPPORT:
         _SHARED_SUPPORT[model] = _probe_shared_rows(model)
-    return _SHARED_SUPPORT[model]
+    return _SHARED_SUPPORT[model][0]
+
+
+def shared_prompt_attention(model) -> str | None:
+    """How `model` attends over shared-prompt rows: "blocks" (attention.py), "mask" (dense 4D
+    masks), or None where it cannot share prompts (shared_prompt_support says why)."""
+    shared_prompt_support(model)
+    return _SHARED_SUPPORT[model][1]
 
 
 def packing_for(model, packing: Packing) -> Packing:
@@ -407,18 +424,17 @@ def packing_for(model, packing: Packing) -> Packing:
     return replace(packing, share_prompts=False)
 
 
-def _probe_shared_rows(model) -> str | None:
+def _probe_shared_rows(model) -> tuple[str | None, str | None]:
     import torch
 
     config = model.config
     impl = getattr(config, "_attn_implementation", None)
     if impl not in ("eager", "sdpa"):
-        return f"attention implementation {impl!r} takes no custom 4D mask (eager and sdpa do)"
+        return f"attention implementation {impl!r} takes no custom 4D mask (eager and sdpa do)", None
     kinds = set(getattr(config, "layer_types", None) or []) if hasattr(config, "layer_types") else set()
     if kinds - {"full_attention", "sliding_attention"}:
-        return (
-            f"layer kinds {sorted(kinds - {'full_attention', 'sliding_attention'})} need masks gradsel does not build"
-        )
+        unknown = sorted(kinds - {"full_attention", "sliding_attention"})
+        return f"layer kinds {unknown} need masks gradsel does not build", None
     window = getattr(config, "sliding_window", None) or None
     gen = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -426,21 +442,37 @@ def _probe_shared_rows(model) -> str | None:
     responses = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (3, 2)]
     group = ProblemRollouts("probe", [prompt.tolist()] * 2, responses, [1.0, 0.0], advantages=[1.0, -1.0])
     device = next(model.parameters()).device
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
 
-    def response_logits(share: bool):
+    def response_logits(share: bool, attention: str | None = None):
         batch = batch_tensors(next(pack_batches([group], "seq-mean-token-sum", 1 << 30, share)), 0, device)
         with torch.no_grad():
-            logits = model(**batch.model_inputs(model)).logits.float()
+            logits = batch.forward(model, attention).logits.float()
         # per response (its weight tells it apart), the logits at its weighted positions in order
         return {float(w): logits[batch.weights == w] for w in batch.weights.unique().tolist() if w != 0}
 
+    def same(plain, shared):
+        return all(
+            w in shared
+            and shared[w].shape == ref.shape
+            and float((shared[w] - ref).abs().max()) <= tolerance * float(ref.abs().max())
+            for w, ref in plain.items()
+        )
+
+    plain = response_logits(False)
+    # the block attention applies no sliding window; a model whose attention it does not
+    # reproduce (or whose forward does not pass its layout through) uses the dense masks
+    if window is None and "sliding_attention" not in kinds:
+        try:
+            if same(plain, response_logits(True, "blocks")):
+                return None, "blocks"
+        except Exception:
+            pass
     try:
-        plain, shared = response_logits(False), response_logits(True)
+        shared = response_logits(True, "mask")
     except Exception as exc:  # a model whose forward refuses position ids or a 4D mask
-        return f"{type(model).__name__} refuses a 4D attention mask with position ids ({type(exc).__name__}: {exc})"
-    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
-    for w, ref in plain.items():
-        got = shared.get(w)
-        if got is None or got.shape != ref.shape or float((got - ref).abs().max()) > tolerance * float(ref.abs().max()):
-            return f"{type(model).__name__} does not give a response the same logits over a shared prompt"
-    return None
+        name = type(model).__name__
+        return f"{name} refuses a 4D attention mask with position ids ({type(exc).__name__}: {exc})", None
+    if not same(plain, shared):
+        return f"{type(model).__name__} does not give a response the same logits over a shared prompt", None
+    return None, "mask"

@@ -41,6 +41,7 @@ from gradsel.gradients import (
     make_spec,
     packing_for,
     projected_features,
+    shared_prompt_attention,
     shared_prompt_support,
     truncate_validation_gradient,
     validation_gradient,
@@ -401,10 +402,12 @@ def _manifest_fields(spec: ProjectorSpec, cfg: ScoreConfig, stage: Stage) -> dic
 def _packing(store, model, cfg: ScoreConfig) -> Packing:
     """The gradient pass's layout: prompts shared where asked for and the model takes it. A
     fallback is said on stderr (packing_for) and, like the choice itself, recorded in the
-    manifest's `prompt_sharing`."""
+    manifest's `prompt_sharing`, with the attention that runs the shared rows ("blocks" or
+    "mask", gradients.attention)."""
     packing = packing_for(model, Packing(share_prompts=cfg.share_prompts))  # first: it warns
     reason = shared_prompt_support(model) if cfg.share_prompts else "--no-share-prompts"
-    store.update_manifest(prompt_sharing={"used": packing.share_prompts, "reason": reason})
+    attention = shared_prompt_attention(model) if packing.share_prompts else None
+    store.update_manifest(prompt_sharing={"used": packing.share_prompts, "reason": reason, "attention": attention})
     return packing
 
 
