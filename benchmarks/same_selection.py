@@ -61,7 +61,16 @@ def compare(work: Path, regime: str, seed: int, size: int, val_size: int, n: int
         )
         chosen = [select(open_store(stores[s]), cfg).problem_ids for s in (True, False)]
         if chosen[0] != chosen[1]:
-            differ.append(f"{mode} --target {target}: {len(set(chosen[0]) ^ set(chosen[1])) // 2} problems")
+            swapped = len(set(chosen[0]) ^ set(chosen[1])) // 2
+            moved = sum(x != y for x, y in zip(chosen[0], chosen[1]))
+            differ.append(
+                f"{mode} --target {target}: "
+                + (
+                    f"{swapped} problems"
+                    if swapped
+                    else f"the same problems, {moved} of {len(chosen[0])} in another order"
+                )
+            )
     a = {r["problem_id"]: r for r in scores[True]}
     b = {r["problem_id"]: r for r in scores[False]}
     norms = np.array([b[p]["grad_norm"] or 0.0 for p in b])
