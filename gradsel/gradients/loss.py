@@ -202,17 +202,17 @@ class PackedBatch:
 
     weights[b, t] multiplies the nll of predicting ids[b, t+1] from position t; slots[b, t] is
     the problem slot of a real position, -1 for padding; every real position of a row belongs
-    to one problem. Plain rows carry a (B, T) padding mask; shared-prompt rows a (B, T, T)
-    boolean `attend` (query, key) with their position ids and each position's part (`segments`:
-    0 the shared prompt, i the i-th response, -1 padding)."""
+    to one problem. Plain rows carry a (B, T) padding mask; shared-prompt rows (and left-padded
+    plain rows) their position ids and each position's part (`segments`: 0 the shared prompt, i
+    the i-th response, -1 padding), from which the forward pass builds the block layout or the
+    dense masks."""
 
     ids: object
     weights: object
     slots: object
     mask: object | None = None  # (B, T) long, plain rows
-    attend: object | None = None  # (B, T, T) bool, shared-prompt rows
     positions: object | None = None  # (B, T) long, shared-prompt rows
-    segments: object | None = None
+    segments: object | None = None  # (B, T) long, shared-prompt rows
     shared: bool = False  # SharedPromptRow rows (not plain rows through the 4D path)
 
     @property
@@ -226,7 +226,7 @@ class PackedBatch:
         (attention.py; `attention="blocks"`) or the additive 4D masks (`"mask"`: per attention
         kind, with the model's sliding window as transformers would apply it to each original
         sequence); by default, whichever `shared_prompt_support` found exact for the model."""
-        if self.attend is None:
+        if self.segments is None:
             return model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
         if self.shared and (attention or shared_prompt_attention(model)) == "blocks":
             with blocks_attention(model):
@@ -236,7 +236,7 @@ class PackedBatch:
                     use_cache=False,
                     shared_prompt_layout=shared_prompt_layout(self.segments),
                 )
-        masks = _attention_masks(model, self.attend, self.positions)
+        masks = _attention_masks(model, _attend(self.segments, self.positions), self.positions)
         return model(input_ids=self.ids, position_ids=self.positions, use_cache=False, attention_mask=masks)
 
 
@@ -303,27 +303,31 @@ def batch_tensors(
             segments[b, at : at + m] = i
             weights[b, at : at + m - 1] = w  # tail[0] (the prompt's last token) predicts the first response token
             at += m
-    if not shared:
-        if padding_side == "right":
-            return PackedBatch(
-                ids.to(device), weights.to(device), slots.to(device), mask=(slots >= 0).long().to(device)
-            )
-        # left padding: a 2D mask with padding first would shift the positions; the 4D path
-        # states them, so the plain rows go through it as one-segment rows
-    real = segments >= 0
-    same_part = (segments.unsqueeze(2) == segments.unsqueeze(1)) | (segments.unsqueeze(1) == 0)
-    causal = positions.unsqueeze(2) >= positions.unsqueeze(1)
-    attend = real.unsqueeze(2) & real.unsqueeze(1) & same_part & causal
-    attend |= torch.eye(T, dtype=torch.bool).unsqueeze(0)  # padding sees itself: no empty softmax row
+    if not shared and padding_side == "right":
+        return PackedBatch(ids.to(device), weights.to(device), slots.to(device), mask=(slots >= 0).long().to(device))
+    # left padding: a 2D mask with padding first would shift the positions; the 4D path states
+    # them, so the plain rows go through it as one-segment rows
     return PackedBatch(
         ids.to(device),
         weights.to(device),
         slots.to(device),
-        attend=attend.to(device),
         positions=positions.to(device),
         segments=segments.to(device),
         shared=shared,
     )
+
+
+def _attend(segments, positions):
+    """(B, T, T) bool, which keys each query sees in rows laid out by `segments` (0 the shared
+    prompt, i >= 1 the i-th part, -1 padding): its own part and the prompt, causally."""
+    import torch
+
+    real = segments >= 0
+    same_part = (segments.unsqueeze(2) == segments.unsqueeze(1)) | (segments.unsqueeze(1) == 0)
+    causal = positions.unsqueeze(2) >= positions.unsqueeze(1)
+    attend = real.unsqueeze(2) & real.unsqueeze(1) & same_part & causal
+    eye = torch.eye(segments.shape[1], dtype=torch.bool, device=segments.device)
+    return attend | eye.unsqueeze(0)  # padding sees itself: no empty softmax row
 
 
 def weighted_nll(logits, ids, weights):
