@@ -28,18 +28,21 @@ class RowBlocks:
     prompt). `index` (n, L): the position of each response's j-th token, the short responses'
     tails repeating their last position (their outputs are dropped). `own` (n, L) bool: which
     entries of `index` are real. `order` (S + N,): the row's real positions in the order the
-    outputs are computed, the prompt's then the responses' real ones."""
+    outputs are computed, the prompt's then the responses' real ones. `sees` (L, S + L) bool: a
+    response's query sees the whole prompt and its own response up to itself."""
 
     prompt: slice
     index: object
     own: object
     order: object
+    sees: object
 
 
 @dataclass(frozen=True)
 class SharedPromptLayout:
+    """Built once per batch (`shared_prompt_layout`), read by every layer's attention call."""
+
     rows: tuple[RowBlocks, ...]
-    length: int  # T, the padded row length
 
 
 def shared_prompt_layout(segments) -> SharedPromptLayout:
@@ -56,9 +59,12 @@ def shared_prompt_layout(segments) -> SharedPromptLayout:
         index = torch.stack([torch.cat([s, s[-1:].expand(longest - len(s))]) for s in spans])  # (n, L)
         own = torch.stack([torch.arange(longest) < len(s) for s in spans])  # (n, L)
         order = torch.cat([torch.arange(prompt.start, prompt.stop), index[own]])
+        S = prompt.stop - prompt.start
+        sees = torch.ones((longest, S + longest), dtype=torch.bool)
+        sees[:, S:] = torch.ones((longest, longest), dtype=torch.bool).tril()
         device = segments.device
-        rows.append(RowBlocks(prompt, index.to(device), own.to(device), order.to(device)))
-    return SharedPromptLayout(tuple(rows), segments.shape[1])
+        rows.append(RowBlocks(prompt, index.to(device), own.to(device), order.to(device), sees.to(device)))
+    return SharedPromptLayout(tuple(rows))
 
 
 def shared_prompt_attention(
@@ -80,10 +86,9 @@ def shared_prompt_attention(
     for b, row in enumerate(layout.rows):
         q, k, v = query[b], key[b], value[b]  # (H, T, D), (Hkv, T, D), (Hkv, T, Dv)
         p = row.prompt
-        n, L = row.index.shape
-        S = p.stop - p.start
+        n = row.index.shape[0]
         parts = []
-        if S:
+        if p.stop > p.start:
             parts.append(
                 F.scaled_dot_product_attention(q[:, p], k[:, p], v[:, p], is_causal=True, scale=scaling, enable_gqa=gqa)
             )
@@ -93,10 +98,9 @@ def shared_prompt_attention(
 
         keys = torch.cat([k[:, p].unsqueeze(0).expand(n, -1, -1, -1), responses(k)], dim=2)  # (n, Hkv, S + L, D)
         values = torch.cat([v[:, p].unsqueeze(0).expand(n, -1, -1, -1), responses(v)], dim=2)
-        # every query sees the whole prompt and its own response up to itself
-        sees = torch.ones((L, S + L), dtype=torch.bool, device=q.device)
-        sees[:, S:] = torch.ones((L, L), dtype=torch.bool, device=q.device).tril()
-        o = F.scaled_dot_product_attention(responses(q), keys, values, attn_mask=sees, scale=scaling, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            responses(q), keys, values, attn_mask=row.sees, scale=scaling, enable_gqa=gqa
+        )
         parts.append(o.transpose(0, 1)[:, row.own])  # (H, N, Dv)
         done = torch.cat(parts, dim=1)  # (H, S + N, Dv)
         out.append(query.new_zeros((heads, length, dv)).index_copy(1, row.order, done))
